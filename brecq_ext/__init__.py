@@ -1,0 +1,23 @@
+"""brecq_ext: the kernel library of brecq.
+
+* :mod:`brecq_ext.ops` — torch custom ops (``torch.ops.brecq.*``): quantization parameters,
+  quantize / dequantize / fake-quantize, AdaRound soft rounding and its regulariser, bit packing,
+  packed low-bit matmul.
+* :mod:`brecq_ext.reference` — one pure-PyTorch reference per kernel.
+* :mod:`brecq_ext.format` — the packed weight format and its exact storage cost.
+* :class:`QuantLinear` — a drop-in ``nn.Linear`` with packed weights.
+"""
+from . import format, ops, reference
+from ._extension import cpu_isa, detected_cpu_isa, set_cpu_isa
+from .format import FORMAT_VERSION, LayerStorage, layer_storage
+from .ops import Clipping
+from .quant_linear import (LayerRule, QuantLinear, match_linear_layers, quant_linear_layers,
+                           replace_linear_layers)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops", "reference", "format", "QuantLinear", "LayerRule", "Clipping", "replace_linear_layers",
+    "match_linear_layers", "quant_linear_layers", "layer_storage", "LayerStorage", "FORMAT_VERSION",
+    "cpu_isa", "detected_cpu_isa", "set_cpu_isa",
+]

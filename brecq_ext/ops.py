@@ -1,0 +1,636 @@
+"""The kernel library's operators, declared once as torch custom ops (``torch.ops.brecq.*``).
+
+Each op has a schema and a fake (meta) implementation here, a CPU implementation in the compiled
+module (``brecq_ext._C``, raw pointers, no libtorch), and a default implementation for every other
+device that is the pure-PyTorch reference (CUDA kernels replace it op by op). Arguments are checked
+in both the real and the fake implementation, so bad input fails with a clear message under
+``torch.compile`` too.
+
+Tensor layouts are those of docs/FORMAT.md: weights ``[out_features, in_features]``, per-group
+``scale`` float16 and ``zero`` uint8 ``[out_features, ceil(in_features / group_size)]``.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._checks import (FLOAT_DTYPES, check_bits, check_group_size, check_packed, check_params,
+                      check_same_device, check_shape, check_tensor)
+from ._extension import cpu_kernels, cuda_kernels
+from .format import num_groups, packed_row_bytes
+
+# Rows of activations up to which packed_matmul streams weights (GEMV); above, it dequantizes
+# tiles into a workspace and runs a dense GEMM on them.
+GEMV_MAX_ROWS = 8
+# Elements of the dense workspace tile of the GEMM path (4 MiB in float32).
+GEMM_TILE_ELEMENTS = 1 << 20
+MAX_SEARCH_STEPS = 100  # shrink factors 1.00 .. 0.01
+
+
+class Clipping(enum.Enum):
+    """How the per-group range is chosen."""
+
+    MINMAX = "minmax"
+    MSE = "mse"  # search over shrink factors of the range for the least squared error
+
+    @property
+    def search_steps(self) -> int:
+        return 0 if self is Clipping.MINMAX else 80
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _cpu():
+    return cpu_kernels()
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization parameters
+# ------------------------------------------------------------------------------------------------
+def _check_quant_params(weight, bits, group_size, search_steps):
+    op = "brecq.quant_params"
+    check_tensor(op, "weight", weight, FLOAT_DTYPES, 2)
+    check_bits(op, bits)
+    check_group_size(op, group_size)
+    if not isinstance(search_steps, int) or not 0 <= search_steps <= MAX_SEARCH_STEPS:
+        raise ValueError(f"{op}: search_steps must be an integer in [0, {MAX_SEARCH_STEPS}], got {search_steps!r}")
+
+
+def _check_finite(op: str, name: str, t: Tensor) -> None:
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{op}: {name} contains NaN or Inf (first at index {tuple(bad)}); "
+                         "quantization parameters need finite weights")
+
+
+@torch.library.custom_op("brecq::quant_params", mutates_args=())
+def quant_params(weight: Tensor, bits: int, group_size: int, search_steps: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-group (scale float16, zero uint8), each ``[N, ceil(K / group_size)]``, of weight ``[N, K]``."""
+    _check_quant_params(weight, bits, group_size, search_steps)
+    _check_finite("brecq.quant_params", "weight", weight)
+    return reference.quant_params(weight, bits, group_size, search_steps)
+
+
+@quant_params.register_kernel("cpu")
+def _(weight, bits, group_size, search_steps=0):
+    _check_quant_params(weight, bits, group_size, search_steps)
+    _check_finite("brecq.quant_params", "weight", weight)
+    kernels = _cpu()
+    if kernels is None:
+        return reference.quant_params(weight, bits, group_size, search_steps)
+    w = weight.float().contiguous()
+    n, k = w.shape
+    scale = torch.empty(n, num_groups(k, group_size), dtype=torch.float16)
+    zero = torch.empty(n, num_groups(k, group_size), dtype=torch.uint8)
+    kernels.quant_params(w.data_ptr(), n, k, bits, group_size, search_steps, scale.data_ptr(),
+                         zero.data_ptr(), _threads())
+    return scale, zero
+
+
+@quant_params.register_fake
+def _(weight, bits, group_size, search_steps=0):
+    _check_quant_params(weight, bits, group_size, search_steps)
+    n, k = weight.shape
+    g = num_groups(k, group_size)
+    return weight.new_empty(n, g, dtype=torch.float16), weight.new_empty(n, g, dtype=torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize / dequantize / fake-quantize
+# ------------------------------------------------------------------------------------------------
+def _check_quantize(op, weight, scale, zero, bits, group_size, weight_name="weight"):
+    check_tensor(op, weight_name, weight, FLOAT_DTYPES, 2)
+    check_bits(op, bits)
+    check_group_size(op, group_size)
+    check_params(op, scale, zero, weight.shape[0], weight.shape[1], group_size)
+    check_same_device(op, **{weight_name: weight, "scale": scale, "zero": zero})
+
+
+@torch.library.custom_op("brecq::quantize", mutates_args=())
+def quantize(weight: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int) -> Tensor:
+    """Integer codes uint8 ``[N, K]``: clamp(round(w / scale) + zero, 0, 2^bits - 1)."""
+    _check_quantize("brecq.quantize", weight, scale, zero, bits, group_size)
+    return reference.quantize(weight, scale, zero, bits, group_size)
+
+
+@quantize.register_kernel("cpu")
+def _(weight, scale, zero, bits, group_size):
+    _check_quantize("brecq.quantize", weight, scale, zero, bits, group_size)
+    kernels = _cpu()
+    if kernels is None:
+        return reference.quantize(weight, scale, zero, bits, group_size)
+    w, s, z = weight.float().contiguous(), scale.contiguous(), zero.contiguous()
+    codes = torch.empty(w.shape, dtype=torch.uint8)
+    kernels.quantize(w.data_ptr(), s.data_ptr(), z.data_ptr(), w.shape[0], w.shape[1], bits,
+                     group_size, codes.data_ptr(), _threads())
+    return codes
+
+
+@quantize.register_fake
+def _(weight, scale, zero, bits, group_size):
+    _check_quantize("brecq.quantize", weight, scale, zero, bits, group_size)
+    return torch.empty_like(weight, dtype=torch.uint8)
+
+
+def _check_dequantize(codes, scale, zero, group_size):
+    op = "brecq.dequantize"
+    check_tensor(op, "codes", codes, (torch.uint8,), 2)
+    check_group_size(op, group_size)
+    check_params(op, scale, zero, codes.shape[0], codes.shape[1], group_size)
+    check_same_device(op, codes=codes, scale=scale, zero=zero)
+
+
+@torch.library.custom_op("brecq::dequantize", mutates_args=())
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """float32 ``[N, K]`` = scale * (codes - zero)."""
+    _check_dequantize(codes, scale, zero, group_size)
+    return reference.dequantize(codes, scale, zero, group_size)
+
+
+@dequantize.register_kernel("cpu")
+def _(codes, scale, zero, group_size):
+    _check_dequantize(codes, scale, zero, group_size)
+    kernels = _cpu()
+    if kernels is None:
+        return reference.dequantize(codes, scale, zero, group_size)
+    c, s, z = codes.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty(c.shape, dtype=torch.float32)
+    kernels.dequantize(c.data_ptr(), s.data_ptr(), z.data_ptr(), c.shape[0], c.shape[1], group_size,
+                       out.data_ptr(), _threads())
+    return out
+
+
+@dequantize.register_fake
+def _(codes, scale, zero, group_size):
+    _check_dequantize(codes, scale, zero, group_size)
+    return torch.empty_like(codes, dtype=torch.float32)
+
+
+@torch.library.custom_op("brecq::fake_quantize", mutates_args=())
+def fake_quantize(weight: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int) -> Tensor:
+    """dequantize(quantize(weight)) in weight's dtype; gradient passes straight through where the
+    value is not clipped."""
+    _check_quantize("brecq.fake_quantize", weight, scale, zero, bits, group_size)
+    return reference.fake_quantize(weight, scale, zero, bits, group_size)
+
+
+@fake_quantize.register_kernel("cpu")
+def _(weight, scale, zero, bits, group_size):
+    _check_quantize("brecq.fake_quantize", weight, scale, zero, bits, group_size)
+    kernels = _cpu()
+    if kernels is None:
+        return reference.fake_quantize(weight, scale, zero, bits, group_size)
+    w, s, z = weight.float().contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty(w.shape, dtype=torch.float32)
+    kernels.fake_quantize(w.data_ptr(), s.data_ptr(), z.data_ptr(), w.shape[0], w.shape[1], bits,
+                          group_size, out.data_ptr(), _threads())
+    return out.to(weight.dtype)
+
+
+@fake_quantize.register_fake
+def _(weight, scale, zero, bits, group_size):
+    _check_quantize("brecq.fake_quantize", weight, scale, zero, bits, group_size)
+    return torch.empty_like(weight)
+
+
+def _fake_quantize_setup(ctx, inputs, output):
+    weight, scale, zero, bits, group_size = inputs
+    ctx.save_for_backward(weight, scale, zero)
+    ctx.bits, ctx.group_size = bits, group_size
+
+
+def _fake_quantize_backward(ctx, grad):
+    weight, scale, zero = ctx.saved_tensors
+    mask = reference.fake_quantize_mask(weight, scale, zero, ctx.bits, ctx.group_size)
+    return grad * mask.to(grad.dtype), None, None, None, None
+
+
+fake_quantize.register_autograd(_fake_quantize_backward, setup_context=_fake_quantize_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# AdaRound
+# ------------------------------------------------------------------------------------------------
+def _check_adaround(op, weight, v, scale, zero, bits, group_size):
+    check_tensor(op, "weight", weight, (torch.float32,), 2)
+    check_tensor(op, "v", v, (torch.float32,), 2)
+    check_shape(op, "v", v, tuple(weight.shape), "one rounding variable per weight")
+    _check_quantize(op, weight, scale, zero, bits, group_size)
+    check_same_device(op, weight=weight, v=v)
+
+
+@torch.library.custom_op("brecq::adaround_forward", mutates_args=())
+def adaround_forward(weight: Tensor, v: Tensor, scale: Tensor, zero: Tensor, bits: int,
+                     group_size: int) -> Tensor:
+    """Soft-rounded weight float32 ``[N, K]``:
+    scale * (clamp(floor(w / scale) + h(V) + zero, 0, qmax) - zero), h the rectified sigmoid."""
+    _check_adaround("brecq.adaround_forward", weight, v, scale, zero, bits, group_size)
+    return reference.adaround_forward(weight, v, scale, zero, bits, group_size)
+
+
+@adaround_forward.register_kernel("cpu")
+def _(weight, v, scale, zero, bits, group_size):
+    _check_adaround("brecq.adaround_forward", weight, v, scale, zero, bits, group_size)
+    kernels = _cpu()
+    if kernels is None:
+        return reference.adaround_forward(weight, v, scale, zero, bits, group_size)
+    w, vv, s, z = weight.contiguous(), v.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty_like(w)
+    kernels.adaround_forward(w.data_ptr(), vv.data_ptr(), s.data_ptr(), z.data_ptr(), w.shape[0],
+                             w.shape[1], bits, group_size, out.data_ptr(), _threads())
+    return out
+
+
+@adaround_forward.register_fake
+def _(weight, v, scale, zero, bits, group_size):
+    _check_adaround("brecq.adaround_forward", weight, v, scale, zero, bits, group_size)
+    return torch.empty_like(weight)
+
+
+def _reference_adaround_backward(grad, weight, v, scale, zero, bits, group_size):
+    with torch.enable_grad():
+        vv = v.detach().requires_grad_(True)
+        out = reference.adaround_forward(weight, vv, scale, zero, bits, group_size)
+        (gv,) = torch.autograd.grad(out, vv, grad)
+    return gv
+
+
+@torch.library.custom_op("brecq::adaround_backward", mutates_args=())
+def adaround_backward(grad: Tensor, weight: Tensor, v: Tensor, scale: Tensor, zero: Tensor,
+                      bits: int, group_size: int) -> Tensor:
+    """Gradient of adaround_forward with respect to V, float32 ``[N, K]``."""
+    _check_adaround("brecq.adaround_backward", weight, v, scale, zero, bits, group_size)
+    check_shape("brecq.adaround_backward", "grad", grad, tuple(weight.shape), "like weight")
+    return _reference_adaround_backward(grad.float(), weight, v, scale, zero, bits, group_size)
+
+
+@adaround_backward.register_kernel("cpu")
+def _(grad, weight, v, scale, zero, bits, group_size):
+    _check_adaround("brecq.adaround_backward", weight, v, scale, zero, bits, group_size)
+    check_shape("brecq.adaround_backward", "grad", grad, tuple(weight.shape), "like weight")
+    kernels = _cpu()
+    if kernels is None:
+        return _reference_adaround_backward(grad.float(), weight, v, scale, zero, bits, group_size)
+    g = grad.float().contiguous()
+    w, vv, s, z = weight.contiguous(), v.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty_like(w)
+    kernels.adaround_backward(g.data_ptr(), w.data_ptr(), vv.data_ptr(), s.data_ptr(), z.data_ptr(),
+                              w.shape[0], w.shape[1], bits, group_size, out.data_ptr(), _threads())
+    return out
+
+
+@adaround_backward.register_fake
+def _(grad, weight, v, scale, zero, bits, group_size):
+    _check_adaround("brecq.adaround_backward", weight, v, scale, zero, bits, group_size)
+    return torch.empty_like(weight)
+
+
+def _adaround_setup(ctx, inputs, output):
+    weight, v, scale, zero, bits, group_size = inputs
+    ctx.save_for_backward(weight, v, scale, zero)
+    ctx.bits, ctx.group_size = bits, group_size
+
+
+def _adaround_backward_rule(ctx, grad):
+    weight, v, scale, zero = ctx.saved_tensors
+    gv = adaround_backward(grad, weight, v, scale, zero, ctx.bits, ctx.group_size)
+    return None, gv, None, None, None, None
+
+
+adaround_forward.register_autograd(_adaround_backward_rule, setup_context=_adaround_setup)
+
+
+def _check_regularizer(v, beta):
+    op = "brecq.adaround_regularizer"
+    check_tensor(op, "v", v, (torch.float32,))
+    if not beta > 0:
+        raise ValueError(f"{op}: beta must be positive, got {beta!r}")
+
+
+def _reference_regularizer(v, beta):
+    with torch.enable_grad():
+        vv = v.detach().requires_grad_(True)
+        loss = reference.adaround_regularizer(vv, beta)
+        (gv,) = torch.autograd.grad(loss, vv)
+    return loss.detach(), gv
+
+
+@torch.library.custom_op("brecq::adaround_regularizer", mutates_args=())
+def adaround_regularizer(v: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(sum(1 - |2 h(V) - 1|^beta) as a float32 scalar, its gradient with respect to V), fused.
+    Use :func:`rounding_loss` for the differentiable scalar."""
+    _check_regularizer(v, beta)
+    return _reference_regularizer(v, beta)
+
+
+@adaround_regularizer.register_kernel("cpu")
+def _(v, beta):
+    _check_regularizer(v, beta)
+    kernels = _cpu()
+    if kernels is None:
+        return _reference_regularizer(v, beta)
+    vv = v.contiguous()
+    grad = torch.empty_like(vv)
+    total = kernels.adaround_regularizer(vv.data_ptr(), vv.numel(), float(beta), grad.data_ptr(), _threads())
+    return torch.tensor(total, dtype=torch.float32), grad
+
+
+@adaround_regularizer.register_fake
+def _(v, beta):
+    _check_regularizer(v, beta)
+    return v.new_empty((), dtype=torch.float32), torch.empty_like(v)
+
+
+def _regularizer_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _regularizer_backward(ctx, grad_loss, grad_of_grad):
+    (gv,) = ctx.saved_tensors
+    return grad_loss * gv, None
+
+
+adaround_regularizer.register_autograd(_regularizer_backward, setup_context=_regularizer_setup)
+
+
+def rounding_loss(v: Tensor, beta: float) -> Tensor:
+    """Differentiable sum(1 - |2 h(V) - 1|^beta) (AdaRound's rounding regulariser)."""
+    return adaround_regularizer(v, beta)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# packing
+# ------------------------------------------------------------------------------------------------
+def _check_pack(codes, bits, group_size):
+    op = "brecq.pack"
+    check_tensor(op, "codes", codes, (torch.uint8,), 2)
+    check_bits(op, bits)
+    check_group_size(op, group_size, packed=True)
+
+
+def _raise_invalid_codes(codes, bits):
+    bad = int((codes > (1 << bits) - 1).sum())
+    raise ValueError(f"brecq.pack: codes must lie in [0, {(1 << bits) - 1}] for bits={bits}; "
+                     f"{bad} codes are larger")
+
+
+@torch.library.custom_op("brecq::pack", mutates_args=())
+def pack(codes: Tensor, bits: int, group_size: int) -> Tensor:
+    """Packed uint8 ``[N, packed_row_bytes(K, group_size, bits)]`` from codes uint8 ``[N, K]``."""
+    _check_pack(codes, bits, group_size)
+    if bool((codes > (1 << bits) - 1).any()):
+        _raise_invalid_codes(codes, bits)
+    return reference.pack(codes, bits, group_size)
+
+
+@pack.register_kernel("cpu")
+def _(codes, bits, group_size):
+    _check_pack(codes, bits, group_size)
+    kernels = _cpu()
+    if kernels is None:
+        if bool((codes > (1 << bits) - 1).any()):
+            _raise_invalid_codes(codes, bits)
+        return reference.pack(codes, bits, group_size)
+    c = codes.contiguous()
+    n, k = c.shape
+    out = torch.empty(n, packed_row_bytes(k, group_size, bits), dtype=torch.uint8)
+    if kernels.pack(c.data_ptr(), n, k, bits, group_size, out.data_ptr(), _threads()):
+        _raise_invalid_codes(c, bits)
+    return out
+
+
+@pack.register_fake
+def _(codes, bits, group_size):
+    _check_pack(codes, bits, group_size)
+    n, k = codes.shape
+    return codes.new_empty(n, packed_row_bytes(k, group_size, bits), dtype=torch.uint8)
+
+
+def _check_unpack(packed, bits, group_size, in_features):
+    op = "brecq.unpack"
+    check_bits(op, bits)
+    check_group_size(op, group_size, packed=True)
+    check_packed(op, packed, None, in_features, bits, group_size)
+
+
+@torch.library.custom_op("brecq::unpack", mutates_args=())
+def unpack(packed: Tensor, bits: int, group_size: int, in_features: int) -> Tensor:
+    """Codes uint8 ``[N, in_features]`` from packed weights."""
+    _check_unpack(packed, bits, group_size, in_features)
+    return reference.unpack(packed, bits, group_size, in_features)
+
+
+@unpack.register_kernel("cpu")
+def _(packed, bits, group_size, in_features):
+    _check_unpack(packed, bits, group_size, in_features)
+    kernels = _cpu()
+    if kernels is None:
+        return reference.unpack(packed, bits, group_size, in_features)
+    p = packed.contiguous()
+    out = torch.empty(p.shape[0], in_features, dtype=torch.uint8)
+    kernels.unpack(p.data_ptr(), p.shape[0], in_features, bits, group_size, out.data_ptr(), _threads())
+    return out
+
+
+@unpack.register_fake
+def _(packed, bits, group_size, in_features):
+    _check_unpack(packed, bits, group_size, in_features)
+    return packed.new_empty(packed.shape[0], in_features, dtype=torch.uint8)
+
+
+def _check_dequantize_packed(packed, scale, zero, bits, group_size, in_features, dtype):
+    op = "brecq.dequantize_packed"
+    check_bits(op, bits)
+    check_group_size(op, group_size, packed=True)
+    check_packed(op, packed, None, in_features, bits, group_size)
+    check_params(op, scale, zero, packed.shape[0], in_features, group_size)
+    check_same_device(op, packed=packed, scale=scale, zero=zero)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}")
+
+
+_CUDA_OUTPUT_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@torch.library.custom_op("brecq::dequantize_packed", mutates_args=())
+def dequantize_packed(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
+                      in_features: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Dense ``[N, in_features]`` weight in ``dtype`` from packed weights."""
+    _check_dequantize_packed(packed, scale, zero, bits, group_size, in_features, dtype)
+    cuda = cuda_kernels() if packed.is_cuda else None
+    if cuda is None:
+        return reference.dequantize_packed(packed, scale, zero, bits, group_size, in_features, dtype)
+    p, s, z = packed.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty(p.shape[0], in_features, dtype=dtype, device=p.device)
+    cuda.dequantize_packed(p.data_ptr(), s.data_ptr(), z.data_ptr(), p.shape[0], in_features, bits,
+                           group_size, out.data_ptr(), _CUDA_OUTPUT_TYPE[dtype],
+                           torch.cuda.current_stream(p.device).cuda_stream)
+    return out
+
+
+def _dequantize_packed_cpu_into(kernels, packed, scale, zero, bits, group_size, in_features, out):
+    kernels.dequantize_packed(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), packed.shape[0],
+                              in_features, bits, group_size, out.data_ptr(),
+                              out.dtype == torch.bfloat16, _threads())
+
+
+@dequantize_packed.register_kernel("cpu")
+def _(packed, scale, zero, bits, group_size, in_features, dtype=torch.float32):
+    _check_dequantize_packed(packed, scale, zero, bits, group_size, in_features, dtype)
+    kernels = _cpu()
+    if kernels is None:
+        return reference.dequantize_packed(packed, scale, zero, bits, group_size, in_features, dtype)
+    p, s, z = packed.contiguous(), scale.contiguous(), zero.contiguous()
+    kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    out = torch.empty(p.shape[0], in_features, dtype=kernel_dtype)
+    _dequantize_packed_cpu_into(kernels, p, s, z, bits, group_size, in_features, out)
+    return out.to(dtype)
+
+
+@dequantize_packed.register_fake
+def _(packed, scale, zero, bits, group_size, in_features, dtype=torch.float32):
+    _check_dequantize_packed(packed, scale, zero, bits, group_size, in_features, dtype)
+    return packed.new_empty(packed.shape[0], in_features, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# packed matmul
+# ------------------------------------------------------------------------------------------------
+def _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features):
+    op = "brecq.packed_matmul"
+    check_tensor(op, "x", x, FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x must have shape [..., {in_features}] (in_features), got {tuple(x.shape)}")
+    check_bits(op, bits)
+    check_group_size(op, group_size, packed=True)
+    check_packed(op, packed, None, in_features, bits, group_size)
+    check_params(op, scale, zero, packed.shape[0], in_features, group_size)
+    if bias is not None:
+        check_tensor(op, "bias", bias, FLOAT_DTYPES, 1)
+        check_shape(op, "bias", bias, (packed.shape[0],), "[out_features]")
+    check_same_device(op, x=x, packed=packed, scale=scale, zero=zero, bias=bias)
+
+
+def _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features, dequantize_tile):
+    """y [M, N] = x2 [M, K] . dequant(W)^T + bias, one workspace tile of W rows at a time."""
+    n = packed.shape[0]
+    compute = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
+    if x2.device.type == "cuda" and x2.dtype == torch.float16:
+        compute = torch.float16
+    xc = x2.to(compute)
+    tile = max(1, min(n, GEMM_TILE_ELEMENTS // in_features))
+    workspace = torch.empty(tile, in_features, dtype=compute, device=x2.device)
+    y_t = torch.empty(n, x2.shape[0], dtype=compute, device=x2.device)
+    for start in range(0, n, tile):
+        stop = min(n, start + tile)
+        w_tile = workspace[: stop - start]
+        dequantize_tile(packed[start:stop], scale[start:stop], zero[start:stop], w_tile)
+        torch.mm(w_tile, xc.t(), out=y_t[start:stop])
+    y = y_t.t()
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x2.dtype).contiguous()
+
+
+def _dequantize_tile_any_device(bits, group_size, in_features):
+    def run(packed, scale, zero, out):
+        out.copy_(dequantize_packed(packed, scale, zero, bits, group_size, in_features, out.dtype))
+    return run
+
+
+@torch.library.custom_op("brecq::packed_matmul", mutates_args=())
+def packed_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor],
+                  bits: int, group_size: int, in_features: int) -> Tensor:
+    """y ``[..., N]`` = x ``[..., K]`` . dequant(W)^T + bias, in x's dtype (float32 accumulation)."""
+    _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    x2 = x.reshape(-1, in_features)
+    y = _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features,
+                    _dequantize_tile_any_device(bits, group_size, in_features))
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+@packed_matmul.register_kernel("cpu")
+def _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features):
+    _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    kernels = _cpu()
+    if kernels is None:
+        return reference.packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    n = packed.shape[0]
+    p, s, z = packed.contiguous(), scale.contiguous(), zero.contiguous()
+    x2 = x.reshape(-1, in_features)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    if m <= GEMV_MAX_ROWS:
+        if x2.dtype == torch.float16:
+            x2 = x2.float()
+        if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
+            x2 = x2.contiguous()
+        y = torch.empty(m, n, dtype=torch.float32)
+        b = bias.float().contiguous() if bias is not None else None
+        kernels.packed_gemv(x2.data_ptr(), x2.dtype == torch.bfloat16, m, x2.stride(0), p.data_ptr(),
+                            s.data_ptr(), z.data_ptr(), b.data_ptr() if b is not None else 0, n,
+                            in_features, bits, group_size, y.data_ptr(), _threads())
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    def dequantize_tile(packed_rows, scale_rows, zero_rows, out):
+        _dequantize_packed_cpu_into(kernels, packed_rows, scale_rows, zero_rows, bits, group_size,
+                                    in_features, out)
+
+    y = _gemm_tiled(x2, p, s, z, bias, bits, group_size, in_features, dequantize_tile)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@packed_matmul.register_fake
+def _(x, packed, scale, zero, bias, bits, group_size, in_features):
+    _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _matmul_setup(ctx, inputs, output):
+    x, packed, scale, zero, bias, bits, group_size, in_features = inputs
+    ctx.save_for_backward(packed, scale, zero)
+    ctx.meta = (bits, group_size, in_features, x.dtype, bias is not None)
+
+
+def _matmul_backward(ctx, grad):
+    packed, scale, zero = ctx.saved_tensors
+    bits, group_size, in_features, x_dtype, has_bias = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize_packed(packed, scale, zero, bits, group_size, in_features, torch.float32)
+        grad_x = (grad.float() @ w).to(x_dtype)
+    if has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+packed_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], bits: int,
+           group_size: int, in_features: int) -> Tensor:
+    """packed_matmul for module forwards. In eager mode on CPU without autograd it calls the CPU
+    implementation directly: the custom-op dispatcher costs 20-40 us a call, more than a whole
+    decode-sized GEMV. Everywhere else (autograd, torch.compile, other devices) it is the op."""
+    if (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling()):
+        return _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features)
+    return packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+
+
+# Import-time probe: a missing compiled module is reported once, when the ops are first loaded.
+cpu_kernels()
+
+__all__ = [
+    "Clipping", "quant_params", "quantize", "dequantize", "fake_quantize", "adaround_forward",
+    "adaround_backward", "adaround_regularizer", "rounding_loss", "pack", "unpack",
+    "dequantize_packed", "packed_matmul", "linear", "GEMV_MAX_ROWS",
+]

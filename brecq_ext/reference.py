@@ -1,0 +1,185 @@
+"""Pure-PyTorch reference of every kernel. The compiled kernels are tested against these.
+
+Formulas are written operation for operation as in csrc/cpu/*.cpp (float32 throughout), so that
+quantization parameters, codes, dequantized values and packed bytes match bit for bit; matmuls
+and transcendental functions match to rounding.
+
+Tensor conventions: ``weight`` float ``[N, K]`` (N = out_features, K = in_features);
+``scale`` float16 and ``zero`` uint8, both ``[N, ceil(K / group_size)]``; ``codes`` uint8 ``[N, K]``;
+``packed`` uint8 ``[N, packed_row_bytes(K, group_size, bits)]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .format import max_code, num_groups, packed_row_bytes, padded_in_features
+
+ZETA = 1.1
+GAMMA = -0.1
+MIN_SCALE = 2.0**-24  # smallest float16 subnormal
+MAX_SCALE = 65504.0  # largest finite float16
+
+
+def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group_size], zero padded."""
+    n, k = t.shape
+    pad = padded_in_features(k, group_size) - k
+    return F.pad(t, (0, pad)).view(n, -1, group_size)
+
+
+def _expand(per_group: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """[N, G] -> [N, K]."""
+    return per_group.repeat_interleave(group_size, dim=1)[:, :k]
+
+
+def _scale_round_up(s: torch.Tensor) -> torch.Tensor:
+    """float32 -> the float16 nearest to s that is not below it."""
+    s = s.clamp(MIN_SCALE, MAX_SCALE)
+    s16 = s.half()
+    below = s16.float() < s
+    return torch.where(below, (s16.view(torch.int16) + 1).view(torch.float16), s16)
+
+
+def _params_for_range(lo: torch.Tensor, hi: torch.Tensor, bits: int):
+    qmax = float(max_code(bits))
+    scale16 = _scale_round_up((hi - lo) / qmax)
+    zero = torch.round(-lo / scale16.float()).clamp(0, qmax)
+    return scale16, zero
+
+
+def quant_params(weight: torch.Tensor, bits: int, group_size: int, search_steps: int = 0):
+    """Per-group scale (float16) and zero point (uint8) of ``weight`` [N, K].
+
+    ``search_steps == 0``: min-max over the group, extended to include 0.
+    ``search_steps > 0``: shrink the range by 1, 0.99, ... and keep the least squared error.
+    """
+    w = weight.float()
+    wg = _grouped(w, group_size)
+    lo = wg.amin(-1).clamp(max=0.0)
+    hi = wg.amax(-1).clamp(min=0.0)
+    scale, zero = _params_for_range(lo, hi, bits)
+    if search_steps > 0:
+        qmax = float(max_code(bits))
+        best_err = torch.full_like(lo, float("inf"))
+        one, step = torch.tensor(1.0), torch.tensor(0.01)
+        for i in range(search_steps):
+            factor = one - step * float(i)
+            s16, z = _params_for_range(lo * factor, hi * factor, bits)
+            s = s16.float().unsqueeze(-1)
+            q = (torch.round(wg / s) + z.unsqueeze(-1)).clamp(0, qmax)
+            err = (wg - (q - z.unsqueeze(-1)) * s).square().sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, s16, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero.to(torch.uint8)
+
+
+def quantize(weight, scale, zero, bits: int, group_size: int) -> torch.Tensor:
+    k = weight.shape[1]
+    s = _expand(scale.float(), group_size, k)
+    z = _expand(zero.float(), group_size, k)
+    q = (torch.round(weight.float() / s) + z).clamp(0, max_code(bits))
+    return q.to(torch.uint8)
+
+
+def dequantize(codes, scale, zero, group_size: int) -> torch.Tensor:
+    k = codes.shape[1]
+    s = _expand(scale.float(), group_size, k)
+    z = _expand(zero.float(), group_size, k)
+    return (codes.float() - z) * s
+
+
+def fake_quantize(weight, scale, zero, bits: int, group_size: int) -> torch.Tensor:
+    """Quantize-dequantize; output in ``weight``'s dtype."""
+    q = quantize(weight, scale, zero, bits, group_size)
+    return dequantize(q, scale, zero, group_size).to(weight.dtype)
+
+
+def fake_quantize_mask(weight, scale, zero, bits: int, group_size: int) -> torch.Tensor:
+    """Where the straight-through gradient of fake_quantize passes (not clipped)."""
+    k = weight.shape[1]
+    s = _expand(scale.float(), group_size, k)
+    z = _expand(zero.float(), group_size, k)
+    q = torch.round(weight.float() / s) + z
+    return (q >= 0) & (q <= max_code(bits))
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def adaround_forward(weight, v, scale, zero, bits: int, group_size: int) -> torch.Tensor:
+    """w_soft = scale * (clamp(floor(w / scale) + h(V) + zero, 0, qmax) - zero), float32."""
+    k = weight.shape[1]
+    s = _expand(scale.float(), group_size, k)
+    z = _expand(zero.float(), group_size, k)
+    q = torch.floor(weight.float() / s) + rectified_sigmoid(v) + z
+    return (torch.clamp(q, 0.0, float(max_code(bits))) - z) * s
+
+
+def adaround_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """sum(1 - |2 h(V) - 1|^beta) as a float32 scalar."""
+    return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
+
+
+def adaround_init(weight, scale, group_size: int) -> torch.Tensor:
+    """V such that h(V) equals the fractional part of weight / scale."""
+    k = weight.shape[1]
+    s = _expand(scale.float(), group_size, k)
+    x = weight.float() / s
+    frac = (x - torch.floor(x)).clamp(1e-6, 1 - 1e-6)
+    return -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
+
+
+def adaround_harden(weight, v, scale, zero, bits: int, group_size: int) -> torch.Tensor:
+    """Final codes: floor(w / scale) + [h(V) >= 0.5] + zero, clamped."""
+    k = weight.shape[1]
+    s = _expand(scale.float(), group_size, k)
+    z = _expand(zero.float(), group_size, k)
+    up = (rectified_sigmoid(v) >= 0.5).float()
+    q = torch.floor(weight.float() / s) + up + z
+    return q.clamp(0, max_code(bits)).to(torch.uint8)
+
+
+def pack(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """LSB-first bit stream per row, rows padded to whole groups with code 0."""
+    n, k = codes.shape
+    c = F.pad(codes.to(torch.int32), (0, padded_in_features(k, group_size) - k))
+    shifts = torch.arange(bits, dtype=torch.int32)
+    stream = ((c.unsqueeze(-1) >> shifts) & 1).reshape(n, -1, 8)
+    weights = (1 << torch.arange(8, dtype=torch.int32))
+    return (stream * weights).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    n = packed.shape[0]
+    bit_values = (packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
+    stream = bit_values.reshape(n, -1, bits)
+    codes = (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)
+    return codes[:, :in_features].to(torch.uint8)
+
+
+def dequantize_packed(packed, scale, zero, bits: int, group_size: int, in_features: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    codes = unpack(packed, bits, group_size, in_features)
+    return dequantize(codes, scale, zero, group_size).to(dtype)
+
+
+def packed_matmul(x, packed, scale, zero, bias, bits: int, group_size: int, in_features: int):
+    """y = x . dequant(W)^T + bias, computed in float32, returned in x's dtype."""
+    w = dequantize_packed(packed, scale, zero, bits, group_size, in_features)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+__all__ = [
+    "quant_params", "quantize", "dequantize", "fake_quantize", "fake_quantize_mask",
+    "rectified_sigmoid", "adaround_forward", "adaround_regularizer", "adaround_init",
+    "adaround_harden", "pack", "unpack", "dequantize_packed", "packed_matmul",
+    "num_groups", "packed_row_bytes",
+]

@@ -1,0 +1,118 @@
+// Packed GEMV dispatcher and CPU feature detection.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "brecq/format.h"
+#include "brecq/kernels.h"
+#include "gemv.h"
+#include "numeric.h"
+
+namespace brecq {
+namespace {
+
+Isa detect_uncached() {
+#if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+
+Isa isa_from_env(Isa detected) {
+  const char* requested = std::getenv("BRECQ_CPU_ISA");
+  if (!requested) return detected;
+  Isa wanted = detected;
+  if (std::strcmp(requested, "scalar") == 0) wanted = Isa::kScalar;
+  else if (std::strcmp(requested, "avx2") == 0) wanted = Isa::kAvx2;
+  else if (std::strcmp(requested, "avx512") == 0) wanted = Isa::kAvx512;
+  return static_cast<Isa>(std::min(static_cast<int>(wanted), static_cast<int>(detected)));
+}
+
+std::atomic<int>& active_isa_storage() {
+  static std::atomic<int> active{static_cast<int>(isa_from_env(detect_isa()))};
+  return active;
+}
+
+}  // namespace
+
+Isa detect_isa() {
+  static const Isa detected = detect_uncached();
+  return detected;
+}
+
+Isa active_isa() { return static_cast<Isa>(active_isa_storage().load()); }
+
+Isa set_isa(Isa isa) {
+  const Isa chosen = static_cast<Isa>(std::min(static_cast<int>(isa), static_cast<int>(detect_isa())));
+  active_isa_storage().store(static_cast<int>(chosen));
+  return chosen;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* packed,
+                 const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
+                 int bits, int64_t g, float* y, int threads) {
+  detail::GemvProblem p;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.g = g;
+  p.bits = bits;
+  p.groups = num_groups(k, g);
+  p.k_padded = padded_in_features(k, g);
+  p.row_bytes = packed_row_bytes(k, g, bits);
+  p.packed = packed;
+  p.scale = scale;
+  p.zero = zero;
+  p.bias = bias;
+  p.y = y;
+  p.threads = threads;
+
+  // Natural-order, zero-padded float32 copy of x (and bfloat16 copy when x is bfloat16), plus the
+  // per-group sums used by the zero-point correction.
+  std::vector<float> x_f32(static_cast<size_t>(m * p.k_padded), 0.0f);
+  std::vector<uint16_t> x_bf16(x_is_bf16 ? static_cast<size_t>(m * p.k_padded) : 0, 0);
+  std::vector<float> xsum(static_cast<size_t>(m * p.groups), 0.0f);
+  std::vector<float> scratch(static_cast<size_t>(m * p.k_padded), 0.0f);
+  for (int64_t r = 0; r < m; ++r) {
+    float* dst = x_f32.data() + r * p.k_padded;
+    if (x_is_bf16) {
+      const uint16_t* src = static_cast<const uint16_t*>(x) + r * x_stride;
+      std::copy(src, src + k, x_bf16.data() + r * p.k_padded);
+      for (int64_t i = 0; i < k; ++i) dst[i] = numeric::bf16_to_f32(src[i]);
+    } else {
+      const float* src = static_cast<const float*>(x) + r * x_stride;
+      std::copy(src, src + k, dst);
+    }
+    for (int64_t grp = 0; grp < p.groups; ++grp) {
+      float sum = 0.0f;
+      for (int64_t i = grp * g; i < grp * g + g; ++i) sum += dst[i];
+      xsum[r * p.groups + grp] = sum;
+    }
+  }
+  p.x = x_f32.data();
+  p.x_bf16 = x_is_bf16 ? x_bf16.data() : nullptr;
+  p.xsum = xsum.data();
+  p.scratch = scratch.data();
+
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512 && detail::gemv_avx512(p)) return;
+  if (isa >= Isa::kAvx2 && detail::gemv_avx2(p)) return;
+  detail::gemv_scalar(p);
+}
+
+}  // namespace brecq

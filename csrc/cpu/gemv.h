@@ -1,0 +1,32 @@
+// Internal interface between the GEMV dispatcher (gemv.cpp) and its per-ISA kernels.
+#pragma once
+#include <cstdint>
+
+namespace brecq {
+namespace detail {
+
+struct GemvProblem {
+  const float* x;          // [m, k_padded] float32, natural order, zero beyond k
+  const uint16_t* x_bf16;  // [m, k_padded] bfloat16 bits, natural order, or null if x was float32
+  const float* xsum;       // [m, groups] sum of x over each group
+  float* scratch;          // >= m * k_padded floats: the kernel's own arrangement of x
+  int64_t m, n, k, k_padded, groups, g, row_bytes;
+  int bits;
+  const uint8_t* packed;   // [n, row_bytes]
+  const uint16_t* scale;   // [n, groups] float16 bits
+  const uint8_t* zero;     // [n, groups]
+  const float* bias;       // [n] or null
+  float* y;                // [m, n]
+  int threads;
+};
+
+// Each returns false (doing nothing) when it has no kernel for this bit width / group size.
+bool gemv_avx512(const GemvProblem& p);
+bool gemv_avx2(const GemvProblem& p);
+void gemv_scalar(const GemvProblem& p);
+
+// Rows of x processed together per pass over a weight row (the weight row stays in L1).
+constexpr int kRowsPerPass = 4;
+
+}  // namespace detail
+}  // namespace brecq

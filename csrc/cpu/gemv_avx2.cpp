@@ -1,0 +1,153 @@
+// AVX2/FMA GEMV for 4- and 6-bit packed weights, float32 activations (bfloat16 ones are widened
+// by the dispatcher). Same structure as gemv_avx512.cpp with 8-lane vectors; see that file for the
+// arrangement of activations. No standard-library templates below the target pragma.
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+
+#include "gemv.h"
+#include "numeric.h"
+
+#if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace brecq {
+namespace detail {
+namespace {
+
+constexpr int kChunk = 16;  // codes per inner step
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MR>
+void row_4bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
+  const uint8_t* w = p.packed + row * p.row_bytes;
+  const __m256i low_nibble = _mm256_set1_epi32(0x0f);
+  __m256 total[MR];
+  float correction[MR];
+  for (int r = 0; r < MR; ++r) { total[r] = _mm256_setzero_ps(); correction[r] = 0.0f; }
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m256 acc_lo[MR], acc_hi[MR];
+    for (int r = 0; r < MR; ++r) { acc_lo[r] = _mm256_setzero_ps(); acc_hi[r] = _mm256_setzero_ps(); }
+    for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunk) {
+      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c / 2)));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low_nibble));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+      for (int r = 0; r < MR; ++r) {
+        const float* xr = xa + r * p.k_padded + c;
+        acc_lo[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr), acc_lo[r]);
+        acc_hi[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr + 8), acc_hi[r]);
+      }
+    }
+    const float s = numeric::f16_to_f32(p.scale[row * p.groups + grp]);
+    const float sz = s * static_cast<float>(p.zero[row * p.groups + grp]);
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int r = 0; r < MR; ++r) {
+      total[r] = _mm256_fmadd_ps(_mm256_add_ps(acc_lo[r], acc_hi[r]), sv, total[r]);
+      correction[r] += sz * p.xsum[(r0 + r) * p.groups + grp];
+    }
+  }
+  const float b = p.bias ? p.bias[row] : 0.0f;
+  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+}
+
+template <int MR>
+void row_6bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
+  const uint8_t* w = p.packed + row * p.row_bytes;
+  // Dword lane i of each 128-bit half takes the two bytes holding code i of a 6-byte run.
+  const __m256i gather_a = _mm256_setr_epi8(0, 1, -1, -1, 0, 1, -1, -1, 1, 2, -1, -1, 2, 3, -1, -1,
+                                            3, 4, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1, 5, 6, -1, -1);
+  const __m256i gather_b = _mm256_add_epi8(gather_a, _mm256_setr_epi8(
+      6, 6, 0, 0, 6, 6, 0, 0, 6, 6, 0, 0, 6, 6, 0, 0, 6, 6, 0, 0, 6, 6, 0, 0, 6, 6, 0, 0, 6, 6, 0, 0));
+  const __m256i shifts = _mm256_setr_epi32(0, 6, 4, 2, 0, 6, 4, 2);
+  const __m256i mask6 = _mm256_set1_epi32(0x3f);
+  __m256 total[MR];
+  float correction[MR];
+  for (int r = 0; r < MR; ++r) { total[r] = _mm256_setzero_ps(); correction[r] = 0.0f; }
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m256 acc_a[MR], acc_b[MR];
+    for (int r = 0; r < MR; ++r) { acc_a[r] = _mm256_setzero_ps(); acc_b[r] = _mm256_setzero_ps(); }
+    for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunk) {
+      alignas(16) uint8_t run[16] = {0};
+      std::memcpy(run, w + c / 4 * 3, 12);  // 16 codes = 12 bytes; never read past the row
+      const __m256i raw = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(run)));
+      const __m256 first = _mm256_cvtepi32_ps(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, gather_a), shifts), mask6));
+      const __m256 second = _mm256_cvtepi32_ps(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, gather_b), shifts), mask6));
+      for (int r = 0; r < MR; ++r) {
+        const float* xr = xa + r * p.k_padded + c;
+        acc_a[r] = _mm256_fmadd_ps(first, _mm256_loadu_ps(xr), acc_a[r]);
+        acc_b[r] = _mm256_fmadd_ps(second, _mm256_loadu_ps(xr + 8), acc_b[r]);
+      }
+    }
+    const float s = numeric::f16_to_f32(p.scale[row * p.groups + grp]);
+    const float sz = s * static_cast<float>(p.zero[row * p.groups + grp]);
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int r = 0; r < MR; ++r) {
+      total[r] = _mm256_fmadd_ps(_mm256_add_ps(acc_a[r], acc_b[r]), sv, total[r]);
+      correction[r] += sz * p.xsum[(r0 + r) * p.groups + grp];
+    }
+  }
+  const float b = p.bias ? p.bias[row] : 0.0f;
+  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+}
+
+template <void (*Row1)(const GemvProblem&, const float*, int64_t, int64_t),
+          void (*Row2)(const GemvProblem&, const float*, int64_t, int64_t),
+          void (*Row3)(const GemvProblem&, const float*, int64_t, int64_t),
+          void (*Row4)(const GemvProblem&, const float*, int64_t, int64_t)>
+void run_rows(const GemvProblem& p, const float* xa) {
+#pragma omp parallel for schedule(static) num_threads(p.threads)
+  for (int64_t row = 0; row < p.n; ++row) {
+    for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
+      const float* xr = xa + r0 * p.k_padded;
+      switch (p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0) {
+        case 1: Row1(p, xr, r0, row); break;
+        case 2: Row2(p, xr, r0, row); break;
+        case 3: Row3(p, xr, r0, row); break;
+        default: Row4(p, xr, r0, row); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool gemv_avx2(const GemvProblem& p) {
+  if ((p.bits != 4 && p.bits != 6) || p.g % kChunk != 0) return false;
+  static_assert(kRowsPerPass == 4, "run_rows handles up to 4 rows per pass");
+  if (p.bits == 4) {
+    for (int64_t r = 0; r < p.m; ++r) {
+      const float* x = p.x + r * p.k_padded;
+      float* out = p.scratch + r * p.k_padded;
+      for (int64_t c = 0; c < p.k_padded; c += kChunk)
+        for (int i = 0; i < kChunk / 2; ++i) {
+          out[c + i] = x[c + 2 * i];
+          out[c + kChunk / 2 + i] = x[c + 2 * i + 1];
+        }
+    }
+    run_rows<row_4bit<1>, row_4bit<2>, row_4bit<3>, row_4bit<4>>(p, p.scratch);
+  } else {
+    run_rows<row_6bit<1>, row_6bit<2>, row_6bit<3>, row_6bit<4>>(p, p.x);
+  }
+  return true;
+}
+
+}  // namespace detail
+}  // namespace brecq
+
+#pragma GCC pop_options
+#else
+namespace brecq {
+namespace detail {
+bool gemv_avx2(const GemvProblem&) { return false; }
+}  // namespace detail
+}  // namespace brecq
+#endif

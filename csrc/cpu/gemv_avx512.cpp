@@ -1,0 +1,282 @@
+// AVX-512 GEMV for 4- and 6-bit packed weights (needs AVX512F/BW/VL/VBMI/BF16; chosen at run time).
+//
+// Activations are rearranged once per call so that the order in which codes come out of the
+// packed bytes needs no shuffling of the weights: the dot product does not care about order.
+// bfloat16 activations use VDPBF16PS on codes turned into bfloat16 by bit tricks: 0x4300 | q is
+// exactly the bfloat16 of 128 + q for q < 128, so sum(x * (128 + q)) - 128 * sum(x) = sum(x * q).
+//
+// Only this translation unit is compiled for AVX-512 (pragma below); it uses no standard-library
+// templates so that no AVX-512 instantiation can leak into code shared with other units.
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+
+#include "brecq/format.h"
+#include "gemv.h"
+
+#if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx2,fma,f16c,bmi2")
+
+namespace brecq {
+namespace detail {
+namespace {
+
+constexpr int kChunkF32 = 32;   // codes per inner step, float32 path
+constexpr int kChunkBf16 = 64;  // codes per inner step, bfloat16 path
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// 6-bit decoding into 16-bit lanes, lane i = code i of a run of 32 codes (24 bytes):
+// vpermb copies the 3 bytes of unit q (codes 4q..4q+3) into the low bytes of 64-bit lane q, then
+// vpmultishiftqb pulls the byte starting at bit 6j of that lane into the low byte of word j.
+// The high byte and the top 2 bits of each word are junk, cleared by the caller's mask.
+inline __m512i six_bit_gather(int byte_offset) {
+  alignas(64) uint8_t idx[64];
+  for (int q = 0; q < 8; ++q)
+    for (int j = 0; j < 8; ++j) idx[8 * q + j] = static_cast<uint8_t>(byte_offset + 3 * q + (j < 3 ? j : 0));
+  return _mm512_load_si512(idx);
+}
+inline __m512i six_bit_shifts() {
+  alignas(64) uint8_t ctrl[64];
+  for (int q = 0; q < 8; ++q)
+    for (int j = 0; j < 8; ++j) ctrl[8 * q + j] = static_cast<uint8_t>(j % 2 == 0 ? 6 * (j / 2) : 0);
+  return _mm512_load_si512(ctrl);
+}
+inline __m512i six_bit_decode(__m512i raw, __m512i gather, __m512i shifts) {
+  return _mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(gather, raw));
+}
+
+// ---- arrangement of activations per (bits, path) --------------------------------------------
+// 4-bit: inside every chunk of C codes, the even positions first, then the odd ones (low and high
+// nibbles of consecutive bytes). 6-bit: natural order.
+void arrange_even_odd_f32(const float* x, int64_t len, int chunk, float* out) {
+  for (int64_t c = 0; c < len; c += chunk)
+    for (int i = 0; i < chunk / 2; ++i) {
+      out[c + i] = x[c + 2 * i];
+      out[c + chunk / 2 + i] = x[c + 2 * i + 1];
+    }
+}
+void arrange_even_odd_bf16(const uint16_t* x, int64_t len, int chunk, uint16_t* out) {
+  for (int64_t c = 0; c < len; c += chunk)
+    for (int i = 0; i < chunk / 2; ++i) {
+      out[c + i] = x[c + 2 * i];
+      out[c + chunk / 2 + i] = x[c + 2 * i + 1];
+    }
+}
+
+
+// Largest number of groups per row the fast kernels handle (their per-row scale table lives on
+// the stack); wider rows go to the portable kernel.
+constexpr int64_t kMaxGroups = 4096;
+
+// Per weight row: float32 scales, and for each activation row r the zero-point correction
+// sum_g scale_g * (zero_g + offset) * xsum[r][g], vectorised over groups.
+template <int MR>
+inline void row_prologue(const GemvProblem& p, int64_t row, int64_t r0, float offset, float* scales,
+                         float* correction) {
+  const uint16_t* sh = p.scale + row * p.groups;
+  const uint8_t* zr = p.zero + row * p.groups;
+  __m512 corr[MR];
+  for (int r = 0; r < MR; ++r) corr[r] = _mm512_setzero_ps();
+  const __m512 off = _mm512_set1_ps(offset);
+  for (int64_t g0 = 0; g0 < p.groups; g0 += 16) {
+    const int64_t left = p.groups - g0;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sh + g0));
+    _mm512_storeu_ps(scales + g0, s);
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, zr + g0)));
+    const __m512 sz = _mm512_mul_ps(s, _mm512_add_ps(z, off));
+    for (int r = 0; r < MR; ++r)
+      corr[r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, p.xsum + (r0 + r) * p.groups + g0), corr[r]);
+  }
+  for (int r = 0; r < MR; ++r) correction[r] = hsum(corr[r]);
+}
+
+// ---- float32 activations ----------------------------------------------------------------------
+template <int MR>
+void row_f32_4bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
+  const uint8_t* w = p.packed + row * p.row_bytes;
+  const __m512i low_nibble = _mm512_set1_epi32(0x0f);
+  alignas(64) float scales[kMaxGroups + 16];
+  float correction[MR];
+  __m512 total[MR];
+  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
+  row_prologue<MR>(p, row, r0, 0.0f, scales, correction);
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m512 acc_lo[MR], acc_hi[MR];
+    for (int r = 0; r < MR; ++r) { acc_lo[r] = _mm512_setzero_ps(); acc_hi[r] = _mm512_setzero_ps(); }
+    for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunkF32) {
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+      for (int r = 0; r < MR; ++r) {
+        const float* xr = xa + r * p.k_padded + c;
+        acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc_lo[r]);
+        acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), acc_hi[r]);
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(scales[grp]);
+    for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]), sv, total[r]);
+  }
+  const float b = p.bias ? p.bias[row] : 0.0f;
+  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+}
+
+template <int MR>
+void row_f32_6bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
+  const uint8_t* w = p.packed + row * p.row_bytes;
+  const __m512i gather = six_bit_gather(0);
+  const __m512i shifts = six_bit_shifts();
+  const __m512i mask6 = _mm512_set1_epi16(0x3f);
+  alignas(64) float scales[kMaxGroups + 16];
+  float correction[MR];
+  __m512 total[MR];
+  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
+  row_prologue<MR>(p, row, r0, 0.0f, scales, correction);
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m512 acc_a[MR], acc_b[MR];
+    for (int r = 0; r < MR; ++r) { acc_a[r] = _mm512_setzero_ps(); acc_b[r] = _mm512_setzero_ps(); }
+    for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunkF32) {
+      const __m512i raw = _mm512_maskz_loadu_epi8(0xffffffull, w + c / 4 * 3);
+      const __m512i codes = _mm512_and_si512(six_bit_decode(raw, gather, shifts), mask6);
+      const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(codes)));
+      const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(codes, 1)));
+      for (int r = 0; r < MR; ++r) {
+        const float* xr = xa + r * p.k_padded + c;
+        acc_a[r] = _mm512_fmadd_ps(first, _mm512_loadu_ps(xr), acc_a[r]);
+        acc_b[r] = _mm512_fmadd_ps(second, _mm512_loadu_ps(xr + 16), acc_b[r]);
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(scales[grp]);
+    for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[r], acc_b[r]), sv, total[r]);
+  }
+  const float b = p.bias ? p.bias[row] : 0.0f;
+  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+}
+
+// ---- bfloat16 activations ---------------------------------------------------------------------
+template <int MR>
+void row_bf16_4bit(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row) {
+  const uint8_t* w = p.packed + row * p.row_bytes;
+  const __m512i nibble = _mm512_set1_epi16(0x0f);
+  const __m512i bias128 = _mm512_set1_epi16(0x4300);
+  alignas(64) float scales[kMaxGroups + 16];
+  float correction[MR];
+  __m512 total[MR];
+  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
+  row_prologue<MR>(p, row, r0, 128.0f, scales, correction);
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m512 acc_lo[MR], acc_hi[MR];
+    for (int r = 0; r < MR; ++r) { acc_lo[r] = _mm512_setzero_ps(); acc_hi[r] = _mm512_setzero_ps(); }
+    for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunkBf16) {
+      const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c / 2)));
+      // (bytes & 0x0f) | 0x4300 in one instruction; truth table 0xEA = (A & B) | C.
+      const __m512i lo = _mm512_ternarylogic_epi32(bytes, nibble, bias128, 0xEA);
+      const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bias128);
+      for (int r = 0; r < MR; ++r) {
+        const uint16_t* xr = xa + r * p.k_padded + c;
+        acc_lo[r] = _mm512_dpbf16_ps(acc_lo[r], (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xr));
+        acc_hi[r] = _mm512_dpbf16_ps(acc_hi[r], (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xr + 32));
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(scales[grp]);
+    for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]), sv, total[r]);
+  }
+  const float b = p.bias ? p.bias[row] : 0.0f;
+  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+}
+
+template <int MR>
+void row_bf16_6bit(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row) {
+  const uint8_t* w = p.packed + row * p.row_bytes;
+  const __m512i gather_a = six_bit_gather(0);
+  const __m512i gather_b = six_bit_gather(24);
+  const __m512i shifts = six_bit_shifts();
+  const __m512i mask6 = _mm512_set1_epi16(0x3f);
+  const __m512i bias128 = _mm512_set1_epi16(0x4300);
+  alignas(64) float scales[kMaxGroups + 16];
+  float correction[MR];
+  __m512 total[MR];
+  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
+  row_prologue<MR>(p, row, r0, 128.0f, scales, correction);
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m512 acc_a[MR], acc_b[MR];
+    for (int r = 0; r < MR; ++r) { acc_a[r] = _mm512_setzero_ps(); acc_b[r] = _mm512_setzero_ps(); }
+    for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunkBf16) {
+      const __m512i raw = _mm512_maskz_loadu_epi8(0xffffffffffffull, w + c / 4 * 3);
+      const __m512i a = _mm512_ternarylogic_epi32(six_bit_decode(raw, gather_a, shifts), mask6, bias128, 0xEA);
+      const __m512i bb = _mm512_ternarylogic_epi32(six_bit_decode(raw, gather_b, shifts), mask6, bias128, 0xEA);
+      for (int r = 0; r < MR; ++r) {
+        const uint16_t* xr = xa + r * p.k_padded + c;
+        acc_a[r] = _mm512_dpbf16_ps(acc_a[r], (__m512bh)a, (__m512bh)_mm512_loadu_si512(xr));
+        acc_b[r] = _mm512_dpbf16_ps(acc_b[r], (__m512bh)bb, (__m512bh)_mm512_loadu_si512(xr + 32));
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(scales[grp]);
+    for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[r], acc_b[r]), sv, total[r]);
+  }
+  const float b = p.bias ? p.bias[row] : 0.0f;
+  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+}
+
+template <typename X>
+using RowFn = void (*)(const GemvProblem&, const X*, int64_t, int64_t);
+
+template <typename X, RowFn<X> Row1, RowFn<X> Row2, RowFn<X> Row3, RowFn<X> Row4>
+void run_rows(const GemvProblem& p, const X* xa) {
+#pragma omp parallel for schedule(static) num_threads(p.threads)
+  for (int64_t row = 0; row < p.n; ++row) {
+    for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
+      const X* xr = xa + r0 * p.k_padded;
+      switch (p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0) {
+        case 1: Row1(p, xr, r0, row); break;
+        case 2: Row2(p, xr, r0, row); break;
+        case 3: Row3(p, xr, r0, row); break;
+        default: Row4(p, xr, r0, row); break;
+      }
+    }
+  }
+}
+
+#define BRECQ_RUN_ROWS(fn, X) run_rows<X, fn<1>, fn<2>, fn<3>, fn<4>>
+
+}  // namespace
+
+bool gemv_avx512(const GemvProblem& p) {
+  if ((p.bits != 4 && p.bits != 6) || p.groups > kMaxGroups) return false;
+  static_assert(kRowsPerPass == 4, "row dispatch below handles up to 4 rows per pass");
+  if (p.x_bf16 && p.g % kChunkBf16 == 0) {
+    uint16_t* xa = reinterpret_cast<uint16_t*>(p.scratch);
+    if (p.bits == 4) {
+      for (int64_t r = 0; r < p.m; ++r)
+        arrange_even_odd_bf16(p.x_bf16 + r * p.k_padded, p.k_padded, kChunkBf16, xa + r * p.k_padded);
+      BRECQ_RUN_ROWS(row_bf16_4bit, uint16_t)(p, xa);
+    } else {
+      BRECQ_RUN_ROWS(row_bf16_6bit, uint16_t)(p, p.x_bf16);
+    }
+    return true;
+  }
+  if (p.g % kChunkF32 != 0) return false;
+  if (p.bits == 4) {
+    for (int64_t r = 0; r < p.m; ++r)
+      arrange_even_odd_f32(p.x + r * p.k_padded, p.k_padded, kChunkF32, p.scratch + r * p.k_padded);
+    BRECQ_RUN_ROWS(row_f32_4bit, float)(p, p.scratch);
+  } else {
+    BRECQ_RUN_ROWS(row_f32_6bit, float)(p, p.x);
+  }
+  return true;
+}
+
+}  // namespace detail
+}  // namespace brecq
+
+#undef BRECQ_RUN_ROWS
+#pragma GCC pop_options
+#else
+namespace brecq {
+namespace detail {
+bool gemv_avx512(const GemvProblem&) { return false; }
+}  // namespace detail
+}  // namespace brecq
+#endif

@@ -1,0 +1,39 @@
+// Portable GEMV for every bit width and group size: unpack one weight row, then dot products.
+#include <algorithm>
+#include <vector>
+
+#include "brecq/format.h"
+#include "brecq/kernels.h"
+#include "gemv.h"
+#include "numeric.h"
+
+namespace brecq {
+namespace detail {
+
+void gemv_scalar(const GemvProblem& p) {
+#pragma omp parallel num_threads(p.threads)
+  {
+    std::vector<uint8_t> codes(static_cast<size_t>(p.k_padded), 0);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < p.n; ++row) {
+      unpack(p.packed + row * p.row_bytes, 1, p.k, p.bits, p.g, codes.data(), 1);
+      for (int64_t r = 0; r < p.m; ++r) {
+        const float* x = p.x + r * p.k_padded;
+        float total = 0.0f, correction = 0.0f;
+        for (int64_t grp = 0; grp < p.groups; ++grp) {
+          const float s = numeric::f16_to_f32(p.scale[row * p.groups + grp]);
+          const float z = static_cast<float>(p.zero[row * p.groups + grp]);
+          const int64_t end = std::min(p.k, grp * p.g + p.g);
+          float acc = 0.0f;
+          for (int64_t i = grp * p.g; i < end; ++i) acc += x[i] * static_cast<float>(codes[i]);
+          total += s * acc;
+          correction += s * z * p.xsum[r * p.groups + grp];
+        }
+        p.y[r * p.n + row] = total - correction + (p.bias ? p.bias[row] : 0.0f);
+      }
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace brecq

@@ -1,0 +1,51 @@
+// The packed weight format, defined once. docs/FORMAT.md is the prose version of this file;
+// every kernel (CPU, CUDA) and the Python reference follow it.
+//
+// A quantized linear layer W[out_features, in_features] is stored as
+//   packed : uint8   [out_features, packed_row_bytes(in_features, group_size, bits)]
+//   scale  : float16 [out_features, num_groups(in_features, group_size)]
+//   zero   : uint8   [out_features, num_groups(in_features, group_size)]
+// with w[o, k] ~= scale[o, k / group_size] * (code[o, k] - zero[o, k / group_size]).
+//
+// Packing axis: in_features (each output row is packed independently, rows are contiguous).
+// Bit order: LSB-first bit stream per row: code k occupies bits [k*bits, (k+1)*bits) of the row,
+// where bit i of the row is bit (i % 8) of byte (i / 8).  For 4 bits: code 2j is the low nibble of
+// byte j, code 2j+1 the high nibble.  For 6 bits: codes 4j..4j+3 fill bytes 3j..3j+2 as the
+// little-endian 24-bit word c0 | c1 << 6 | c2 << 12 | c3 << 18.
+// Padding: each row is padded to a whole number of groups; padded codes are 0 and padded scale/zero
+// do not exist (the last group simply covers fewer real inputs).  Readers must ignore padded codes.
+#pragma once
+#include <cstdint>
+
+namespace brecq {
+
+constexpr int kFormatVersion = 1;
+constexpr int kMinBits = 2;
+constexpr int kMaxBits = 8;
+// Groups must start on a byte boundary for every bit width, so group sizes are multiples of 8.
+constexpr int kGroupSizeMultiple = 8;
+
+constexpr int64_t num_groups(int64_t in_features, int64_t group_size) {
+  return (in_features + group_size - 1) / group_size;
+}
+constexpr int64_t padded_in_features(int64_t in_features, int64_t group_size) {
+  return num_groups(in_features, group_size) * group_size;
+}
+constexpr int64_t packed_row_bytes(int64_t in_features, int64_t group_size, int bits) {
+  return padded_in_features(in_features, group_size) * bits / 8;
+}
+constexpr int max_code(int bits) { return (1 << bits) - 1; }
+
+// Bytes one group occupies (codes only) and effective bits per weight including the float16 scale
+// and uint8 zero of the group:  bits + 24 / group_size.
+constexpr int64_t group_code_bytes(int64_t group_size, int bits) { return group_size * bits / 8; }
+
+// The two layouts the fast kernels are specialised for, at the study's group size of 64:
+//   W4 g64: 32 code bytes + 2 scale bytes + 1 zero byte = 35 bytes / 64 weights = 4.375 bits/weight
+//   W6 g64: 48 code bytes + 2 scale bytes + 1 zero byte = 51 bytes / 64 weights = 6.375 bits/weight
+static_assert(group_code_bytes(64, 4) + 2 + 1 == 35, "W4 g64 group must be 35 bytes");
+static_assert(group_code_bytes(64, 6) + 2 + 1 == 51, "W6 g64 group must be 51 bytes");
+static_assert(packed_row_bytes(172, 64, 4) == 96, "172 inputs pad to 192 = 3 groups of 64");
+static_assert(packed_row_bytes(1000, 32, 6) == 768, "1000 inputs pad to 1024 = 32 groups of 32 (6-bit)");
+
+}  // namespace brecq

@@ -1,0 +1,70 @@
+// CPU kernels over raw pointers. No libtorch: the Python layer owns allocation, shape and dtype
+// checks; these functions assume contiguous row-major buffers of the stated shapes.
+// Conventions: `n` = out_features (rows of W), `k` = in_features, `m` = rows of activations,
+// `g` = group_size, `groups` = num_groups(k, g). Scales are IEEE float16 bit patterns (uint16_t).
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace brecq {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Highest instruction set this CPU supports among those compiled in.
+Isa detect_isa();
+// Instruction set the kernels use now (detect_isa() unless lowered by set_isa or BRECQ_CPU_ISA).
+Isa active_isa();
+// Lower (never raise above detect_isa()) the instruction set; returns the one now active.
+Isa set_isa(Isa isa);
+const char* isa_name(Isa isa);
+
+// ---- quantization parameters -------------------------------------------------------------
+// w: float32 [n, k]. Writes scale (float16 bits) and zero (uint8) [n, groups].
+// search_steps == 0: min-max range (extended to include 0). search_steps > 0: the range is shrunk
+// by factors 1, 0.99, ..., 1 - 0.01 * (search_steps - 1) and the factor with the least squared
+// reconstruction error of the group is kept (first one on ties).
+void quant_params(const float* w, int64_t n, int64_t k, int bits, int64_t g, int search_steps,
+                  uint16_t* scale, uint8_t* zero, int threads);
+
+// codes[n, k] = clamp(round_half_even(w / scale) + zero, 0, 2^bits - 1)
+void quantize(const float* w, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+              int bits, int64_t g, uint8_t* codes, int threads);
+// out[n, k] = scale * (codes - zero), float32
+void dequantize(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,
+                int64_t k, int64_t g, float* out, int threads);
+// out = dequantize(quantize(w)), float32.
+void fake_quantize(const float* w, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+                   int bits, int64_t g, float* out, int threads);
+
+// ---- AdaRound ------------------------------------------------------------------------------
+// h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1.
+// w_soft = scale * (clamp(floor(w / scale) + h(V) + zero, 0, qmax) - zero)
+void adaround_forward(const float* w, const float* v, const uint16_t* scale, const uint8_t* zero,
+                      int64_t n, int64_t k, int bits, int64_t g, float* w_soft, int threads);
+// grad_v = grad_out * d w_soft / d V
+void adaround_backward(const float* grad_out, const float* w, const float* v, const uint16_t* scale,
+                       const uint8_t* zero, int64_t n, int64_t k, int bits, int64_t g, float* grad_v,
+                       int threads);
+// Returns sum(1 - |2 h(V) - 1|^beta) over `count` elements and writes its gradient to grad_v.
+double adaround_regularizer(const float* v, int64_t count, float beta, float* grad_v, int threads);
+
+// ---- packing -------------------------------------------------------------------------------
+// codes: uint8 [n, k] -> packed [n, packed_row_bytes(k, g, bits)]. Returns the number of codes
+// above 2^bits - 1 (nothing is written in that case).
+int64_t pack(const uint8_t* codes, int64_t n, int64_t k, int bits, int64_t g, uint8_t* packed,
+             int threads);
+void unpack(const uint8_t* packed, int64_t n, int64_t k, int bits, int64_t g, uint8_t* codes,
+            int threads);
+// Dense float32 (out_bf16 == false) or bfloat16 bits (out_bf16 == true) [n, k] from packed weights.
+void dequantize_packed(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n,
+                       int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads);
+
+// ---- packed matmul, few rows ----------------------------------------------------------------
+// y[m, n] (float32) = x[m, k] . dequant(W)^T + bias. x is float32 (x_is_bf16 == false) or bfloat16
+// bits, rows x_stride elements apart. bias may be null. Streams the packed weights once for all m
+// rows; intended for m <= 16.
+void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* packed,
+                 const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
+                 int bits, int64_t g, float* y, int threads);
+
+}  // namespace brecq

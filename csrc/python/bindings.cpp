@@ -1,0 +1,102 @@
+// pybind11 face of the CPU kernels: raw addresses in, nothing of libtorch linked, so one build
+// works with any torch release. brecq_ext/ops.py validates every argument before calling here.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "brecq/format.h"
+#include "brecq/kernels.h"
+
+namespace py = pybind11;
+using brecq::Isa;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+Isa isa_from_name(const std::string& name) {
+  if (name == "avx512") return Isa::kAvx512;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "scalar") return Isa::kScalar;
+  throw std::invalid_argument("isa must be one of 'avx512', 'avx2', 'scalar', got '" + name + "'");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "brecq CPU kernels (raw-pointer interface; use brecq_ext.ops instead)";
+  m.attr("FORMAT_VERSION") = brecq::kFormatVersion;
+
+  m.def("detected_isa", [] { return std::string(brecq::isa_name(brecq::detect_isa())); });
+  m.def("active_isa", [] { return std::string(brecq::isa_name(brecq::active_isa())); });
+  m.def("set_isa", [](const std::string& name) {
+    return std::string(brecq::isa_name(brecq::set_isa(isa_from_name(name))));
+  });
+
+  py::call_guard<py::gil_scoped_release> nogil;
+
+  m.def("quant_params", [](std::uintptr_t w, int64_t n, int64_t k, int bits, int64_t g, int steps,
+                           std::uintptr_t scale, std::uintptr_t zero, int threads) {
+    brecq::quant_params(ptr<const float>(w), n, k, bits, g, steps, ptr<uint16_t>(scale),
+                        ptr<uint8_t>(zero), threads);
+  }, nogil);
+  m.def("quantize", [](std::uintptr_t w, std::uintptr_t scale, std::uintptr_t zero, int64_t n,
+                       int64_t k, int bits, int64_t g, std::uintptr_t codes, int threads) {
+    brecq::quantize(ptr<const float>(w), ptr<const uint16_t>(scale), ptr<const uint8_t>(zero), n, k,
+                    bits, g, ptr<uint8_t>(codes), threads);
+  }, nogil);
+  m.def("dequantize", [](std::uintptr_t codes, std::uintptr_t scale, std::uintptr_t zero, int64_t n,
+                         int64_t k, int64_t g, std::uintptr_t out, int threads) {
+    brecq::dequantize(ptr<const uint8_t>(codes), ptr<const uint16_t>(scale),
+                      ptr<const uint8_t>(zero), n, k, g, ptr<float>(out), threads);
+  }, nogil);
+  m.def("fake_quantize", [](std::uintptr_t w, std::uintptr_t scale, std::uintptr_t zero, int64_t n,
+                            int64_t k, int bits, int64_t g, std::uintptr_t out, int threads) {
+    brecq::fake_quantize(ptr<const float>(w), ptr<const uint16_t>(scale), ptr<const uint8_t>(zero),
+                         n, k, bits, g, ptr<float>(out), threads);
+  }, nogil);
+  m.def("adaround_forward", [](std::uintptr_t w, std::uintptr_t v, std::uintptr_t scale,
+                               std::uintptr_t zero, int64_t n, int64_t k, int bits, int64_t g,
+                               std::uintptr_t out, int threads) {
+    brecq::adaround_forward(ptr<const float>(w), ptr<const float>(v), ptr<const uint16_t>(scale),
+                            ptr<const uint8_t>(zero), n, k, bits, g, ptr<float>(out), threads);
+  }, nogil);
+  m.def("adaround_backward", [](std::uintptr_t grad_out, std::uintptr_t w, std::uintptr_t v,
+                                std::uintptr_t scale, std::uintptr_t zero, int64_t n, int64_t k,
+                                int bits, int64_t g, std::uintptr_t grad_v, int threads) {
+    brecq::adaround_backward(ptr<const float>(grad_out), ptr<const float>(w), ptr<const float>(v),
+                             ptr<const uint16_t>(scale), ptr<const uint8_t>(zero), n, k, bits, g,
+                             ptr<float>(grad_v), threads);
+  }, nogil);
+  m.def("adaround_regularizer", [](std::uintptr_t v, int64_t count, float beta,
+                                   std::uintptr_t grad_v, int threads) {
+    return brecq::adaround_regularizer(ptr<const float>(v), count, beta, ptr<float>(grad_v), threads);
+  }, nogil);
+  m.def("pack", [](std::uintptr_t codes, int64_t n, int64_t k, int bits, int64_t g,
+                   std::uintptr_t packed, int threads) {
+    return brecq::pack(ptr<const uint8_t>(codes), n, k, bits, g, ptr<uint8_t>(packed), threads);
+  }, nogil);
+  m.def("unpack", [](std::uintptr_t packed, int64_t n, int64_t k, int bits, int64_t g,
+                     std::uintptr_t codes, int threads) {
+    brecq::unpack(ptr<const uint8_t>(packed), n, k, bits, g, ptr<uint8_t>(codes), threads);
+  }, nogil);
+  m.def("dequantize_packed", [](std::uintptr_t packed, std::uintptr_t scale, std::uintptr_t zero,
+                                int64_t n, int64_t k, int bits, int64_t g, std::uintptr_t out,
+                                bool out_bf16, int threads) {
+    brecq::dequantize_packed(ptr<const uint8_t>(packed), ptr<const uint16_t>(scale),
+                             ptr<const uint8_t>(zero), n, k, bits, g, ptr<void>(out), out_bf16,
+                             threads);
+  }, nogil);
+  m.def("packed_gemv", [](std::uintptr_t x, bool x_is_bf16, int64_t m_rows, int64_t x_stride,
+                          std::uintptr_t packed, std::uintptr_t scale, std::uintptr_t zero,
+                          std::uintptr_t bias, int64_t n, int64_t k, int bits, int64_t g,
+                          std::uintptr_t y, int threads) {
+    brecq::packed_gemv(ptr<const void>(x), x_is_bf16, m_rows, x_stride, ptr<const uint8_t>(packed),
+                       ptr<const uint16_t>(scale), ptr<const uint8_t>(zero),
+                       bias ? ptr<const float>(bias) : nullptr, n, k, bits, g, ptr<float>(y),
+                       threads);
+  }, nogil);
+}
