@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import warnings
 
@@ -12,7 +13,7 @@ log = logging.getLogger("brecq_ext")
 def cpu_kernels():
     """The compiled CPU module, or None (then every op runs its PyTorch reference)."""
     try:
-        from . import _C
+        _C = importlib.import_module(f"{__package__}._C")
     except ImportError as exc:
         message = (
             "brecq_ext: the compiled CPU kernels are not available "
@@ -20,7 +21,6 @@ def cpu_kernels():
             "much slower and uses more memory. Reinstall with `pip install .` to build them."
         )
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-        log.warning(message)
         return None
     log.debug("brecq_ext CPU kernels loaded (ISA %s)", _C.active_isa())
     return _C
@@ -30,7 +30,7 @@ def cpu_kernels():
 def cuda_kernels():
     """The compiled CUDA module, or None (not built, or no CUDA device)."""
     try:
-        from . import _cuda
+        _cuda = importlib.import_module(f"{__package__}._cuda")
     except ImportError as exc:
         log.info("brecq_ext CUDA kernels not available (%s); CUDA tensors use the reference", exc)
         return None

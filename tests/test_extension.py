@@ -1,0 +1,38 @@
+import subprocess
+import sys
+
+import brecq_ext
+
+from conftest import available_isas
+
+
+def test_isa_can_be_lowered_and_restored():
+    detected = brecq_ext.detected_cpu_isa()
+    assert detected in ("avx512", "avx2", "scalar")
+    previous = brecq_ext.cpu_isa()
+    try:
+        assert brecq_ext.set_cpu_isa("scalar") == "scalar"
+        assert brecq_ext.cpu_isa() == "scalar"
+        # Raising above what the CPU supports is capped, never obeyed.
+        assert brecq_ext.set_cpu_isa("avx512") == detected
+    finally:
+        brecq_ext.set_cpu_isa(previous)
+    assert available_isas()[0] == detected
+
+
+def test_missing_compiled_module_falls_back_with_one_warning():
+    script = (
+        "import sys, warnings\n"
+        "sys.modules['brecq_ext._C'] = None  # as if the build had produced no module\n"
+        "warnings.simplefilter('always')\n"
+        "import torch, brecq_ext\n"
+        "from brecq_ext import ops\n"
+        "w = torch.randn(8, 64); s, z = ops.quant_params(w, 4, 64)\n"
+        "p = ops.pack(ops.quantize(w, s, z, 4, 64), 4, 64)\n"
+        "y = ops.packed_matmul(torch.randn(2, 64), p, s, z, None, 4, 64, 64)\n"
+        "print(brecq_ext.cpu_isa(), tuple(y.shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "reference (2, 8)"
+    assert done.stderr.count("compiled CPU kernels are not available") == 1

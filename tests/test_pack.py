@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from brecq_ext import ops, reference as ref
+from brecq_ext.format import packed_row_bytes, padded_in_features
+
+BITS = [2, 3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}")
+@pytest.mark.parametrize("group_size", [8, 32, 64, 128], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("rows,in_features", [(1, 1), (1, 64), (3, 96), (7, 172), (2, 1000), (1, 3072)],
+                         ids=lambda v: str(v))
+def test_pack_round_trip_is_exact_and_matches_reference(bits, group_size, rows, in_features, device):
+    gen = torch.Generator().manual_seed(bits * 1000 + in_features)
+    codes = torch.randint(0, 1 << bits, (rows, in_features), dtype=torch.uint8, generator=gen).to(device)
+    packed = ops.pack(codes, bits, group_size)
+    assert packed.shape == (rows, packed_row_bytes(in_features, group_size, bits))
+    assert torch.equal(packed.cpu(), ref.pack(codes.cpu(), bits, group_size))
+    assert torch.equal(ops.unpack(packed, bits, group_size, in_features), codes)
+    # Padded positions hold code 0.
+    padded = padded_in_features(in_features, group_size)
+    assert not ops.unpack(packed, bits, group_size, padded)[:, in_features:].any()
+
+
+def test_four_bit_nibble_order():
+    codes = torch.tensor([[0x1, 0x2, 0xF, 0x0] + [0] * 4], dtype=torch.uint8)
+    packed = ops.pack(codes, 4, 8)
+    assert packed[0, :2].tolist() == [0x21, 0x0F]
+
+
+def test_six_bit_little_endian_24_bit_units():
+    codes = torch.tensor([[1, 2, 3, 4, 63, 0, 0, 63]], dtype=torch.uint8)
+    packed = ops.pack(codes, 6, 8)
+    word0 = 1 | 2 << 6 | 3 << 12 | 4 << 18
+    word1 = 63 | 0 << 6 | 0 << 12 | 63 << 18
+    expected = [word0 & 0xFF, word0 >> 8 & 0xFF, word0 >> 16, word1 & 0xFF, word1 >> 8 & 0xFF, word1 >> 16]
+    assert packed[0].tolist() == expected
+
+
+def test_pack_rejects_codes_above_the_bit_width():
+    codes = torch.tensor([[0, 16, 3, 1, 0, 0, 0, 0]], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 15\].*1 codes"):
+        ops.pack(codes, 4, 8)
+
+
+def test_unpack_rejects_packed_tensor_of_the_wrong_size():
+    packed = torch.zeros(4, 95, dtype=torch.uint8)  # 172 inputs at W4 g64 need 96 bytes a row
+    with pytest.raises(ValueError, match=r"packed must have shape \(4, 96\)"):
+        ops.unpack(packed, 4, 64, 172)
+
+
+@pytest.mark.parametrize("bad_group", [0, -64, 12], ids=["zero", "negative", "not-multiple-of-8"])
+def test_pack_rejects_bad_group_size(bad_group):
+    with pytest.raises(ValueError, match="group_size"):
+        ops.pack(torch.zeros(2, 64, dtype=torch.uint8), 4, bad_group)
+
+
+@pytest.mark.parametrize("bad_bits", [1, 9, 0])
+def test_pack_rejects_bits_out_of_range(bad_bits):
+    with pytest.raises(ValueError, match=r"bits must be an integer in \[2, 8\]"):
+        ops.pack(torch.zeros(2, 64, dtype=torch.uint8), bad_bits, 64)
+
+
+def test_pack_rejects_wrong_dtype():
+    with pytest.raises(TypeError, match="codes must have dtype uint8, got int32"):
+        ops.pack(torch.zeros(2, 64, dtype=torch.int32), 4, 64)
