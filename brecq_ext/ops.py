@@ -556,6 +556,17 @@ def packed_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: 
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
+def _gemv_cpu(kernels, x2, packed, scale, zero, bias, bits, group_size, in_features):
+    """y [m, n] float32 from x2 [m, K] (float32 or bfloat16, unit inner stride) on validated,
+    contiguous packed/scale/zero and float32 bias (or None)."""
+    m, n = x2.shape[0], packed.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    kernels.packed_gemv(x2.data_ptr(), x2.dtype == torch.bfloat16, m, x2.stride(0), packed.data_ptr(),
+                        scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n,
+                        in_features, bits, group_size, y.data_ptr(), _threads())
+    return y
+
+
 @packed_matmul.register_kernel("cpu")
 def _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features):
     _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
@@ -573,11 +584,8 @@ def _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_featur
             x2 = x2.float()
         if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
             x2 = x2.contiguous()
-        y = torch.empty(m, n, dtype=torch.float32)
         b = bias.float().contiguous() if bias is not None else None
-        kernels.packed_gemv(x2.data_ptr(), x2.dtype == torch.bfloat16, m, x2.stride(0), p.data_ptr(),
-                            s.data_ptr(), z.data_ptr(), b.data_ptr() if b is not None else 0, n,
-                            in_features, bits, group_size, y.data_ptr(), _threads())
+        y = _gemv_cpu(kernels, x2, p, s, z, b, bits, group_size, in_features)
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
     def dequantize_tile(packed_rows, scale_rows, zero_rows, out):
@@ -616,14 +624,25 @@ packed_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
 
 
 def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], bits: int,
-           group_size: int, in_features: int) -> Tensor:
+           group_size: int, in_features: int, weights_checked: bool = False) -> Tensor:
     """packed_matmul for module forwards. In eager mode on CPU without autograd it calls the CPU
     implementation directly: the custom-op dispatcher costs 20-40 us a call, more than a whole
-    decode-sized GEMV. Everywhere else (autograd, torch.compile, other devices) it is the op."""
-    if (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.compiler.is_compiling()):
-        return _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features)
-    return packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    decode-sized GEMV. ``weights_checked=True`` (QuantLinear, whose buffers are validated when it
+    is built or loaded) also skips re-validating packed/scale/zero/bias for small decode inputs,
+    which must then be contiguous CPU float32 [..., in_features]. Everywhere else (autograd,
+    torch.compile, other devices) it is the op."""
+    if (x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)
+            or torch.compiler.is_compiling()):
+        return packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    kernels = _cpu()
+    if (weights_checked and kernels is not None and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dim() >= 1 and x.shape[-1] == in_features and x.is_contiguous()
+            and 0 < x.numel() <= GEMV_MAX_ROWS * in_features
+            and (bias is None or bias.dtype == torch.float32)):
+        y = _gemv_cpu(kernels, x.view(-1, in_features), packed, scale, zero, bias, bits, group_size,
+                      in_features)
+        return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], packed.shape[0])
+    return _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features)
 
 
 # Import-time probe: a missing compiled module is reported once, when the ops are first loaded.

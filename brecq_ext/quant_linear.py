@@ -32,6 +32,8 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         groups = num_groups(in_features, group_size)
+        self._expected_shapes = (torch.Size((out_features, packed_row_bytes(in_features, group_size, bits))),
+                                 torch.Size((out_features, groups)), torch.Size((out_features,)))
         self.register_buffer("packed", torch.zeros(out_features, packed_row_bytes(in_features, group_size, bits),
                                                    dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float16, device=device))
@@ -71,8 +73,20 @@ class QuantLinear(nn.Module):
 
     # -- use -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.packed, self.scale, self.zero, self.bias, self.bits,
-                          self.group_size, self.in_features)
+        buffers = self._buffers  # direct dict access: nn.Module attribute lookup costs ~1 us each
+        packed, scale, zero, bias = buffers["packed"], buffers["scale"], buffers["zero"], buffers.get("bias")
+        return ops.linear(x, packed, scale, zero, bias, self.bits, self.group_size, self.in_features,
+                          weights_checked=self._buffers_valid(packed, scale, zero, bias))
+
+    def _buffers_valid(self, packed, scale, zero, bias) -> bool:
+        """Buffers have the documented dtypes, shapes and layout. Plain attribute and tuple
+        checks (a few microseconds), so that decode-sized forwards can skip the op's validation."""
+        expected = self._expected_shapes
+        return (packed.dtype == torch.uint8 and scale.dtype == torch.float16 and zero.dtype == torch.uint8
+                and packed.shape == expected[0] and scale.shape == expected[1] and zero.shape == expected[1]
+                and packed.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()
+                and (bias is None or (bias.shape == expected[2] and bias.is_contiguous()))
+                and packed.device == scale.device == zero.device)
 
     def codes(self) -> Tensor:
         return ops.unpack(self.packed, self.bits, self.group_size, self.in_features)

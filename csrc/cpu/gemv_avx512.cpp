@@ -24,6 +24,7 @@ namespace {
 
 constexpr int kChunkF32 = 32;   // codes per inner step, float32 path
 constexpr int kChunkBf16 = 64;  // codes per inner step, bfloat16 path
+constexpr int64_t kPrefetchRows = 8;  // weight rows requested ahead of use (hides DRAM latency)
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -227,6 +228,10 @@ template <typename X, RowFn<X> Row1, RowFn<X> Row2, RowFn<X> Row3, RowFn<X> Row4
 void run_rows(const GemvProblem& p, const X* xa) {
 #pragma omp parallel for schedule(static) num_threads(p.threads)
   for (int64_t row = 0; row < p.n; ++row) {
+    if (row + kPrefetchRows < p.n) {
+      const char* ahead = reinterpret_cast<const char*>(p.packed + (row + kPrefetchRows) * p.row_bytes);
+      for (int64_t b = 0; b < p.row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
     for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
       const X* xr = xa + r0 * p.k_padded;
       switch (p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0) {
