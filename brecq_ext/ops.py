@@ -557,13 +557,14 @@ def packed_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: 
 
 
 def _gemv_cpu(kernels, x2, packed, scale, zero, bias, bits, group_size, in_features):
-    """y [m, n] float32 from x2 [m, K] (float32 or bfloat16, unit inner stride) on validated,
+    """y [m, n] in x2's dtype from x2 [m, K] (float32 or bfloat16, unit inner stride) on validated,
     contiguous packed/scale/zero and float32 bias (or None)."""
     m, n = x2.shape[0], packed.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    kernels.packed_gemv(x2.data_ptr(), x2.dtype == torch.bfloat16, m, x2.stride(0), packed.data_ptr(),
-                        scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n,
-                        in_features, bits, group_size, y.data_ptr(), _threads())
+    y = torch.empty(m, n, dtype=x2.dtype)
+    is_bf16 = x2.dtype == torch.bfloat16
+    kernels.packed_gemv(x2.data_ptr(), is_bf16, m, x2.stride(0), packed.data_ptr(), scale.data_ptr(),
+                        zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n, in_features, bits,
+                        group_size, y.data_ptr(), is_bf16, _threads())
     return y
 
 
@@ -641,7 +642,7 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
             and (bias is None or bias.dtype == torch.float32)):
         y = _gemv_cpu(kernels, x.view(-1, in_features), packed, scale, zero, bias, bits, group_size,
                       in_features)
-        return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], packed.shape[0])
+        return y.view(*x.shape[:-1], packed.shape[0])
     return _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features)
 
 

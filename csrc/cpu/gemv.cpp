@@ -65,7 +65,7 @@ const char* isa_name(Isa isa) {
 
 void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* packed,
                  const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
-                 int bits, int64_t g, float* y, int threads) {
+                 int bits, int64_t g, void* y, bool y_is_bf16, int threads) {
   detail::GemvProblem p;
   p.m = m;
   p.n = n;
@@ -79,20 +79,28 @@ void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, con
   p.scale = scale;
   p.zero = zero;
   p.bias = bias;
-  p.y = y;
+  p.y = y_is_bf16 ? nullptr : static_cast<float*>(y);
+  p.y_bf16 = y_is_bf16 ? static_cast<uint16_t*>(y) : nullptr;
   p.threads = threads;
 
   // Natural-order, zero-padded float32 copy of x (and bfloat16 copy when x is bfloat16), plus the
-  // per-group sums used by the zero-point correction.
-  std::vector<float> x_f32(static_cast<size_t>(m * p.k_padded), 0.0f);
-  std::vector<uint16_t> x_bf16(x_is_bf16 ? static_cast<size_t>(m * p.k_padded) : 0, 0);
-  std::vector<float> xsum(static_cast<size_t>(m * p.groups), 0.0f);
-  std::vector<float> scratch(static_cast<size_t>(m * p.k_padded), 0.0f);
+  // per-group sums used by the zero-point correction. Per-thread buffers, reused across calls:
+  // decode-sized calls are short enough for allocation to show.
+  thread_local std::vector<float> x_f32, xsum, scratch;
+  thread_local std::vector<uint16_t> x_bf16;
+  const size_t x_elems = static_cast<size_t>(m * p.k_padded);
+  if (x_f32.size() < x_elems) x_f32.resize(x_elems);
+  if (scratch.size() < x_elems) scratch.resize(x_elems);
+  if (x_is_bf16 && x_bf16.size() < x_elems) x_bf16.resize(x_elems);
+  if (xsum.size() < static_cast<size_t>(m * p.groups)) xsum.resize(static_cast<size_t>(m * p.groups));
   for (int64_t r = 0; r < m; ++r) {
     float* dst = x_f32.data() + r * p.k_padded;
+    std::fill(dst + k, dst + p.k_padded, 0.0f);
     if (x_is_bf16) {
       const uint16_t* src = static_cast<const uint16_t*>(x) + r * x_stride;
-      std::copy(src, src + k, x_bf16.data() + r * p.k_padded);
+      uint16_t* dst_bf16 = x_bf16.data() + r * p.k_padded;
+      std::copy(src, src + k, dst_bf16);
+      std::fill(dst_bf16 + k, dst_bf16 + p.k_padded, static_cast<uint16_t>(0));
       for (int64_t i = 0; i < k; ++i) dst[i] = numeric::bf16_to_f32(src[i]);
     } else {
       const float* src = static_cast<const float*>(x) + r * x_stride;

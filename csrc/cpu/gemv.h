@@ -16,8 +16,20 @@ struct GemvProblem {
   const uint16_t* scale;   // [n, groups] float16 bits
   const uint8_t* zero;     // [n, groups]
   const float* bias;       // [n] or null
-  float* y;                // [m, n]
+  float* y;                // [m, n] float32 output, or null when y_bf16 is set
+  uint16_t* y_bf16;        // [m, n] bfloat16 output (bits), or null
   int threads;
+
+  void store(int64_t index, float value) const {
+    if (y_bf16) {
+      // Round to nearest even (NaN is not produced by finite inputs).
+      uint32_t bits;
+      __builtin_memcpy(&bits, &value, 4);
+      y_bf16[index] = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    } else {
+      y[index] = value;
+    }
+  }
 };
 
 // Each returns false (doing nothing) when it has no kernel for this bit width / group size.

@@ -55,7 +55,7 @@ void row_4bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
     }
   }
   const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
 }
 
 template <int MR>
@@ -97,7 +97,7 @@ void row_6bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
     }
   }
   const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
 }
 
 template <void (*Row1)(const GemvProblem&, const float*, int64_t, int64_t),

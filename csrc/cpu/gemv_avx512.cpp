@@ -121,7 +121,7 @@ void row_f32_4bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row
     for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]), sv, total[r]);
   }
   const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
 }
 
 template <int MR>
@@ -153,7 +153,7 @@ void row_f32_6bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row
     for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[r], acc_b[r]), sv, total[r]);
   }
   const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
 }
 
 // ---- bfloat16 activations ---------------------------------------------------------------------
@@ -185,7 +185,7 @@ void row_bf16_4bit(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t
     for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]), sv, total[r]);
   }
   const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
 }
 
 template <int MR>
@@ -218,7 +218,7 @@ void row_bf16_6bit(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t
     for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[r], acc_b[r]), sv, total[r]);
   }
   const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.y[(r0 + r) * p.n + row] = hsum(total[r]) - correction[r] + b;
+  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
 }
 
 template <typename X>

@@ -29,7 +29,7 @@ void gemv_scalar(const GemvProblem& p) {
           total += s * acc;
           correction += s * z * p.xsum[r * p.groups + grp];
         }
-        p.y[r * p.n + row] = total - correction + (p.bias ? p.bias[row] : 0.0f);
+        p.store(r * p.n + row, total - correction + (p.bias ? p.bias[row] : 0.0f));
       }
     }
   }

@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
     const auto& p = packed[i % copies];
     const auto start = std::chrono::steady_clock::now();
     packed_gemv(bf16 ? static_cast<const void*>(x.data()) : xf.data(), bf16, m, k, p.data(), scale.data(),
-                zero.data(), nullptr, n, k, bits, g, y.data(), threads);
+                zero.data(), nullptr, n, k, bits, g, y.data(), false, threads);
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   std::sort(times.begin(), times.end());

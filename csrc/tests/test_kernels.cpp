@@ -75,7 +75,7 @@ void test_gemv(Isa isa) {
         std::vector<float> deq(n * k);
         dequantize(codes.data(), scale.data(), zero.data(), n, k, g, deq.data(), 1);
         packed_gemv(x.data(), false, m, k, packed.data(), scale.data(), zero.data(), bias.data(), n, k,
-                    bits, g, y.data(), 2);
+                    bits, g, y.data(), false, 2);
         for (int64_t r = 0; r < m; ++r)
           for (int64_t o = 0; o < n; ++o) {
             double exact = bias[o], magnitude = std::fabs(bias[o]);

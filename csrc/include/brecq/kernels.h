@@ -60,11 +60,12 @@ void dequantize_packed(const uint8_t* packed, const uint16_t* scale, const uint8
                        int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads);
 
 // ---- packed matmul, few rows ----------------------------------------------------------------
-// y[m, n] (float32) = x[m, k] . dequant(W)^T + bias. x is float32 (x_is_bf16 == false) or bfloat16
-// bits, rows x_stride elements apart. bias may be null. Streams the packed weights once for all m
-// rows; intended for m <= 16.
+// y[m, n] = x[m, k] . dequant(W)^T + bias, accumulated in float32. x is float32 (x_is_bf16 ==
+// false) or bfloat16 bits, rows x_stride elements apart; y is float32 or bfloat16 bits
+// (y_is_bf16), contiguous. bias may be null. Streams the packed weights once for all m rows;
+// intended for m <= 16.
 void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* packed,
                  const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
-                 int bits, int64_t g, float* y, int threads);
+                 int bits, int64_t g, void* y, bool y_is_bf16, int threads);
 
 }  // namespace brecq

@@ -1,0 +1,61 @@
+"""Turn a pytest-benchmark JSON of bench/test_bench_matmul.py into the markdown tables of
+bench/README.md:  python bench/summarize.py bench/results/cpu.json"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for b in data["benchmarks"]:
+        info = dict(b["extra_info"])
+        info["median_s"] = b["stats"]["median"]
+        rows.append(info)
+    return data, rows
+
+
+def main(path: str) -> str:
+    data, rows = load(path)
+    bandwidth = [r for r in rows if r["kind"] == "read_bandwidth"]
+    read_gbs = bandwidth[0]["weight_bytes"] / bandwidth[0]["median_s"] / 1e9 if bandwidth else None
+    cases = defaultdict(dict)
+    for r in rows:
+        if r["kind"] != "read_bandwidth":
+            cases[(r["shape"], r["in_features"], r["out_features"], r["rows"])][r["kind"]] = r
+    machine = data.get("machine_info", {})
+    any_row = next(iter(next(iter(cases.values())).values()))
+    out = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
+           f"threads {any_row['threads']}, kernels {any_row.get('isa', '?')}, torch {any_row.get('torch', '?')}; "
+           f"medians of pytest-benchmark rounds."]
+    if read_gbs:
+        out.append(f"Measured read bandwidth (torch sum over {bandwidth[0]['weight_bytes'] >> 20} MiB): "
+                   f"**{read_gbs:.1f} GB/s**.")
+    out += ["", "Times in microseconds. GB/s counts the bytes of the weights as stored (packed codes, scales "
+            "and zeros for W4/W6); `% bw` is that rate over the measured read bandwidth; `x bf16` is dense "
+            "bfloat16 time over packed time (higher is better), `x f32` likewise against dense float32.", "",
+            "| shape (in->out) | rows | dense f32 | dense bf16 | W4 bf16 | W4 GB/s | W4 % bw | W4 x bf16 | "
+            "W6 bf16 | W6 GB/s | W6 x bf16 | W4 f32 | W4 x f32 | W6 f32 | W6 x f32 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (shape, k, n, m), kinds in cases.items():
+        def t(kind):
+            return kinds[kind]["median_s"] if kind in kinds else float("nan")
+
+        def gbs(kind):
+            return kinds[kind]["weight_bytes"] / t(kind) / 1e9 if kind in kinds else float("nan")
+
+        pct = 100 * gbs("w4_bf16") / read_gbs if read_gbs else float("nan")
+        out.append(
+            f"| {shape} ({k}->{n}) | {m} | {t('dense_f32') * 1e6:.0f} | {t('dense_bf16') * 1e6:.0f} | "
+            f"{t('w4_bf16') * 1e6:.0f} | {gbs('w4_bf16'):.1f} | {pct:.0f} | {t('dense_bf16') / t('w4_bf16'):.2f} | "
+            f"{t('w6_bf16') * 1e6:.0f} | {gbs('w6_bf16'):.1f} | {t('dense_bf16') / t('w6_bf16'):.2f} | "
+            f"{t('w4_f32') * 1e6:.0f} | {t('dense_f32') / t('w4_f32'):.2f} | "
+            f"{t('w6_f32') * 1e6:.0f} | {t('dense_f32') / t('w6_f32'):.2f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/cpu.json"))
