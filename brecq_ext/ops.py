@@ -254,21 +254,13 @@ def _(weight, v, scale, zero, bits, group_size):
     return torch.empty_like(weight)
 
 
-def _reference_adaround_backward(grad, weight, v, scale, zero, bits, group_size):
-    with torch.enable_grad():
-        vv = v.detach().requires_grad_(True)
-        out = reference.adaround_forward(weight, vv, scale, zero, bits, group_size)
-        (gv,) = torch.autograd.grad(out, vv, grad)
-    return gv
-
-
 @torch.library.custom_op("brecq::adaround_backward", mutates_args=())
 def adaround_backward(grad: Tensor, weight: Tensor, v: Tensor, scale: Tensor, zero: Tensor,
                       bits: int, group_size: int) -> Tensor:
     """Gradient of adaround_forward with respect to V, float32 ``[N, K]``."""
     _check_adaround("brecq.adaround_backward", weight, v, scale, zero, bits, group_size)
     check_shape("brecq.adaround_backward", "grad", grad, tuple(weight.shape), "like weight")
-    return _reference_adaround_backward(grad.float(), weight, v, scale, zero, bits, group_size)
+    return reference.adaround_backward(grad, weight, v, scale, zero, bits, group_size)
 
 
 @adaround_backward.register_kernel("cpu")
@@ -277,7 +269,7 @@ def _(grad, weight, v, scale, zero, bits, group_size):
     check_shape("brecq.adaround_backward", "grad", grad, tuple(weight.shape), "like weight")
     kernels = _cpu()
     if kernels is None:
-        return _reference_adaround_backward(grad.float(), weight, v, scale, zero, bits, group_size)
+        return reference.adaround_backward(grad, weight, v, scale, zero, bits, group_size)
     g = grad.float().contiguous()
     w, vv, s, z = weight.contiguous(), v.contiguous(), scale.contiguous(), zero.contiguous()
     out = torch.empty_like(w)
@@ -315,11 +307,8 @@ def _check_regularizer(v, beta):
 
 
 def _reference_regularizer(v, beta):
-    with torch.enable_grad():
-        vv = v.detach().requires_grad_(True)
-        loss = reference.adaround_regularizer(vv, beta)
-        (gv,) = torch.autograd.grad(loss, vv)
-    return loss.detach(), gv
+    # Analytic gradient: autograd is not available inside an op's implementation.
+    return reference.adaround_regularizer(v, beta), reference.adaround_regularizer_grad(v, beta)
 
 
 @torch.library.custom_op("brecq::adaround_regularizer", mutates_args=())

@@ -120,6 +120,31 @@ def adaround_forward(weight, v, scale, zero, bits: int, group_size: int) -> torc
     return (torch.clamp(q, 0.0, float(max_code(bits))) - z) * s
 
 
+def _rectified_sigmoid_grad(v: torch.Tensor) -> torch.Tensor:
+    """d h / d V, zero where the rectifying clamp is active (bounds pass, as torch.clamp does)."""
+    sig = torch.sigmoid(v)
+    pre = sig * (ZETA - GAMMA) + GAMMA
+    return torch.where((pre >= 0) & (pre <= 1), (ZETA - GAMMA) * sig * (1 - sig), torch.zeros_like(v))
+
+
+def adaround_backward(grad, weight, v, scale, zero, bits: int, group_size: int) -> torch.Tensor:
+    """Gradient of :func:`adaround_forward` with respect to V (analytic, no autograd)."""
+    k = weight.shape[1]
+    s = _expand(scale.float(), group_size, k)
+    z = _expand(zero.float(), group_size, k)
+    q = torch.floor(weight.float() / s) + rectified_sigmoid(v) + z
+    passes = (q >= 0) & (q <= float(max_code(bits)))
+    return torch.where(passes, grad.float() * s * _rectified_sigmoid_grad(v), torch.zeros_like(v))
+
+
+def adaround_regularizer_grad(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """Gradient of :func:`adaround_regularizer` with respect to V (analytic, no autograd)."""
+    centred = 2.0 * rectified_sigmoid(v) - 1.0
+    magnitude = centred.abs()
+    dpow = torch.where(magnitude > 0, beta * magnitude.pow(beta - 1.0), torch.zeros_like(v))
+    return -dpow * torch.sign(centred) * 2.0 * _rectified_sigmoid_grad(v)
+
+
 def adaround_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
     """sum(1 - |2 h(V) - 1|^beta) as a float32 scalar."""
     return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
@@ -179,7 +204,8 @@ def packed_matmul(x, packed, scale, zero, bias, bits: int, group_size: int, in_f
 
 __all__ = [
     "quant_params", "quantize", "dequantize", "fake_quantize", "fake_quantize_mask",
-    "rectified_sigmoid", "adaround_forward", "adaround_regularizer", "adaround_init",
+    "rectified_sigmoid", "adaround_forward", "adaround_backward", "adaround_regularizer",
+    "adaround_regularizer_grad", "adaround_init",
     "adaround_harden", "pack", "unpack", "dequantize_packed", "packed_matmul",
     "num_groups", "packed_row_bytes",
 ]

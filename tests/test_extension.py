@@ -20,7 +20,7 @@ def test_isa_can_be_lowered_and_restored():
     assert available_isas()[0] == detected
 
 
-def test_missing_compiled_module_falls_back_with_one_warning():
+def test_missing_compiled_module_falls_back_with_one_warning(tmp_path):
     script = (
         "import sys, warnings\n"
         "sys.modules['brecq_ext._C'] = None  # as if the build had produced no module\n"
@@ -30,9 +30,14 @@ def test_missing_compiled_module_falls_back_with_one_warning():
         "w = torch.randn(8, 64); s, z = ops.quant_params(w, 4, 64)\n"
         "p = ops.pack(ops.quantize(w, s, z, 4, 64), 4, 64)\n"
         "y = ops.packed_matmul(torch.randn(2, 64), p, s, z, None, 4, 64, 64)\n"
+        "v = torch.randn(8, 64, requires_grad=True)\n"
+        "loss = ops.adaround_forward(w, v, s, z, 4, 64).sum() + ops.rounding_loss(v, 4.0)\n"
+        "loss.backward()\n"
+        "assert v.grad is not None and bool(v.grad.abs().sum() > 0)\n"
         "print(brecq_ext.cpu_isa(), tuple(y.shape))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "reference (2, 8)"
     assert done.stderr.count("compiled CPU kernels are not available") == 1

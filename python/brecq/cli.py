@@ -18,6 +18,33 @@ def _demo(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from .baselines import GPTQConfig
+    from .calibration import CalibrationSpec
+    from .quantize import quantize_pretrained
+    from .recipe import Method, get_recipe
+    from .reconstruct import InputSource, LossKind, ReconstructionConfig
+
+    method = Method(args.method)
+    recipe = get_recipe(args.recipe, method)
+    calibration = None
+    if method is not Method.RTN:
+        if not args.calib:
+            raise SystemExit(f"brecq quantize: --calib is required for method {method.value}")
+        calibration = CalibrationSpec(args.calib, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                                      columns=tuple(args.calib_columns or ()), chat_template=args.chat_template)
+    reconstruction = ReconstructionConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+                                          reg_weight=args.reg_weight, loss=LossKind(args.loss),
+                                          input_source=InputSource(args.input_source), seed=args.seed)
+    gptq = GPTQConfig(damp=args.damp, act_order=args.act_order)
+    _, report = quantize_pretrained(args.model, args.out, recipe, calibration, reconstruction=reconstruction,
+                                    gptq=gptq, device=args.device, work_dir=args.work_dir,
+                                    show_progress=not args.quiet)
+    print(report.table())
+    print(f"saved to {args.out} ({report.seconds:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brecq", description="BRECQ post-training quantization toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -28,6 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=50, help="timed calls per matmul")
     demo.add_argument("--minmax", action="store_true", help="min-max ranges instead of the MSE clipping search")
     demo.set_defaults(run=_demo)
+
+    from .recipe import PRESETS
+    q = commands.add_parser("quantize", help="quantize a Hugging Face causal LM and save it packed",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("model", help="path of a Hugging Face causal LM (Qwen3, Llama, Qwen2, Mistral)")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--recipe", default="w4g64_mix_attn6", choices=sorted(PRESETS))
+    q.add_argument("--method", default="brecq", choices=["brecq", "rtn", "gptq"])
+    q.add_argument("--calib", help="calibration data: .parquet or text file")
+    q.add_argument("--calib-columns", nargs="*", help="parquet columns joined per row (default: all string columns)")
+    q.add_argument("--samples", type=int, default=128, help="calibration windows")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    q.add_argument("--chat-template", action="store_true", help="format parquet rows with the tokenizer's chat template")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--iters", type=int, default=400, help="BRECQ iterations per block")
+    q.add_argument("--batch-size", type=int, default=8, help="BRECQ samples per iteration")
+    q.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the rounding variables")
+    q.add_argument("--reg-weight", type=float, default=0.01, help="weight of the rounding regulariser")
+    q.add_argument("--loss", default="mse", choices=["mse", "fisher"])
+    q.add_argument("--input-source", default="quantized", choices=["quantized", "full_precision"],
+                   help="where a block's input comes from while it is reconstructed")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian dampening")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    q.add_argument("--device", default="cpu", help="device of the block being optimised (cpu, cuda, cuda:1)")
+    q.add_argument("--work-dir", help="checkpoint folder for resuming (default: OUT/.brecq_work)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(run=_quantize)
     return parser
 
 

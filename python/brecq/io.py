@@ -1,0 +1,185 @@
+"""Saving and loading quantized models: config.json with a ``quantization_config`` section, packed
+weights in model.safetensors (no pickle), tokenizer files and a readable summary. Every file is
+written atomically; config.json is written last and records the checksum of the weights."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from brecq_ext import FORMAT_VERSION, QuantLinear, quant_linear_layers
+
+from . import __version__
+from .blocks import set_submodule
+
+log = logging.getLogger("brecq")
+
+QUANT_METHOD = "brecq"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+class CorruptCheckpoint(ValueError):
+    pass
+
+
+def _atomic_target(path: Path):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def quantized_modules(model: nn.Module) -> dict[str, dict]:
+    return {name: {"bits": m.bits, "group_size": m.group_size, "in_features": m.in_features,
+                   "out_features": m.out_features, "bias": m.bias is not None}
+            for name, m in quant_linear_layers(model)}
+
+
+def save_quantized(model: nn.Module, out_dir, *, recipe: dict, calibration: dict | None, summary: str = "",
+                   extra: dict | None = None, tokenizer=None, tokenizer_source=None) -> Path:
+    """Write a quantized model (QuantLinear layers) to ``out_dir``; returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "model.safetensors"
+    tmp = _atomic_target(weights)
+    try:
+        save_model(model, str(tmp), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        _commit(tmp, weights)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    elif tokenizer_source is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_source) / name
+            if src.exists():
+                shutil.copyfile(src, out / name)
+    if summary:
+        atomic_write_text(out / "summary.md", summary)
+    config = model.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "recipe": recipe,
+        "modules": quantized_modules(model),
+        "calibration": calibration,
+        "weights_sha256": sha256_file(weights),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str))
+    log.info("saved quantized model to %s", out)
+    return out
+
+
+def read_quantization_config(path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a saved model, or an unfinished save)")
+    config = json.loads(config_file.read_text())
+    qc = config.get("quantization_config")
+    if not qc or qc.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{path}: config.json has no brecq quantization_config")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: packed format version {qc.get('format_version')} is not supported "
+                         f"(this brecq reads version {FORMAT_VERSION})")
+    return config
+
+
+def load_quantized(path, device="cpu", verify: bool = True) -> nn.Module:
+    """A working model with QuantLinear layers from a directory written by :func:`save_quantized`.
+    Refuses a weights file whose checksum differs from the one recorded (truncated or edited)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config_dict = read_quantization_config(path)
+    qc = config_dict.pop("quantization_config")
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{path}: model.safetensors is missing")
+    if verify and sha256_file(weights) != qc["weights_sha256"]:
+        raise CorruptCheckpoint(f"{weights}: contents do not match the checksum recorded at save time "
+                                "(the file is truncated or was edited); refusing to load it")
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in config_dict.items()
+                                                 if k not in ("transformers_version", "architectures")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model = model.to_empty(device="cpu")
+    _reset_rotary(model)
+    for name, spec in qc["modules"].items():
+        set_submodule(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
+                                               spec["group_size"], bias=spec["bias"]))
+    model.tie_weights()  # before loading: tied tensors are stored once, under one of their names
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except SafetensorError as exc:
+        raise CorruptCheckpoint(f"{weights}: not a readable safetensors file ({exc})") from None
+    # Tied parameters (lm_head / embeddings) are stored once under one of their names.
+    aliases: dict[int, set] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        aliases.setdefault(id(tensor), set()).add(name)
+    stored = set(model.state_dict()) - set(missing)
+    missing = [m for m in missing
+               if not any(other in stored for names in aliases.values() if m in names for other in names)]
+    if missing or unexpected:
+        raise CorruptCheckpoint(f"{weights}: tensors do not match the recorded layout "
+                                f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.eval()
+    return model.to(device)
+
+
+def _reset_rotary(model: nn.Module) -> None:
+    """Rotary embeddings hold non-persistent buffers that a meta-device build leaves empty: build
+    those modules again from the config."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "config"):
+            set_submodule(model, name, type(module)(config=module.config))

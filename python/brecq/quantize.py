@@ -1,0 +1,313 @@
+"""``quantize(model, recipe, calibration)``: the one entry point that turns a causal LM into a
+packed low-bit model, block by block, resumable, with progress and a per-block summary."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from brecq_ext import QuantLinear
+
+from .baselines import GPTQConfig, gptq_block, rtn_layer
+from .blocks import BlockCall, capture_block_inputs, decoder_blocks, linear_layers, run_block, set_submodule
+from .io import atomic_save_tensors, atomic_write_text
+from .recipe import Method, Recipe
+from .reconstruct import (InputSource, LayerCodes, LossKind, ReconstructionConfig, _reconstruction_loss,
+                          reconstruct_block)
+
+log = logging.getLogger("brecq")
+
+
+@dataclass
+class BlockRecord:
+    index: int
+    layers: int
+    loss_nearest: float | None  # block output error with round-to-nearest codes (BRECQ only)
+    loss_final: float  # block output error of the stored codes
+    seconds: float
+    resumed: bool = False
+
+
+@dataclass
+class QuantizationReport:
+    method: str
+    recipe: dict
+    blocks: list = field(default_factory=list)
+    outside_blocks: list = field(default_factory=list)  # names quantized by RTN outside decoder blocks
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    peak_cuda_mib: float | None = None
+
+    def table(self) -> str:
+        lines = ["| block | layers | loss RTN (same scales) | loss final | change | seconds | resumed |",
+                 "|---:|---:|---:|---:|---:|---:|---|"]
+        for b in self.blocks:
+            nearest = f"{b.loss_nearest:.4g}" if b.loss_nearest is not None else "-"
+            change = (f"{100 * (b.loss_final - b.loss_nearest) / b.loss_nearest:+.1f} %"
+                      if b.loss_nearest else "-")
+            lines.append(f"| {b.index} | {b.layers} | {nearest} | {b.loss_final:.4g} | {change} | "
+                         f"{b.seconds:.2f} | {'yes' if b.resumed else ''} |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _block_prefix(model: nn.Module, block: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is block:
+            return name + "."
+    raise ValueError("block is not part of the model")
+
+
+def _fingerprint(model: nn.Module, recipe: Recipe, ids: torch.Tensor | None, settings: dict) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"recipe": recipe.to_dict(), "settings": settings}, sort_keys=True,
+                             default=str).encode())
+    for name, p in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(float(p.double().sum())).encode())
+    if ids is not None:
+        digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _to_quant_linear(linear: nn.Linear, result: LayerCodes) -> QuantLinear:
+    bias = linear.bias.detach() if linear.bias is not None else None
+    return QuantLinear.from_codes(result.codes, result.scale, result.zero, result.bits, result.group_size, bias)
+
+
+def _save_block(path: Path, block: nn.Module, names, record: BlockRecord) -> None:
+    tensors = {}
+    for name in names:
+        layer = block.get_submodule(name)
+        for key, value in layer.state_dict().items():
+            tensors[f"{name}.{key}"] = value
+    atomic_save_tensors(tensors, path, metadata={"record": json.dumps(asdict(record))})
+
+
+def _load_block(path: Path, block: nn.Module, rules) -> BlockRecord:
+    with safe_open(str(path), framework="pt") as f:
+        record = BlockRecord(**json.loads(f.metadata()["record"]))
+        for name, rule in rules.items():
+            linear = block.get_submodule(name)
+            layer = QuantLinear(linear.in_features, linear.out_features, rule.bits, rule.group_size,
+                                bias=linear.bias is not None)
+            layer.load_state_dict({key: f.get_tensor(f"{name}.{key}") for key in layer.state_dict()})
+            set_submodule(block, name, layer)
+    record.resumed = True
+    return record
+
+
+@torch.no_grad()
+def collect_fisher(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """Squared gradients of the language-model loss with respect to each block's output, from the
+    full-precision model, normalised to mean 1 per block (so the regulariser weight keeps its
+    meaning); bfloat16 [N, T, D] per block on CPU."""
+    blocks = decoder_blocks(model)
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, block in enumerate(blocks):
+        def keep(module, args, out, i=i):
+            tensor = out[0] if isinstance(out, tuple) else out
+            tensor.retain_grad()
+            outputs[i] = tensor
+        hooks.append(block.register_forward_hook(keep))
+    embed = model.get_input_embeddings()
+    hooks.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    grads: list[list[torch.Tensor]] = [[] for _ in blocks]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start:start + batch_size].to(device)
+            with torch.enable_grad():
+                loss = model(batch, labels=batch, use_cache=False).loss
+                loss.backward()
+            for i in range(len(blocks)):
+                grads[i].append(outputs[i].grad.detach().float().square().cpu())
+            outputs.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    fisher = []
+    for per_block in grads:
+        f = torch.cat(per_block)
+        fisher.append((f / f.mean().clamp_min(1e-30)).to(torch.bfloat16))
+    return fisher
+
+
+def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None = None, *,
+             reconstruction: ReconstructionConfig = ReconstructionConfig(), gptq: GPTQConfig = GPTQConfig(),
+             device: str | torch.device = "cpu", work_dir: str | Path | None = None,
+             forward_batch_size: int = 8, show_progress: bool = True) -> QuantizationReport:
+    """Quantize ``model`` in place: every linear layer the recipe assigns becomes a QuantLinear.
+
+    ``calibration``: token ids int64 [N, T] (needed by BRECQ and GPTQ). Only the block being
+    optimised moves to ``device``; cached block inputs and targets stay on the CPU. With
+    ``work_dir``, each finished block is written there atomically and a rerun with the same model,
+    recipe, calibration and settings resumes after the last finished block, ending with the same
+    weights as an uninterrupted run.
+    """
+    started = time.perf_counter()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    assignment = recipe.assign(model)
+    report = QuantizationReport(method=recipe.method.value, recipe=recipe.to_dict())
+    model.eval()
+
+    if recipe.method is Method.RTN:
+        for name, rule in assignment.items():
+            linear = model.get_submodule(name)
+            set_submodule(model, name, _to_quant_linear(linear, rtn_layer(linear, rule, recipe.clipping)))
+        report.outside_blocks = list(assignment)
+        report.seconds = time.perf_counter() - started
+        report.peak_rss_mib = _peak_rss_mib()
+        return report
+
+    if calibration is None:
+        raise ValueError(f"quantize: method {recipe.method.value} needs calibration token ids [N, T]")
+    if calibration.dtype != torch.long or calibration.dim() != 2:
+        raise ValueError(f"quantize: calibration must be int64 token ids [N, T], got {calibration.dtype} "
+                         f"{tuple(calibration.shape)}")
+    blocks = decoder_blocks(model)
+    prefixes = [_block_prefix(model, block) for block in blocks]
+    per_block = [{name[len(prefix):]: rule for name, rule in assignment.items() if name.startswith(prefix)}
+                 for prefix in prefixes]
+    outside = [name for name in assignment if not any(name.startswith(p) for p in prefixes)]
+
+    work = None
+    if work_dir is not None:
+        work = Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        settings = {"reconstruction": asdict(reconstruction), "gptq": asdict(gptq), "device": device.type,
+                    "forward_batch_size": forward_batch_size}
+        fingerprint = _fingerprint(model, recipe, calibration, settings)
+        run_file = work / "run.json"
+        if run_file.exists():
+            previous = json.loads(run_file.read_text()).get("fingerprint")
+            if previous != fingerprint:
+                raise ValueError(f"{work}: holds blocks of a different run (model, recipe, calibration or "
+                                 "settings differ); use another work_dir or delete this one")
+        else:
+            atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}, indent=2))
+
+    log.info("capturing block inputs for %d calibration samples", calibration.shape[0])
+    hidden, call = capture_block_inputs(model, calibration)
+    fisher = None
+    if recipe.method is Method.BRECQ and reconstruction.loss is LossKind.FISHER:
+        log.info("collecting Fisher weights (squared LM-loss gradients of each block output)")
+        fisher = collect_fisher(model, calibration)
+    fp_in, q_in = hidden, hidden
+
+    bar = tqdm(list(enumerate(blocks)), desc=f"{recipe.method.value} blocks", disable=not show_progress)
+    for i, block in bar:
+        rules = per_block[i]
+        targets = run_block(block, fp_in, call, device, forward_batch_size)
+        checkpoint = work / f"block_{i:03d}.safetensors" if work is not None else None
+        if checkpoint is not None and checkpoint.exists():
+            record = _load_block(checkpoint, block, rules)
+        elif rules:
+            inputs = q_in if reconstruction.input_source is InputSource.QUANTIZED else fp_in
+            record = _quantize_block(block, i, rules, inputs, targets, call, recipe, reconstruction, gptq,
+                                     device, fisher[i] if fisher is not None else None, forward_batch_size,
+                                     show_progress)
+            if checkpoint is not None:
+                _save_block(checkpoint, block, rules, record)
+        else:
+            record = BlockRecord(i, 0, None, 0.0, 0.0)
+        report.blocks.append(record)
+        bar.set_postfix(loss=f"{record.loss_final:.4g}")
+        q_in = run_block(block, q_in, call, device, forward_batch_size)
+        fp_in = targets
+    for name in outside:
+        linear = model.get_submodule(name)
+        set_submodule(model, name, _to_quant_linear(linear, rtn_layer(linear, assignment[name], recipe.clipping)))
+    report.outside_blocks = outside
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_mib = _peak_rss_mib()
+    if device.type == "cuda":
+        report.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    log.info("quantized %d blocks in %.1f s (peak RSS %.0f MiB)\n%s", len(blocks), report.seconds,
+             report.peak_rss_mib, report.table())
+    return report
+
+
+def _quantize_block(block, index, rules, inputs, targets, call: BlockCall, recipe: Recipe,
+                    reconstruction: ReconstructionConfig, gptq: GPTQConfig, device, fisher, batch_size,
+                    show_progress) -> BlockRecord:
+    layers = linear_layers(block)
+    if recipe.method is Method.BRECQ:
+        result = reconstruct_block(block, rules, inputs, targets, call, reconstruction, recipe.clipping, device,
+                                   fisher=fisher, block_index=index, show_progress=show_progress)
+        for name, codes in result.layers.items():
+            set_submodule(block, name, _to_quant_linear(layers[name], codes))
+        return BlockRecord(index, len(rules), result.loss_nearest, result.loss_final, result.seconds)
+    started = time.perf_counter()
+    codes, _ = gptq_block(block, rules, inputs, call, recipe.clipping, gptq, device, batch_size)
+    for name, result in codes.items():
+        set_submodule(block, name, _to_quant_linear(layers[name], result))
+    outputs = run_block(block, inputs, call, device, batch_size)
+    loss = _reconstruction_loss(outputs, targets, None).item()
+    return BlockRecord(index, len(rules), None, loss, time.perf_counter() - started)
+
+
+def summary_markdown(report: QuantizationReport, source: str, calibration: dict | None) -> str:
+    rules = ", ".join(f"{r['pattern']} -> W{r['bits']} g{r['group_size']}" for r in report.recipe["rules"])
+    lines = [f"# Quantized with brecq ({report.method})", "",
+             f"- source model: `{source}`",
+             f"- recipe: `{report.recipe['name']}` ({rules}), clipping {report.recipe['clipping']}",
+             f"- calibration: {json.dumps(calibration) if calibration else 'none'}",
+             f"- time {report.seconds:.1f} s, peak resident memory {report.peak_rss_mib:.0f} MiB"
+             + (f", peak CUDA memory {report.peak_cuda_mib:.0f} MiB" if report.peak_cuda_mib else ""),
+             f"- quantized outside decoder blocks (round to nearest): {report.outside_blocks or 'none'}", "",
+             "Block reconstruction error (squared error of the block output, summed over features, mean over tokens):",
+             "", report.table(), ""]
+    return "\n".join(lines)
+
+
+def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibration=None, *,
+                        reconstruction: ReconstructionConfig = ReconstructionConfig(),
+                        gptq: GPTQConfig = GPTQConfig(), device: str = "cpu", work_dir: str | None = None,
+                        show_progress: bool = True):
+    """Load a Hugging Face causal LM (float32), quantize it and save it to ``out_dir``. ``work_dir``
+    defaults to ``out_dir/.brecq_work`` so that an interrupted run resumes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration import CalibrationSpec, build_calibration
+    from .io import save_quantized
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    ids = None
+    if calibration is not None:
+        if not isinstance(calibration, CalibrationSpec):
+            raise TypeError("quantize_pretrained: calibration must be a CalibrationSpec")
+        ids = build_calibration(tokenizer, calibration)
+    work = Path(work_dir) if work_dir else Path(out_dir) / ".brecq_work"
+    report = quantize(model, recipe, ids, reconstruction=reconstruction, gptq=gptq, device=device,
+                      work_dir=work if ids is not None else None, show_progress=show_progress)
+    calib = calibration.describe() if calibration is not None else None
+    extra = {"report": report.to_dict(), "reconstruction": asdict(reconstruction) if recipe.method is Method.BRECQ else None,
+             "gptq": asdict(gptq) if recipe.method is Method.GPTQ else None}
+    save_quantized(model, out_dir, recipe=recipe.to_dict(), calibration=calib,
+                   summary=summary_markdown(report, model_path, calib), extra=extra, tokenizer=tokenizer)
+    return model, report
