@@ -45,6 +45,46 @@ def _quantize(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    import json
+
+    import torch
+
+    from .calibration import load_documents
+    from .evaluation.fidelity import fidelity
+    from .evaluation.perplexity import perplexity, token_stream
+    from .evaluation.runner import Task, evaluate
+    from .io import atomic_write_text, load_model_any
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tokenizer = load_model_any(args.model, device=args.device, dtype=dtype)
+    if args.task in ("perplexity", "kl"):
+        ids = token_stream(tokenizer, load_documents(args.data, tuple(args.columns or ())))
+        if args.limit_tokens:
+            ids = ids[: args.limit_tokens]
+        if args.task == "perplexity":
+            result = vars(perplexity(model, ids, window=args.window, stride=args.stride, batch_size=args.batch_size,
+                                     show_progress=not args.quiet))
+        else:
+            if not args.reference:
+                raise SystemExit("brecq eval --task kl needs --reference (the full-precision model)")
+            reference, _ = load_model_any(args.reference, device=args.device, dtype=dtype)
+            result = vars(fidelity(model, reference, ids, window=args.window, batch_size=args.batch_size))
+        result.update(task=args.task, model=args.model, data=args.data)
+        if args.out:
+            from pathlib import Path
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(args.out) / "results.json", json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return 0
+    result = evaluate(model, tokenizer, Task(args.task), args.data, args.out, limit=args.limit, seed=args.seed,
+                      chat=args.chat_template, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      show_progress=not args.quiet, label=args.model)
+    print(json.dumps({k: v for k, v in result.items() if k != "data"}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brecq", description="BRECQ post-training quantization toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -82,6 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--work-dir", help="checkpoint folder for resuming (default: OUT/.brecq_work)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(run=_quantize)
+
+    e = commands.add_parser("eval", help="evaluate a model (full precision or brecq-quantized)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("model", help="model directory (Hugging Face or saved by brecq quantize)")
+    e.add_argument("--task", required=True, choices=["arc", "arc_gen", "squad", "perplexity", "kl"])
+    e.add_argument("--data", required=True, help="parquet file (arc, squad) or text/parquet file (perplexity, kl)")
+    e.add_argument("--out", help="output folder for results.json and records.jsonl")
+    e.add_argument("--limit", type=int, help="evaluate a seeded sample of this many examples")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, help="generation limit (default 16 for arc_gen, 32 for squad)")
+    e.add_argument("--window", type=int, default=256, help="perplexity / kl window in tokens")
+    e.add_argument("--stride", type=int, help="perplexity stride (default: the window)")
+    e.add_argument("--columns", nargs="*", help="parquet text columns for perplexity / kl")
+    e.add_argument("--limit-tokens", type=int, help="perplexity / kl on the first N tokens only")
+    e.add_argument("--reference", help="full-precision parent model, for --task kl")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(run=_evaluate)
     return parser
 
 

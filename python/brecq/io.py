@@ -183,3 +183,26 @@ def _reset_rotary(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "config"):
             set_submodule(model, name, type(module)(config=module.config))
+
+
+def load_model_any(path, device="cpu", dtype=None):
+    """A model and its tokenizer from ``path``: brecq's loader for models it saved (checksum
+    verified), transformers' for everything else."""
+    import json as _json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_file = Path(path) / "config.json"
+    is_brecq = config_file.exists() and (_json.loads(config_file.read_text()).get("quantization_config") or {}).get(
+        "quant_method") == QUANT_METHOD
+    if is_brecq:
+        model = load_quantized(path, device=device)
+        if dtype is not None:
+            for name, param in model.named_parameters():
+                param.data = param.data.to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model, tokenizer

@@ -1,0 +1,110 @@
+"""Run an evaluation task and write its per-example records and aggregate, atomically."""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..io import atomic_write_text
+from .data import load_arc, load_squad
+from .metrics import bootstrap_interval, mcnemar_p_value, paired_bootstrap_difference, wilson_interval
+from .tasks import Record, score_arc_generative, score_arc_loglikelihood, score_squad
+
+log = logging.getLogger("brecq")
+
+
+class Task(enum.Enum):
+    ARC = "arc"  # log-likelihood multiple choice (base models)
+    ARC_GENERATIVE = "arc_gen"  # prompted with options, greedy answer letter (chat / fine-tuned models)
+    SQUAD = "squad"  # generative SQuAD v2
+
+
+def _binary(values) -> dict:
+    n = len(values)
+    value = sum(values) / n if n else float("nan")
+    lo, hi = wilson_interval(sum(values), n)
+    return {"n": n, "value": value, "ci95": [lo, hi], "interval": "wilson"}
+
+
+def _mean(values) -> dict:
+    n = len(values)
+    lo, hi = bootstrap_interval(values)
+    return {"n": n, "value": sum(values) / n if n else float("nan"), "ci95": [lo, hi], "interval": "bootstrap"}
+
+
+def aggregate(task: Task, records: list[Record]) -> dict:
+    if task is Task.ARC:
+        return {"acc": _binary([r.correct for r in records]),
+                "acc_norm": _binary([r.score["acc_norm"] for r in records])}
+    if task is Task.ARC_GENERATIVE:
+        return {"acc": _binary([r.correct for r in records]),
+                "unparsed_rate": _binary([0.0 if r.score["parsed"] else 1.0 for r in records])}
+    has = [r for r in records if r.score["has_answer"]]
+    no = [r for r in records if not r.score["has_answer"]]
+    return {"exact_match": _binary([r.correct for r in records]), "f1": _mean([r.score["f1"] for r in records]),
+            "has_ans_exact_match": _binary([r.correct for r in has]), "has_ans_f1": _mean([r.score["f1"] for r in has]),
+            "no_ans_exact_match": _binary([r.correct for r in no])}
+
+
+def evaluate(model, tokenizer, task: Task, data_path, out_dir=None, *, limit: int | None = None, seed: int = 0,
+             chat: bool = False, batch_size: int = 8, max_new_tokens: int | None = None,
+             show_progress: bool = True, label: str = "") -> dict:
+    """Evaluate ``model`` on a parquet file; returns the aggregate (also written to
+    ``out_dir/results.json`` with the per-example records in ``out_dir/records.jsonl``)."""
+    loader = load_squad if task is Task.SQUAD else load_arc
+    items, report = loader(data_path, limit=limit, seed=seed)
+    if not items:
+        raise ValueError(f"{data_path}: no usable examples ({len(report.skipped)} rows could not be parsed)")
+    started = time.perf_counter()
+    if task is Task.ARC:
+        records = score_arc_loglikelihood(model, tokenizer, items, batch_size, show_progress)
+    elif task is Task.ARC_GENERATIVE:
+        records = score_arc_generative(model, tokenizer, items, chat, max_new_tokens or 16, batch_size, show_progress)
+    else:
+        records = score_squad(model, tokenizer, items, chat, max_new_tokens or 32, batch_size, show_progress)
+    seconds = time.perf_counter() - started
+    result = {"task": task.value, "label": label, "data": report.describe(), "n": len(records),
+              "metrics": aggregate(task, records),
+              "settings": {"limit": limit, "seed": seed, "chat_template": chat, "batch_size": batch_size,
+                           "max_new_tokens": max_new_tokens},
+              "seconds": seconds, "examples_per_second": len(records) / seconds if seconds > 0 else None}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "records.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
+        atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+    log.info("%s on %s: %s", task.value, Path(data_path).name,
+             {k: round(v["value"], 4) for k, v in result["metrics"].items()})
+    return result
+
+
+def read_records(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def compare(records_a: list[dict], records_b: list[dict], field: str = "correct", binary: bool = True) -> dict:
+    """Paired comparison of two runs on the same examples (matched by id; prompts must agree):
+    difference b - a in points with a paired bootstrap 95 % interval, and McNemar's p for binary
+    outcomes."""
+    by_id = {r["id"]: r for r in records_a}
+    pairs = []
+    for r in records_b:
+        other = by_id.get(r["id"])
+        if other is None:
+            continue
+        if other["prompt_sha"] != r["prompt_sha"]:
+            raise ValueError(f"compare: example {r['id']} was prompted differently in the two runs")
+        pick = (lambda rec: rec[field]) if field == "correct" else (lambda rec: rec["score"][field])
+        pairs.append((float(pick(other)), float(pick(r))))
+    if not pairs:
+        raise ValueError("compare: the runs share no examples")
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
+    diff, (lo, hi) = paired_bootstrap_difference(a, b)
+    out = {"n": len(pairs), "a": sum(a) / len(a), "b": sum(b) / len(b), "difference_points": 100 * diff,
+           "ci95_points": [100 * lo, 100 * hi]}
+    if binary:
+        out["mcnemar_p"] = mcnemar_p_value(a, b)
+    return out

@@ -1,0 +1,69 @@
+"""``AutoModelForCausalLM.from_pretrained(path)`` for models saved by brecq, through transformers'
+public registration of external quantization methods (``register_quantization_config`` and
+``register_quantizer``). Registered on ``import brecq`` when the installed transformers offers it.
+
+``brecq.load_quantized`` remains the loader that verifies the weights' checksum; this path trusts
+the file as transformers does.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("brecq")
+
+_registered = False
+
+
+def register() -> bool:
+    """Register the ``brecq`` quantization method with transformers; returns whether it could."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from transformers.quantizers.auto import register_quantization_config, register_quantizer
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+    except ImportError as exc:  # older or newer transformers without the public hooks
+        log.info("transformers offers no quantizer registration (%s); use brecq.load_quantized", exc)
+        return False
+
+    from brecq_ext import QuantLinear
+
+    from .blocks import set_submodule
+
+    @register_quantization_config("brecq")
+    class BrecqConfig(QuantizationConfigMixin):
+        def __init__(self, modules=None, format_version=1, **kwargs):
+            self.quant_method = "brecq"
+            self.modules = modules or {}
+            self.format_version = format_version
+            for key, value in kwargs.items():
+                setattr(self, key, value)
+
+        def to_dict(self):
+            return dict(self.__dict__)
+
+    @register_quantizer("brecq")
+    class BrecqQuantizer(HfQuantizer):
+        requires_calibration = True
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            for name, spec in self.quantization_config.modules.items():
+                set_submodule(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
+                                                       spec["group_size"], bias=spec["bias"]))
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            return model
+
+        def param_needs_quantization(self, model, param_name, **kwargs):
+            return False
+
+        def is_serializable(self, *args, **kwargs):
+            return True
+
+        @property
+        def is_trainable(self):
+            return False
+
+    _registered = True
+    return True

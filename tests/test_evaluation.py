@@ -1,0 +1,212 @@
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from brecq.evaluation import data, metrics, tasks
+from brecq.evaluation.perplexity import perplexity, token_stream
+from brecq.evaluation.runner import Task, compare, evaluate, read_records
+
+from conftest import DATA, STORIES260K, require_shared
+
+
+# --- metrics -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,expected", [("The  Cat, sat!", "cat sat"), ("an apple a day", "apple day"),
+                                           ("  ", ""), ("Théâtre (1999)", "théâtre 1999")])
+def test_squad_normalisation(text, expected):
+    assert metrics.normalize_answer(text) == expected
+
+
+def test_exact_match_and_f1_take_the_best_gold_answer():
+    assert metrics.squad_scores("the Eiffel Tower", ["Eiffel Tower", "tower"]) == (1.0, 1.0)
+    em, f1 = metrics.squad_scores("Eiffel", ["Eiffel Tower", "the tower in Paris"])
+    assert em == 0.0 and f1 == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    # Unanswerable: only the empty answer is right.
+    assert metrics.squad_scores("", []) == (1.0, 1.0)
+    assert metrics.squad_scores("Paris", []) == (0.0, 0.0)
+    assert metrics.squad_scores("", ["Paris"]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("text,choice", [
+    ("B", "B"), ("B.", "B"), (" (C) because", "C"), ("The answer is D", "D"), ("answer: (A)", "A"),
+    ("**Answer: B**", "B"), ("I think it is C, the moon", "C"), ("A or B", None), ("none of these", None),
+    ("Answer is E", None), ("", None), ("Because the Earth rotates. B", "B")])
+def test_letter_extraction(text, choice):
+    assert metrics.extract_choice(text, ["A", "B", "C", "D"]) == choice
+
+
+def test_letter_extraction_with_digit_labels():
+    assert metrics.extract_choice("2. the second one", ["1", "2", "3", "4"]) == "2"
+    assert metrics.extract_choice("12 apples", ["1", "2", "3", "4"]) is None
+
+
+def test_wilson_interval_known_values():
+    lo, hi = metrics.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = metrics.wilson_interval(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
+
+
+def test_mcnemar_exact_p_value():
+    a = [1] * 9 + [0] * 1 + [1] * 5
+    b = [0] * 9 + [1] * 1 + [1] * 5
+    assert metrics.mcnemar_p_value(a, b) == pytest.approx(22 / 1024)
+    assert metrics.mcnemar_p_value([1, 0], [1, 0]) == 1.0
+
+
+def test_paired_bootstrap_interval_brackets_the_difference():
+    a = [1, 0, 1, 1, 0, 1, 0, 1] * 10
+    b = [1, 1, 1, 1, 0, 1, 1, 1] * 10
+    diff, (lo, hi) = metrics.paired_bootstrap_difference(a, b)
+    assert diff == pytest.approx(0.25)
+    assert lo < diff < hi and lo > 0
+
+
+# --- data ----------------------------------------------------------------------------------------
+def test_inline_option_parsing():
+    stem, labels, options = data.split_inline_options("Which is a gas? A. ice B. steam C. rock D. wood")
+    assert stem == "Which is a gas?" and labels == ["A", "B", "C", "D"]
+    assert options == ["ice", "steam", "rock", "wood"]
+    with pytest.raises(ValueError, match="options"):
+        data.split_inline_options("No options here at all")
+
+
+def test_both_arc_layouts_load():
+    items, report = data.load_arc(require_shared(DATA / "test-ai2_arc.parquet"))
+    assert report.layout == "arc_study" and report.rows == 200
+    assert report.loaded + len(report.skipped) == 200 and report.loaded >= 190
+    assert all(0 <= it.answer_index < len(it.options) for it in items)
+    hf, hf_report = data.load_arc(require_shared(DATA / "arc_challenge_hf_sample.parquet"))
+    assert hf_report.layout == "arc_hf" and len(hf) == 50
+    assert hf[0].labels[hf[0].answer_index] in hf[0].labels
+
+
+def test_both_squad_layouts_load_with_unanswerable_counts():
+    items, report = data.load_squad(require_shared(DATA / "test-squad_v2.parquet"))
+    assert report.layout == "squad_study" and len(items) == 200
+    assert sum(not it.answerable for it in items) == 98
+    hf, _ = data.load_squad(require_shared(DATA / "squad_v2_hf_sample.parquet"))
+    assert len(hf) == 60 and sum(not it.answerable for it in hf) == 35
+
+
+def test_sample_limit_is_seeded_and_reported():
+    a, report = data.load_arc(require_shared(DATA / "test-ai2_arc.parquet"), limit=20, seed=3)
+    b, _ = data.load_arc(require_shared(DATA / "test-ai2_arc.parquet"), limit=20, seed=3)
+    assert [x.id for x in a] == [x.id for x in b] and report.loaded == 20 and report.sampled_from >= 190
+
+
+def test_file_of_neither_layout_names_the_columns(tmp_path):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": ["x"], "label": ["A"]}), path)
+    with pytest.raises(ValueError, match=r"fit no ARC layout .*missing \['answer', 'question', 'title'\]"):
+        data.load_arc(path)
+
+
+def test_unparseable_rows_are_reported_with_their_row_number(tmp_path):
+    path = tmp_path / "arc.parquet"
+    pq.write_table(pa.table({"title": ["a", "b", "c"],
+                             "question": ["Q1? A. x B. y", "Q2 without options", "Q3? A. x B. y"],
+                             "answer": ["B", "A", "E"]}), path)
+    items, report = data.load_arc(path)
+    assert [i.id for i in items] == ["a"]
+    assert [row for row, _ in report.skipped] == [1, 2]
+    assert "not among the option labels" in report.skipped[1][1]
+
+
+def test_malformed_parquet_is_refused(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        data.load_squad(path)
+
+
+# --- scorers wired to stub models ---------------------------------------------------------------
+def _arc_items():
+    items, _ = data.load_arc(require_shared(DATA / "test-ai2_arc.parquet"), limit=60, seed=0)
+    return items
+
+
+def test_scorer_with_a_model_that_prefers_the_gold_option(monkeypatch):
+    items = _arc_items()
+    gold = {(tasks.arc_context(it), f" {it.options[it.answer_index]}") for it in items}
+    monkeypatch.setattr(tasks, "loglikelihoods", lambda m, t, pairs, *a: [0.0 if p in gold else -5.0 for p in pairs])
+    records = tasks.score_arc_loglikelihood(None, None, items)
+    assert all(r.correct == 1.0 and r.score["acc_norm"] == 1.0 for r in records)
+
+
+def test_scorer_with_a_model_that_prefers_the_first_option(monkeypatch):
+    items = _arc_items()
+    first = {(tasks.arc_context(it), f" {it.options[0]}") for it in items}
+    monkeypatch.setattr(tasks, "loglikelihoods", lambda m, t, pairs, *a: [0.0 if p in first else -5.0 for p in pairs])
+    records = tasks.score_arc_loglikelihood(None, None, items)
+    expected = sum(it.answer_index == 0 for it in items) / len(items)
+    assert sum(r.correct for r in records) / len(records) == pytest.approx(expected)
+    assert 0 < expected < 0.5
+
+
+def test_generative_scorers_with_stub_generation(monkeypatch):
+    items = _arc_items()
+    answers = {tasks.arc_generative_prompt(it): f"The answer is {it.labels[it.answer_index]}." for it in items}
+    monkeypatch.setattr(tasks, "generate", lambda m, t, prompts, *a: [answers[p] for p in prompts])
+    records = tasks.score_arc_generative(None, None, items)
+    assert all(r.correct == 1.0 and r.score["parsed"] for r in records)
+    squad, _ = data.load_squad(require_shared(DATA / "test-squad_v2.parquet"), limit=40, seed=0)
+    replies = {tasks.squad_prompt(it): (it.answers[0] if it.answers else "Unanswerable.") + "\nmore text" for it in squad}
+    monkeypatch.setattr(tasks, "generate", lambda m, t, prompts, *a: [replies[p] for p in prompts])
+    scored = tasks.score_squad(None, None, squad)
+    assert all(r.correct == 1.0 and r.score["f1"] == 1.0 for r in scored)
+
+
+# --- real model ----------------------------------------------------------------------------------
+def _stories():
+    transformers = pytest.importorskip("transformers")
+    path = str(require_shared(STORIES260K))
+    return (transformers.AutoModelForCausalLM.from_pretrained(path).eval(),
+            transformers.AutoTokenizer.from_pretrained(path))
+
+
+def test_stories260k_perplexity_is_close_to_its_known_figure():
+    model, tok = _stories()
+    from brecq.calibration import load_documents
+
+    docs = load_documents(require_shared(DATA / "tinystories_val_head.txt"))
+    result = perplexity(model, token_stream(tok, docs), window=256)
+    assert result.tokens > 50_000
+    assert 3.3 < result.perplexity < 4.6  # the data README: about 3.7 on the validation split
+
+
+def test_batched_and_unbatched_runs_give_the_same_predictions(tmp_path):
+    model, tok = _stories()
+    arc = DATA / "test-ai2_arc.parquet"
+    one = evaluate(model, tok, Task.ARC, arc, tmp_path / "one", limit=12, batch_size=1, show_progress=False)
+    many = evaluate(model, tok, Task.ARC, arc, tmp_path / "many", limit=12, batch_size=7, show_progress=False)
+    r1, r2 = read_records(tmp_path / "one" / "records.jsonl"), read_records(tmp_path / "many" / "records.jsonl")
+    assert [r["prediction"] for r in r1] == [r["prediction"] for r in r2]
+    assert one["metrics"]["acc"]["value"] == many["metrics"]["acc"]["value"]
+    tok.pad_token = tok.pad_token or tok.unk_token
+    squad = DATA / "test-squad_v2.parquet"
+    g1 = evaluate(model, tok, Task.SQUAD, squad, tmp_path / "g1", limit=6, batch_size=1, max_new_tokens=8,
+                  show_progress=False)
+    g2 = evaluate(model, tok, Task.SQUAD, squad, tmp_path / "g2", limit=6, batch_size=6, max_new_tokens=8,
+                  show_progress=False)
+    p1 = [r["score"]["output"] for r in read_records(tmp_path / "g1" / "records.jsonl")]
+    p2 = [r["score"]["output"] for r in read_records(tmp_path / "g2" / "records.jsonl")]
+    assert p1 == p2
+    assert g1["metrics"]["exact_match"]["n"] == 6
+
+
+def test_results_and_paired_comparison_files(tmp_path):
+    model, tok = _stories()
+    result = evaluate(model, tok, Task.ARC, DATA / "test-ai2_arc.parquet", tmp_path / "a", limit=30,
+                      show_progress=False)
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["metrics"]["acc"]["n"] == 30 and saved["data"]["loaded"] == 30
+    lo, hi = saved["metrics"]["acc"]["ci95"]
+    assert lo <= saved["metrics"]["acc"]["value"] <= hi
+    assert 0.0 <= result["metrics"]["acc"]["value"] <= 0.6  # a 260K-parameter story model is near chance
+    records = read_records(tmp_path / "a" / "records.jsonl")
+    same = compare(records, records)
+    assert same["difference_points"] == 0.0 and same["mcnemar_p"] == 1.0
