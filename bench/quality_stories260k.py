@@ -21,7 +21,7 @@ from brecq.calibration import CalibrationSpec, build_calibration, load_documents
 from brecq.evaluation.perplexity import perplexity, token_stream
 from brecq.quantize import quantize
 from brecq.recipe import Method, get_recipe
-from brecq.reconstruct import ReconstructionConfig
+from brecq.reconstruct import LossKind, ReconstructionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "stories260k"
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--iters", type=int, default=ReconstructionConfig().iters)
+    parser.add_argument("--loss", default="mse", choices=["mse", "fisher"])
+    parser.add_argument("--methods", nargs="*", default=["rtn", "gptq", "brecq"])
     parser.add_argument("--recipes", nargs="*", default=["w4g64_mix_attn6", "w4g64", "w3g64"])
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "quality_stories260k.json"))
     args = parser.parse_args()
@@ -59,11 +61,12 @@ def main() -> None:
              "|---|---|---:|---:|---:|---:|"]
     for recipe_name in args.recipes:
         increases = {}
-        for method in (Method.RTN, Method.GPTQ, Method.BRECQ):
+        for method in [Method(m) for m in ["rtn"] + [m for m in args.methods if m != "rtn"]]:
             model = load()
             started = time.perf_counter()
             quantize(model, get_recipe(recipe_name, method), calib,
-                     reconstruction=ReconstructionConfig(iters=args.iters), show_progress=False)
+                     reconstruction=ReconstructionConfig(iters=args.iters, loss=LossKind(args.loss)),
+                     show_progress=False)
             seconds = time.perf_counter() - started
             ppl = perplexity(model, eval_ids).perplexity
             increases[method] = ppl - fp.perplexity

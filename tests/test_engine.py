@@ -204,3 +204,18 @@ def test_unknown_architecture_gets_a_clear_error():
 
     with pytest.raises(UnsupportedArchitecture, match="no decoder layers at model.model.layers"):
         quantize(Tiny(), Recipe("mlp", (LayerRule("mlp", 4, 64),)), torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_transformers_from_pretrained_loads_a_brecq_model_after_import(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import brecq  # noqa: F401  (registers the quantization method)
+
+    model = tiny_qwen()
+    quantize(model, get_recipe("w4g64_mix_attn6", Method.RTN), show_progress=False)
+    save_quantized(model, tmp_path / "m", recipe=get_recipe("w4g64_mix_attn6").to_dict(), calibration=None)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantLinear)
+    assert loaded.model.layers[1].mlp.up_proj.scale.dtype == torch.float16
+    ids = calibration(512, n=1, t=12, seed=9)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--chat-template", action="store_true", help="format parquet rows with the tokenizer's chat template")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--iters", type=int, default=400, help="BRECQ iterations per block")
+    q.add_argument("--iters", type=int, default=800, help="BRECQ iterations per block")
     q.add_argument("--batch-size", type=int, default=8, help="BRECQ samples per iteration")
     q.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the rounding variables")
     q.add_argument("--reg-weight", type=float, default=0.01, help="weight of the rounding regulariser")
