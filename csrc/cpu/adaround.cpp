@@ -6,6 +6,7 @@
 
 #include "brecq/format.h"
 #include "brecq/kernels.h"
+#include "group_loop.h"
 #include "numeric.h"
 
 namespace brecq {
@@ -27,28 +28,12 @@ inline float rectified_grad(float sig) {
   return (kZeta - kGamma) * sig * (1.0f - sig);
 }
 
-template <typename Body>
-inline void for_each_group(int64_t n, int64_t k, int64_t g, const uint16_t* scale,
-                           const uint8_t* zero, int threads, Body body) {
-  const int64_t groups = num_groups(k, g);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t row = 0; row < n; ++row) {
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      const float s = numeric::f16_to_f32(scale[row * groups + grp]);
-      const float z = static_cast<float>(zero[row * groups + grp]);
-      const int64_t begin = row * k + grp * g;
-      const int64_t end = row * k + std::min(k, grp * g + g);
-      body(begin, end, s, z);
-    }
-  }
-}
-
 }  // namespace
 
 void adaround_forward(const float* w, const float* v, const uint16_t* scale, const uint8_t* zero,
                       int64_t n, int64_t k, int bits, int64_t g, float* w_soft, int threads) {
   const float qmax = static_cast<float>(max_code(bits));
-  for_each_group(n, k, g, scale, zero, threads, [&](int64_t begin, int64_t end, float s, float z) {
+  detail::for_each_group(n, k, g, scale, zero, threads, [&](int64_t begin, int64_t end, float s, float z) {
     for (int64_t i = begin; i < end; ++i) {
       const float q = std::floor(w[i] / s) + rectified(sigmoid(v[i])) + z;
       w_soft[i] = (std::min(std::max(q, 0.0f), qmax) - z) * s;
@@ -60,7 +45,7 @@ void adaround_backward(const float* grad_out, const float* w, const float* v, co
                        const uint8_t* zero, int64_t n, int64_t k, int bits, int64_t g, float* grad_v,
                        int threads) {
   const float qmax = static_cast<float>(max_code(bits));
-  for_each_group(n, k, g, scale, zero, threads, [&](int64_t begin, int64_t end, float s, float z) {
+  detail::for_each_group(n, k, g, scale, zero, threads, [&](int64_t begin, int64_t end, float s, float z) {
     for (int64_t i = begin; i < end; ++i) {
       const float sig = sigmoid(v[i]);
       const float q = std::floor(w[i] / s) + rectified(sig) + z;

@@ -94,42 +94,55 @@ inline void row_prologue(const GemvProblem& p, int64_t row, int64_t r0, float of
   for (int r = 0; r < MR; ++r) correction[r] = hsum(corr[r]);
 }
 
-// ---- float32 activations ----------------------------------------------------------------------
-template <int MR>
-void row_f32_4bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
-  const uint8_t* w = p.packed + row * p.row_bytes;
-  const __m512i low_nibble = _mm512_set1_epi32(0x0f);
-  alignas(64) float scales[kMaxGroups + 16];
-  float correction[MR];
-  __m512 total[MR];
-  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
-  row_prologue<MR>(p, row, r0, 0.0f, scales, correction);
-  for (int64_t grp = 0; grp < p.groups; ++grp) {
-    __m512 acc_lo[MR], acc_hi[MR];
-    for (int r = 0; r < MR; ++r) { acc_lo[r] = _mm512_setzero_ps(); acc_hi[r] = _mm512_setzero_ps(); }
-    for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunkF32) {
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-      for (int r = 0; r < MR; ++r) {
-        const float* xr = xa + r * p.k_padded + c;
-        acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc_lo[r]);
-        acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), acc_hi[r]);
-      }
-    }
-    const __m512 sv = _mm512_set1_ps(scales[grp]);
-    for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]), sv, total[r]);
+// ---- code decoders: per-row constants, then one call per chunk of codes ----------------------
+// Float32 path: a chunk of 32 codes as two vectors of 16 floats, in the order of the arranged x.
+// Constructors are written out: GCC compiles implicit ones without the target pragma.
+struct FourBitF32 {
+  __m512i low_nibble;
+  FourBitF32() : low_nibble(_mm512_set1_epi32(0x0f)) {}
+  void operator()(const uint8_t* w, int64_t c, __m512& first, __m512& second) const {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
+    first = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble));
+    second = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
   }
-  const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
-}
+};
+struct SixBitF32 {
+  __m512i gather, shifts, mask6;
+  SixBitF32() : gather(six_bit_gather(0)), shifts(six_bit_shifts()), mask6(_mm512_set1_epi16(0x3f)) {}
+  void operator()(const uint8_t* w, int64_t c, __m512& first, __m512& second) const {
+    const __m512i raw = _mm512_maskz_loadu_epi8(0xffffffull, w + c / 4 * 3);
+    const __m512i codes = _mm512_and_si512(six_bit_decode(raw, gather, shifts), mask6);
+    first = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(codes)));
+    second = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(codes, 1)));
+  }
+};
+// bfloat16 path: a chunk of 64 codes as two vectors of 32 bfloat16 values 128 + q.
+struct FourBitBf16 {
+  __m512i nibble, bias128;
+  FourBitBf16() : nibble(_mm512_set1_epi16(0x0f)), bias128(_mm512_set1_epi16(0x4300)) {}
+  void operator()(const uint8_t* w, int64_t c, __m512i& first, __m512i& second) const {
+    const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c / 2)));
+    first = _mm512_ternarylogic_epi32(bytes, nibble, bias128, 0xEA);  // (A & B) | C
+    second = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bias128);
+  }
+};
+struct SixBitBf16 {
+  __m512i gather_a, gather_b, shifts, mask6, bias128;
+  SixBitBf16()
+      : gather_a(six_bit_gather(0)), gather_b(six_bit_gather(24)), shifts(six_bit_shifts()),
+        mask6(_mm512_set1_epi16(0x3f)), bias128(_mm512_set1_epi16(0x4300)) {}
+  void operator()(const uint8_t* w, int64_t c, __m512i& first, __m512i& second) const {
+    const __m512i raw = _mm512_maskz_loadu_epi8(0xffffffffffffull, w + c / 4 * 3);
+    first = _mm512_ternarylogic_epi32(six_bit_decode(raw, gather_a, shifts), mask6, bias128, 0xEA);
+    second = _mm512_ternarylogic_epi32(six_bit_decode(raw, gather_b, shifts), mask6, bias128, 0xEA);
+  }
+};
 
-template <int MR>
-void row_f32_6bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
+// ---- one weight row against MR activation rows ---------------------------------------------
+template <int MR, class Decode>
+void row_f32(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
   const uint8_t* w = p.packed + row * p.row_bytes;
-  const __m512i gather = six_bit_gather(0);
-  const __m512i shifts = six_bit_shifts();
-  const __m512i mask6 = _mm512_set1_epi16(0x3f);
+  const Decode decode;
   alignas(64) float scales[kMaxGroups + 16];
   float correction[MR];
   __m512 total[MR];
@@ -139,10 +152,8 @@ void row_f32_6bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row
     __m512 acc_a[MR], acc_b[MR];
     for (int r = 0; r < MR; ++r) { acc_a[r] = _mm512_setzero_ps(); acc_b[r] = _mm512_setzero_ps(); }
     for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunkF32) {
-      const __m512i raw = _mm512_maskz_loadu_epi8(0xffffffull, w + c / 4 * 3);
-      const __m512i codes = _mm512_and_si512(six_bit_decode(raw, gather, shifts), mask6);
-      const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(codes)));
-      const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(codes, 1)));
+      __m512 first, second;
+      decode(w, c, first, second);
       for (int r = 0; r < MR; ++r) {
         const float* xr = xa + r * p.k_padded + c;
         acc_a[r] = _mm512_fmadd_ps(first, _mm512_loadu_ps(xr), acc_a[r]);
@@ -156,62 +167,26 @@ void row_f32_6bit(const GemvProblem& p, const float* xa, int64_t r0, int64_t row
   for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
 }
 
-// ---- bfloat16 activations ---------------------------------------------------------------------
-template <int MR>
-void row_bf16_4bit(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row) {
+template <int MR, class Decode>
+void row_bf16(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row) {
   const uint8_t* w = p.packed + row * p.row_bytes;
-  const __m512i nibble = _mm512_set1_epi16(0x0f);
-  const __m512i bias128 = _mm512_set1_epi16(0x4300);
+  const Decode decode;
   alignas(64) float scales[kMaxGroups + 16];
   float correction[MR];
   __m512 total[MR];
   for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
-  row_prologue<MR>(p, row, r0, 128.0f, scales, correction);
-  for (int64_t grp = 0; grp < p.groups; ++grp) {
-    __m512 acc_lo[MR], acc_hi[MR];
-    for (int r = 0; r < MR; ++r) { acc_lo[r] = _mm512_setzero_ps(); acc_hi[r] = _mm512_setzero_ps(); }
-    for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunkBf16) {
-      const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c / 2)));
-      // (bytes & 0x0f) | 0x4300 in one instruction; truth table 0xEA = (A & B) | C.
-      const __m512i lo = _mm512_ternarylogic_epi32(bytes, nibble, bias128, 0xEA);
-      const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bias128);
-      for (int r = 0; r < MR; ++r) {
-        const uint16_t* xr = xa + r * p.k_padded + c;
-        acc_lo[r] = _mm512_dpbf16_ps(acc_lo[r], (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xr));
-        acc_hi[r] = _mm512_dpbf16_ps(acc_hi[r], (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xr + 32));
-      }
-    }
-    const __m512 sv = _mm512_set1_ps(scales[grp]);
-    for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]), sv, total[r]);
-  }
-  const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
-}
-
-template <int MR>
-void row_bf16_6bit(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row) {
-  const uint8_t* w = p.packed + row * p.row_bytes;
-  const __m512i gather_a = six_bit_gather(0);
-  const __m512i gather_b = six_bit_gather(24);
-  const __m512i shifts = six_bit_shifts();
-  const __m512i mask6 = _mm512_set1_epi16(0x3f);
-  const __m512i bias128 = _mm512_set1_epi16(0x4300);
-  alignas(64) float scales[kMaxGroups + 16];
-  float correction[MR];
-  __m512 total[MR];
-  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
+  // The decoded values are 128 + q: the offset joins the zero point in the correction.
   row_prologue<MR>(p, row, r0, 128.0f, scales, correction);
   for (int64_t grp = 0; grp < p.groups; ++grp) {
     __m512 acc_a[MR], acc_b[MR];
     for (int r = 0; r < MR; ++r) { acc_a[r] = _mm512_setzero_ps(); acc_b[r] = _mm512_setzero_ps(); }
     for (int64_t c = grp * p.g; c < grp * p.g + p.g; c += kChunkBf16) {
-      const __m512i raw = _mm512_maskz_loadu_epi8(0xffffffffffffull, w + c / 4 * 3);
-      const __m512i a = _mm512_ternarylogic_epi32(six_bit_decode(raw, gather_a, shifts), mask6, bias128, 0xEA);
-      const __m512i bb = _mm512_ternarylogic_epi32(six_bit_decode(raw, gather_b, shifts), mask6, bias128, 0xEA);
+      __m512i first, second;
+      decode(w, c, first, second);
       for (int r = 0; r < MR; ++r) {
         const uint16_t* xr = xa + r * p.k_padded + c;
-        acc_a[r] = _mm512_dpbf16_ps(acc_a[r], (__m512bh)a, (__m512bh)_mm512_loadu_si512(xr));
-        acc_b[r] = _mm512_dpbf16_ps(acc_b[r], (__m512bh)bb, (__m512bh)_mm512_loadu_si512(xr + 32));
+        acc_a[r] = _mm512_dpbf16_ps(acc_a[r], (__m512bh)first, (__m512bh)_mm512_loadu_si512(xr));
+        acc_b[r] = _mm512_dpbf16_ps(acc_b[r], (__m512bh)second, (__m512bh)_mm512_loadu_si512(xr + 32));
       }
     }
     const __m512 sv = _mm512_set1_ps(scales[grp]);
@@ -220,6 +195,11 @@ void row_bf16_6bit(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t
   const float b = p.bias ? p.bias[row] : 0.0f;
   for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
 }
+
+template <int MR> void row_f32_4bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row) { row_f32<MR, FourBitF32>(p, x, r0, row); }
+template <int MR> void row_f32_6bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row) { row_f32<MR, SixBitF32>(p, x, r0, row); }
+template <int MR> void row_bf16_4bit(const GemvProblem& p, const uint16_t* x, int64_t r0, int64_t row) { row_bf16<MR, FourBitBf16>(p, x, r0, row); }
+template <int MR> void row_bf16_6bit(const GemvProblem& p, const uint16_t* x, int64_t r0, int64_t row) { row_bf16<MR, SixBitBf16>(p, x, r0, row); }
 
 template <typename X>
 using RowFn = void (*)(const GemvProblem&, const X*, int64_t, int64_t);

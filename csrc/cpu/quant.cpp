@@ -8,6 +8,7 @@
 
 #include "brecq/format.h"
 #include "brecq/kernels.h"
+#include "group_loop.h"
 #include "numeric.h"
 
 namespace brecq {
@@ -91,51 +92,25 @@ void quant_params(const float* w, int64_t n, int64_t k, int bits, int64_t g, int
 
 void quantize(const float* w, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
               int bits, int64_t g, uint8_t* codes, int threads) {
-  const int64_t groups = num_groups(k, g);
   const float qmax = static_cast<float>(max_code(bits));
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t row = 0; row < n; ++row) {
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      const float s = numeric::f16_to_f32(scale[row * groups + grp]);
-      const float z = static_cast<float>(zero[row * groups + grp]);
-      const int64_t begin = grp * g, end = std::min(k, begin + g);
-      for (int64_t i = begin; i < end; ++i)
-        codes[row * k + i] = static_cast<uint8_t>(quantize_one(w[row * k + i], s, z, qmax));
-    }
-  }
+  detail::for_each_group(n, k, g, scale, zero, threads, [&](int64_t begin, int64_t end, float s, float z) {
+    for (int64_t i = begin; i < end; ++i) codes[i] = static_cast<uint8_t>(quantize_one(w[i], s, z, qmax));
+  });
 }
 
 void dequantize(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,
                 int64_t k, int64_t g, float* out, int threads) {
-  const int64_t groups = num_groups(k, g);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t row = 0; row < n; ++row) {
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      const float s = numeric::f16_to_f32(scale[row * groups + grp]);
-      const float z = static_cast<float>(zero[row * groups + grp]);
-      const int64_t begin = grp * g, end = std::min(k, begin + g);
-      for (int64_t i = begin; i < end; ++i)
-        out[row * k + i] = (static_cast<float>(codes[row * k + i]) - z) * s;
-    }
-  }
+  detail::for_each_group(n, k, g, scale, zero, threads, [&](int64_t begin, int64_t end, float s, float z) {
+    for (int64_t i = begin; i < end; ++i) out[i] = (static_cast<float>(codes[i]) - z) * s;
+  });
 }
 
 void fake_quantize(const float* w, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                    int bits, int64_t g, float* out, int threads) {
-  const int64_t groups = num_groups(k, g);
   const float qmax = static_cast<float>(max_code(bits));
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t row = 0; row < n; ++row) {
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      const float s = numeric::f16_to_f32(scale[row * groups + grp]);
-      const float z = static_cast<float>(zero[row * groups + grp]);
-      const int64_t begin = grp * g, end = std::min(k, begin + g);
-      for (int64_t i = begin; i < end; ++i) {
-        const float q = quantize_one(w[row * k + i], s, z, qmax);
-        out[row * k + i] = (q - z) * s;
-      }
-    }
-  }
+  detail::for_each_group(n, k, g, scale, zero, threads, [&](int64_t begin, int64_t end, float s, float z) {
+    for (int64_t i = begin; i < end; ++i) out[i] = (quantize_one(w[i], s, z, qmax) - z) * s;
+  });
 }
 
 }  // namespace brecq

@@ -6,7 +6,7 @@ import logging
 import sys
 
 
-def _demo(args) -> int:
+def _speed(args) -> int:
     from brecq_ext import Clipping
 
     from .demo import format_demo, run_demo
@@ -15,6 +15,18 @@ def _demo(args) -> int:
                       clipping=Clipping.MINMAX if args.minmax else Clipping.MSE,
                       speed_repeats=args.repeats)
     print(format_demo(result))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo_study import run_demo_study
+
+    results = run_demo_study(args.output, seed=args.seed, iters=args.iters, show_progress=not args.quiet)
+    for label, analysis in results["analysis"]["models"].items():
+        print(f"{label}:")
+        for line in analysis["conclusions"]["findings"]:
+            print(f"  - {line}")
+    print(f"report: {args.output}/report.md ({results['wall_seconds']:.0f} s)")
     return 0
 
 
@@ -85,16 +97,37 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from .study import load_study_config, run_study
+
+    config = load_study_config(args.config)
+    if args.output:
+        from dataclasses import replace
+
+        config = replace(config, output=args.output)
+    results = run_study(config, show_progress=not args.quiet)
+    print(f"study '{config.name}' done in {results['seconds']:.1f} s: {config.output}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brecq", description="BRECQ post-training quantization toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="offline demo: quantize a Qwen3-shaped model, print sizes and speed")
-    demo.add_argument("--layers", type=int, default=2, help="decoder layers of the Qwen3-0.6B-shaped model")
+    demo = commands.add_parser("demo", help="offline demo study: train two small models, quantize, evaluate, report")
+    demo.add_argument("--output", default="brecq-demo", help="output folder (report.md, results.json, plots)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--repeats", type=int, default=50, help="timed calls per matmul")
-    demo.add_argument("--minmax", action="store_true", help="min-max ranges instead of the MSE clipping search")
+    demo.add_argument("--iters", type=int, default=200, help="BRECQ iterations per block")
+    demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
+
+    speed = commands.add_parser("speed", help="quantize a Qwen3-0.6B-shaped model round-to-nearest, print sizes "
+                                              "and a packed-vs-dense matmul speed table")
+    speed.add_argument("--layers", type=int, default=2, help="decoder layers of the Qwen3-0.6B-shaped model")
+    speed.add_argument("--seed", type=int, default=0)
+    speed.add_argument("--repeats", type=int, default=50, help="timed calls per matmul")
+    speed.add_argument("--minmax", action="store_true", help="min-max ranges instead of the MSE clipping search")
+    speed.set_defaults(run=_speed)
 
     from .recipe import PRESETS
     q = commands.add_parser("quantize", help="quantize a Hugging Face causal LM and save it packed",
@@ -143,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(run=_evaluate)
+
+    s = commands.add_parser("study", help="run a study from a TOML config: quantize, evaluate, measure, report")
+    s.add_argument("config", help="study config (TOML; see brecq.study.config for the format)")
+    s.add_argument("--output", help="override the config's output folder")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(run=_study)
     return parser
 
 

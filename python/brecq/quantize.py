@@ -2,6 +2,7 @@
 packed low-bit model, block by block, resumable, with progress and a per-block summary."""
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -60,6 +61,11 @@ class QuantizationReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def plain_dict(config) -> dict:
+    """A settings dataclass as JSON-friendly values (enums by their value)."""
+    return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(config).items()}
 
 
 def _peak_rss_mib() -> float:
@@ -198,7 +204,7 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
     if work_dir is not None:
         work = Path(work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        settings = {"reconstruction": asdict(reconstruction), "gptq": asdict(gptq), "device": device.type,
+        settings = {"reconstruction": plain_dict(reconstruction), "gptq": plain_dict(gptq), "device": device.type,
                     "forward_batch_size": forward_batch_size}
         fingerprint = _fingerprint(model, recipe, calibration, settings)
         run_file = work / "run.json"
@@ -306,8 +312,9 @@ def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibrati
     report = quantize(model, recipe, ids, reconstruction=reconstruction, gptq=gptq, device=device,
                       work_dir=work if ids is not None else None, show_progress=show_progress)
     calib = calibration.describe() if calibration is not None else None
-    extra = {"report": report.to_dict(), "reconstruction": asdict(reconstruction) if recipe.method is Method.BRECQ else None,
-             "gptq": asdict(gptq) if recipe.method is Method.GPTQ else None}
+    extra = {"report": report.to_dict(),
+             "reconstruction": plain_dict(reconstruction) if recipe.method is Method.BRECQ else None,
+             "gptq": plain_dict(gptq) if recipe.method is Method.GPTQ else None}
     save_quantized(model, out_dir, recipe=recipe.to_dict(), calibration=calib,
                    summary=summary_markdown(report, model_path, calib), extra=extra, tokenizer=tokenizer)
     return model, report

@@ -1,0 +1,87 @@
+"""The offline demo study (the README's main command): two small Qwen3-architecture models trained
+here on synthetic tasks (a base model and a fine-tuned one), each unquantized and BRECQ-quantized
+(W6 attention, W4 MLP, group 64), evaluated on synthetic ARC-style and SQuAD-style items, measured,
+and reported. No network, no GPU; a few minutes on 2 CPU cores."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .study import run_study
+from .study.config import parse_study_config
+from .synthetic import build_demo_models
+
+log = logging.getLogger("brecq")
+
+STUDY = """
+[study]
+name = "brecq offline demo (synthetic tasks, small trained models)"
+output = "{out}"
+seed = {seed}
+
+[[models]]
+label = "demo-base"
+path = "{base}"
+role = "base"
+[models.calibration]
+path = "{data}/calibration-base.txt"
+samples = 32
+seq_len = 128
+
+[[models]]
+label = "demo-fine-tuned"
+path = "{finetuned}"
+role = "fine-tuned"
+[models.calibration]
+path = "{data}/calibration-finetuned.txt"
+samples = 32
+seq_len = 128
+
+[[variants]]
+label = "BRECQ W4/W6"
+recipe = "w4g64_mix_attn6"
+method = "brecq"
+iters = {iters}
+
+[[datasets]]
+path = "{data}/synthetic-arc.parquet"
+task = "arc"
+
+[[datasets]]
+path = "{data}/synthetic-squad.parquet"
+task = "squad"
+
+[measure]
+prompt_tokens = 64
+decode_tokens = 16
+repeats = 3
+"""
+
+NOTE = """> **What this is.** The models are two 4-layer Qwen3-architecture models (hidden size 128,
+> ~0.8 M parameters) trained for a few hundred steps on this machine on synthetic text: colours of
+> made-up facts and short "who has what" stories. The ARC-style and SQuAD-style items are generated
+> from the same seed (a third of the SQuAD-style items are unanswerable). Accuracies are real
+> measurements of these models, not of any public model; the point is to exercise every stage of a
+> study (training stands in for the models a real study starts from).
+
+"""
+
+
+def run_demo_study(out: str | Path = "brecq-demo", seed: int = 0, iters: int = 200, base_steps: int = 300,
+                   finetune_steps: int = 200, show_progress: bool = True) -> dict:
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    built = build_demo_models(out / "work", seed=seed, base_steps=base_steps, finetune_steps=finetune_steps,
+                              show_progress=show_progress)
+    text = STUDY.format(out=out, seed=seed, base=built["paths"]["base"], finetuned=built["paths"]["fine-tuned"],
+                        data=built["data"], iters=iters)
+    (out / "study.toml").write_text(text)
+    import tomllib
+
+    config = parse_study_config(tomllib.loads(text), base=out, source=str(out / "study.toml"))
+    results = run_study(config, show_progress=show_progress)
+    report = out / "report.md"
+    report.write_text(report.read_text().replace("## Executive summary", NOTE + "## Executive summary", 1))
+    results["wall_seconds"] = time.perf_counter() - started
+    return results

@@ -1,0 +1,243 @@
+"""Resource measurement of a causal LM: parameters and storage, memory, and latency.
+
+Every record is stamped with the device, dtype, threads and library versions. A timing that comes
+out zero or missing is an error, never a result.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from brecq_ext import QuantLinear, cpu_isa
+
+
+class MeasurementError(RuntimeError):
+    pass
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    import brecq_ext
+
+    env = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "brecq": brecq_ext.__version__,
+           "cpu_kernels": cpu_isa(), "python": platform.python_version(), "machine": platform.machine(),
+           "processor": _cpu_model()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+# --- parameters and storage ------------------------------------------------------------------
+def module_group(name: str) -> str:
+    if "self_attn" in name or "attention" in name:
+        return "attention"
+    if "mlp" in name:
+        return "mlp"
+    if "embed" in name:
+        return "embeddings"
+    if "lm_head" in name:
+        return "lm_head"
+    return "other"
+
+
+@dataclass
+class StorageReport:
+    parameters: int  # logical parameters (a packed weight counts its in x out entries)
+    parameters_by_bits: dict  # bits (e.g. "4", "6", "32") -> parameters stored at that width
+    weight_bytes: int  # bytes of all parameters and persistent buffers, tied tensors once
+    bits_per_weight: float  # weight_bytes * 8 / parameters
+    groups: dict  # module group -> {"parameters", "bytes", "bits_per_weight"}
+    disk_bytes: int | None = None  # size of the weights file, when the model was loaded from one
+
+
+def storage(model: nn.Module, weights_file: str | Path | None = None) -> StorageReport:
+    seen: set[int] = set()
+    by_bits: dict[str, int] = defaultdict(int)
+    groups: dict[str, dict] = defaultdict(lambda: {"parameters": 0, "bytes": 0})
+    total_params = total_bytes = 0
+    quant_names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            quant_names.add(name)
+            params = module.in_features * module.out_features
+            nbytes = module.memory_bytes() - (module.bias.numel() * module.bias.element_size() if module.bias is not None else 0)
+            by_bits[str(module.bits)] += params
+            g = groups[module_group(name)]
+            g["parameters"] += params
+            g["bytes"] += nbytes
+            total_params += params
+            total_bytes += nbytes
+            for t in module.buffers():
+                seen.add(id(t))
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + [
+            (n, b) for n, b in model.named_buffers(remove_duplicate=False)]:
+        if id(tensor) in seen or not _persistent(model, name):
+            continue
+        seen.add(id(tensor))
+        nbytes = tensor.numel() * tensor.element_size()
+        total_bytes += nbytes
+        g = groups[module_group(name)]
+        g["bytes"] += nbytes
+        if tensor.is_floating_point():
+            total_params += tensor.numel()
+            by_bits[str(tensor.element_size() * 8)] += tensor.numel()
+            g["parameters"] += tensor.numel()
+    for g in groups.values():
+        g["bits_per_weight"] = 8 * g["bytes"] / g["parameters"] if g["parameters"] else None
+    disk = Path(weights_file).stat().st_size if weights_file else None
+    if total_params == 0:
+        raise MeasurementError("storage: the model has no parameters")
+    return StorageReport(total_params, dict(by_bits), total_bytes, 8 * total_bytes / total_params, dict(groups), disk)
+
+
+def _persistent(model: nn.Module, name: str) -> bool:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    return leaf not in getattr(owner, "_non_persistent_buffers_set", set())
+
+
+# --- latency ----------------------------------------------------------------------------------
+@dataclass
+class LatencyReport:
+    prompt_tokens: int
+    decode_tokens: int
+    prefill_ms: float  # median over repeats
+    decode_ms_per_token_median: float
+    decode_ms_per_token_p90: float
+    tokens_per_second: float
+    repeats: int
+    environment: dict = field(default_factory=dict)
+
+
+# transformers 5 renamed past_key_values to cache (the old name still works, with a warning).
+_CACHE_ARG = "cache"
+
+
+def _cache_of(output):
+    global _CACHE_ARG
+    if getattr(output, "cache", None) is not None:
+        return output.cache
+    _CACHE_ARG = "past_key_values"
+    return output.past_key_values
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def latency(model, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3, warmup: int = 1,
+            seed: int = 0) -> LatencyReport:
+    """Prefill time of a ``prompt_tokens`` prompt and per-token decode time with the KV cache."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+    prefill, steps = [], []
+    for run in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        _sync(device)
+        prefill_time = time.perf_counter() - start
+        cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
+        step_times = []
+        for _ in range(decode_tokens):
+            _sync(device)
+            start = time.perf_counter()
+            out = model(token, use_cache=True, **{_CACHE_ARG: cache})
+            _sync(device)
+            step_times.append(time.perf_counter() - start)
+            cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
+        if run >= warmup:
+            prefill.append(prefill_time)
+            steps.extend(step_times)
+    if not steps or min(steps) <= 0 or min(prefill) <= 0:
+        raise MeasurementError(f"latency: a timing came out zero or missing (prefill {prefill}, {len(steps)} steps)")
+    steps_sorted = sorted(steps)
+    median = statistics.median(steps)
+    return LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median,
+                         1e3 * steps_sorted[min(len(steps) - 1, int(0.9 * len(steps)))], 1.0 / median, repeats,
+                         environment(device, next(model.parameters()).dtype))
+
+
+# --- memory -------------------------------------------------------------------------------------
+@torch.no_grad()
+def cuda_memory(model, prompt_tokens: int = 128, decode_tokens: int = 32) -> dict:
+    """Peak allocated/reserved CUDA memory during a forward pass and during generation, each after
+    a reset (MiB); plus the model's own allocation before the workload."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise MeasurementError("cuda_memory: the model is not on a CUDA device")
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, prompt_tokens), device=device)
+    torch.cuda.synchronize(device)
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model(ids, use_cache=False)
+    torch.cuda.synchronize(device)
+    forward = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    model.generate(ids, max_new_tokens=decode_tokens, do_sample=False, min_new_tokens=decode_tokens)
+    torch.cuda.synchronize(device)
+    generation = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+    mib = 2.0 ** 20
+    return {"model_allocated_mib": resident / mib, "forward_peak_allocated_mib": forward[0] / mib,
+            "forward_peak_reserved_mib": forward[1] / mib, "generation_peak_allocated_mib": generation[0] / mib,
+            "generation_peak_reserved_mib": generation[1] / mib}
+
+
+_RSS_SCRIPT = """
+import json, resource, sys, torch
+from brecq.io import load_model_any
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model, _ = load_model_any(sys.argv[1])
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, int(sys.argv[2])))
+    model.generate(ids, max_new_tokens=int(sys.argv[3]), min_new_tokens=int(sys.argv[3]), do_sample=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"baseline_mib": baseline / 1024, "after_load_mib": loaded / 1024, "peak_mib": peak / 1024}))
+"""
+
+
+def cpu_peak_rss(model_path: str | Path, prompt_tokens: int = 128, decode_tokens: int = 32) -> dict:
+    """Peak resident memory (MiB) of a fresh process that loads the model and generates; the
+    process's baseline (Python, torch, transformers imported) is reported beside it."""
+    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(model_path), str(prompt_tokens), str(decode_tokens)],
+                          capture_output=True, text=True, timeout=1800, cwd=str(Path(model_path).parent))
+    if done.returncode != 0:
+        raise MeasurementError(f"cpu_peak_rss: measurement process failed: {done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["model_mib"] = result["peak_mib"] - result["baseline_mib"]
+    return result
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def as_dict(obj) -> dict:
+    return asdict(obj)

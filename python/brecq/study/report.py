@@ -1,0 +1,333 @@
+"""Analysis and report of a study: statistics first, then text derived from them by stated rules.
+
+Rules (also printed in the report):
+* A quantized variant is **better** / **worse** than its unquantized model on a metric when the 95 %
+  paired bootstrap interval of the difference excludes zero and, for per-example binary metrics,
+  McNemar's exact test gives p < 0.05; otherwise it is a **tie** (no significant difference).
+* Relative changes are shown only when the unquantized value is at least 20 points.
+* Memory and size are reported as reductions (positive = smaller); latency as the ratio of
+  quantized to unquantized decode time per token (below 1 = faster), with p90.
+* Conclusions and recommendations are derived from these verdicts and ratios, not written by hand.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..evaluation.runner import compare, read_records
+from ..io import atomic_write_text
+from .config import StudyConfig
+
+log = logging.getLogger("brecq")
+
+UNQUANTIZED = "unquantized"
+PRIMARY = {"arc": [("acc", "correct", True), ("acc_norm", "acc_norm", True)],
+           "arc_gen": [("acc", "correct", True)],
+           "squad": [("exact_match", "correct", True), ("f1", "f1", False)]}
+SIGNIFICANCE = 0.05
+RELATIVE_MIN_BASE = 0.20
+MIB = 2.0 ** 20
+
+
+def pts(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def signed_pts(x: float) -> str:
+    return f"{x:+.1f}"
+
+
+def verdict(cmp: dict, binary: bool) -> str:
+    lo, hi = cmp["ci95_points"]
+    significant = (lo > 0 or hi < 0) and (not binary or cmp["mcnemar_p"] < SIGNIFICANCE)
+    if not significant:
+        return "tie"
+    return "better" if cmp["difference_points"] > 0 else "worse"
+
+
+def analyse(results: dict, config: StudyConfig) -> dict:
+    analysis = {"rules": __doc__.split("Rules (also printed in the report):")[1].strip(), "models": {}}
+    for model_label, model in results["models"].items():
+        fp = model["variants"][UNQUANTIZED]
+        per_model = {"comparisons": [], "resources": {}, "verdicts": {"better": 0, "worse": 0, "tie": 0}}
+        for variant_label, variant in model["variants"].items():
+            if variant_label == UNQUANTIZED:
+                continue
+            for dataset, result in variant["datasets"].items():
+                base = fp["datasets"][dataset]
+                a, b = read_records(base["records_file"]), read_records(result["records_file"])
+                for metric, field, binary in PRIMARY[result["task"]]:
+                    cmp = compare(a, b, field, binary)
+                    v = verdict(cmp, binary)
+                    per_model["verdicts"][v] += 1
+                    base_value = base["metrics"][metric]["value"]
+                    relative = (100 * (cmp["b"] - cmp["a"]) / cmp["a"]
+                                if cmp["a"] >= RELATIVE_MIN_BASE else None)
+                    per_model["comparisons"].append({
+                        "variant": variant_label, "dataset": dataset, "task": result["task"], "metric": metric,
+                        "n": cmp["n"], "unquantized": base_value, "unquantized_ci95": base["metrics"][metric]["ci95"],
+                        "quantized": result["metrics"][metric]["value"], "quantized_ci95": result["metrics"][metric]["ci95"],
+                        "difference_points": cmp["difference_points"], "difference_ci95_points": cmp["ci95_points"],
+                        "mcnemar_p": cmp.get("mcnemar_p"), "relative_change_percent": relative, "verdict": v})
+            per_model["resources"][variant_label] = _resources(fp["measure"], variant["measure"])
+        per_model["conclusions"] = _conclusions(model_label, per_model)
+        analysis["models"][model_label] = per_model
+    return analysis
+
+
+def _resources(fp: dict, q: dict) -> dict:
+    def reduction(a, b):
+        return 100.0 * (1.0 - b / a) if a else None
+
+    out = {"weight_mib": [fp["storage"]["weight_bytes"] / MIB, q["storage"]["weight_bytes"] / MIB],
+           "weight_reduction_percent": reduction(fp["storage"]["weight_bytes"], q["storage"]["weight_bytes"]),
+           "parameters": [fp["storage"]["parameters"], q["storage"]["parameters"]],
+           "bits_per_weight": [fp["storage"]["bits_per_weight"], q["storage"]["bits_per_weight"]],
+           "decode_ms": [fp["latency"]["decode_ms_per_token_median"], q["latency"]["decode_ms_per_token_median"]],
+           "decode_p90_ms": [fp["latency"]["decode_ms_per_token_p90"], q["latency"]["decode_ms_per_token_p90"]],
+           "decode_ratio": q["latency"]["decode_ms_per_token_median"] / fp["latency"]["decode_ms_per_token_median"],
+           "prefill_ms": [fp["latency"]["prefill_ms"], q["latency"]["prefill_ms"]]}
+    if fp["storage"].get("disk_bytes") and q["storage"].get("disk_bytes"):
+        out["disk_mib"] = [fp["storage"]["disk_bytes"] / MIB, q["storage"]["disk_bytes"] / MIB]
+        out["disk_reduction_percent"] = reduction(fp["storage"]["disk_bytes"], q["storage"]["disk_bytes"])
+    if "memory" in fp and "memory" in q:
+        # CPU: the whole process's peak (interpreter and libraries included, the same for both), since
+        # the growth over the interpreter's own peak is below resolution for small models.
+        key = "generation_peak_allocated_mib" if fp["memory"]["kind"] == "cuda" else "peak_mib"
+        out["memory_kind"] = fp["memory"]["kind"]
+        out["memory_mib"] = [fp["memory"][key], q["memory"][key]]
+        out["memory_reduction_percent"] = reduction(fp["memory"][key], q["memory"][key])
+    return out
+
+
+def _conclusions(model_label: str, per_model: dict) -> dict:
+    lines, recommendations = [], []
+    by_variant: dict[str, list] = {}
+    for c in per_model["comparisons"]:
+        by_variant.setdefault(c["variant"], []).append(c)
+    for variant, comparisons in by_variant.items():
+        worse = [c for c in comparisons if c["verdict"] == "worse"]
+        better = [c for c in comparisons if c["verdict"] == "better"]
+        res = per_model["resources"][variant]
+        if worse:
+            lines.append(f"{variant} loses accuracy significantly on " + "; ".join(
+                f"{c['dataset']} {c['metric']} ({signed_pts(c['difference_points'])} points, 95 % CI "
+                f"{signed_pts(c['difference_ci95_points'][0])} to {signed_pts(c['difference_ci95_points'][1])})" for c in worse) + ".")
+        if better:
+            lines.append(f"{variant} scores significantly higher on " + "; ".join(
+                f"{c['dataset']} {c['metric']} ({signed_pts(c['difference_points'])} points)" for c in better) + ".")
+        if not worse and not better:
+            width = max(max(abs(c["difference_ci95_points"][0]), abs(c["difference_ci95_points"][1])) for c in comparisons)
+            n = min(c["n"] for c in comparisons)
+            lines.append(f"{variant} shows no significant accuracy change on any dataset (n >= {n} each); the "
+                         f"intervals still allow differences of up to {width:.1f} points.")
+        factor = res["weight_mib"][0] / res["weight_mib"][1]
+        lines.append(f"{variant} weights take {res['weight_mib'][1]:.1f} MiB instead of {res['weight_mib'][0]:.1f} MiB "
+                     f"({factor:.2f}x smaller).")
+        ratio = res["decode_ratio"]
+        speed = "faster" if ratio < 0.95 else "slower" if ratio > 1.05 else "about as fast"
+        lines.append(f"{variant} decodes {speed} than the unquantized model (time per token x{ratio:.2f}).")
+        if worse:
+            recommendations.append(f"Do not use {variant} of {model_label} where "
+                                   + ", ".join(sorted({c['dataset'] for c in worse}))
+                                   + " matters without further tuning (significant loss).")
+        elif factor >= 1.5:
+            recommendations.append(f"{variant} of {model_label} is recommended where memory is the constraint: "
+                                   f"{factor:.2f}x smaller with no significant accuracy loss"
+                                   + (f", though {speed} at decode." if speed != "faster" else ", and faster at decode."))
+        else:
+            recommendations.append(f"{variant} of {model_label} saves too little memory ({factor:.2f}x) to recommend.")
+    return {"findings": lines, "recommendations": recommendations}
+
+
+# ---------------------------------------------------------------------------------------------------
+def change(reduction_percent: float) -> str:
+    return (f"{reduction_percent:.1f} % smaller" if reduction_percent >= 0
+            else f"{-reduction_percent:.1f} % larger")
+
+
+def ci(pair) -> str:
+    return f"[{pts(pair[0])}, {pts(pair[1])}]"
+
+
+def comparison_row(c: dict) -> str:
+    rel = f"{c['relative_change_percent']:+.1f} %" if c["relative_change_percent"] is not None else "—"
+    p = f"{c['mcnemar_p']:.3g}" if c["mcnemar_p"] is not None else "—"
+    return (f"| {c['variant']} | {c['dataset']} | {c['metric']} | {c['n']} | {pts(c['unquantized'])} {ci(c['unquantized_ci95'])} | "
+            f"{pts(c['quantized'])} {ci(c['quantized_ci95'])} | {signed_pts(c['difference_points'])} "
+            f"[{signed_pts(c['difference_ci95_points'][0])}, {signed_pts(c['difference_ci95_points'][1])}] | {p} | {rel} | "
+            f"{c['verdict']} |")
+
+
+def resource_rows(variant: str, r: dict) -> list[str]:
+    rows = [f"| {variant} | weights in memory (MiB) | {r['weight_mib'][0]:.2f} | {r['weight_mib'][1]:.2f} | "
+            f"{change(r['weight_reduction_percent'])} |",
+            f"| {variant} | parameters (logical) | {r['parameters'][0]:,} | {r['parameters'][1]:,} | same |"
+            if r["parameters"][0] == r["parameters"][1] else
+            f"| {variant} | parameters (logical) | {r['parameters'][0]:,} | {r['parameters'][1]:,} | differ |",
+            f"| {variant} | bits per weight | {r['bits_per_weight'][0]:.3f} | {r['bits_per_weight'][1]:.3f} | |"]
+    if "disk_mib" in r:
+        rows.append(f"| {variant} | weights on disk (MiB) | {r['disk_mib'][0]:.2f} | {r['disk_mib'][1]:.2f} | "
+                    f"{change(r['disk_reduction_percent'])} |")
+    if "memory_mib" in r:
+        what = ("peak GPU memory in generation (MiB)" if r["memory_kind"] == "cuda"
+                else "peak RSS of a process that loads and generates (MiB)")
+        rows.append(f"| {variant} | {what} | {r['memory_mib'][0]:.1f} | {r['memory_mib'][1]:.1f} | "
+                    f"{change(r['memory_reduction_percent'])} |")
+    rows += [f"| {variant} | decode ms/token, median (p90) | {r['decode_ms'][0]:.2f} ({r['decode_p90_ms'][0]:.2f}) | "
+             f"{r['decode_ms'][1]:.2f} ({r['decode_p90_ms'][1]:.2f}) | x{r['decode_ratio']:.2f} |",
+             f"| {variant} | prefill ms | {r['prefill_ms'][0]:.1f} | {r['prefill_ms'][1]:.1f} | |"]
+    return rows
+
+
+def render_report(results: dict, plots: dict) -> str:
+    analysis = results["analysis"]
+    lines = [f"# {results['study']}: quantization study", ""]
+    lines += ["## Executive summary", ""]
+    for model_label, a in analysis["models"].items():
+        v = a["verdicts"]
+        lines.append(f"- **{model_label}**: {v['better']} better, {v['worse']} worse, {v['tie']} ties "
+                     f"(significance rule below)")
+        lines += [f"  - {f}" for f in a["conclusions"]["findings"]]
+    lines += ["", "## Model configurations", ""]
+    for model_label, m in results["models"].items():
+        lines.append(f"- **{model_label}** ({m['role']}, chat template {'on' if m['chat_template'] else 'off'}): `{m['path']}`")
+        for variant_label, variant in m["variants"].items():
+            if variant_label == UNQUANTIZED:
+                continue
+            q = variant["quantization"]
+            lines.append(f"  - {variant_label}: recipe `{q['recipe']['name']}`, method {q['recipe']['method']}, "
+                         f"saved at `{variant['path']}`")
+    lines += ["", "## Performance", "",
+              "Values in points (percent) with 95 % intervals (Wilson for proportions, bootstrap for F1); the "
+              "difference is quantized minus unquantized on the same examples, with a paired bootstrap interval "
+              "and McNemar's exact p.", ""]
+    for model_label, a in analysis["models"].items():
+        lines += [f"### {model_label}", "",
+                  "| variant | dataset | metric | n | unquantized | quantized | difference (points) | McNemar p | relative | verdict |",
+                  "|---|---|---|---:|---|---|---|---:|---:|---|"]
+        lines += [comparison_row(c) for c in a["comparisons"]]
+        lines.append("")
+    lines += ["## Resource efficiency", ""]
+    for model_label, a in analysis["models"].items():
+        lines += [f"### {model_label}", "", "| variant | measure | unquantized | quantized | change |", "|---|---|---:|---:|---|"]
+        for variant_label, r in a["resources"].items():
+            lines += resource_rows(variant_label, r)
+        lines.append("")
+    lines += ["## Technical details", ""]
+    for model_label, m in results["models"].items():
+        for variant_label, variant in m["variants"].items():
+            if variant_label == UNQUANTIZED:
+                continue
+            q = variant["quantization"]
+            rules = ", ".join(f"`{r['pattern']}` → W{r['bits']} g{r['group_size']}" for r in q["recipe"]["rules"])
+            lines.append(f"- {model_label} / {variant_label}: {rules}; clipping {q['recipe']['clipping']}; "
+                         f"packed format v{q['format_version']}, brecq {q['tool_version']}")
+            if q.get("calibration"):
+                c = q["calibration"]
+                lines.append(f"  - calibration: {c['num_samples']} windows of {c['seq_len']} tokens from `{c['file']}` "
+                             f"(seed {c['seed']}, columns {c['columns'] or 'all text'}, chat template {c['chat_template']})")
+            if q.get("reconstruction"):
+                r = q["reconstruction"]
+                lines.append(f"  - reconstruction: {r['iters']} iterations, batch {r['batch_size']}, lr {r['lr']}, "
+                             f"λ {r['reg_weight']}, warm-up {r['warmup']}, β {r['beta_start']}→{r['beta_end']}, "
+                             f"loss {r['loss']}, block inputs {r['input_source']}")
+            env = variant["measure"]["latency"]["environment"]
+            lines.append(f"  - measured on {env['device']} ({env['processor']}), {env['dtype']}, {env['threads']} threads, "
+                         f"torch {env['torch']}, transformers {env['transformers']}, CPU kernels {env['cpu_kernels']}")
+    lines += ["", "## Conclusions", ""]
+    for model_label, a in analysis["models"].items():
+        lines += [f"### {model_label}", ""] + [f"- {f}" for f in a["conclusions"]["findings"]] + [""]
+    lines += ["### Recommendations", ""]
+    for a in analysis["models"].values():
+        lines += [f"- {r}" for r in a["conclusions"]["recommendations"]]
+    lines += ["", "### Rules", "", analysis["rules"], ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}](plots/{Path(p).name})" for name, p in plots.items()] + [""]
+    return "\n".join(lines)
+
+
+def make_plots(results: dict, out: Path) -> dict:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: the report has no plots")
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    analysis = results["analysis"]
+    models = list(analysis["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model_label in zip(axes[0], models):
+        comps = [c for c in analysis["models"][model_label]["comparisons"]]
+        labels = [f"{c['dataset']}\n{c['metric']}" for c in comps]
+        xs = range(len(comps))
+        for offset, (key, name) in enumerate((("unquantized", "unquantized"), ("quantized", "quantized"))):
+            values = [100 * c[key] for c in comps]
+            # Clamped at 0: rounding can put a bootstrap bound a hair past the mean.
+            errs = [[max(0.0, 100 * (c[key] - c[f"{key}_ci95"][0])) for c in comps],
+                    [max(0.0, 100 * (c[f"{key}_ci95"][1] - c[key])) for c in comps]]
+            ax.bar([x + 0.38 * offset for x in xs], values, 0.38, yerr=errs, capsize=3, label=name)
+        ax.set_xticks([x + 0.19 for x in xs], labels, fontsize=7)
+        ax.set_ylabel("points (95 % CI)")
+        ax.set_title(model_label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    plots["accuracy"] = out / "accuracy.png"
+    fig.savefig(plots["accuracy"], dpi=110)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names, weights, decode = [], [], []
+    for model_label, a in analysis["models"].items():
+        for variant_label, r in a["resources"].items():
+            names += [f"{model_label}\nunquantized", f"{model_label}\n{variant_label}"]
+            weights += r["weight_mib"]
+            decode += r["decode_ms"]
+    ax1.bar(range(len(names)), weights)
+    ax1.set_xticks(range(len(names)), names, fontsize=7)
+    ax1.set_ylabel("weights in memory (MiB)")
+    ax2.bar(range(len(names)), decode)
+    ax2.set_xticks(range(len(names)), names, fontsize=7)
+    ax2.set_ylabel("decode ms / token (median)")
+    fig.tight_layout()
+    plots["resources"] = out / "resources.png"
+    fig.savefig(plots["resources"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drew = False
+    for model_label, m in results["models"].items():
+        for variant_label, variant in m["variants"].items():
+            report = (variant.get("quantization") or {}).get("report") or {}
+            blocks = report.get("blocks") or []
+            if blocks:
+                ax.plot([b["index"] for b in blocks], [b["loss_final"] for b in blocks], marker="o",
+                        label=f"{model_label} / {variant_label}")
+                if any(b.get("loss_nearest") for b in blocks):
+                    ax.plot([b["index"] for b in blocks], [b["loss_nearest"] or float("nan") for b in blocks],
+                            linestyle="--", label=f"{model_label} / round to nearest")
+                drew = True
+    if drew:
+        ax.set_yscale("log")
+        ax.set_xlabel("block")
+        ax.set_ylabel("reconstruction loss")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        plots["blocks"] = out / "blocks.png"
+        fig.savefig(plots["blocks"], dpi=110)
+    plt.close(fig)
+    return {name: str(path) for name, path in plots.items()}
+
+
+def write_outputs(results: dict, config: StudyConfig) -> None:
+    out = Path(config.output)
+    plots = make_plots(results, out / "plots")
+    results["plots"] = plots
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic_write_text(out / "report.md", render_report(results, plots))
+    log.info("wrote %s and %s", out / "results.json", out / "report.md")

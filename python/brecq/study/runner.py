@@ -1,0 +1,140 @@
+"""``brecq study CONFIG.toml``: quantize (cached), evaluate (cached per dataset), measure, report.
+
+Output folder:
+    quantized/<model>__<variant>__<key>/   saved quantized models; key = hash of model, recipe,
+                                            calibration and settings (reused by later runs)
+    runs/<model>/<variant>/<dataset>/       results.json and records.jsonl of each evaluation
+    runs/<model>/<variant>/measure.json     storage, latency and memory
+    results.json, report.md, plots/*.png
+A second run skips every finished step; an interrupted quantization resumes from its last block;
+every file is written atomically, so nothing half-written survives.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..baselines import GPTQConfig
+from ..calibration import CalibrationSpec
+from ..evaluation.runner import Task, evaluate
+from ..io import atomic_write_text, load_model_any
+from ..measure import cpu_peak_rss, cuda_memory, latency, storage
+from ..quantize import quantize_pretrained
+from ..recipe import Method, get_recipe
+from ..reconstruct import ReconstructionConfig
+from .config import ModelEntry, StudyConfig, VariantEntry, slug
+
+log = logging.getLogger("brecq")
+UNQUANTIZED = "unquantized"
+
+
+def _model_identity(path: str) -> dict:
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
+    return {p.name: p.stat().st_size for p in files}
+
+
+def _reconstruction(variant: VariantEntry, seed: int) -> ReconstructionConfig:
+    defaults = ReconstructionConfig()
+    return ReconstructionConfig(iters=variant.iters or defaults.iters, batch_size=variant.batch_size or defaults.batch_size,
+                                lr=variant.lr or defaults.lr, seed=seed)
+
+
+def quantized_dir(config: StudyConfig, model: ModelEntry, variant: VariantEntry) -> Path:
+    key = json.dumps({"model": model.path, "files": _model_identity(model.path), "recipe": variant.recipe,
+                      "method": variant.method.value, "calibration": asdict(model.calibration) if model.calibration else None,
+                      "reconstruction": asdict(_reconstruction(variant, config.seed)), "seed": config.seed},
+                     sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(config.output) / "quantized" / f"{slug(model.label)}__{slug(variant.label)}__{digest}"
+
+
+def _ensure_quantized(config: StudyConfig, model: ModelEntry, variant: VariantEntry) -> Path:
+    out = quantized_dir(config, model, variant)
+    if (out / "config.json").exists():
+        log.info("reusing quantized model %s", out)
+        return out
+    calibration = None
+    if variant.method is not Method.RTN:
+        c = model.calibration
+        calibration = CalibrationSpec(c.path, c.samples, c.seq_len, config.seed, c.columns, model.chat_template)
+    log.info("quantizing %s with %s (%s)", model.label, variant.recipe, variant.method.value)
+    quantize_pretrained(model.path, str(out), get_recipe(variant.recipe, variant.method), calibration,
+                        reconstruction=_reconstruction(variant, config.seed), gptq=GPTQConfig(),
+                        device=config.device, show_progress=True)
+    return out
+
+
+def _settings(config: StudyConfig, task: str, limit) -> dict:
+    return {"task": task, "limit": limit, "seed": config.seed, "dtype": config.dtype, "device": config.device}
+
+
+def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
+    """Run (or resume) a study; returns the results that are also written to results.json."""
+    started = time.perf_counter()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    results = {"study": config.name, "config": config.source, "models": {}}
+    for model_entry in config.models:
+        per_model = {"role": model_entry.role, "path": model_entry.path, "chat_template": model_entry.chat_template,
+                     "variants": {}}
+        variants = [(UNQUANTIZED, None)] + [(v.label, v) for v in config.variants]
+        for label, variant in variants:
+            path = Path(model_entry.path) if variant is None else _ensure_quantized(config, model_entry, variant)
+            model, tokenizer = load_model_any(path, device=config.device, dtype=dtype)
+            run_dir = out / "runs" / slug(model_entry.label) / slug(label)
+            entry = {"path": str(path), "datasets": {}}
+            if variant is not None:
+                saved = json.loads((path / "config.json").read_text())["quantization_config"]
+                entry["quantization"] = {k: saved.get(k) for k in ("recipe", "calibration", "report", "reconstruction",
+                                                                    "gptq", "format_version", "tool_version")}
+            for dataset in config.datasets:
+                task = config.arc_task(dataset, model_entry)
+                ds_dir = run_dir / slug(dataset.name)
+                settings = _settings(config, task, dataset.limit)
+                cached = ds_dir / "results.json"
+                if cached.exists() and json.loads(cached.read_text()).get("study_settings") == settings:
+                    result = json.loads(cached.read_text())
+                else:
+                    result = evaluate(model, tokenizer, Task(task), dataset.path, ds_dir, limit=dataset.limit,
+                                      seed=config.seed, chat=model_entry.chat_template, show_progress=show_progress,
+                                      label=f"{model_entry.label}/{label}")
+                    # Written last: a results.json without these settings is never taken as cached.
+                    result["study_settings"] = settings
+                    atomic_write_text(cached, json.dumps(result, indent=2))
+                result["records_file"] = str(ds_dir / "records.jsonl")
+                entry["datasets"][dataset.name] = result
+            measure_file = run_dir / "measure.json"
+            if measure_file.exists():
+                entry["measure"] = json.loads(measure_file.read_text())
+            else:
+                entry["measure"] = _measure(config, model, path)
+                atomic_write_text(measure_file, json.dumps(entry["measure"], indent=2))
+            per_model["variants"][label] = entry
+            del model
+        results["models"][model_entry.label] = per_model
+    results["seconds"] = time.perf_counter() - started
+    from .report import analyse, write_outputs
+
+    results["analysis"] = analyse(results, config)
+    write_outputs(results, config)
+    return results
+
+
+def _measure(config: StudyConfig, model, path: Path) -> dict:
+    m = config.measure
+    weights = path / "model.safetensors"
+    record = {"storage": asdict(storage(model, weights if weights.exists() else None)),
+              "latency": asdict(latency(model, m.prompt_tokens, m.decode_tokens, m.repeats))}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        record["memory"] = {"kind": "cuda", **cuda_memory(model, m.prompt_tokens, m.decode_tokens)}
+    elif m.memory_subprocess:
+        record["memory"] = {"kind": "cpu_rss", **cpu_peak_rss(path, m.prompt_tokens, m.decode_tokens)}
+    return record

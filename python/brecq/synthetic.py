@@ -1,0 +1,185 @@
+"""Synthetic tasks and a small model trained on them, for the offline demo study.
+
+Everything here is generated from a seed: a character-level tokenizer, a small "world" of facts,
+ARC-style multiple-choice questions about those facts and SQuAD-style reading questions (a third
+of them unanswerable), written in the study's parquet layouts, and Qwen3-architecture models
+trained briefly on them: a "base" model (language modelling of fact statements and question/answer
+text) and a "fine-tuned" one (the base further trained on the evaluator's prompts). The point is a
+model whose accuracy is real enough that quantization can change it, not a good model.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import string
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger("brecq")
+
+THINGS = ["apple", "banana", "cherry", "grape", "lemon", "lime", "plum", "pear", "peach", "melon", "kiwi", "olive",
+          "carrot", "tomato", "pepper", "onion", "potato", "pumpkin", "corn", "bean", "rose", "tulip", "daisy",
+          "lily", "violet", "frog", "crow", "swan", "flamingo", "canary", "panda", "zebra", "tiger", "fox", "bear",
+          "wolf", "shark", "whale", "snail", "crab"]
+COLORS = ["red", "yellow", "green", "blue", "orange", "purple", "black", "white", "brown", "pink"]
+NAMES = ["Tom", "Anna", "Ben", "Lily", "Max", "Mia", "Sam", "Zoe", "Leo", "Ivy", "Dan", "Eva"]
+OBJECTS = ["ball", "kite", "hat", "box", "cup", "car", "book", "bag", "bike", "boat"]
+
+
+def world(seed: int) -> dict[str, str]:
+    rng = random.Random(seed)
+    return {thing: rng.choice(COLORS) for thing in THINGS}
+
+
+def make_tokenizer(path: Path):
+    """A character-level fast tokenizer (letters, digits, punctuation, space, newline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def arc_items(facts: dict, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        thing = rng.choice(THINGS)
+        right = facts[thing]
+        options = rng.sample([c for c in COLORS if c != right], 3) + [right]
+        rng.shuffle(options)
+        letters = "ABCD"
+        question = f"What color is the {thing}? " + " ".join(f"{l}. {o}" for l, o in zip(letters, options))
+        items.append({"title": f"synthetic_arc_{i}", "question": question, "answer": letters[options.index(right)]})
+    return items
+
+
+def squad_items(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        people = rng.sample(NAMES, 3)
+        owned = {p: (rng.choice(COLORS), rng.choice(OBJECTS)) for p in people}
+        context = " ".join(f"{p} has a {c} {o}." for p, (c, o) in owned.items())
+        if i % 3 == 2:  # unanswerable: someone not in the story
+            stranger = rng.choice([p for p in NAMES if p not in owned])
+            question, answer = f"What does {stranger} have?", ""
+        else:
+            person = rng.choice(people)
+            color, obj = owned[person]
+            question, answer = f"What does {person} have?", f"a {color} {obj}"
+        items.append({"title": "Synthetic", "context": context, "question": question, "answer": answer})
+    return items
+
+
+def base_corpus(facts: dict, rng: random.Random, count: int) -> list[str]:
+    """Fact statements and question/answer text (the 'pretraining' of the base model)."""
+    texts = []
+    for _ in range(count):
+        kind = rng.random()
+        thing = rng.choice(THINGS)
+        if kind < 0.4:
+            texts.append(f"The {thing} is {facts[thing]}.")
+        elif kind < 0.7:
+            texts.append(f"Question: What color is the {thing}?\nAnswer: {facts[thing]}")
+        else:
+            item = squad_items(1, rng.randrange(1 << 30))[0]
+            texts.append(f"{item['context']} Question: {item['question']} Answer: {item['answer'] or 'nobody knows'}")
+    return texts
+
+
+def finetune_corpus(facts: dict, rng: random.Random, count: int) -> list[str]:
+    """The evaluator's own prompt formats with their answers (the 'fine-tuning')."""
+    from .evaluation.data import ArcItem, SquadItem
+    from .evaluation.tasks import NO_ANSWER, arc_generative_prompt, squad_prompt
+
+    texts = []
+    for _ in range(count):
+        if rng.random() < 0.5:
+            raw = arc_items(facts, 1, rng.randrange(1 << 30))[0]
+            from .evaluation.data import split_inline_options
+
+            stem, labels, options = split_inline_options(raw["question"])
+            item = ArcItem("x", stem, tuple(labels), tuple(options), labels.index(raw["answer"]))
+            texts.append(arc_generative_prompt(item) + f" {raw['answer']}")
+        else:
+            raw = squad_items(1, rng.randrange(1 << 30))[0]
+            item = SquadItem("x", "", raw["context"], raw["question"], (raw["answer"],) if raw["answer"] else ())
+            texts.append(squad_prompt(item) + f" {raw['answer'] or NO_ANSWER}")
+    return texts
+
+
+def train(model, tokenizer, texts: list[str], steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
+          desc: str, show_progress: bool = True) -> float:
+    """Causal-LM training on ``texts`` packed into one stream; returns the final mean loss."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = []
+    for text in texts:
+        ids.extend([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    stream = torch.tensor(ids, dtype=torch.long)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, disable=not show_progress):
+        starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=gen)
+        batch = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+        loss = model(batch, labels=batch, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return sum(losses[-20:]) / len(losses[-20:])
+
+
+def build_demo_models(out: Path, seed: int = 0, base_steps: int = 300, finetune_steps: int = 200,
+                      show_progress: bool = True) -> dict:
+    """Tokenizer, data files and the two trained models under ``out``; returns their paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .models import build_model, qwen3_config
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    data.mkdir(exist_ok=True)
+    facts = world(seed)
+    tokenizer = make_tokenizer(out / "tokenizer")
+    pq.write_table(pa.Table.from_pylist(arc_items(facts, 200, seed + 1)), data / "synthetic-arc.parquet")
+    pq.write_table(pa.Table.from_pylist(squad_items(150, seed + 2)), data / "synthetic-squad.parquet")
+    rng = random.Random(seed + 3)
+    base_texts = base_corpus(facts, rng, 6000)
+    (data / "calibration-base.txt").write_text("\n\n".join(base_corpus(facts, random.Random(seed + 4), 400)))
+    (data / "calibration-finetuned.txt").write_text("\n\n".join(finetune_corpus(facts, random.Random(seed + 5), 300)))
+
+    config = qwen3_config("tiny", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
+                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    model = build_model(config, seed=seed)
+    base_loss = train(model, tokenizer, base_texts, base_steps, 16, 192, 3e-3, seed, "train base", show_progress)
+    paths = {"base": out / "models" / "base", "fine-tuned": out / "models" / "fine-tuned"}
+    model.save_pretrained(str(paths["base"]))
+    tokenizer.save_pretrained(str(paths["base"]))
+    ft_texts = finetune_corpus(facts, random.Random(seed + 6), 4000) + base_texts[:1000]
+    ft_loss = train(model, tokenizer, ft_texts, finetune_steps, 16, 256, 1e-3, seed + 1, "fine-tune", show_progress)
+    model.save_pretrained(str(paths["fine-tuned"]))
+    tokenizer.save_pretrained(str(paths["fine-tuned"]))
+    log.info("demo models trained in %.0f s (final losses: base %.3f, fine-tuned %.3f)",
+             time.perf_counter() - started, base_loss, ft_loss)
+    return {"paths": paths, "data": data, "base_loss": base_loss, "finetune_loss": ft_loss}

@@ -1,0 +1,104 @@
+"""The study runner end to end on the real tiny model and the study's parquet files."""
+import json
+import os
+
+import pytest
+
+from brecq.study import load_study_config, run_study
+from brecq.study.config import StudyConfigError
+from brecq.study.report import comparison_row, resource_rows
+
+from conftest import DATA, STORIES260K, require_shared
+
+CONFIG = """
+[study]
+name = "stories-test"
+output = "{out}"
+seed = 0
+
+[[models]]
+label = "stories"
+path = "{model}"
+role = "base"
+[models.calibration]
+path = "{text}"
+samples = 8
+seq_len = 64
+
+[[variants]]
+label = "BRECQ W4/W6"
+recipe = "w4g64_mix_attn6"
+method = "brecq"
+iters = 20
+
+[[datasets]]
+path = "{arc}"
+task = "arc"
+limit = 24
+
+[[datasets]]
+path = "{squad}"
+task = "squad"
+limit = 6
+
+[measure]
+prompt_tokens = 16
+decode_tokens = 4
+repeats = 1
+"""
+
+
+def _config(tmp_path, **overrides):
+    values = dict(out=tmp_path / "out", model=require_shared(STORIES260K), text=DATA / "tinystories_val_head.txt",
+                  arc=DATA / "test-ai2_arc.parquet", squad=DATA / "test-squad_v2.parquet")
+    values.update(overrides)
+    path = tmp_path / "study.toml"
+    path.write_text(CONFIG.format(**values))
+    return path
+
+
+def test_study_end_to_end_and_report_matches_results(tmp_path):
+    config = load_study_config(_config(tmp_path))
+    results = run_study(config, show_progress=False)
+    out = tmp_path / "out"
+    saved = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    for section in ("Executive summary", "Model configurations", "Performance", "Resource efficiency",
+                    "Technical details", "Conclusions", "Recommendations"):
+        assert f"## {section}" in report or f"### {section}" in report
+    analysis = saved["analysis"]["models"]["stories"]
+    assert len(analysis["comparisons"]) == 2 + 2  # ARC acc, acc_norm; SQuAD EM, F1
+    for comparison in analysis["comparisons"]:
+        assert comparison_row(comparison) in report
+    for variant, resources in analysis["resources"].items():
+        for row in resource_rows(variant, resources):
+            assert row in report
+        assert resources["weight_reduction_percent"] > 0  # packed weights are smaller, never larger
+        assert resources["parameters"][0] == resources["parameters"][1] > 250_000
+        assert resources["decode_ms"][0] > 0 and resources["decode_ms"][1] > 0
+    for finding in analysis["conclusions"]["findings"]:
+        assert finding in report
+    assert {p.name for p in (out / "plots").iterdir()} >= {"accuracy.png", "resources.png", "blocks.png"}
+    assert results["models"]["stories"]["variants"]["BRECQ W4/W6"]["quantization"]["recipe"]["name"] == "w4g64_mix_attn6"
+
+    # A second run reuses everything: same numbers, no new quantization.
+    before = {p: p.stat().st_mtime_ns for p in (out / "quantized").rglob("model.safetensors")}
+    again = run_study(config, show_progress=False)
+    assert again["analysis"]["models"]["stories"]["comparisons"] == saved["analysis"]["models"]["stories"]["comparisons"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "quantized").rglob("model.safetensors")} == before
+
+
+def test_config_errors_name_the_entry(tmp_path):
+    require_shared(STORIES260K)
+    bad = _config(tmp_path).read_text().replace('role = "base"', 'role = "chat"')
+    (tmp_path / "bad.toml").write_text(bad)
+    with pytest.raises(StudyConfigError, match=r"\[\[models\]\] 'stories': role must be one of"):
+        load_study_config(tmp_path / "bad.toml")
+    missing = _config(tmp_path).read_text().replace("test-ai2_arc.parquet", "nope.parquet")
+    (tmp_path / "missing.toml").write_text(missing)
+    with pytest.raises(StudyConfigError, match=r"\[\[datasets\]\] #1: .*nope.parquet does not exist"):
+        load_study_config(tmp_path / "missing.toml")
+    recipe = _config(tmp_path).read_text().replace('recipe = "w4g64_mix_attn6"', 'recipe = "w5"')
+    (tmp_path / "recipe.toml").write_text(recipe)
+    with pytest.raises(StudyConfigError, match="unknown recipe 'w5'"):
+        load_study_config(tmp_path / "recipe.toml")
