@@ -102,3 +102,14 @@ def test_config_errors_name_the_entry(tmp_path):
     (tmp_path / "recipe.toml").write_text(recipe)
     with pytest.raises(StudyConfigError, match="unknown recipe 'w5'"):
         load_study_config(tmp_path / "recipe.toml")
+
+
+def test_offline_demo_runs_every_stage(tmp_path):
+    from brecq.demo_study import run_demo_study
+
+    results = run_demo_study(tmp_path / "demo", iters=5, base_steps=5, finetune_steps=5, show_progress=False)
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "What this is." in report and "synthetic" in report
+    assert set(results["analysis"]["models"]) == {"demo-base", "demo-fine-tuned"}
+    tasks = {r["task"] for m in results["models"].values() for v in m["variants"].values() for r in v["datasets"].values()}
+    assert tasks == {"arc", "arc_gen", "squad"}

@@ -68,8 +68,8 @@ NOTE = """> **What this is.** The models are two 4-layer Qwen3-architecture mode
 """
 
 
-def run_demo_study(out: str | Path = "brecq-demo", seed: int = 0, iters: int = 200, base_steps: int = 300,
-                   finetune_steps: int = 200, show_progress: bool = True) -> dict:
+def run_demo_study(out: str | Path = "brecq-demo", seed: int = 0, iters: int = 200, base_steps: int = 200,
+                   finetune_steps: int = 250, show_progress: bool = True) -> dict:
     started = time.perf_counter()
     out = Path(out).resolve()
     built = build_demo_models(out / "work", seed=seed, base_steps=base_steps, finetune_steps=finetune_steps,

@@ -99,8 +99,8 @@ def base_corpus(facts: dict, rng: random.Random, count: int) -> list[str]:
     return texts
 
 
-def finetune_corpus(facts: dict, rng: random.Random, count: int) -> list[str]:
-    """The evaluator's own prompt formats with their answers (the 'fine-tuning')."""
+def finetune_corpus(facts: dict, rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs in the evaluator's own prompt formats (the 'fine-tuning')."""
     from .evaluation.data import ArcItem, SquadItem
     from .evaluation.tasks import NO_ANSWER, arc_generative_prompt, squad_prompt
 
@@ -112,11 +112,11 @@ def finetune_corpus(facts: dict, rng: random.Random, count: int) -> list[str]:
 
             stem, labels, options = split_inline_options(raw["question"])
             item = ArcItem("x", stem, tuple(labels), tuple(options), labels.index(raw["answer"]))
-            texts.append(arc_generative_prompt(item) + f" {raw['answer']}")
+            texts.append((arc_generative_prompt(item), f" {raw['answer']}"))
         else:
             raw = squad_items(1, rng.randrange(1 << 30))[0]
             item = SquadItem("x", "", raw["context"], raw["question"], (raw["answer"],) if raw["answer"] else ())
-            texts.append(squad_prompt(item) + f" {raw['answer'] or NO_ANSWER}")
+            texts.append((squad_prompt(item), f" {raw['answer'] or NO_ANSWER}"))
     return texts
 
 
@@ -146,7 +146,42 @@ def train(model, tokenizer, texts: list[str], steps: int, batch_size: int, seq_l
     return sum(losses[-20:]) / len(losses[-20:])
 
 
-def build_demo_models(out: Path, seed: int = 0, base_steps: int = 300, finetune_steps: int = 200,
+def train_supervised(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch_size: int, lr: float,
+                     seed: int, desc: str, show_progress: bool = True) -> float:
+    """Fine-tuning on (prompt, answer) pairs with the loss on the answer tokens only."""
+    gen = torch.Generator().manual_seed(seed)
+    encoded = []
+    for prompt, answer in pairs:
+        p = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        encoded.append((p, a))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, disable=not show_progress):
+        idx = torch.randint(0, len(encoded), (batch_size,), generator=gen).tolist()
+        length = max(len(encoded[i][0]) + len(encoded[i][1]) for i in idx)
+        ids = torch.full((batch_size, length), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), -100, dtype=torch.long)
+        mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for row, i in enumerate(idx):
+            p, a = encoded[i]
+            ids[row, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[row, len(p):len(p) + len(a)] = torch.tensor(a)
+            mask[row, :len(p) + len(a)] = 1
+        loss = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return sum(losses[-20:]) / len(losses[-20:])
+
+
+def build_demo_models(out: Path, seed: int = 0, base_steps: int = 200, finetune_steps: int = 250,
                       show_progress: bool = True) -> dict:
     """Tokenizer, data files and the two trained models under ``out``; returns their paths."""
     import pyarrow as pa
@@ -165,7 +200,8 @@ def build_demo_models(out: Path, seed: int = 0, base_steps: int = 300, finetune_
     rng = random.Random(seed + 3)
     base_texts = base_corpus(facts, rng, 6000)
     (data / "calibration-base.txt").write_text("\n\n".join(base_corpus(facts, random.Random(seed + 4), 400)))
-    (data / "calibration-finetuned.txt").write_text("\n\n".join(finetune_corpus(facts, random.Random(seed + 5), 300)))
+    (data / "calibration-finetuned.txt").write_text(
+        "\n\n".join(p + a for p, a in finetune_corpus(facts, random.Random(seed + 5), 300)))
 
     config = qwen3_config("tiny", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -176,8 +212,9 @@ def build_demo_models(out: Path, seed: int = 0, base_steps: int = 300, finetune_
     paths = {"base": out / "models" / "base", "fine-tuned": out / "models" / "fine-tuned"}
     model.save_pretrained(str(paths["base"]))
     tokenizer.save_pretrained(str(paths["base"]))
-    ft_texts = finetune_corpus(facts, random.Random(seed + 6), 4000) + base_texts[:1000]
-    ft_loss = train(model, tokenizer, ft_texts, finetune_steps, 16, 256, 1e-3, seed + 1, "fine-tune", show_progress)
+    ft_pairs = finetune_corpus(facts, random.Random(seed + 6), 4000)
+    ft_loss = train_supervised(model, tokenizer, ft_pairs, finetune_steps, 12, 3e-3, seed + 1, "fine-tune",
+                               show_progress)
     model.save_pretrained(str(paths["fine-tuned"]))
     tokenizer.save_pretrained(str(paths["fine-tuned"]))
     log.info("demo models trained in %.0f s (final losses: base %.3f, fine-tuned %.3f)",
