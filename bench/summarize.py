@@ -54,6 +54,20 @@ def main(path: str) -> str:
             f"{t('w6_bf16') * 1e6:.0f} | {gbs('w6_bf16'):.1f} | {t('dense_bf16') / t('w6_bf16'):.2f} | "
             f"{t('w4_f32') * 1e6:.0f} | {t('dense_f32') / t('w4_f32'):.2f} | "
             f"{t('w6_f32') * 1e6:.0f} | {t('dense_f32') / t('w6_f32'):.2f} |")
+    kernel_rows = [(key, kinds) for key, kinds in cases.items() if "w4_bf16_kernel" in kinds]
+    if kernel_rows:
+        out += ["", "GEMV kernel alone (compiled function called on raw pointers: no op dispatch, no argument "
+                "checks), 1 row, bfloat16 activations:", "",
+                "| shape (in->out) | W4 us | W4 GB/s | W4 % bw | W4 x bf16 | W6 us | W6 GB/s | W6 % bw | W6 x bf16 |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for (shape, k, n, m), kinds in kernel_rows:
+            cells = []
+            for kind in ("w4_bf16_kernel", "w6_bf16_kernel"):
+                t = kinds[kind]["median_s"]
+                gbs = kinds[kind]["weight_bytes"] / t / 1e9
+                cells += [f"{t * 1e6:.0f}", f"{gbs:.1f}", f"{100 * gbs / read_gbs:.0f}" if read_gbs else "-",
+                          f"{kinds['dense_bf16']['median_s'] / t:.2f}"]
+            out.append(f"| {shape} ({k}->{n}) | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -28,13 +28,15 @@ ROWS = [1, 8, 512]
 KINDS = [("dense_f32", torch.float32, None), ("dense_bf16", torch.bfloat16, None),
          ("w4_bf16", torch.bfloat16, 4), ("w6_bf16", torch.bfloat16, 6),
          ("w4_f32", torch.float32, 4), ("w6_f32", torch.float32, 6)]
+# The GEMV kernel alone (the compiled function on raw pointers, no op dispatch or checks).
+KERNEL_KINDS = [("w4_bf16_kernel", torch.bfloat16, 4), ("w6_bf16_kernel", torch.bfloat16, 6)]
 
 _pool: dict = {}
 
 
 def _weights(shape_name, kind):
     """Distinct weights for one (shape, kind); only the latest pool is kept in memory."""
-    key = (shape_name, kind[0])
+    key = (shape_name, kind[0].replace("_kernel", ""))
     if key not in _pool:
         _pool.clear()
         k, n = SHAPES[shape_name]
@@ -50,7 +52,8 @@ def _weights(shape_name, kind):
     return _pool[key]
 
 
-CASES = [(s, kind, rows) for s in SHAPES for rows in ROWS for kind in KINDS]
+CASES = [(s, kind, rows) for s in SHAPES for rows in ROWS for kind in KINDS
+         + (KERNEL_KINDS if rows == 1 else [])]
 
 
 @pytest.mark.parametrize("shape_name,kind,rows", CASES,
@@ -66,6 +69,17 @@ def test_linear(benchmark, shape_name, kind, rows):
         def call():
             state["i"] += 1
             return F.linear(x, weights[state["i"] % len(weights)])
+    elif name.endswith("_kernel"):
+        from brecq_ext._extension import cpu_kernels
+
+        kernels, y, threads = cpu_kernels(), torch.empty(rows, n, dtype=dtype), torch.get_num_threads()
+        pointers = [(p.data_ptr(), s.data_ptr(), z.data_ptr()) for p, s, z in weights]
+
+        def call():
+            state["i"] += 1
+            p, s, z = pointers[state["i"] % len(pointers)]
+            kernels.packed_gemv(x.data_ptr(), True, rows, k, p, s, z, 0, n, k, bits, GROUP, y.data_ptr(), True,
+                                threads)
     else:
         def call():
             state["i"] += 1

@@ -219,3 +219,14 @@ def test_transformers_from_pretrained_loads_a_brecq_model_after_import(tmp_path)
     ids = calibration(512, n=1, t=12, seed=9)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_memory_mapped_activations_give_the_same_weights(tmp_path):
+    ids = calibration(512, n=8, t=32)
+    in_memory, on_disk = tiny_qwen(), tiny_qwen()
+    quantize(in_memory, get_recipe("w4g64"), ids, reconstruction=FAST, show_progress=False)
+    quantize(on_disk, get_recipe("w4g64"), ids, reconstruction=FAST, activation_dir=tmp_path / "acts",
+             show_progress=False)
+    a, b = packed_state(in_memory), packed_state(on_disk)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "acts").glob("*.f32"))  # removed when done

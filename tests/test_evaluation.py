@@ -210,3 +210,34 @@ def test_results_and_paired_comparison_files(tmp_path):
     records = read_records(tmp_path / "a" / "records.jsonl")
     same = compare(records, records)
     assert same["difference_points"] == 0.0 and same["mcnemar_p"] == 1.0
+
+
+def test_acc_and_acc_norm_differ_as_defined(monkeypatch):
+    item = data.ArcItem("x", "Which is it?", ("A", "B"), ("a very long option text", "short"), 0)
+    # The long option (A) wins on both: -12 > -13 summed, -12/24 > -13/6 per character.
+    values = {" a very long option text": -12.0, " short": -13.0}
+    monkeypatch.setattr(tasks, "loglikelihoods", lambda m, t, pairs, *a: [values[c] for _, c in pairs])
+    (record,) = tasks.score_arc_loglikelihood(None, None, [item])
+    assert record.prediction == "A" and record.correct == 1.0
+    assert record.score["prediction_norm"] == "A" and record.score["acc_norm"] == 1.0
+    values = {" a very long option text": -13.0, " short": -12.0}
+    (record,) = tasks.score_arc_loglikelihood(None, None, [item])
+    # acc picks B (-12 > -13); acc_norm picks A (-13/24 = -0.54 > -12/6 = -2.0).
+    assert record.prediction == "B" and record.correct == 0.0
+    assert record.score["prediction_norm"] == "A" and record.score["acc_norm"] == 1.0
+
+
+def test_compare_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    rows_a = [{"id": str(i), "prompt_sha": "p", "prediction": "", "gold": "", "correct": float(i % 2), "score": {}}
+              for i in range(40)]
+    rows_b = [dict(r, correct=1.0) for r in rows_a]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_a))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_b))
+    done = subprocess.run([sys.executable, "-m", "brecq.cli", "compare", str(tmp_path / "a.jsonl"),
+                           str(tmp_path / "b.jsonl")], capture_output=True, text=True, cwd=tmp_path)
+    result = json.loads(done.stdout)
+    assert result["n"] == 40 and result["difference_points"] == pytest.approx(50.0)
+    assert result["mcnemar_p"] == pytest.approx(2 / 2 ** 20)

@@ -86,17 +86,51 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[tor
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, device, batch_size: int = 8) -> torch.Tensor:
-    """Block outputs for all samples, float32 on CPU, computed ``batch_size`` samples at a time."""
+def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, device, batch_size: int = 8,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Block outputs for all samples, float32 on CPU, computed ``batch_size`` samples at a time and
+    written into ``out`` when given (e.g. a memory-mapped tensor of the same shape as ``hidden``)."""
     call_on_device = call.to(device)
-    outputs = []
+    out = torch.empty_like(hidden, dtype=torch.float32) if out is None else out
     for start in range(0, hidden.shape[0], batch_size):
         x = hidden[start:start + batch_size].to(device)
-        out = block(x, **call_on_device.kwargs)
-        if isinstance(out, tuple):  # older transformers return (hidden_states, ...)
-            out = out[0]
-        outputs.append(out.float().cpu())
-    return torch.cat(outputs)
+        result = block(x, **call_on_device.kwargs)
+        if isinstance(result, tuple):  # older transformers return (hidden_states, ...)
+            result = result[0]
+        out[start:start + batch_size] = result.float().cpu()
+    return out
+
+
+class ActivationStore:
+    """Where cached block inputs and targets live: CPU memory, or memory-mapped files in a folder
+    (for calibration sets larger than memory). Files are removed when released or on close."""
+
+    def __init__(self, folder=None):
+        from pathlib import Path
+
+        self.folder = Path(folder) if folder is not None else None
+        self._count = 0
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def empty(self, like: torch.Tensor) -> torch.Tensor:
+        if self.folder is None:
+            return torch.empty_like(like, dtype=torch.float32)
+        self._count += 1
+        path = self.folder / f"activations_{self._count:04d}.f32"
+        tensor = torch.from_file(str(path), shared=True, size=like.numel(), dtype=torch.float32).view(like.shape)
+        tensor._brecq_path = path  # released with the tensor
+        return tensor
+
+    def release(self, tensor: torch.Tensor) -> None:
+        path = getattr(tensor, "_brecq_path", None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            for path in self.folder.glob("activations_*.f32"):
+                path.unlink(missing_ok=True)
 
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:

@@ -51,7 +51,7 @@ def _quantize(args) -> int:
     gptq = GPTQConfig(damp=args.damp, act_order=args.act_order)
     _, report = quantize_pretrained(args.model, args.out, recipe, calibration, reconstruction=reconstruction,
                                     gptq=gptq, device=args.device, work_dir=args.work_dir,
-                                    show_progress=not args.quiet)
+                                    activation_dir=args.activation_dir, show_progress=not args.quiet)
     print(report.table())
     print(f"saved to {args.out} ({report.seconds:.1f} s)")
     return 0
@@ -110,6 +110,17 @@ def _study(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    import json
+
+    from .evaluation.runner import compare, read_records
+
+    binary = args.field in ("correct", "acc_norm")
+    result = compare(read_records(args.a), read_records(args.b), args.field, binary)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brecq", description="BRECQ post-training quantization toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -153,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--device", default="cpu", help="device of the block being optimised (cpu, cuda, cuda:1)")
     q.add_argument("--work-dir", help="checkpoint folder for resuming (default: OUT/.brecq_work)")
+    q.add_argument("--activation-dir", help="keep cached block inputs/targets in memory-mapped files here "
+                                            "(calibration sets larger than memory)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(run=_quantize)
 
@@ -176,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(run=_evaluate)
+
+    c = commands.add_parser("compare", help="paired comparison of two evaluation runs on the same examples")
+    c.add_argument("a", help="records.jsonl of the first run (e.g. unquantized)")
+    c.add_argument("b", help="records.jsonl of the second run")
+    c.add_argument("--field", default="correct", choices=["correct", "acc_norm", "f1"],
+                   help="per-example outcome to compare")
+    c.set_defaults(run=_compare)
 
     s = commands.add_parser("study", help="run a study from a TOML config: quantize, evaluate, measure, report")
     s.add_argument("config", help="study config (TOML; see brecq.study.config for the format)")

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from brecq_ext import QuantLinear
 
 from .baselines import GPTQConfig, gptq_block, rtn_layer
-from .blocks import BlockCall, capture_block_inputs, decoder_blocks, linear_layers, run_block, set_submodule
+from .blocks import (ActivationStore, BlockCall, capture_block_inputs, decoder_blocks, linear_layers, run_block,
+                     set_submodule)
 from .io import atomic_save_tensors, atomic_write_text
 from .recipe import Method, Recipe
 from .reconstruct import (InputSource, LayerCodes, LossKind, ReconstructionConfig, _reconstruction_loss,
@@ -163,14 +164,16 @@ def collect_fisher(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> 
 def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None = None, *,
              reconstruction: ReconstructionConfig = ReconstructionConfig(), gptq: GPTQConfig = GPTQConfig(),
              device: str | torch.device = "cpu", work_dir: str | Path | None = None,
-             forward_batch_size: int = 8, show_progress: bool = True) -> QuantizationReport:
+             activation_dir: str | Path | None = None, forward_batch_size: int = 8,
+             show_progress: bool = True) -> QuantizationReport:
     """Quantize ``model`` in place: every linear layer the recipe assigns becomes a QuantLinear.
 
     ``calibration``: token ids int64 [N, T] (needed by BRECQ and GPTQ). Only the block being
     optimised moves to ``device``; cached block inputs and targets stay on the CPU. With
     ``work_dir``, each finished block is written there atomically and a rerun with the same model,
     recipe, calibration and settings resumes after the last finished block, ending with the same
-    weights as an uninterrupted run.
+    weights as an uninterrupted run. With ``activation_dir``, the cached block inputs and targets
+    are memory-mapped files there instead of CPU memory.
     """
     started = time.perf_counter()
     device = torch.device(device)
@@ -217,7 +220,11 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
             atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}, indent=2))
 
     log.info("capturing block inputs for %d calibration samples", calibration.shape[0])
-    hidden, call = capture_block_inputs(model, calibration)
+    captured, call = capture_block_inputs(model, calibration)
+    store = ActivationStore(activation_dir)
+    hidden = store.empty(captured)
+    hidden.copy_(captured)
+    del captured
     fisher = None
     if recipe.method is Method.BRECQ and reconstruction.loss is LossKind.FISHER:
         log.info("collecting Fisher weights (squared LM-loss gradients of each block output)")
@@ -227,7 +234,7 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
     bar = tqdm(list(enumerate(blocks)), desc=f"{recipe.method.value} blocks", disable=not show_progress)
     for i, block in bar:
         rules = per_block[i]
-        targets = run_block(block, fp_in, call, device, forward_batch_size)
+        targets = run_block(block, fp_in, call, device, forward_batch_size, out=store.empty(fp_in))
         checkpoint = work / f"block_{i:03d}.safetensors" if work is not None else None
         if checkpoint is not None and checkpoint.exists():
             record = _load_block(checkpoint, block, rules)
@@ -242,8 +249,11 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
             record = BlockRecord(i, 0, None, 0.0, 0.0)
         report.blocks.append(record)
         bar.set_postfix(loss=f"{record.loss_final:.4g}")
-        q_in = run_block(block, q_in, call, device, forward_batch_size)
-        fp_in = targets
+        q_next = run_block(block, q_in, call, device, forward_batch_size, out=store.empty(q_in))
+        for used in {id(fp_in): fp_in, id(q_in): q_in}.values():
+            store.release(used)
+        q_in, fp_in = q_next, targets
+    store.close()
     for name in outside:
         linear = model.get_submodule(name)
         set_submodule(model, name, _to_quant_linear(linear, rtn_layer(linear, assignment[name], recipe.clipping)))
@@ -293,7 +303,7 @@ def summary_markdown(report: QuantizationReport, source: str, calibration: dict 
 def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibration=None, *,
                         reconstruction: ReconstructionConfig = ReconstructionConfig(),
                         gptq: GPTQConfig = GPTQConfig(), device: str = "cpu", work_dir: str | None = None,
-                        show_progress: bool = True):
+                        activation_dir: str | None = None, show_progress: bool = True):
     """Load a Hugging Face causal LM (float32), quantize it and save it to ``out_dir``. ``work_dir``
     defaults to ``out_dir/.brecq_work`` so that an interrupted run resumes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -310,7 +320,8 @@ def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibrati
         ids = build_calibration(tokenizer, calibration)
     work = Path(work_dir) if work_dir else Path(out_dir) / ".brecq_work"
     report = quantize(model, recipe, ids, reconstruction=reconstruction, gptq=gptq, device=device,
-                      work_dir=work if ids is not None else None, show_progress=show_progress)
+                      work_dir=work if ids is not None else None, activation_dir=activation_dir,
+                      show_progress=show_progress)
     calib = calibration.describe() if calibration is not None else None
     extra = {"report": report.to_dict(),
              "reconstruction": plain_dict(reconstruction) if recipe.method is Method.BRECQ else None,
