@@ -241,3 +241,23 @@ def test_compare_command_line(tmp_path):
     result = json.loads(done.stdout)
     assert result["n"] == 40 and result["difference_points"] == pytest.approx(50.0)
     assert result["mcnemar_p"] == pytest.approx(2 / 2 ** 20)
+
+
+def test_interrupted_evaluation_resumes_from_its_journal(tmp_path):
+    model, tok = _stories()
+    arc = DATA / "test-ai2_arc.parquet"
+    full = evaluate(model, tok, Task.ARC, arc, tmp_path / "full", limit=20, show_progress=False)
+    records = (tmp_path / "full" / "records.jsonl").read_text().splitlines()
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    # As a run killed after 12 examples leaves it: a journal, the last line cut short.
+    (resumed_dir / "records.partial.jsonl").write_text("\n".join(records[:12]) + "\n" + records[12][:30])
+    result = evaluate(model, tok, Task.ARC, arc, resumed_dir, limit=20, show_progress=False)
+    assert result["reused"] == 12 and result["scored_now"] == 8
+    # Same examples, same order, same predictions (log-likelihoods may differ in the last digits:
+    # the batches are composed differently).
+    resumed = [json.loads(line) for line in (resumed_dir / "records.jsonl").read_text().splitlines()]
+    original = [json.loads(line) for line in records]
+    assert [(r["id"], r["prediction"]) for r in resumed] == [(r["id"], r["prediction"]) for r in original]
+    assert result["metrics"]["acc"] == full["metrics"]["acc"]
+    assert not (resumed_dir / "records.partial.jsonl").exists()

@@ -98,6 +98,13 @@ def test_config_errors_name_the_entry(tmp_path):
     (tmp_path / "missing.toml").write_text(missing)
     with pytest.raises(StudyConfigError, match=r"\[\[datasets\]\] #1: .*nope.parquet does not exist"):
         load_study_config(tmp_path / "missing.toml")
+    model_dir = _config(tmp_path).read_text().replace(str(STORIES260K), "/nonexistent/model")
+    (tmp_path / "model.toml").write_text(model_dir)
+    with pytest.raises(StudyConfigError, match="is not a hub id"):
+        load_study_config(tmp_path / "model.toml")
+    hub = _config(tmp_path).read_text().replace(str(STORIES260K), "Qwen/Qwen3-0.6B")
+    (tmp_path / "hub.toml").write_text(hub)
+    assert load_study_config(tmp_path / "hub.toml").models[0].path == "Qwen/Qwen3-0.6B"
     recipe = _config(tmp_path).read_text().replace('recipe = "w4g64_mix_attn6"', 'recipe = "w5"')
     (tmp_path / "recipe.toml").write_text(recipe)
     with pytest.raises(StudyConfigError, match="unknown recipe 'w5'"):

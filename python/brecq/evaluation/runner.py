@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 from ..io import atomic_write_text
 from .data import load_arc, load_squad
 from .metrics import bootstrap_interval, mcnemar_p_value, paired_bootstrap_difference, wilson_interval
-from .tasks import Record, score_arc_generative, score_arc_loglikelihood, score_squad
+from .tasks import (Record, apply_chat, arc_context, arc_generative_prompt, prompt_hash, score_arc_generative,
+                    score_arc_loglikelihood, score_squad, squad_prompt)
 
 log = logging.getLogger("brecq")
 
@@ -49,33 +51,81 @@ def aggregate(task: Task, records: list[Record]) -> dict:
             "no_ans_exact_match": _binary([r.correct for r in no])}
 
 
+PARTIAL = "records.partial.jsonl"
+CHUNK = 32  # examples scored between two appends to the journal
+
+
+def _prompt(task: Task, item, tokenizer, chat: bool) -> str:
+    if task is Task.ARC:
+        return arc_context(item)
+    if task is Task.ARC_GENERATIVE:
+        return apply_chat(tokenizer, arc_generative_prompt(item), chat)
+    return apply_chat(tokenizer, squad_prompt(item), chat)
+
+
+def _journal(path: Path) -> dict:
+    """Records already scored (a journal cut short by a kill loses at most its last line)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[record["id"]] = record
+    return done
+
+
 def evaluate(model, tokenizer, task: Task, data_path, out_dir=None, *, limit: int | None = None, seed: int = 0,
              chat: bool = False, batch_size: int = 8, max_new_tokens: int | None = None,
              show_progress: bool = True, label: str = "") -> dict:
     """Evaluate ``model`` on a parquet file; returns the aggregate (also written to
-    ``out_dir/results.json`` with the per-example records in ``out_dir/records.jsonl``)."""
+    ``out_dir/results.json`` with the per-example records in ``out_dir/records.jsonl``).
+
+    With ``out_dir``, scored examples are journaled as they finish; an interrupted run resumes,
+    reusing the records whose prompt is unchanged."""
     loader = load_squad if task is Task.SQUAD else load_arc
     items, report = loader(data_path, limit=limit, seed=seed)
     if not items:
         raise ValueError(f"{data_path}: no usable examples ({len(report.skipped)} rows could not be parsed)")
+    out = Path(out_dir) if out_dir is not None else None
+    journal = out / PARTIAL if out is not None else None
+    cached = _journal(journal) if journal is not None else {}
+    hashes = {item.id: prompt_hash(_prompt(task, item, tokenizer, chat)) for item in items}
+    done = {i: Record(**r) for i, r in cached.items() if i in hashes and r["prompt_sha"] == hashes[i]}
+    todo = [item for item in items if item.id not in done]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if done:
+            log.info("%s: reusing %d scored examples", out, len(done))
     started = time.perf_counter()
-    if task is Task.ARC:
-        records = score_arc_loglikelihood(model, tokenizer, items, batch_size, show_progress)
-    elif task is Task.ARC_GENERATIVE:
-        records = score_arc_generative(model, tokenizer, items, chat, max_new_tokens or 16, batch_size, show_progress)
-    else:
-        records = score_squad(model, tokenizer, items, chat, max_new_tokens or 32, batch_size, show_progress)
+    for start in range(0, len(todo), CHUNK if journal is not None else max(1, len(todo))):
+        chunk = todo[start:start + (CHUNK if journal is not None else len(todo))]
+        if task is Task.ARC:
+            records = score_arc_loglikelihood(model, tokenizer, chunk, batch_size, show_progress)
+        elif task is Task.ARC_GENERATIVE:
+            records = score_arc_generative(model, tokenizer, chunk, chat, max_new_tokens or 16, batch_size, show_progress)
+        else:
+            records = score_squad(model, tokenizer, chunk, chat, max_new_tokens or 32, batch_size, show_progress)
+        for record in records:
+            done[record.id] = record
+        if journal is not None:
+            with open(journal, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(asdict(r)) + "\n" for r in records))
+                f.flush()
+                os.fsync(f.fileno())
     seconds = time.perf_counter() - started
+    records = [done[item.id] for item in items]
     result = {"task": task.value, "label": label, "data": report.describe(), "n": len(records),
               "metrics": aggregate(task, records),
               "settings": {"limit": limit, "seed": seed, "chat_template": chat, "batch_size": batch_size,
                            "max_new_tokens": max_new_tokens},
-              "seconds": seconds, "examples_per_second": len(records) / seconds if seconds > 0 else None}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+              "seconds": seconds, "scored_now": len(todo), "reused": len(items) - len(todo),
+              "examples_per_second": len(todo) / seconds if seconds > 0 and todo else None}
+    if out is not None:
         atomic_write_text(out / "records.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
         atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+        journal.unlink(missing_ok=True)
     log.info("%s on %s: %s", task.value, Path(data_path).name,
              {k: round(v["value"], 4) for k, v in result["metrics"].items()})
     return result

@@ -50,7 +50,7 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def _apply_chat(tokenizer, prompt: str, chat: bool) -> str:
+def apply_chat(tokenizer, prompt: str, chat: bool) -> str:
     if not chat:
         return prompt
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -153,7 +153,7 @@ def arc_generative_prompt(item: ArcItem) -> str:
 
 def score_arc_generative(model, tokenizer, items, chat: bool = False, max_new_tokens: int = 16,
                          batch_size: int = 8, show_progress: bool = False):
-    prompts = [_apply_chat(tokenizer, arc_generative_prompt(item), chat) for item in items]
+    prompts = [apply_chat(tokenizer, arc_generative_prompt(item), chat) for item in items]
     texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress)
     records = []
     for item, prompt, text in zip(items, prompts, texts):
@@ -181,7 +181,7 @@ def parse_squad_answer(text: str) -> str:
 
 def score_squad(model, tokenizer, items, chat: bool = False, max_new_tokens: int = 32, batch_size: int = 8,
                 show_progress: bool = False):
-    prompts = [_apply_chat(tokenizer, squad_prompt(item), chat) for item in items]
+    prompts = [apply_chat(tokenizer, squad_prompt(item), chat) for item in items]
     texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress)
     records = []
     for item, prompt, text in zip(items, prompts, texts):

@@ -141,6 +141,20 @@ def _exists(path: str, where: str) -> str:
     return path
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _model_path(base: Path, path: str, where: str) -> str:
+    """A local model directory, or a hub id ("org/name") left as it is when no such folder exists
+    (it is then downloaded by transformers where a network is reachable)."""
+    local = _resolve(base, path)
+    if Path(local).exists():
+        return local
+    if HUB_ID.fullmatch(path):
+        return path
+    raise StudyConfigError(f"{where}: {local} does not exist (and {path!r} is not a hub id 'org/name')")
+
+
 def load_study_config(path) -> StudyConfig:
     path = Path(path)
     try:
@@ -175,7 +189,7 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
                                      tuple(c.get("columns", ())), int(c.get("samples", 128)), int(c.get("seq_len", 512)))
             if calib.samples < 1 or calib.seq_len < 2:
                 raise StudyConfigError(f"{where}.calibration: samples must be >= 1 and seq_len >= 2")
-        models.append(ModelEntry(label, _exists(_resolve(base, _need(m, "path", where)), where), role,
+        models.append(ModelEntry(label, _model_path(base, _need(m, "path", where), where), role,
                                  bool(m.get("chat_template", False)), calib))
     if not models:
         raise StudyConfigError("the study needs at least one [[models]] entry")

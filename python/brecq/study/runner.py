@@ -35,6 +35,8 @@ UNQUANTIZED = "unquantized"
 
 
 def _model_identity(path: str) -> dict:
+    if not Path(path).is_dir():  # a hub id: its name is its identity
+        return {"hub_id": path}
     files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
     return {p.name: p.stat().st_size for p in files}
 
