@@ -226,8 +226,11 @@ print(json.dumps({"baseline_mib": baseline / 1024, "after_load_mib": loaded / 10
 def cpu_peak_rss(model_path: str | Path, prompt_tokens: int = 128, decode_tokens: int = 32) -> dict:
     """Peak resident memory (MiB) of a fresh process that loads the model and generates; the
     process's baseline (Python, torch, transformers imported) is reported beside it."""
+    import tempfile
+
+    # A neutral working directory: the child must import the installed package, not a source tree.
     done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(model_path), str(prompt_tokens), str(decode_tokens)],
-                          capture_output=True, text=True, timeout=1800, cwd=str(Path(model_path).parent))
+                          capture_output=True, text=True, timeout=1800, cwd=tempfile.gettempdir())
     if done.returncode != 0:
         raise MeasurementError(f"cpu_peak_rss: measurement process failed: {done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
