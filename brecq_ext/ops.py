@@ -635,6 +635,75 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
     return _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features)
 
 
+# ------------------------------------------------------------------------------------------------
+# CUDA implementations (brecq_ext._cuda); without it, CUDA tensors run the reference in torch.
+# ------------------------------------------------------------------------------------------------
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@packed_matmul.register_kernel("cuda")
+def _(x, packed, scale, zero, bias, bits, group_size, in_features):
+    _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    cuda = cuda_kernels()
+    x2 = x.reshape(-1, in_features)
+    m, n = x2.shape[0], packed.shape[0]
+    if cuda is not None and 0 < m and cuda.packed_gemv_supported(bits, group_size, m, in_features):
+        if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
+            x2 = x2.contiguous()
+        p, s, z = packed.contiguous(), scale.contiguous(), zero.contiguous()
+        b = bias.float().contiguous() if bias is not None else None
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        cuda.packed_gemv(x2.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], m, x2.stride(0), p.data_ptr(), s.data_ptr(),
+                         z.data_ptr(), b.data_ptr() if b is not None else 0, n, in_features, bits, group_size,
+                         y.data_ptr(), _stream(x))
+        return y.reshape(*x.shape[:-1], n)
+    y = _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features,
+                    _dequantize_tile_any_device(bits, group_size, in_features))
+    return y.reshape(*x.shape[:-1], n)
+
+
+@adaround_forward.register_kernel("cuda")
+def _(weight, v, scale, zero, bits, group_size):
+    _check_adaround("brecq.adaround_forward", weight, v, scale, zero, bits, group_size)
+    cuda = cuda_kernels()
+    if cuda is None:
+        return reference.adaround_forward(weight, v, scale, zero, bits, group_size)
+    w, vv, s, z = weight.contiguous(), v.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty_like(w)
+    cuda.adaround_forward(w.data_ptr(), vv.data_ptr(), s.data_ptr(), z.data_ptr(), w.shape[0], w.shape[1], bits,
+                          group_size, out.data_ptr(), _stream(w))
+    return out
+
+
+@adaround_backward.register_kernel("cuda")
+def _(grad, weight, v, scale, zero, bits, group_size):
+    _check_adaround("brecq.adaround_backward", weight, v, scale, zero, bits, group_size)
+    check_shape("brecq.adaround_backward", "grad", grad, tuple(weight.shape), "like weight")
+    cuda = cuda_kernels()
+    if cuda is None:
+        return reference.adaround_backward(grad, weight, v, scale, zero, bits, group_size)
+    g = grad.float().contiguous()
+    w, vv, s, z = weight.contiguous(), v.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty_like(w)
+    cuda.adaround_backward(g.data_ptr(), w.data_ptr(), vv.data_ptr(), s.data_ptr(), z.data_ptr(), w.shape[0],
+                           w.shape[1], bits, group_size, out.data_ptr(), _stream(w))
+    return out
+
+
+@adaround_regularizer.register_kernel("cuda")
+def _(v, beta):
+    _check_regularizer(v, beta)
+    cuda = cuda_kernels()
+    if cuda is None:
+        return _reference_regularizer(v, beta)
+    vv = v.contiguous()
+    grad = torch.empty_like(vv)
+    loss = torch.empty((), dtype=torch.float32, device=v.device)
+    cuda.adaround_regularizer(vv.data_ptr(), vv.numel(), float(beta), grad.data_ptr(), loss.data_ptr(), _stream(vv))
+    return loss, grad
+
+
 # Import-time probe: a missing compiled module is reported once, when the ops are first loaded.
 cpu_kernels()
 

@@ -72,12 +72,15 @@ def test_non_contiguous_and_batched_inputs(isa, rows):
     assert_matmul_close(y.reshape(-1, 23), x_batched.reshape(-1, 192), w_deq, None)
 
 
-@pytest.mark.parametrize("rows", [1, 64], ids=lambda m: f"m{m}")
-def test_device_path_matches_dense_product(device, rows):
-    packed, scale, zero, bias, w_deq = _layer(40, 300, 4, 64, seed=rows, device=device)
-    x = torch.randn(rows, 300, device=device)
-    y = ops.packed_matmul(x, packed, scale, zero, bias, 4, 64, 300)
-    assert_matmul_close(y.cpu(), x.cpu(), w_deq.cpu(), bias.cpu())
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("bits", [4, 6, 3], ids=lambda b: f"w{b}")
+@pytest.mark.parametrize("rows", [1, 5, 16, 64], ids=lambda m: f"m{m}")
+def test_device_path_matches_dense_product(device, rows, bits, dtype):
+    packed, scale, zero, bias, w_deq = _layer(40, 300, bits, 64, seed=rows, device=device)
+    x = torch.randn(rows, 300, device=device).to(dtype)
+    y = ops.packed_matmul(x, packed, scale, zero, bias, bits, 64, 300)
+    assert y.dtype == dtype and y.device == x.device
+    assert_matmul_close(y.cpu(), x.cpu().float(), w_deq.cpu(), bias.cpu())
 
 
 def test_zero_rows_give_empty_output():

@@ -14,5 +14,22 @@ cudaError_t dequantize_packed(const uint8_t* packed, const uint16_t* scale, cons
                               int64_t n, int64_t k, int bits, int64_t g, void* out,
                               OutputType out_type, cudaStream_t stream);
 
+// y[m, n] = x[m, k] . dequant(W)^T + bias for 1..16 rows of x (dtype of x and y alike, rows
+// x_stride elements apart), W packed at 4 or 6 bits with a group size that is a multiple of 32.
+bool packed_gemv_supported(int bits, int64_t g, int m, int64_t k);
+cudaError_t packed_gemv(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
+                        const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
+                        int bits, int64_t g, void* y, cudaStream_t stream);
+
+// AdaRound (csrc/cpu/adaround.cpp has the formulas); all pointers float32 except scale/zero.
+cudaError_t adaround_forward(const float* w, const float* v, const uint16_t* scale, const uint8_t* zero,
+                             int64_t n, int64_t k, int bits, int64_t g, float* out, cudaStream_t stream);
+cudaError_t adaround_backward(const float* grad_out, const float* w, const float* v, const uint16_t* scale,
+                              const uint8_t* zero, int64_t n, int64_t k, int bits, int64_t g, float* grad_v,
+                              cudaStream_t stream);
+// loss: one float on the device, overwritten.
+cudaError_t adaround_regularizer(const float* v, int64_t count, float beta, float* grad_v, float* loss,
+                                 cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace brecq
