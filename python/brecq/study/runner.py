@@ -56,7 +56,7 @@ def quantized_dir(config: StudyConfig, model: ModelEntry, variant: VariantEntry)
     return Path(config.output) / "quantized" / f"{slug(model.label)}__{slug(variant.label)}__{digest}"
 
 
-def _ensure_quantized(config: StudyConfig, model: ModelEntry, variant: VariantEntry) -> Path:
+def _ensure_quantized(config: StudyConfig, model: ModelEntry, variant: VariantEntry, show_progress: bool) -> Path:
     out = quantized_dir(config, model, variant)
     if (out / "config.json").exists():
         log.info("reusing quantized model %s", out)
@@ -68,7 +68,7 @@ def _ensure_quantized(config: StudyConfig, model: ModelEntry, variant: VariantEn
     log.info("quantizing %s with %s (%s)", model.label, variant.recipe, variant.method.value)
     quantize_pretrained(model.path, str(out), get_recipe(variant.recipe, variant.method), calibration,
                         reconstruction=_reconstruction(variant, config.seed), gptq=GPTQConfig(),
-                        device=config.device, show_progress=True)
+                        device=config.device, show_progress=show_progress)
     return out
 
 
@@ -88,7 +88,10 @@ def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
                      "variants": {}}
         variants = [(UNQUANTIZED, None)] + [(v.label, v) for v in config.variants]
         for label, variant in variants:
-            path = Path(model_entry.path) if variant is None else _ensure_quantized(config, model_entry, variant)
+            if variant is None:
+                path = Path(model_entry.path)
+            else:
+                path = _ensure_quantized(config, model_entry, variant, show_progress)
             model, tokenizer = load_model_any(path, device=config.device, dtype=dtype)
             run_dir = out / "runs" / slug(model_entry.label) / slug(label)
             entry = {"path": str(path), "datasets": {}}
