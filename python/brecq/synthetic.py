@@ -120,22 +120,14 @@ def finetune_corpus(facts: dict, rng: random.Random, count: int) -> list[tuple[s
     return texts
 
 
-def train(model, tokenizer, texts: list[str], steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
-          desc: str, show_progress: bool = True) -> float:
-    """Causal-LM training on ``texts`` packed into one stream; returns the final mean loss."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = []
-    for text in texts:
-        ids.extend([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-    stream = torch.tensor(ids, dtype=torch.long)
+def _fit(model, steps: int, lr: float, batches, desc: str, show_progress: bool) -> float:
+    """AdamW with a one-cycle schedule over ``batches()`` -> loss; returns the mean of the last 20."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc=desc, disable=not show_progress):
-        starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=gen)
-        batch = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
-        loss = model(batch, labels=batch, use_cache=False).loss
+        loss = batches()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -144,6 +136,23 @@ def train(model, tokenizer, texts: list[str], steps: int, batch_size: int, seq_l
         losses.append(loss.item())
     model.eval()
     return sum(losses[-20:]) / len(losses[-20:])
+
+
+def train(model, tokenizer, texts: list[str], steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
+          desc: str, show_progress: bool = True) -> float:
+    """Causal-LM training on ``texts`` packed into one stream; returns the final mean loss."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = []
+    for text in texts:
+        ids.extend([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    stream = torch.tensor(ids, dtype=torch.long)
+
+    def batch_loss():
+        starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=gen)
+        batch = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+        return model(batch, labels=batch, use_cache=False).loss
+
+    return _fit(model, steps, lr, batch_loss, desc, show_progress)
 
 
 def train_supervised(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch_size: int, lr: float,
@@ -155,11 +164,8 @@ def train_supervised(model, tokenizer, pairs: list[tuple[str, str]], steps: int,
         p = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         encoded.append((p, a))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc=desc, disable=not show_progress):
+
+    def batch_loss():
         idx = torch.randint(0, len(encoded), (batch_size,), generator=gen).tolist()
         length = max(len(encoded[i][0]) + len(encoded[i][1]) for i in idx)
         ids = torch.full((batch_size, length), tokenizer.pad_token_id, dtype=torch.long)
@@ -170,15 +176,9 @@ def train_supervised(model, tokenizer, pairs: list[tuple[str, str]], steps: int,
             ids[row, :len(p) + len(a)] = torch.tensor(p + a)
             labels[row, len(p):len(p) + len(a)] = torch.tensor(a)
             mask[row, :len(p) + len(a)] = 1
-        loss = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    model.eval()
-    return sum(losses[-20:]) / len(losses[-20:])
+        return model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+
+    return _fit(model, steps, lr, batch_loss, desc, show_progress)
 
 
 def build_demo_models(out: Path, seed: int = 0, base_steps: int = 200, finetune_steps: int = 250,

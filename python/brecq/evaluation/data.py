@@ -116,56 +116,58 @@ def split_inline_options(text: str) -> tuple[str, list[str], list[str]]:
     raise ValueError("options 'A. ... B. ...' (or '1. ... 2. ...') not found in the question")
 
 
-def load_arc(path, limit: int | None = None, seed: int = 0) -> tuple[list[ArcItem], LoadReport]:
+def _load(path, task: str, parse_row, limit, seed):
+    """Rows of a parquet file through ``parse_row(row, index, layout)``; a row it cannot parse is
+    reported with its number and the reason, and skipped."""
     path = Path(path)
     table = _read(path)
-    layout = detect_layout(table.column_names, "arc")
+    layout = detect_layout(table.column_names, task)
     rows = table.to_pylist()
     items, report = [], LoadReport(str(path), layout, len(rows), 0)
     for i, row in enumerate(rows):
         try:
-            if layout == "arc_study":
-                stem, labels, options = split_inline_options(str(row["question"]))
-                answer = str(row["answer"]).strip()
-                item_id = str(row.get("title") or i)
-            else:
-                choices = _struct(row["choices"])
-                labels, options = [str(x) for x in choices["label"]], [str(x) for x in choices["text"]]
-                stem, answer, item_id = str(row["question"]).strip(), str(row["answerKey"]).strip(), str(row.get("id") or i)
-            if answer not in labels:
-                raise ValueError(f"answer {answer!r} is not among the option labels {labels}")
-            items.append(ArcItem(item_id, stem, tuple(labels), tuple(options), labels.index(answer)))
+            items.append(parse_row(row, i, layout))
         except (ValueError, KeyError, SyntaxError, TypeError) as exc:
             report.skipped.append((i, str(exc)))
             log.warning("%s row %d skipped: %s", path.name, i, exc)
     return _limit(items, report, limit, seed)
+
+
+def _arc_row(row: dict, i: int, layout: str) -> ArcItem:
+    if layout == "arc_study":
+        stem, labels, options = split_inline_options(str(row["question"]))
+        answer, item_id = str(row["answer"]).strip(), str(row.get("title") or i)
+    else:
+        choices = _struct(row["choices"])
+        labels, options = [str(x) for x in choices["label"]], [str(x) for x in choices["text"]]
+        stem, answer, item_id = str(row["question"]).strip(), str(row["answerKey"]).strip(), str(row.get("id") or i)
+    if answer not in labels:
+        raise ValueError(f"answer {answer!r} is not among the option labels {labels}")
+    return ArcItem(item_id, stem, tuple(labels), tuple(options), labels.index(answer))
+
+
+def _squad_row(row: dict, i: int, layout: str) -> SquadItem:
+    if layout == "squad_study":
+        answer = row["answer"]
+        if answer is None:
+            raise ValueError("answer is null (use an empty string for unanswerable)")
+        answers = (str(answer),) if str(answer).strip() else ()
+        item_id = f"{row.get('title') or 'row'}-{i}"
+    else:
+        answers = tuple(str(a) for a in _struct(row["answers"])["text"] if str(a).strip())
+        item_id = str(row.get("id") or i)
+    context, question = str(row["context"]), str(row["question"])
+    if not context.strip() or not question.strip():
+        raise ValueError("empty context or question")
+    return SquadItem(item_id, str(row.get("title") or ""), context, question, answers)
+
+
+def load_arc(path, limit: int | None = None, seed: int = 0) -> tuple[list[ArcItem], LoadReport]:
+    return _load(path, "arc", _arc_row, limit, seed)
 
 
 def load_squad(path, limit: int | None = None, seed: int = 0) -> tuple[list[SquadItem], LoadReport]:
-    path = Path(path)
-    table = _read(path)
-    layout = detect_layout(table.column_names, "squad")
-    rows = table.to_pylist()
-    items, report = [], LoadReport(str(path), layout, len(rows), 0)
-    for i, row in enumerate(rows):
-        try:
-            if layout == "squad_study":
-                answer = row["answer"]
-                if answer is None:
-                    raise ValueError("answer is null (use an empty string for unanswerable)")
-                answers = (str(answer),) if str(answer).strip() else ()
-                item_id = f"{row.get('title') or 'row'}-{i}"
-            else:
-                answers = tuple(str(a) for a in _struct(row["answers"])["text"] if str(a).strip())
-                item_id = str(row.get("id") or i)
-            context, question = str(row["context"]), str(row["question"])
-            if not context.strip() or not question.strip():
-                raise ValueError("empty context or question")
-            items.append(SquadItem(item_id, str(row.get("title") or ""), context, question, answers))
-        except (ValueError, KeyError, SyntaxError, TypeError) as exc:
-            report.skipped.append((i, str(exc)))
-            log.warning("%s row %d skipped: %s", path.name, i, exc)
-    return _limit(items, report, limit, seed)
+    return _load(path, "squad", _squad_row, limit, seed)
 
 
 def _limit(items, report: LoadReport, limit, seed):
