@@ -1,5 +1,4 @@
 """The quantization engine: BRECQ, RTN and GPTQ through one interface, resume, save and load."""
-import os
 import signal
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """The study runner end to end on the real tiny model and the study's parquet files."""
 import json
-import os
 
 import pytest
 
