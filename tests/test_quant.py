@@ -35,9 +35,9 @@ def _group_errors(w, scale, zero, bits, group_size):
 @pytest.mark.parametrize("bits", [3, 4, 6], ids=lambda b: f"w{b}")
 @pytest.mark.parametrize("group_size", [32, 64, 128], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_mse_search_matches_reference_and_beats_minmax(bits, group_size, shape):
+def test_mse_search_matches_reference_and_beats_minmax(bits, group_size, shape, device):
     w = _weight(*shape, seed=7 * bits + shape[0])
-    scale, zero = ops.quant_params(w, bits, group_size, 80)
+    scale, zero = (t.cpu() for t in ops.quant_params(w.to(device), bits, group_size, 80))
     scale_ref, zero_ref = ref.quant_params(w, bits, group_size, 80)
     err = _group_errors(w, scale, zero, bits, group_size)
     err_ref = _group_errors(w, scale_ref, zero_ref, bits, group_size)

@@ -11,6 +11,10 @@
 namespace py = pybind11;
 
 namespace {
+template <typename T>
+T* ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+cudaStream_t stream_of(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess)
     throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(status));
@@ -19,6 +23,48 @@ void check(cudaError_t status, const char* what) {
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "brecq CUDA kernels (raw-pointer interface; use brecq_ext.ops instead)";
+  // This module links its own CUDA runtime, whose current device is not torch's: ops call this with
+  // the tensor's device before launching (a no-op when it is already current on this thread).
+  m.def("use_device", [](int device) {
+    thread_local int current = -1;
+    if (device == current) return;
+    check(cudaSetDevice(device), "brecq use_device (CUDA)");
+    current = device;
+  });
+  m.def("quant_params", [](std::uintptr_t w, int64_t n, int64_t k, int bits, int64_t g, int search_steps,
+                           std::uintptr_t scale, std::uintptr_t zero, std::uintptr_t stream) {
+    check(brecq::cuda::quant_params(ptr<const float>(w), n, k, bits, g, search_steps, ptr<uint16_t>(scale),
+                                    ptr<uint8_t>(zero), stream_of(stream)),
+          "brecq quant_params (CUDA)");
+  }, py::call_guard<py::gil_scoped_release>());
+  m.def("quantize", [](std::uintptr_t w, std::uintptr_t scale, std::uintptr_t zero, int64_t n, int64_t k,
+                       int bits, int64_t g, std::uintptr_t codes, std::uintptr_t stream) {
+    check(brecq::cuda::quantize(ptr<const float>(w), ptr<const uint16_t>(scale), ptr<const uint8_t>(zero), n, k,
+                                bits, g, ptr<uint8_t>(codes), stream_of(stream)),
+          "brecq quantize (CUDA)");
+  }, py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize", [](std::uintptr_t codes, std::uintptr_t scale, std::uintptr_t zero, int64_t n, int64_t k,
+                         int64_t g, std::uintptr_t out, std::uintptr_t stream) {
+    check(brecq::cuda::dequantize(ptr<const uint8_t>(codes), ptr<const uint16_t>(scale), ptr<const uint8_t>(zero),
+                                  n, k, g, ptr<float>(out), stream_of(stream)),
+          "brecq dequantize (CUDA)");
+  }, py::call_guard<py::gil_scoped_release>());
+  m.def("fake_quantize", [](std::uintptr_t w, std::uintptr_t scale, std::uintptr_t zero, int64_t n, int64_t k,
+                            int bits, int64_t g, std::uintptr_t out, std::uintptr_t stream) {
+    check(brecq::cuda::fake_quantize(ptr<const float>(w), ptr<const uint16_t>(scale), ptr<const uint8_t>(zero), n,
+                                     k, bits, g, ptr<float>(out), stream_of(stream)),
+          "brecq fake_quantize (CUDA)");
+  }, py::call_guard<py::gil_scoped_release>());
+  m.def("pack", [](std::uintptr_t codes, int64_t n, int64_t k, int bits, int64_t g, std::uintptr_t packed,
+                   std::uintptr_t stream) {
+    check(brecq::cuda::pack(ptr<const uint8_t>(codes), n, k, bits, g, ptr<uint8_t>(packed), stream_of(stream)),
+          "brecq pack (CUDA)");
+  }, py::call_guard<py::gil_scoped_release>());
+  m.def("unpack", [](std::uintptr_t packed, int64_t n, int64_t k, int bits, int64_t g, std::uintptr_t codes,
+                     std::uintptr_t stream) {
+    check(brecq::cuda::unpack(ptr<const uint8_t>(packed), n, k, bits, g, ptr<uint8_t>(codes), stream_of(stream)),
+          "brecq unpack (CUDA)");
+  }, py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_packed", [](std::uintptr_t packed, std::uintptr_t scale, std::uintptr_t zero,
                                 int64_t n, int64_t k, int bits, int64_t g, std::uintptr_t out,
                                 int out_type, std::uintptr_t stream) {

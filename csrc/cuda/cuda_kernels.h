@@ -9,6 +9,22 @@ namespace cuda {
 
 enum class OutputType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Grouped quantization (csrc/cpu/quant.cpp, pack.cpp have the formulas): w float32 [n, k]
+// row-major, scale float16 bits and zero uint8 [n, num_groups(k, g)], codes uint8 [n, k],
+// packed uint8 [n, packed_row_bytes(k, g, bits)]. pack expects codes already checked <= 2^bits - 1.
+cudaError_t quant_params(const float* w, int64_t n, int64_t k, int bits, int64_t g, int search_steps,
+                         uint16_t* scale, uint8_t* zero, cudaStream_t stream);
+cudaError_t quantize(const float* w, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+                     int bits, int64_t g, uint8_t* codes, cudaStream_t stream);
+cudaError_t dequantize(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,
+                       int64_t k, int64_t g, float* out, cudaStream_t stream);
+cudaError_t fake_quantize(const float* w, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+                          int bits, int64_t g, float* out, cudaStream_t stream);
+cudaError_t pack(const uint8_t* codes, int64_t n, int64_t k, int bits, int64_t g, uint8_t* packed,
+                 cudaStream_t stream);
+cudaError_t unpack(const uint8_t* packed, int64_t n, int64_t k, int bits, int64_t g, uint8_t* codes,
+                   cudaStream_t stream);
+
 // out[n, k] = scale * (code - zero) in out_type, from packed weights (format.h).
 cudaError_t dequantize_packed(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero,
                               int64_t n, int64_t k, int bits, int64_t g, void* out,
