@@ -9,6 +9,7 @@ Environment switches:
   BRECQ_BUILD_JOBS=N parallel compile jobs (default: number of CPUs)
   CUDA_HOME          CUDA toolkit location (default: /usr/local/cuda, then nvcc on PATH)
 """
+import concurrent.futures
 import logging
 import os
 import platform
@@ -39,6 +40,10 @@ def cpu_flags():
     return flags
 
 
+def build_jobs() -> int:
+    return int(os.environ.get("BRECQ_BUILD_JOBS") or 0) or os.cpu_count() or 1
+
+
 def find_nvcc():
     choice = os.environ.get("BRECQ_CUDA")
     if choice == "0":
@@ -67,6 +72,7 @@ class BuildExt(build_ext):
             build_dir = Path(self.build_temp) / "cuda"
             build_dir.mkdir(parents=True, exist_ok=True)
             archs = os.environ.get("BRECQ_CUDA_ARCHS", "80;90").split(";")
+            commands = []
             for src in cu_sources:
                 obj = build_dir / (Path(src).stem + ".o")
                 cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
@@ -74,8 +80,12 @@ class BuildExt(build_ext):
                 for arch in archs:
                     cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
                 log.info("nvcc %s (sm_%s)", src, ",".join(archs))
-                subprocess.check_call(cmd)
+                commands.append(cmd)
                 ext.extra_objects.append(str(obj))
+            # The .cu files are independent: compile them side by side (nvcc is single-threaded).
+            with concurrent.futures.ThreadPoolExecutor(max_workers=build_jobs()) as pool:
+                for _ in pool.map(subprocess.check_call, commands):
+                    pass
         super().build_extension(ext)
 
 

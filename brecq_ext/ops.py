@@ -28,6 +28,9 @@ from .format import num_groups, packed_row_bytes
 GEMV_MAX_ROWS = 8
 # Elements of the dense workspace tile of the GEMM path (4 MiB in float32).
 GEMM_TILE_ELEMENTS = 1 << 20
+# On CUDA one launch of the dequantization kernel and one matmul beat many small ones: up to 64 Mi
+# elements (128 MiB in bfloat16) of workspace per call.
+CUDA_GEMM_TILE_ELEMENTS = 1 << 26
 MAX_SEARCH_STEPS = 100  # shrink factors 1.00 .. 0.01
 
 
@@ -459,8 +462,7 @@ def dequantize_packed(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, gr
     p, s, z = packed.contiguous(), scale.contiguous(), zero.contiguous()
     out = torch.empty(p.shape[0], in_features, dtype=dtype, device=p.device)
     cuda.dequantize_packed(p.data_ptr(), s.data_ptr(), z.data_ptr(), p.shape[0], in_features, bits,
-                           group_size, out.data_ptr(), _CUDA_OUTPUT_TYPE[dtype],
-                           torch.cuda.current_stream(p.device).cuda_stream)
+                           group_size, out.data_ptr(), _CUDA_OUTPUT_TYPE[dtype], _stream(p))
     return out
 
 
@@ -514,8 +516,13 @@ def _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features, de
     if x2.device.type == "cuda" and x2.dtype == torch.float16:
         compute = torch.float16
     xc = x2.to(compute)
-    tile = max(1, min(n, GEMM_TILE_ELEMENTS // in_features))
+    tile_elements = GEMM_TILE_ELEMENTS if x2.device.type == "cpu" else CUDA_GEMM_TILE_ELEMENTS
+    tile = max(1, min(n, tile_elements // in_features))
     workspace = torch.empty(tile, in_features, dtype=compute, device=x2.device)
+    if tile == n and x2.device.type == "cuda":  # one tile: one product, written in its final layout
+        dequantize_tile(packed, scale, zero, workspace)
+        y = torch.nn.functional.linear(xc, workspace, bias.to(compute) if bias is not None else None)
+        return y.to(x2.dtype)
     y_t = torch.empty(n, x2.shape[0], dtype=compute, device=x2.device)
     for start in range(0, n, tile):
         stop = min(n, start + tile)
@@ -615,14 +622,29 @@ packed_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
 
 def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], bits: int,
            group_size: int, in_features: int, weights_checked: bool = False) -> Tensor:
-    """packed_matmul for module forwards. In eager mode on CPU without autograd it calls the CPU
-    implementation directly: the custom-op dispatcher costs 20-40 us a call, more than a whole
-    decode-sized GEMV. ``weights_checked=True`` (QuantLinear, whose buffers are validated when it
-    is built or loaded) also skips re-validating packed/scale/zero/bias for small decode inputs,
-    which must then be contiguous CPU float32 [..., in_features]. Everywhere else (autograd,
-    torch.compile, other devices) it is the op."""
-    if (x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)
-            or torch.compiler.is_compiling()):
+    """packed_matmul for module forwards. In eager inference (no autograd, not compiling) it calls
+    the CPU or CUDA implementation directly: the custom-op dispatcher costs 20-40 us a call, more
+    than a whole decode-sized GEMV on either device. ``weights_checked=True`` (QuantLinear, whose
+    buffers are validated when it is built or loaded) also skips re-validating packed/scale/zero/bias
+    for contiguous decode inputs. Everywhere else (autograd, torch.compile, CUDA graphs captured
+    through torch.compile) it is the op."""
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        return packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    if x.device.type == "cuda":
+        cuda = cuda_kernels()
+        if (weights_checked and cuda is not None and x.dtype in _CUDA_OUTPUT_TYPE and x.is_contiguous()
+                and x.dim() >= 1 and x.shape[-1] == in_features and x.device == packed.device
+                and (bias is None or bias.dtype == torch.float32)):
+            m, n = x.numel() // in_features, packed.shape[0]
+            stream = _stream(x)
+            if 0 < m and cuda.packed_gemv_supported(bits, group_size, m, in_features):
+                y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+                cuda.packed_gemv(x.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], m, in_features, packed.data_ptr(),
+                                 scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                                 n, in_features, bits, group_size, y.data_ptr(), stream)
+                return y
+        return packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    if x.device.type != "cpu":
         return packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
     kernels = _cpu()
     if (weights_checked and kernels is not None and x.dtype in (torch.float32, torch.bfloat16)
@@ -639,7 +661,96 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
 # CUDA implementations (brecq_ext._cuda); without it, CUDA tensors run the reference in torch.
 # ------------------------------------------------------------------------------------------------
 def _stream(t: Tensor) -> int:
+    """Handle of torch's current stream on t's device, with that device made current for the CUDA
+    module (it links its own runtime, whose notion of the current device is separate from torch's)."""
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    cuda_kernels().use_device(index)
+    raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what inductor calls; fastest
+    if raw_stream is not None:
+        return raw_stream(index)
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@quant_params.register_kernel("cuda")
+def _(weight, bits, group_size, search_steps=0):
+    _check_quant_params(weight, bits, group_size, search_steps)
+    _check_finite("brecq.quant_params", "weight", weight)  # one host sync: bad weights must not pass
+    cuda = cuda_kernels()
+    if cuda is None:
+        return reference.quant_params(weight, bits, group_size, search_steps)
+    w = weight.float().contiguous()
+    n, k = w.shape
+    scale = torch.empty(n, num_groups(k, group_size), dtype=torch.float16, device=w.device)
+    zero = torch.empty(n, num_groups(k, group_size), dtype=torch.uint8, device=w.device)
+    cuda.quant_params(w.data_ptr(), n, k, bits, group_size, search_steps, scale.data_ptr(), zero.data_ptr(),
+                      _stream(w))
+    return scale, zero
+
+
+@quantize.register_kernel("cuda")
+def _(weight, scale, zero, bits, group_size):
+    _check_quantize("brecq.quantize", weight, scale, zero, bits, group_size)
+    cuda = cuda_kernels()
+    if cuda is None:
+        return reference.quantize(weight, scale, zero, bits, group_size)
+    w, s, z = weight.float().contiguous(), scale.contiguous(), zero.contiguous()
+    codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    cuda.quantize(w.data_ptr(), s.data_ptr(), z.data_ptr(), w.shape[0], w.shape[1], bits, group_size,
+                  codes.data_ptr(), _stream(w))
+    return codes
+
+
+@dequantize.register_kernel("cuda")
+def _(codes, scale, zero, group_size):
+    _check_dequantize(codes, scale, zero, group_size)
+    cuda = cuda_kernels()
+    if cuda is None:
+        return reference.dequantize(codes, scale, zero, group_size)
+    c, s, z = codes.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty(c.shape, dtype=torch.float32, device=c.device)
+    cuda.dequantize(c.data_ptr(), s.data_ptr(), z.data_ptr(), c.shape[0], c.shape[1], group_size, out.data_ptr(),
+                    _stream(c))
+    return out
+
+
+@fake_quantize.register_kernel("cuda")
+def _(weight, scale, zero, bits, group_size):
+    _check_quantize("brecq.fake_quantize", weight, scale, zero, bits, group_size)
+    cuda = cuda_kernels()
+    if cuda is None:
+        return reference.fake_quantize(weight, scale, zero, bits, group_size)
+    w, s, z = weight.float().contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    cuda.fake_quantize(w.data_ptr(), s.data_ptr(), z.data_ptr(), w.shape[0], w.shape[1], bits, group_size,
+                       out.data_ptr(), _stream(w))
+    return out.to(weight.dtype)
+
+
+@pack.register_kernel("cuda")
+def _(codes, bits, group_size):
+    _check_pack(codes, bits, group_size)
+    if bool((codes > (1 << bits) - 1).any()):  # one host sync: out-of-range codes must not be packed
+        _raise_invalid_codes(codes, bits)
+    cuda = cuda_kernels()
+    if cuda is None:
+        return reference.pack(codes, bits, group_size)
+    c = codes.contiguous()
+    n, k = c.shape
+    out = torch.empty(n, packed_row_bytes(k, group_size, bits), dtype=torch.uint8, device=c.device)
+    cuda.pack(c.data_ptr(), n, k, bits, group_size, out.data_ptr(), _stream(c))
+    return out
+
+
+@unpack.register_kernel("cuda")
+def _(packed, bits, group_size, in_features):
+    _check_unpack(packed, bits, group_size, in_features)
+    cuda = cuda_kernels()
+    if cuda is None:
+        return reference.unpack(packed, bits, group_size, in_features)
+    p = packed.contiguous()
+    out = torch.empty(p.shape[0], in_features, dtype=torch.uint8, device=p.device)
+    cuda.unpack(p.data_ptr(), p.shape[0], in_features, bits, group_size, out.data_ptr(), _stream(p))
+    return out
 
 
 @packed_matmul.register_kernel("cuda")
@@ -648,6 +759,7 @@ def _(x, packed, scale, zero, bias, bits, group_size, in_features):
     cuda = cuda_kernels()
     x2 = x.reshape(-1, in_features)
     m, n = x2.shape[0], packed.shape[0]
+    stream = _stream(x) if cuda is not None else 0  # before packed_gemv_supported, which asks the device
     if cuda is not None and 0 < m and cuda.packed_gemv_supported(bits, group_size, m, in_features):
         if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
             x2 = x2.contiguous()
@@ -656,10 +768,17 @@ def _(x, packed, scale, zero, bias, bits, group_size, in_features):
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         cuda.packed_gemv(x2.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], m, x2.stride(0), p.data_ptr(), s.data_ptr(),
                          z.data_ptr(), b.data_ptr() if b is not None else 0, n, in_features, bits, group_size,
-                         y.data_ptr(), _stream(x))
+                         y.data_ptr(), stream)
         return y.reshape(*x.shape[:-1], n)
-    y = _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features,
-                    _dequantize_tile_any_device(bits, group_size, in_features))
+    if cuda is None:
+        dequantize_tile = _dequantize_tile_any_device(bits, group_size, in_features)
+    else:
+        def dequantize_tile(packed_rows, scale_rows, zero_rows, out):  # straight into the workspace
+            cuda.dequantize_packed(packed_rows.data_ptr(), scale_rows.data_ptr(), zero_rows.data_ptr(),
+                                   packed_rows.shape[0], in_features, bits, group_size, out.data_ptr(),
+                                   _CUDA_OUTPUT_TYPE[out.dtype], stream)
+        packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
+    y = _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features, dequantize_tile)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "brecq/format.h"
@@ -37,13 +38,28 @@ template <int Bits> struct Step;
 template <> struct Step<4> { static constexpr int kCodes = 32; static constexpr int kBytes = 16; };
 template <> struct Step<6> { static constexpr int kCodes = 16; static constexpr int kBytes = 12; };
 
+// One lane step of packed codes, loaded with vector loads and decoded later, so that the next
+// step's load can be in flight while this one is being multiplied.
+template <int Bits> struct Chunk;
+template <> struct Chunk<4> { uint4 v; };
+template <> struct Chunk<6> { uint32_t w0, w1, w2; };
+
 template <int Bits>
-__device__ inline void load_codes(const uint8_t* p, float (&q)[Step<Bits>::kCodes]);
+__device__ inline Chunk<Bits> load_chunk(const uint8_t* p);
+template <>
+__device__ inline Chunk<4> load_chunk<4>(const uint8_t* p) { return {__ldg(reinterpret_cast<const uint4*>(p))}; }
+template <>
+__device__ inline Chunk<6> load_chunk<6>(const uint8_t* p) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(p);  // 12-byte runs start 4-byte aligned
+  return {__ldg(w), __ldg(w + 1), __ldg(w + 2)};
+}
+
+template <int Bits>
+__device__ inline void decode(const Chunk<Bits>& chunk, float (&q)[Step<Bits>::kCodes]);
 
 template <>
-__device__ inline void load_codes<4>(const uint8_t* p, float (&q)[32]) {
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+__device__ inline void decode<4>(const Chunk<4>& chunk, float (&q)[32]) {
+  const uint32_t words[4] = {chunk.v.x, chunk.v.y, chunk.v.z, chunk.v.w};
 #pragma unroll
   for (int w = 0; w < 4; ++w)
 #pragma unroll
@@ -51,10 +67,9 @@ __device__ inline void load_codes<4>(const uint8_t* p, float (&q)[32]) {
 }
 
 template <>
-__device__ inline void load_codes<6>(const uint8_t* p, float (&q)[16]) {
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(p);  // 12-byte runs start 4-byte aligned
-  const uint64_t lo = static_cast<uint64_t>(w[0]) | (static_cast<uint64_t>(w[1]) << 32);
-  const uint32_t hi = w[2];
+__device__ inline void decode<6>(const Chunk<6>& chunk, float (&q)[16]) {
+  const uint64_t lo = static_cast<uint64_t>(chunk.w0) | (static_cast<uint64_t>(chunk.w1) << 32);
+  const uint32_t hi = chunk.w2;
 #pragma unroll
   for (int j = 0; j < 10; ++j) q[j] = static_cast<float>((lo >> (6 * j)) & 0x3fu);
   // code 10 straddles the 64-bit boundary: bits 60..65
@@ -63,11 +78,42 @@ __device__ inline void load_codes<6>(const uint8_t* p, float (&q)[16]) {
   for (int j = 11; j < 16; ++j) q[j] = static_cast<float>((hi >> (6 * j - 64)) & 0x3fu);
 }
 
+// A lane's step: its packed codes and the scale/zero of the group they lie in.
+template <int Bits>
+struct LaneStep {
+  Chunk<Bits> codes;
+  uint16_t scale_bits;
+  uint8_t zero;
+};
+
+template <int Bits>
+__device__ inline LaneStep<Bits> load_step(const uint8_t* row_codes, const uint16_t* row_scale,
+                                           const uint8_t* row_zero, int64_t c0, int64_t g) {
+  constexpr int C = Step<Bits>::kCodes, B = Step<Bits>::kBytes;
+  // A lane's codes never straddle a group: group sizes are multiples of 32 (checked by the host).
+  const int64_t grp = c0 / g;
+  return {load_chunk<Bits>(row_codes + c0 / C * B), __ldg(row_scale + grp), __ldg(row_zero + grp)};
+}
+
 template <int Bits, typename TX, typename TY>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
     const TX* __restrict__ x, int m, int64_t x_stride, const uint8_t* __restrict__ packed,
     const uint16_t* __restrict__ scale, const uint8_t* __restrict__ zero, const float* __restrict__ bias,
     int64_t n, int64_t k, int64_t k_padded, int64_t g, int64_t groups, int64_t row_bytes, TY* __restrict__ y) {
+  constexpr int C = Step<Bits>::kCodes;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const bool active = row < n;
+  const uint8_t* row_codes = packed + row * row_bytes;
+  const uint16_t* row_scale = scale + row * groups;
+  const uint8_t* row_zero = zero + row * groups;
+  // The first weight load is issued before the activations are staged, so that the two memory
+  // latencies overlap instead of adding up (at decode sizes the kernel is latency-bound).
+  int64_t c0 = static_cast<int64_t>(lane) * C;
+  bool have = active && c0 < k_padded;
+  LaneStep<Bits> cur{};
+  if (have) cur = load_step<Bits>(row_codes, row_scale, row_zero, c0, g);
+
   // Activations as float32, zero beyond k, one padding float after every 32 so that the lanes of a
   // warp (each reading its own run of consecutive codes) hit 32 different banks.
   extern __shared__ float xs[];
@@ -77,21 +123,20 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
     xs[r * x_row + c + c / 32] = c < k ? to_float(x[r * x_stride + c]) : 0.0f;
   }
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (row >= n) return;
-  constexpr int C = Step<Bits>::kCodes, B = Step<Bits>::kBytes;
-  const uint8_t* w = packed + row * row_bytes;
+  if (!active) return;
+
   float acc[kMaxRows];
 #pragma unroll
   for (int r = 0; r < kMaxRows; ++r) acc[r] = 0.0f;
-  for (int64_t c0 = static_cast<int64_t>(lane) * C; c0 < k_padded; c0 += 32 * C) {
+  while (have) {
+    const int64_t c_next = c0 + 32 * C;
+    const bool have_next = c_next < k_padded;
+    LaneStep<Bits> next{};
+    if (have_next) next = load_step<Bits>(row_codes, row_scale, row_zero, c_next, g);
     float q[C];
-    load_codes<Bits>(w + c0 / C * B, q);
-    // A lane's codes never straddle a group: group sizes are multiples of 32 (checked by the host).
-    const int64_t grp = c0 / g;
-    const float s = __half2float(__ushort_as_half(scale[row * groups + grp]));
-    const float z = static_cast<float>(zero[row * groups + grp]);
+    decode<Bits>(cur.codes, q);
+    const float s = __half2float(__ushort_as_half(cur.scale_bits));
+    const float z = static_cast<float>(cur.zero);
 #pragma unroll
     for (int j = 0; j < C; ++j) q[j] = (q[j] - z) * s;
 #pragma unroll
@@ -104,6 +149,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
       for (int j = 0; j < C; ++j) sum = fmaf(q[j], xr[j], sum);
       acc[r] += sum;
     }
+    cur = next;
+    c0 = c_next;
+    have = have_next;
   }
 #pragma unroll
   for (int r = 0; r < kMaxRows; ++r) {
@@ -115,16 +163,50 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
   }
 }
 
+// Shared memory one block may use on the current device (opt-in limit: 227 KiB on sm_90,
+// 163 KiB on sm_80), cached per device.
+size_t max_shared_bytes() {
+  static std::atomic<int> cache[64];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 48 * 1024;
+  if (device >= 0 && device < 64) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return static_cast<size_t>(known);
+  }
+  int bytes = 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      bytes <= 0) {
+    cudaGetLastError();  // clear the error so that a later launch does not report it
+    return 48 * 1024;
+  }
+  if (device >= 0 && device < 64) cache[device].store(bytes, std::memory_order_relaxed);
+  return static_cast<size_t>(bytes);
+}
+
+size_t shared_bytes(int m, int64_t k, int64_t g) {
+  return static_cast<size_t>(m) * padded_stride(padded_in_features(k, g)) * sizeof(float);
+}
+
 template <int Bits, typename T>
 cudaError_t launch(const void* x, int m, int64_t x_stride, const uint8_t* packed, const uint16_t* scale,
                    const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g, void* y,
                    cudaStream_t stream) {
   const int64_t k_padded = padded_in_features(k, g), groups = num_groups(k, g);
-  const size_t smem = static_cast<size_t>(m) * padded_stride(k_padded) * sizeof(float);
+  const size_t smem = shared_bytes(m, k, g);
   if (smem > 48 * 1024) {
-    cudaError_t status = cudaFuncSetAttribute(gemv_kernel<Bits, T, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(smem));
+    // Raise the kernel's shared-memory limit once per device and size, not on every launch: the
+    // call is not a stream operation, and launches may be captured into a CUDA graph.
+    static std::atomic<size_t> configured[64];
+    int device = 0;
+    cudaError_t status = cudaGetDevice(&device);
     if (status != cudaSuccess) return status;
+    std::atomic<size_t>* slot = device >= 0 && device < 64 ? &configured[device] : nullptr;
+    if (slot == nullptr || slot->load(std::memory_order_relaxed) < smem) {
+      status = cudaFuncSetAttribute(gemv_kernel<Bits, T, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem));
+      if (status != cudaSuccess) return status;
+      if (slot != nullptr) slot->store(smem, std::memory_order_relaxed);
+    }
   }
   const unsigned blocks = static_cast<unsigned>((n + kWarps - 1) / kWarps);
   gemv_kernel<Bits, T, T><<<blocks, kWarps * 32, smem, stream>>>(
@@ -148,7 +230,7 @@ cudaError_t dispatch_dtype(const void* x, OutputType dtype, int m, int64_t x_str
 
 bool packed_gemv_supported(int bits, int64_t g, int m, int64_t k) {
   return (bits == 4 || bits == 6) && g % 32 == 0 && m >= 1 && m <= kMaxRows &&
-         static_cast<int64_t>(m) * padded_stride(padded_in_features(k, g)) * 4 <= 160 * 1024;
+         shared_bytes(m, k, g) <= max_shared_bytes();
 }
 
 cudaError_t packed_gemv(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
