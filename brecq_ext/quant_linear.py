@@ -71,6 +71,15 @@ class QuantLinear(nn.Module):
         return cls.from_codes(codes, scale, zero, bits, group_size,
                               linear.bias.detach() if linear.bias is not None else None)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16), .half() and the like must move these buffers but never change
+        # their dtypes: the format fixes float16 scales and uint8 codes (docs/FORMAT.md), and a
+        # float32 bias is what the kernels add. Device moves pass through unchanged.
+        def keep_dtype(t):
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        return super()._apply(keep_dtype, recurse)
+
     # -- use -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         buffers = self._buffers  # direct dict access: nn.Module attribute lookup costs ~1 us each

@@ -126,3 +126,15 @@ def test_rules_are_validated():
         match_linear_layers(model, {"attn": (4, 64), "a.t": (6, 64)})
     # Agreeing overlaps are fine.
     assert set(match_linear_layers(model, {"attn": (4, 64), "at": (4, 64)})) == {"attn"}
+
+
+def test_dtype_casts_of_the_model_keep_the_packed_format():
+    dense = nn.Linear(128, 24)
+    layer = QuantLinear.from_linear(dense, 4, 64)
+    x = torch.randn(3, 128)
+    before = layer(x)
+    model = nn.Sequential(layer).to(torch.bfloat16)
+    assert layer.scale.dtype == torch.float16 and layer.zero.dtype == torch.uint8
+    assert layer.packed.dtype == torch.uint8 and layer.bias.dtype == torch.float32
+    assert torch.equal(model.half()[0].scale, layer.scale)
+    assert torch.allclose(model(x.to(torch.bfloat16)).float(), before, rtol=2e-2, atol=2e-2)
