@@ -5,6 +5,7 @@ out zero or missing is an error, never a result.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import platform
 import resource
@@ -179,6 +180,115 @@ def latency(model, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: i
         raise MeasurementError(f"latency: a timing came out zero or missing (prefill {prefill}, {len(steps)} steps)")
     steps_sorted = sorted(steps)
     median = statistics.median(steps)
+    return LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median,
+                         1e3 * steps_sorted[min(len(steps) - 1, int(0.9 * len(steps)))], 1.0 / median, repeats,
+                         environment(device, next(model.parameters()).dtype))
+
+
+def _cache_keyword(model) -> str:
+    """transformers 5.2x calls the KV cache argument ``cache``; earlier releases ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class StaticDecoder:
+    """Greedy decoding with a static KV cache, one token per call, optionally replayed from a CUDA
+    graph captured once (what serving stacks do to remove per-layer launch and Python costs).
+
+    All inputs of a step live in fixed tensors (``token`` int64 [1, 1], ``position`` int64 [1]) and
+    the logits of the step land in one fixed tensor, so the captured graph is valid for every step.
+    """
+
+    def __init__(self, model, max_tokens: int, use_graph: bool):
+        from transformers import StaticCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        if use_graph and self.device.type != "cuda":
+            raise MeasurementError("StaticDecoder: CUDA graphs need the model on a CUDA device")
+        self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
+        self.keyword = _cache_keyword(model)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.use_graph = use_graph
+        self.graph = None
+        self.logits = None
+
+    def _forward(self, ids, positions):
+        return self.model(ids, use_cache=True, cache_position=positions, **{self.keyword: self.cache}).logits
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Starts a new sequence from ids int64 [1, T]; returns the next token int64 [1, 1]."""
+        if self.use_graph and self.graph is None:
+            # The first prefill allocates the cache tensors; capture the step graph on them, then
+            # start over: reset() zeroes the cache in place, so the graph's addresses stay valid.
+            self._prefill(ids)
+            self._capture()
+        return self._prefill(ids)
+
+    def _prefill(self, ids):
+        self.cache.reset()
+        logits = self._forward(ids, torch.arange(ids.shape[1], device=self.device))
+        self.position.fill_(ids.shape[1])
+        return logits[:, -1:].argmax(-1)
+
+    def _capture(self) -> None:
+        # Warm-up on a side stream (capture needs it), then capture one decode step. Both advance
+        # the cache; the caller resets it afterwards.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(self.token, self.position)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward(self.token, self.position)
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feeds ``token`` int64 [1, 1] at the current position; returns the next token."""
+        self.token.copy_(token)
+        if self.use_graph:
+            if self.graph is None:
+                raise MeasurementError("StaticDecoder.step: call prefill first")
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._forward(self.token, self.position)
+        self.position.add_(1)
+        return logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def static_decode_latency(model, prompt_tokens: int = 128, decode_tokens: int = 32, use_graph: bool = True,
+                          repeats: int = 3, seed: int = 0) -> LatencyReport:
+    """Per-token decode time with a static KV cache (and, with ``use_graph``, CUDA graph replay);
+    the prefill is timed once per repeat, as in :func:`latency`."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+    decoder = StaticDecoder(model, prompt_tokens + decode_tokens + 4, use_graph)
+    prefill, steps = [], []
+    for run in range(repeats + 1):  # run 0 captures the graph and warms up
+        _sync(device)
+        start = time.perf_counter()
+        token = decoder.prefill(ids)
+        _sync(device)
+        prefill_time = time.perf_counter() - start
+        for _ in range(decode_tokens):
+            _sync(device)
+            start = time.perf_counter()
+            token = decoder.step(token)
+            _sync(device)
+            if run > 0:
+                steps.append(time.perf_counter() - start)
+        if run > 0:
+            prefill.append(prefill_time)
+    if not steps or min(steps) <= 0:
+        raise MeasurementError(f"static_decode_latency: a timing came out zero or missing ({len(steps)} steps)")
+    median = statistics.median(steps)
+    steps_sorted = sorted(steps)
     return LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median,
                          1e3 * steps_sorted[min(len(steps) - 1, int(0.9 * len(steps)))], 1.0 / median, repeats,
                          environment(device, next(model.parameters()).dtype))

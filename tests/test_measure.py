@@ -1,0 +1,50 @@
+"""Decode measurement with a static KV cache (and CUDA graph replay on a GPU): it must decode the
+same tokens as plain greedy decoding with the model's dynamic cache, or its timings mean nothing."""
+import pytest
+import torch
+
+from brecq.measure import StaticDecoder, static_decode_latency
+from brecq.models import build_model, qwen3_config
+
+
+def _greedy_dynamic(model, ids, steps):
+    tokens, cache = [], None
+    out = model(ids, use_cache=True)
+    for _ in range(steps):
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(int(token))
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        keyword = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+        out = model(token, use_cache=True, **{keyword: cache})
+    return tokens
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+@torch.no_grad()
+def test_static_decoder_matches_dynamic_greedy_decoding(device):
+    # A wider initialisation than the default, so that greedy decoding does not repeat one token.
+    model = build_model(qwen3_config("tiny", initializer_range=0.1), seed=0).to(device).eval()
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    expected = _greedy_dynamic(model, ids, 10)
+    assert len(set(expected)) > 1  # a degenerate sequence would not test the positions
+    for use_graph in ([False, True] if device == "cuda" else [False]):
+        decoder = StaticDecoder(model, max_tokens=32, use_graph=use_graph)
+        token, got = decoder.prefill(ids), []
+        for _ in range(10):
+            got.append(int(token))
+            token = decoder.step(token)
+        assert got == expected, f"use_graph={use_graph}"
+
+
+def test_static_decode_latency_reports_positive_times():
+    model = build_model(qwen3_config("tiny"), seed=0).eval()
+    report = static_decode_latency(model, prompt_tokens=8, decode_tokens=4, use_graph=False, repeats=1)
+    assert report.decode_ms_per_token_median > 0 and report.prefill_ms > 0
+    assert report.tokens_per_second == pytest.approx(1e3 / report.decode_ms_per_token_median)
+
+
+def test_cuda_graph_needs_a_cuda_model():
+    model = build_model(qwen3_config("tiny"), seed=0)
+    with pytest.raises(Exception, match="CUDA graphs need the model on a CUDA device"):
+        StaticDecoder(model, max_tokens=8, use_graph=True)
