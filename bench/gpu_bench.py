@@ -1,29 +1,60 @@
-"""CUDA benchmarks for a GPU session (run by bench/gpu_check.sh): packed W4/W6 matmul against dense
-bfloat16 at the Qwen3-0.6B linear shapes for 1, 4, 16 and 512 rows, device-to-device copy
-bandwidth, and end-to-end decode tokens/s of a Qwen3-0.6B-shaped model (bfloat16 vs W6/W4, eager).
-Writes one JSON file; every number is a median of CUDA-event timings after warm-up.
+"""CUDA benchmarks for a GPU session (run by bench/gpu_check.sh).
 
-    python bench/gpu_bench.py --out gpu.json
+1. Device-to-device copy bandwidth (bytes read + written per second), the yardstick of the GEMV.
+2. Packed W4/W6 matmul against dense bfloat16 at the Qwen3-0.6B linear shapes (and the
+   1024 -> 151936 lm_head) for 1, 4, 16 and 512 rows. Each variant cycles through enough distinct
+   weights (>= 256 MiB, at most 128 copies) that they stream from HBM rather than the 50 MB L2, and
+   is timed as a CUDA graph of one call per copy, replayed: the GPU time per call that a decode
+   step sees when layers run back to back, without Python or launch gaps.
+3. Decode of a Qwen3-0.6B-shaped model (seeded random weights), bfloat16 against the study's
+   W6 attention / W4 MLP recipe (round-to-nearest, lm_head W4), eagerly and with a static KV cache
+   replayed from a CUDA graph.
+
+Every timing is a median. The JSON file is rewritten (atomically) after each section, so a run cut
+short keeps what it measured; a section that fails records its error and the others still run.
+
+    python bench/gpu_bench.py --out gpu.json [--sections matmul,decode]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
+import os
 import statistics
+import tempfile
+import time
+import traceback
 
 import torch
 import torch.nn.functional as F
 
-from brecq.measure import environment, latency
+from brecq.measure import environment, latency, static_decode_latency, storage
 from brecq.models import QWEN3_0_6B_LINEAR_SHAPES, build_model, qwen3_config
 from brecq.quantize import quantize
 from brecq.recipe import Method, get_recipe
-from brecq.speed import random_packed_weights
 from brecq_ext import ops
-from brecq_ext.format import layer_storage
+from brecq_ext.format import layer_storage, num_groups, packed_row_bytes
+
+log = logging.getLogger("gpu_bench")
+
+SHAPES = {name: QWEN3_0_6B_LINEAR_SHAPES[name] for name in ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj")}
+SHAPES["lm_head"] = (1024, 151936)
+ROWS = (1, 4, 16, 512)
+STREAM_BYTES = 256 << 20
+MAX_COPIES = 128
 
 
-def cuda_time_ms(fn, repeats: int = 50, warmup: int = 10) -> float:
+def write_json(path: str, data: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def event_ms(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -32,71 +63,159 @@ def cuda_time_ms(fn, repeats: int = 50, warmup: int = 10) -> float:
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
+        end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
+def graph_ms_per_call(calls: list, replays: int = 10) -> float:
+    """GPU time per call of ``calls`` (zero-argument functions) captured in one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls[:2]:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    ms = event_ms(graph.replay, replays)
+    del graph
+    return ms / len(calls)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(MAX_COPIES, -(-STREAM_BYTES // nbytes)))
+
+
 def copy_bandwidth_gbs() -> float:
-    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB, far beyond L2
     b = torch.empty_like(a)
-    ms = cuda_time_ms(lambda: b.copy_(a), repeats=20)
-    return 2 * a.numel() / (ms * 1e-3) / 1e9  # read + write
+    ms = event_ms(lambda: b.copy_(a), repeats=20)
+    return 2 * a.numel() / (ms * 1e-3) / 1e9
+
+
+def random_packed(n: int, k: int, bits: int, copies: int, gen: torch.Generator):
+    out = []
+    for _ in range(copies):
+        packed = torch.randint(0, 256, (n, packed_row_bytes(k, 64, bits)), dtype=torch.uint8, device="cuda",
+                               generator=gen)
+        scale = (torch.rand(n, num_groups(k, 64), device="cuda", generator=gen) * 0.01 + 1e-3).half()
+        zero = torch.randint(0, 1 << bits, (n, num_groups(k, 64)), dtype=torch.uint8, device="cuda", generator=gen)
+        out.append((packed, scale, zero))
+    return out
+
+
+def bench_matmul(result: dict) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_gbs = result["copy_bandwidth_gbs"]
+    result["matmul"] = []
+    for name, (k, n) in SHAPES.items():
+        dense_copies = copies_for(n * k * 2)
+        dense = [torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(dense_copies)]
+        packed = {}
+        for bits in (4, 6):
+            nbytes = layer_storage(n, k, bits, 64).total_bytes
+            packed[bits] = random_packed(n, k, bits, copies_for(nbytes), gen)
+        for rows in ROWS:
+            x = torch.randn(rows, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+            row = {"shape": name, "in": k, "out": n, "rows": rows, "dense_copies": dense_copies}
+            # Default arguments bind each call's tensors now (the graph is captured inside this loop).
+            row["dense_bf16_ms"] = graph_ms_per_call([lambda w=w, x=x: F.linear(x, w) for w in dense])
+            row["dense_bf16_gbs"] = n * k * 2 / (row["dense_bf16_ms"] * 1e-3) / 1e9
+            for bits in (4, 6):
+                calls = [lambda p=p, s=s, z=z, x=x, bits=bits, k=k: ops.packed_matmul(x, p, s, z, None, bits, 64, k)
+                         for p, s, z in packed[bits]]
+                ms = graph_ms_per_call(calls)
+                nbytes = layer_storage(n, k, bits, 64).total_bytes
+                row[f"w{bits}_copies"] = len(calls)
+                row[f"w{bits}_ms"] = ms
+                row[f"w{bits}_gbs"] = nbytes / (ms * 1e-3) / 1e9
+                row[f"w{bits}_fraction_of_copy"] = row[f"w{bits}_gbs"] / copy_gbs
+                row[f"w{bits}_speedup_vs_bf16"] = row["dense_bf16_ms"] / ms
+            result["matmul"].append(row)
+            log.info("%s", json.dumps(row))
+        del dense, packed
+        torch.cuda.empty_cache()
+
+
+def eager_call_us(result: dict) -> None:
+    """Wall-clock time of one eager call (Python + dispatch + kernel) at 1 row, per path."""
+    from brecq_ext import QuantLinear
+
+    k, n = QWEN3_0_6B_LINEAR_SHAPES["gate_proj"]
+    linear = torch.nn.Linear(k, n, bias=False, device="cuda")
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    quantized = QuantLinear.from_linear(linear, 4, 64)
+    layers = {"dense_bf16": linear.to(torch.bfloat16), "quant_linear_w4": quantized}
+    out = {}
+    with torch.no_grad():
+        for label, layer in layers.items():
+            for _ in range(20):
+                layer(x)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(200):
+                layer(x)
+            torch.cuda.synchronize()
+            out[label] = (time.perf_counter() - start) / 200 * 1e6
+    result["eager_call_us_gate_proj_1row"] = out
+    log.info("eager call us: %s", out)
+
+
+def bench_decode(result: dict, prompt: int, tokens: int) -> None:
+    config = qwen3_config("0.6b")
+    started = time.perf_counter()
+    base = build_model(config, seed=0).to("cuda")  # float32 on the GPU: the quantizer's input
+    result["decode_model_build_s"] = time.perf_counter() - started
+    dense = copy.deepcopy(base).to(torch.bfloat16).eval()
+    started = time.perf_counter()
+    report = quantize(base, get_recipe("w4g64_mix_attn6", Method.RTN), show_progress=False)
+    result["rtn_quantize_cuda_s"] = time.perf_counter() - started
+    quantized = base.to(torch.bfloat16).eval()  # norms and embeddings; QuantLinear buffers keep their dtypes
+    del report
+    torch.cuda.empty_cache()
+    decode = {}
+    for label, model in (("bf16", dense), ("w4w6", quantized)):
+        decode[label] = {"weight_bytes": storage(model).weight_bytes}
+        eager = latency(model, prompt_tokens=prompt, decode_tokens=tokens)
+        decode[label]["eager"] = eager.__dict__
+        log.info("%s eager: %.3f ms/token", label, eager.decode_ms_per_token_median)
+        graphed = static_decode_latency(model, prompt_tokens=prompt, decode_tokens=tokens, use_graph=True)
+        decode[label]["cuda_graph"] = graphed.__dict__
+        log.info("%s static cache + CUDA graph: %.3f ms/token", label, graphed.decode_ms_per_token_median)
+        result["decode"] = decode
+    for mode in ("eager", "cuda_graph"):
+        decode[f"speedup_{mode}"] = (decode["bf16"][mode]["decode_ms_per_token_median"]
+                                     / decode["w4w6"][mode]["decode_ms_per_token_median"])
+    log.info("decode speed-up: eager %.2fx, CUDA graph %.2fx", decode["speedup_eager"], decode["speedup_cuda_graph"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu.json")
-    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--sections", default="matmul,eager,decode")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device("cuda")
-    gen = torch.Generator().manual_seed(0)
     result = {"environment": environment(device, torch.bfloat16), "copy_bandwidth_gbs": copy_bandwidth_gbs(),
-              "matmul": []}
-    copies = 8  # distinct weights cycled so that they are read from HBM, not L2
-    for name, (k, n) in QWEN3_0_6B_LINEAR_SHAPES.items():
-        if name == "v_proj" or name == "up_proj":
-            continue  # same shapes as k_proj and gate_proj
-        dense = [torch.randn(n, k, generator=gen).to(device=device, dtype=torch.bfloat16) for _ in range(copies)]
-        packed = {bits: [tuple(t.to(device) for t in w) for w in random_packed_weights(n, k, bits, 64, copies, gen)]
-                  for bits in (4, 6)}
-        for rows in (1, 4, 16, 512):
-            x = torch.randn(rows, k, generator=gen).to(device=device, dtype=torch.bfloat16)
-            state = {"i": 0}
-
-            def dense_call():
-                state["i"] += 1
-                F.linear(x, dense[state["i"] % copies])
-
-            row = {"shape": name, "in": k, "out": n, "rows": rows, "dense_bf16_ms": cuda_time_ms(dense_call)}
-            for bits in (4, 6):
-                def packed_call(bits=bits):
-                    state["i"] += 1
-                    p, s, z = packed[bits][state["i"] % copies]
-                    ops.packed_matmul(x, p, s, z, None, bits, 64, k)
-
-                ms = cuda_time_ms(packed_call)
-                nbytes = layer_storage(n, k, bits, 64).total_bytes
-                row[f"w{bits}_ms"] = ms
-                row[f"w{bits}_gbs"] = nbytes / (ms * 1e-3) / 1e9
-                row[f"w{bits}_fraction_of_copy"] = row[f"w{bits}_gbs"] / result["copy_bandwidth_gbs"]
-                row[f"w{bits}_speedup_vs_bf16"] = row["dense_bf16_ms"] / ms
-            result["matmul"].append(row)
-            print(json.dumps(row), flush=True)
-    if not args.skip_e2e:
-        model = build_model(qwen3_config("0.6b"), seed=0, dtype=torch.bfloat16).to(device)
-        result["decode_bf16"] = latency(model, prompt_tokens=128, decode_tokens=64).__dict__
-        model = model.float().cpu()
-        quantize(model, get_recipe("w4g64_mix_attn6", Method.RTN), show_progress=False)
-        model = model.to(device=device)
-        for name, p in model.named_parameters():
-            p.data = p.data.to(torch.bfloat16)
-        result["decode_w4w6"] = latency(model, prompt_tokens=128, decode_tokens=64).__dict__
-        result["decode_speedup"] = (result["decode_bf16"]["decode_ms_per_token_median"]
-                                    / result["decode_w4w6"]["decode_ms_per_token_median"])
-        print(json.dumps({k: result[k] for k in ("decode_speedup",)}))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2, default=str)
+              "errors": {}}
+    log.info("copy bandwidth %.0f GB/s", result["copy_bandwidth_gbs"])
+    write_json(args.out, result)
+    sections = {"matmul": lambda: bench_matmul(result), "eager": lambda: eager_call_us(result),
+                "decode": lambda: bench_decode(result, args.prompt, args.tokens)}
+    for name in args.sections.split(","):
+        started = time.perf_counter()
+        try:
+            sections[name]()
+        except Exception:  # noqa: BLE001 - record and go on: one broken section must not lose the rest
+            result["errors"][name] = traceback.format_exc()
+            log.error("section %s failed:\n%s", name, result["errors"][name])
+        result[f"{name}_seconds"] = time.perf_counter() - started
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

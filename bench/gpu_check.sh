@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU session (device tool): build with the CUDA kernels, run the CUDA tests
-# and the CUDA benchmarks, leave logs and JSON in $OUT (or ./gpu-out). The device image has torch,
-# transformers, pybind11, pytest and the rest, and no network: install without isolation or deps.
-# Meant to finish well inside 10 minutes on an H100/H200:
+# One prepared run for a GPU session (device tool): build with the CUDA kernels, run the CUDA tests,
+# the CUDA benchmarks, BRECQ timing on the GPU and a compute-sanitizer pass; logs and JSON land in
+# $OUT (default ./gpu-out). The device image has torch, transformers, pybind11, pytest and the rest,
+# and no network: install without isolation, dependencies or an index. Each stage has its own time
+# limit (10 minutes at most in all) and a failing stage does not stop the next.
 #   bash bench/gpu_check.sh
 set -uo pipefail
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-BRECQ_CUDA=1 BRECQ_CUDA_ARCHS="90" BRECQ_BUILD_JOBS=16 python3 -m pip install -q --no-build-isolation \
-  --no-deps --no-index . 2>&1 | tail -5 | tee "$OUT/build.log"
-# The installed package, not the source tree: run from a scratch directory.
-cp -r tests "$OUT/../gpu-tests" 2>/dev/null || true
-(cd "$OUT/../gpu-tests" 2>/dev/null && timeout 300 python3 -m pytest -q -k cuda -p no:cacheprovider \
-   --rootdir . . 2>&1 | tee "$OLDPWD/$OUT/tests.log" | tail -15)
-timeout 240 python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -30
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
+REPO=$PWD
+stage() {  # stage NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, print the tail and the time
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  tail -n 25 "$OUT/$name.log"
+}
+{ nvidia-smi; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; \
+  "$CUDA_HOME/bin/nvcc" --version; nproc; } > "$OUT/env.txt" 2>&1
+head -n 20 "$OUT/env.txt"
+
+stage build 150 env BRECQ_CUDA=1 BRECQ_CUDA_ARCHS=90 python3 -m pip install -v --no-build-isolation \
+  --no-deps --no-index "$REPO"
+# The installed package, not the source tree: run the tests from a scratch copy.
+SCRATCH=$(mktemp -d) && cp -r "$REPO/tests" "$SCRATCH/"
+cd "$SCRATCH/tests"
+stage tests 150 python3 -m pytest -q -p no:cacheprovider -n 4 -k "cuda" --junitxml="$OUT/tests.xml" .
+cd "$REPO"
+cd "$SCRATCH"
+stage bench 150 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json"
+stage brecq 90 python3 "$REPO/bench/brecq_speed_qwen3.py" --blocks 2 --iters 100 --samples 32 --device cuda
+stage memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$REPO/bench/cuda_memcheck.py"
