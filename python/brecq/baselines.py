@@ -19,7 +19,7 @@ log = logging.getLogger("brecq")
 
 
 def rtn_layer(linear: nn.Linear, rule: LayerRule, clipping: Clipping) -> LayerCodes:
-    w = linear.weight.detach().float().cpu()
+    w = linear.weight.detach().float()  # on the layer's device: the CUDA kernels serve a GPU model
     scale, zero = ops.quant_params(w, rule.bits, rule.group_size, clipping.search_steps)
     return LayerCodes(ops.quantize(w, scale, zero, rule.bits, rule.group_size), scale, zero, rule.bits,
                       rule.group_size)

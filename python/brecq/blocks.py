@@ -92,12 +92,17 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, device, b
     written into ``out`` when given (e.g. a memory-mapped tensor of the same shape as ``hidden``)."""
     call_on_device = call.to(device)
     out = torch.empty_like(hidden, dtype=torch.float32) if out is None else out
-    for start in range(0, hidden.shape[0], batch_size):
-        x = hidden[start:start + batch_size].to(device)
-        result = block(x, **call_on_device.kwargs)
-        if isinstance(result, tuple):  # older transformers return (hidden_states, ...)
-            result = result[0]
-        out[start:start + batch_size] = result.float().cpu()
+    home = next(block.parameters()).device  # the block visits `device` and goes back afterwards
+    block.to(device)
+    try:
+        for start in range(0, hidden.shape[0], batch_size):
+            x = hidden[start:start + batch_size].to(device)
+            result = block(x, **call_on_device.kwargs)
+            if isinstance(result, tuple):  # older transformers return (hidden_states, ...)
+                result = result[0]
+            out[start:start + batch_size] = result.float().cpu()
+    finally:
+        block.to(home)
     return out
 
 

@@ -94,7 +94,8 @@ def _fingerprint(model: nn.Module, recipe: Recipe, ids: torch.Tensor | None, set
 
 def _to_quant_linear(linear: nn.Linear, result: LayerCodes) -> QuantLinear:
     bias = linear.bias.detach() if linear.bias is not None else None
-    return QuantLinear.from_codes(result.codes, result.scale, result.zero, result.bits, result.group_size, bias)
+    layer = QuantLinear.from_codes(result.codes, result.scale, result.zero, result.bits, result.group_size, bias)
+    return layer.to(linear.weight.device)  # where the layer it replaces lives, wherever it was computed
 
 
 def _save_block(path: Path, block: nn.Module, names, record: BlockRecord) -> None:
