@@ -637,7 +637,8 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
                 and (bias is None or bias.dtype == torch.float32)):
             m, n = x.numel() // in_features, packed.shape[0]
             stream = _stream(x)
-            if 0 < m and cuda.packed_gemv_supported(bits, group_size, m, in_features):
+            if 0 < m and cuda.packed_gemv_supported(x.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], bits, group_size,
+                                                    m, in_features, in_features):
                 y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
                 cuda.packed_gemv(x.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], m, in_features, packed.data_ptr(),
                                  scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0,
@@ -760,9 +761,10 @@ def _(x, packed, scale, zero, bias, bits, group_size, in_features):
     x2 = x.reshape(-1, in_features)
     m, n = x2.shape[0], packed.shape[0]
     stream = _stream(x) if cuda is not None else 0  # before packed_gemv_supported, which asks the device
-    if cuda is not None and 0 < m and cuda.packed_gemv_supported(bits, group_size, m, in_features):
-        if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
-            x2 = x2.contiguous()
+    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    if cuda is not None and 0 < m and cuda.packed_gemv_supported(
+            x2.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], bits, group_size, m, in_features, x2.stride(0)):
         p, s, z = packed.contiguous(), scale.contiguous(), zero.contiguous()
         b = bias.float().contiguous() if bias is not None else None
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -50,6 +50,26 @@ def test_gemv_at_qwen3_shapes(bits, rows, shape):
     assert torch.equal(layer(x), y)
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("bits", [4, 6], ids=lambda b: f"w{b}")
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("shape", [(13, 172, 64), (40, 1000, 128), (7, 256, 64)],
+                         ids=lambda s: f"n{s[0]}k{s[1]}g{s[2]}")
+def test_tensor_core_gemv_on_odd_shapes_and_strided_rows(dtype, bits, rows, shape):
+    # Rows 8 floats apart in a wider buffer keep the tensor-core kernel (16-byte aligned rows);
+    # in_features that are not multiples of 64 exercise its zero-filled tail, and n not a
+    # multiple of 8 its partial last tile.
+    out_features, in_features, group_size = shape
+    packed, scale, zero, bias, w_deq = _layer(out_features, in_features, bits, group_size, seed=rows,
+                                              device="cuda")
+    width = -(-in_features // 8) * 8 + 8
+    x = torch.randn(rows, width, device="cuda").to(dtype)[:, :in_features]
+    y = ops.packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
+    assert y.shape == (rows, out_features) and y.dtype == dtype
+    assert_matmul_close(y.cpu(), x.cpu().float(), w_deq.cpu(), bias.cpu())
+
+
 def _quant_model(device, dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(192, 256), nn.GELU(), nn.Linear(256, 96))

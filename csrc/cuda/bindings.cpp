@@ -74,7 +74,12 @@ PYBIND11_MODULE(_cuda, m) {
               static_cast<brecq::cuda::OutputType>(out_type), reinterpret_cast<cudaStream_t>(stream)),
           "brecq dequantize_packed (CUDA)");
   }, py::call_guard<py::gil_scoped_release>());
-  m.def("packed_gemv_supported", &brecq::cuda::packed_gemv_supported);
+  m.def("packed_gemv_supported", [](std::uintptr_t x, int dtype, int bits, int64_t g, int m_rows, int64_t k,
+                                    int64_t x_stride) {
+    return brecq::cuda::packed_gemv_supported(reinterpret_cast<const void*>(x),
+                                              static_cast<brecq::cuda::OutputType>(dtype), bits, g, m_rows, k,
+                                              x_stride);
+  });
   m.def("packed_gemv", [](std::uintptr_t x, int dtype, int m_rows, int64_t x_stride, std::uintptr_t packed,
                           std::uintptr_t scale, std::uintptr_t zero, std::uintptr_t bias, int64_t n, int64_t k,
                           int bits, int64_t g, std::uintptr_t y, std::uintptr_t stream) {

@@ -1,0 +1,246 @@
+// Packed W4/W6 matmul for 1..16 rows of bfloat16/float16 activations on tensor cores
+// (mma.sync m16n8k16, sm_80+): the decode path of a quantized model on the GPU.
+//
+// A block computes 8 output features (the n = 8 of one MMA) over the whole of K; its 8 warps split
+// K into blocks of 64 codes, and the partial sums are added in shared memory at the end, so even
+// the 1024-row layers of Qwen3-0.6B occupy every SM. Per 64-code block a lane loads 16 codes of
+// one weight row (8 bytes at 4 bits, 12 at 6), the zero point of that row and the scales of the two
+// rows whose outputs it accumulates, and 16 activations of rows g and g + 8 (zero beyond m).
+// Up to kUnroll such blocks are loaded before any is multiplied, to keep loads in flight.
+//
+// The B operand holds the integers (code - zero), exact in bfloat16/float16; the MMA sums their
+// products with the activations exactly into float32, and the group's scale is applied after the
+// MMA, per output feature. So the only roundings are float32 accumulation and the final output
+// conversion, as in the SIMT kernel.
+//
+// K order inside a block: an MMA step s (0..3) takes from lane (g, t) the codes
+// 16t + 4s + {0, 1} as B rows 2t, 2t+1 and 16t + 4s + {2, 3} as B rows 2t+8, 2t+9. A dot product
+// does not depend on the order of its terms, so the A operand (activations) only has to use the
+// same order, which it does by loading the same 16 consecutive positions.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "brecq/format.h"
+#include "cuda_kernels.h"
+
+namespace brecq {
+namespace cuda {
+namespace {
+
+constexpr int kMmaWarps = 8;   // warps per block, splitting K
+constexpr int kTileRows = 8;   // output features per block
+constexpr int kBlockK = 64;    // codes per K block (four MMA steps of 16)
+constexpr int kLaneCodes = 16; // codes one lane feeds per K block
+constexpr int kUnroll = 4;     // K blocks a warp loads before it multiplies
+
+template <int Bits> struct LaneCodes;
+template <> struct LaneCodes<4> { uint32_t w0, w1; };      // 8 bytes
+template <> struct LaneCodes<6> { uint32_t w0, w1, w2; };  // 12 bytes
+
+template <int Bits>
+__device__ inline LaneCodes<Bits> load_lane_codes(const uint8_t* p);
+template <>
+__device__ inline LaneCodes<4> load_lane_codes<4>(const uint8_t* p) {
+  const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));  // 8-byte aligned: rows are 32-byte multiples
+  return {v.x, v.y};
+}
+template <>
+__device__ inline LaneCodes<6> load_lane_codes<6>(const uint8_t* p) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(p);  // 4-byte aligned: 12-byte runs from 48-byte rows
+  return {__ldg(w), __ldg(w + 1), __ldg(w + 2)};
+}
+
+template <int Bits>
+__device__ inline void decode16(const LaneCodes<Bits>& c, float (&q)[kLaneCodes]);
+template <>
+__device__ inline void decode16<4>(const LaneCodes<4>& c, float (&q)[kLaneCodes]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    q[j] = static_cast<float>((c.w0 >> (4 * j)) & 0xfu);
+    q[8 + j] = static_cast<float>((c.w1 >> (4 * j)) & 0xfu);
+  }
+}
+template <>
+__device__ inline void decode16<6>(const LaneCodes<6>& c, float (&q)[kLaneCodes]) {
+  const uint64_t lo = static_cast<uint64_t>(c.w0) | (static_cast<uint64_t>(c.w1) << 32);
+#pragma unroll
+  for (int j = 0; j < 10; ++j) q[j] = static_cast<float>((lo >> (6 * j)) & 0x3fu);
+  q[10] = static_cast<float>(((lo >> 60) | (static_cast<uint64_t>(c.w2) << 4)) & 0x3fu);  // bits 60..65
+#pragma unroll
+  for (int j = 11; j < 16; ++j) q[j] = static_cast<float>((c.w2 >> (6 * j - 64)) & 0x3fu);
+}
+
+template <typename T> struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ static uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  __device__ static void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Mma<__half> {
+  __device__ static uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  __device__ static void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+
+// 16 consecutive 16-bit activations from position col of one row as 8 pairs (lower position in the
+// low half), zero beyond k or when the row does not exist.
+__device__ inline void load_activations(uint32_t (&regs)[8], bool valid, const uint16_t* row, int64_t col,
+                                        int64_t k) {
+  if (!valid) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) regs[i] = 0u;
+    return;
+  }
+  if (col + kLaneCodes <= k) {  // 16-byte aligned: the host checks x and its row stride
+    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(row + col));
+    const uint4 hi = __ldg(reinterpret_cast<const uint4*>(row + col + 8));
+    regs[0] = lo.x; regs[1] = lo.y; regs[2] = lo.z; regs[3] = lo.w;
+    regs[4] = hi.x; regs[5] = hi.y; regs[6] = hi.z; regs[7] = hi.w;
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t a = col + 2 * i < k ? row[col + 2 * i] : 0u;
+    const uint32_t b = col + 2 * i + 1 < k ? row[col + 2 * i + 1] : 0u;
+    regs[i] = a | (b << 16);
+  }
+}
+
+template <int Bits, typename T, bool kHighRows>
+__global__ void __launch_bounds__(kMmaWarps * 32, kHighRows ? 2 : 3) gemv_mma_kernel(
+    const uint16_t* __restrict__ x, int m, int64_t x_stride, const uint8_t* __restrict__ packed,
+    const uint16_t* __restrict__ scale, const uint8_t* __restrict__ zero, const float* __restrict__ bias,
+    int64_t n, int64_t k, int64_t g, int64_t groups, int64_t row_bytes, int64_t k_blocks, T* __restrict__ y) {
+  constexpr int kBlockBytes = kBlockK * Bits / 8, kLaneBytes = kLaneCodes * Bits / 8;
+  __shared__ float partial[kMmaWarps][32][4];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gid = lane / 4, tig = lane % 4;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t b_row = row0 + gid;      // the weight row whose codes this lane feeds to B
+  const bool b_valid = b_row < n;
+  const int64_t c_row = row0 + 2 * tig;  // the weight rows of this lane's accumulators: c_row, c_row + 1
+  const uint8_t* codes_row = packed + (b_valid ? b_row : 0) * row_bytes + tig * kLaneBytes;
+  const uint16_t* x_low = x + static_cast<int64_t>(gid) * x_stride;  // A rows gid and gid + 8
+  const bool low_valid = gid < m;
+  const bool high_valid = kHighRows && gid + 8 < m;
+
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t kb0 = warp; kb0 < k_blocks; kb0 += kMmaWarps * kUnroll) {
+    LaneCodes<Bits> codes[kUnroll];
+    uint8_t zp[kUnroll];
+    uint16_t s0[kUnroll], s1[kUnroll];
+    uint32_t xa[kUnroll][8], xb[kUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t kb = kb0 + static_cast<int64_t>(u) * kMmaWarps;
+      const bool live = kb < k_blocks;
+      const int64_t grp = kb * kBlockK / g;  // g is a multiple of 64: a K block lies in one group
+      codes[u] = live && b_valid ? load_lane_codes<Bits>(codes_row + kb * kBlockBytes) : LaneCodes<Bits>{};
+      zp[u] = live && b_valid ? __ldg(zero + b_row * groups + grp) : 0;
+      s0[u] = live && c_row < n ? __ldg(scale + c_row * groups + grp) : 0;
+      s1[u] = live && c_row + 1 < n ? __ldg(scale + (c_row + 1) * groups + grp) : 0;
+      const int64_t col = kb * kBlockK + tig * kLaneCodes;
+      load_activations(xa[u], live && low_valid, x_low, col, k);
+      if (kHighRows) load_activations(xb[u], live && high_valid, x_low + 8 * x_stride, col, k);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (kb0 + static_cast<int64_t>(u) * kMmaWarps >= k_blocks) break;
+      float q[kLaneCodes];
+      decode16<Bits>(codes[u], q);
+      const float z = static_cast<float>(zp[u]);
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const uint32_t b0 = Mma<T>::pack(q[4 * s] - z, q[4 * s + 1] - z);
+        const uint32_t b1 = Mma<T>::pack(q[4 * s + 2] - z, q[4 * s + 3] - z);
+        Mma<T>::run(c, xa[u][2 * s], kHighRows ? xb[u][2 * s] : 0u, xa[u][2 * s + 1],
+                    kHighRows ? xb[u][2 * s + 1] : 0u, b0, b1);
+      }
+      const float sc0 = __half2float(__ushort_as_half(s0[u])), sc1 = __half2float(__ushort_as_half(s1[u]));
+      acc[0] += c[0] * sc0;  // (A row gid,     output feature c_row)
+      acc[1] += c[1] * sc1;  // (A row gid,     output feature c_row + 1)
+      acc[2] += c[2] * sc0;  // (A row gid + 8, output feature c_row)
+      acc[3] += c[3] * sc1;  // (A row gid + 8, output feature c_row + 1)
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int w = 0; w < kMmaWarps; ++w)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] += partial[w][lane][i];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = gid + (i >= 2 ? 8 : 0);
+    const int64_t feature = c_row + (i & 1);
+    if (row < m && feature < n)
+      y[static_cast<int64_t>(row) * n + feature] = Mma<T>::from_float(v[i] + (bias ? bias[feature] : 0.0f));
+  }
+}
+
+template <int Bits, typename T>
+cudaError_t launch_mma(const void* x, int m, int64_t x_stride, const uint8_t* packed, const uint16_t* scale,
+                       const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g, void* y,
+                       cudaStream_t stream) {
+  const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
+  const unsigned blocks = static_cast<unsigned>((n + kTileRows - 1) / kTileRows);
+  const auto* xs = static_cast<const uint16_t*>(x);
+  const int64_t groups = num_groups(k, g), row_bytes = packed_row_bytes(k, g, Bits);
+  if (m > 8)
+    gemv_mma_kernel<Bits, T, true><<<blocks, kMmaWarps * 32, 0, stream>>>(
+        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, static_cast<T*>(y));
+  else
+    gemv_mma_kernel<Bits, T, false><<<blocks, kMmaWarps * 32, 0, stream>>>(
+        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, static_cast<T*>(y));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool packed_gemv_mma_supported(const void* x, OutputType dtype, int bits, int64_t g, int m, int64_t x_stride) {
+  return dtype != OutputType::kFloat32 && (bits == 4 || bits == 6) && g % kBlockK == 0 && m >= 1 && m <= 16 &&
+         reinterpret_cast<uintptr_t>(x) % 16 == 0 && (m == 1 || x_stride % 8 == 0);
+}
+
+cudaError_t packed_gemv_mma(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
+                            const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
+                            int bits, int64_t g, void* y, cudaStream_t stream) {
+  if (!packed_gemv_mma_supported(x, dtype, bits, g, m, x_stride)) return cudaErrorInvalidValue;
+  if (dtype == OutputType::kBFloat16)
+    return bits == 4 ? launch_mma<4, __nv_bfloat16>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
+                     : launch_mma<6, __nv_bfloat16>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
+  return bits == 4 ? launch_mma<4, __half>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
+                   : launch_mma<6, __half>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
+}
+
+}  // namespace cuda
+}  // namespace brecq
