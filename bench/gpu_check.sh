@@ -31,5 +31,6 @@ stage tests 150 python3 -m pytest -q -p no:cacheprovider -n 4 -k "cuda" --junitx
 cd "$REPO"
 cd "$SCRATCH"
 stage bench 150 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json"
-stage brecq 90 python3 "$REPO/bench/brecq_speed_qwen3.py" --blocks 2 --iters 100 --samples 32 --device cuda
-stage memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$REPO/bench/cuda_memcheck.py"
+python3 "$REPO/bench/gpu_summary.py" "$OUT/gpu_bench.json"
+stage brecq 120 python3 "$REPO/bench/brecq_speed_qwen3.py" --blocks 2 --iters 100 --samples 32 --device cuda
+stage memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$REPO/bench/cuda_memcheck.py"

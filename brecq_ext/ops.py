@@ -637,8 +637,8 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
                 and (bias is None or bias.dtype == torch.float32)):
             m, n = x.numel() // in_features, packed.shape[0]
             stream = _stream(x)
-            if 0 < m and cuda.packed_gemv_supported(x.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], bits, group_size,
-                                                    m, in_features, in_features):
+            if 0 < m and cuda.packed_gemv_supported(x.data_ptr(), packed.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype],
+                                                    bits, group_size, m, in_features, in_features):
                 y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
                 cuda.packed_gemv(x.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], m, in_features, packed.data_ptr(),
                                  scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0,
@@ -763,9 +763,10 @@ def _(x, packed, scale, zero, bias, bits, group_size, in_features):
     stream = _stream(x) if cuda is not None else 0  # before packed_gemv_supported, which asks the device
     if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
         x2 = x2.contiguous()
+    p, s, z = packed.contiguous(), scale.contiguous(), zero.contiguous()
     if cuda is not None and 0 < m and cuda.packed_gemv_supported(
-            x2.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], bits, group_size, m, in_features, x2.stride(0)):
-        p, s, z = packed.contiguous(), scale.contiguous(), zero.contiguous()
+            x2.data_ptr(), p.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], bits, group_size, m, in_features,
+            x2.stride(0)):
         b = bias.float().contiguous() if bias is not None else None
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         cuda.packed_gemv(x2.data_ptr(), _CUDA_OUTPUT_TYPE[x.dtype], m, x2.stride(0), p.data_ptr(), s.data_ptr(),
@@ -779,8 +780,7 @@ def _(x, packed, scale, zero, bias, bits, group_size, in_features):
             cuda.dequantize_packed(packed_rows.data_ptr(), scale_rows.data_ptr(), zero_rows.data_ptr(),
                                    packed_rows.shape[0], in_features, bits, group_size, out.data_ptr(),
                                    _CUDA_OUTPUT_TYPE[out.dtype], stream)
-        packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
-    y = _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features, dequantize_tile)
+    y = _gemm_tiled(x2, p, s, z, bias, bits, group_size, in_features, dequantize_tile)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -145,3 +145,19 @@ def test_torch_compile_traces_the_ops_without_graph_breaks(device):
         got = compiled(x)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 4, 40], ids=lambda m: f"m{m}")
+def test_packed_weights_at_an_odd_address(rows):
+    # A view that starts one byte into its storage: the kernels' wide loads would be misaligned
+    # (a sticky CUDA error), so the op must take a path that reads bytes.
+    packed, scale, zero, bias, w_deq = _layer(24, 256, 4, 64, seed=1, device="cuda")
+    storage = torch.empty(packed.numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted = storage[1:].view(packed.shape)
+    shifted.copy_(packed)
+    assert shifted.data_ptr() % 2 == 1
+    x = torch.randn(rows, 256, device="cuda").to(torch.bfloat16)
+    y = ops.packed_matmul(x, shifted, scale, zero, bias, 4, 64, 256)
+    assert_matmul_close(y.cpu(), x.cpu().float(), w_deq.cpu(), bias.cpu())
+    assert torch.equal(ops.dequantize_packed(shifted, scale, zero, 4, 64, 256), w_deq)

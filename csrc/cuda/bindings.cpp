@@ -74,9 +74,9 @@ PYBIND11_MODULE(_cuda, m) {
               static_cast<brecq::cuda::OutputType>(out_type), reinterpret_cast<cudaStream_t>(stream)),
           "brecq dequantize_packed (CUDA)");
   }, py::call_guard<py::gil_scoped_release>());
-  m.def("packed_gemv_supported", [](std::uintptr_t x, int dtype, int bits, int64_t g, int m_rows, int64_t k,
-                                    int64_t x_stride) {
-    return brecq::cuda::packed_gemv_supported(reinterpret_cast<const void*>(x),
+  m.def("packed_gemv_supported", [](std::uintptr_t x, std::uintptr_t packed, int dtype, int bits, int64_t g,
+                                    int m_rows, int64_t k, int64_t x_stride) {
+    return brecq::cuda::packed_gemv_supported(reinterpret_cast<const void*>(x), ptr<const uint8_t>(packed),
                                               static_cast<brecq::cuda::OutputType>(dtype), bits, g, m_rows, k,
                                               x_stride);
   });

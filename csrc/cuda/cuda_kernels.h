@@ -32,15 +32,17 @@ cudaError_t dequantize_packed(const uint8_t* packed, const uint16_t* scale, cons
 
 // y[m, n] = x[m, k] . dequant(W)^T + bias for 1..16 rows of x (dtype of x and y alike, rows
 // x_stride elements apart), W packed at 4 or 6 bits. bfloat16/float16 activations with a group size
-// that is a multiple of 64 (and x 16-byte aligned, x_stride a multiple of 8) take the tensor-core
-// kernel (gemv_mma.cu); the rest, float32 included, the SIMT kernel (gemv.cu: group sizes that are
-// multiples of 32, activations staged in shared memory).
-bool packed_gemv_supported(const void* x, OutputType dtype, int bits, int64_t g, int m, int64_t k,
-                           int64_t x_stride);
+// that is a multiple of 64 (and x 16-byte aligned, x_stride a multiple of 8, packed 8-byte
+// aligned) take the tensor-core kernel (gemv_mma.cu); the rest, float32 included, the SIMT kernel
+// (gemv.cu: group sizes that are multiples of 32, packed 16-byte aligned, activations staged in
+// shared memory). Callers use the GEMM path where neither applies.
+bool packed_gemv_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
+                           int64_t k, int64_t x_stride);
 cudaError_t packed_gemv(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                         const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                         int bits, int64_t g, void* y, cudaStream_t stream);
-bool packed_gemv_mma_supported(const void* x, OutputType dtype, int bits, int64_t g, int m, int64_t x_stride);
+bool packed_gemv_mma_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
+                               int64_t x_stride);
 cudaError_t packed_gemv_mma(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                             const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                             int bits, int64_t g, void* y, cudaStream_t stream);

@@ -229,23 +229,23 @@ cudaError_t dispatch_dtype(const void* x, OutputType dtype, int m, int64_t x_str
 }  // namespace
 
 namespace {
-bool simt_supported(int bits, int64_t g, int m, int64_t k) {
-  return (bits == 4 || bits == 6) && g % 32 == 0 && m >= 1 && m <= kMaxRows &&
+bool simt_supported(const uint8_t* packed, int bits, int64_t g, int m, int64_t k) {
+  return reinterpret_cast<uintptr_t>(packed) % 16 == 0 && (bits == 4 || bits == 6) && g % 32 == 0 && m >= 1 && m <= kMaxRows &&
          shared_bytes(m, k, g) <= max_shared_bytes();
 }
 }  // namespace
 
-bool packed_gemv_supported(const void* x, OutputType dtype, int bits, int64_t g, int m, int64_t k,
-                           int64_t x_stride) {
-  return packed_gemv_mma_supported(x, dtype, bits, g, m, x_stride) || simt_supported(bits, g, m, k);
+bool packed_gemv_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
+                           int64_t k, int64_t x_stride) {
+  return packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride) || simt_supported(packed, bits, g, m, k);
 }
 
 cudaError_t packed_gemv(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                         const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                         int bits, int64_t g, void* y, cudaStream_t stream) {
-  if (packed_gemv_mma_supported(x, dtype, bits, g, m, x_stride))
+  if (packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride))
     return packed_gemv_mma(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
-  if (!simt_supported(bits, g, m, k)) return cudaErrorInvalidValue;
+  if (!simt_supported(packed, bits, g, m, k)) return cudaErrorInvalidValue;
   return bits == 4 ? dispatch_dtype<4>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
                    : dispatch_dtype<6>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
 }

@@ -1,9 +1,10 @@
 // Packed W4/W6 matmul for 1..16 rows of bfloat16/float16 activations on tensor cores
 // (mma.sync m16n8k16, sm_80+): the decode path of a quantized model on the GPU.
 //
-// A block computes 8 output features (the n = 8 of one MMA) over the whole of K; its 8 warps split
-// K into blocks of 64 codes, and the partial sums are added in shared memory at the end, so even
-// the 1024-row layers of Qwen3-0.6B occupy every SM. Per 64-code block a lane loads 16 codes of
+// A warp computes a tile of 8 output features (the n = 8 of one MMA). When a layer has too few
+// tiles to fill the GPU (the 1024-feature layers of Qwen3-0.6B have 128), `split` warps of a block
+// share a tile and split K between them, adding their partial sums in shared memory at the end;
+// a layer with many tiles (the 151936-feature lm_head) gives each warp its own tile and all of K. Per 64-code block a lane loads 16 codes of
 // one weight row (8 bytes at 4 bits, 12 at 6), the zero point of that row and the scales of the two
 // rows whose outputs it accumulates, and 16 activations of rows g and g + 8 (zero beyond m).
 // Up to kUnroll such blocks are loaded before any is multiplied, to keep loads in flight.
@@ -21,6 +22,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "brecq/format.h"
@@ -135,12 +137,14 @@ template <int Bits, typename T, bool kHighRows>
 __global__ void __launch_bounds__(kMmaWarps * 32, kHighRows ? 2 : 3) gemv_mma_kernel(
     const uint16_t* __restrict__ x, int m, int64_t x_stride, const uint8_t* __restrict__ packed,
     const uint16_t* __restrict__ scale, const uint8_t* __restrict__ zero, const float* __restrict__ bias,
-    int64_t n, int64_t k, int64_t g, int64_t groups, int64_t row_bytes, int64_t k_blocks, T* __restrict__ y) {
+    int64_t n, int64_t k, int64_t g, int64_t groups, int64_t row_bytes, int64_t k_blocks, int split,
+    T* __restrict__ y) {
   constexpr int kBlockBytes = kBlockK * Bits / 8, kLaneBytes = kLaneCodes * Bits / 8;
   __shared__ float partial[kMmaWarps][32][4];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gid = lane / 4, tig = lane % 4;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int tiles_per_block = kMmaWarps / split;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * tiles_per_block + warp / split) * kTileRows;
   const int64_t b_row = row0 + gid;      // the weight row whose codes this lane feeds to B
   const bool b_valid = b_row < n;
   const int64_t c_row = row0 + 2 * tig;  // the weight rows of this lane's accumulators: c_row, c_row + 1
@@ -150,14 +154,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kHighRows ? 2 : 3) gemv_mma_ke
   const bool high_valid = kHighRows && gid + 8 < m;
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t kb0 = warp; kb0 < k_blocks; kb0 += kMmaWarps * kUnroll) {
+  for (int64_t kb0 = warp % split; kb0 < k_blocks; kb0 += static_cast<int64_t>(split) * kUnroll) {
     LaneCodes<Bits> codes[kUnroll];
     uint8_t zp[kUnroll];
     uint16_t s0[kUnroll], s1[kUnroll];
     uint32_t xa[kUnroll][8], xb[kUnroll][8];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t kb = kb0 + static_cast<int64_t>(u) * kMmaWarps;
+      const int64_t kb = kb0 + static_cast<int64_t>(u) * split;
       const bool live = kb < k_blocks;
       const int64_t grp = kb * kBlockK / g;  // g is a multiple of 64: a K block lies in one group
       codes[u] = live && b_valid ? load_lane_codes<Bits>(codes_row + kb * kBlockBytes) : LaneCodes<Bits>{};
@@ -170,7 +174,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kHighRows ? 2 : 3) gemv_mma_ke
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (kb0 + static_cast<int64_t>(u) * kMmaWarps >= k_blocks) break;
+      if (kb0 + static_cast<int64_t>(u) * split >= k_blocks) break;
       float q[kLaneCodes];
       decode16<Bits>(codes[u], q);
       const float z = static_cast<float>(zp[u]);
@@ -189,22 +193,45 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kHighRows ? 2 : 3) gemv_mma_ke
       acc[3] += c[3] * sc1;  // (A row gid + 8, output feature c_row + 1)
     }
   }
+  if (split > 1) {  // uniform across the block: every warp reaches the barrier
 #pragma unroll
-  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
-  __syncthreads();
-  if (warp != 0) return;
-  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
+    __syncthreads();
+    if (warp % split != 0) return;
 #pragma unroll
-  for (int w = 0; w < kMmaWarps; ++w)
+    for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
+    for (int w = warp; w < warp + split; ++w)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] += partial[w][lane][i];
+      for (int i = 0; i < 4; ++i) acc[i] += partial[w][lane][i];
+  }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int row = gid + (i >= 2 ? 8 : 0);
     const int64_t feature = c_row + (i & 1);
     if (row < m && feature < n)
-      y[static_cast<int64_t>(row) * n + feature] = Mma<T>::from_float(v[i] + (bias ? bias[feature] : 0.0f));
+      y[static_cast<int64_t>(row) * n + feature] = Mma<T>::from_float(acc[i] + (bias ? bias[feature] : 0.0f));
   }
+}
+
+// Warps sharing one tile: enough warps in all to fill every SM (about 24 resident warps each at
+// this kernel's register use), without splitting K when the layer has tiles enough.
+int split_for(int64_t tiles) {
+  static std::atomic<int> sm_count[64];
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < 64) {
+    sms = sm_count[device].load(std::memory_order_relaxed);
+    if (sms <= 0) {
+      if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+        cudaGetLastError();
+        sms = 132;
+      }
+      sm_count[device].store(sms, std::memory_order_relaxed);
+    }
+  }
+  const int64_t target = static_cast<int64_t>(sms) * 24;
+  int split = 1;
+  while (split < kMmaWarps && tiles * split < target) split *= 2;
+  return split;
 }
 
 template <int Bits, typename T>
@@ -212,29 +239,33 @@ cudaError_t launch_mma(const void* x, int m, int64_t x_stride, const uint8_t* pa
                        const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g, void* y,
                        cudaStream_t stream) {
   const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
-  const unsigned blocks = static_cast<unsigned>((n + kTileRows - 1) / kTileRows);
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const int split = split_for(tiles);
+  const int64_t tiles_per_block = kMmaWarps / split;
+  const unsigned blocks = static_cast<unsigned>((tiles + tiles_per_block - 1) / tiles_per_block);
   const auto* xs = static_cast<const uint16_t*>(x);
   const int64_t groups = num_groups(k, g), row_bytes = packed_row_bytes(k, g, Bits);
   if (m > 8)
     gemv_mma_kernel<Bits, T, true><<<blocks, kMmaWarps * 32, 0, stream>>>(
-        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, static_cast<T*>(y));
+        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, split, static_cast<T*>(y));
   else
     gemv_mma_kernel<Bits, T, false><<<blocks, kMmaWarps * 32, 0, stream>>>(
-        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, static_cast<T*>(y));
+        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, split, static_cast<T*>(y));
   return cudaGetLastError();
 }
 
 }  // namespace
 
-bool packed_gemv_mma_supported(const void* x, OutputType dtype, int bits, int64_t g, int m, int64_t x_stride) {
-  return dtype != OutputType::kFloat32 && (bits == 4 || bits == 6) && g % kBlockK == 0 && m >= 1 && m <= 16 &&
+bool packed_gemv_mma_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
+                               int64_t x_stride) {
+  return reinterpret_cast<uintptr_t>(packed) % 8 == 0 && dtype != OutputType::kFloat32 && (bits == 4 || bits == 6) && g % kBlockK == 0 && m >= 1 && m <= 16 &&
          reinterpret_cast<uintptr_t>(x) % 16 == 0 && (m == 1 || x_stride % 8 == 0);
 }
 
 cudaError_t packed_gemv_mma(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                             const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                             int bits, int64_t g, void* y, cudaStream_t stream) {
-  if (!packed_gemv_mma_supported(x, dtype, bits, g, m, x_stride)) return cudaErrorInvalidValue;
+  if (!packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride)) return cudaErrorInvalidValue;
   if (dtype == OutputType::kBFloat16)
     return bits == 4 ? launch_mma<4, __nv_bfloat16>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
                      : launch_mma<6, __nv_bfloat16>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);

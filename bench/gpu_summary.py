@@ -1,0 +1,44 @@
+"""Markdown tables from a gpu_bench.py JSON file (for bench/README.md):
+
+    python bench/gpu_summary.py gpu.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(path: str) -> None:
+    data = json.load(open(path))
+    env = data["environment"]
+    print(f"{env.get('gpu')}, torch {env['torch']}, device-to-device copy {data['copy_bandwidth_gbs']:.0f} GB/s "
+          "(read + write)\n")
+    print("| layer | rows | bf16 us | W4 us | W4 GB/s | W4 of copy | W4 vs bf16 | W6 us | W6 GB/s | W6 vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in data.get("matmul", []):
+        print(f"| {r['shape']} {r['in']}->{r['out']} | {r['rows']} | {r['dense_bf16_ms'] * 1e3:.1f} | "
+              f"{r['w4_ms'] * 1e3:.1f} | {r['w4_gbs']:.0f} | {100 * r['w4_fraction_of_copy']:.0f}% | "
+              f"{r['w4_speedup_vs_bf16']:.2f}x | {r['w6_ms'] * 1e3:.1f} | {r['w6_gbs']:.0f} | "
+              f"{r['w6_speedup_vs_bf16']:.2f}x |")
+    if "eager_call_us_gate_proj_1row" in data:
+        print("\neager call, gate_proj, 1 row (us):", json.dumps(data["eager_call_us_gate_proj_1row"]))
+    decode = data.get("decode", {})
+    if "w4w6" in decode and "eager" in decode["w4w6"]:
+        print("\n| decode (Qwen3-0.6B shape, 128-token prompt) | bf16 ms/token | W4/W6 ms/token | speed-up |")
+        print("|---|---|---|---|")
+        for mode in ("eager", "cuda_graph"):
+            if mode in decode["w4w6"]:
+                a = decode["bf16"][mode]["decode_ms_per_token_median"]
+                b = decode["w4w6"][mode]["decode_ms_per_token_median"]
+                print(f"| {mode} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+        if "eager_repeat" in decode["bf16"]:
+            print(f"\nbf16 eager timed again after the quantized model: "
+                  f"{decode['bf16']['eager_repeat']['decode_ms_per_token_median']:.2f} ms/token")
+        print(f"\nweight bytes: bf16 {decode['bf16']['weight_bytes'] / 2**20:.0f} MiB, "
+              f"W4/W6 {decode['w4w6']['weight_bytes'] / 2**20:.0f} MiB")
+    for name, error in data.get("errors", {}).items():
+        print(f"\nsection {name} FAILED:\n{error[-1500:]}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
