@@ -164,6 +164,30 @@ def eager_call_us(result: dict) -> None:
     log.info("eager call us: %s", out)
 
 
+@torch.no_grad()
+def kernel_time_profile(model, steps: int = 4) -> dict:
+    """GPU kernel time of ``steps`` eager decode steps after a 64-token prompt, per kernel name
+    (the ten largest) and in total, from torch.profiler: where a decode step's GPU time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, 64), device="cuda")
+    out = model(ids, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    keyword = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+    token = out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            out = model(token, use_cache=True, **{keyword: cache})
+            token = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]
+    kernels.sort(key=lambda item: -item[1])
+    total = sum(t for _, t in kernels)
+    return {"us_per_step_total": total / steps,
+            "top": [{"kernel": name[:90], "us_per_step": t / steps} for name, t in kernels[:10]]}
+
+
 def bench_decode(result: dict, prompt: int, tokens: int) -> None:
     config = qwen3_config("0.6b")
     started = time.perf_counter()
@@ -194,6 +218,8 @@ def bench_decode(result: dict, prompt: int, tokens: int) -> None:
         decode[f"speedup_{mode}"] = (decode["bf16"][mode]["decode_ms_per_token_median"]
                                      / decode["w4w6"][mode]["decode_ms_per_token_median"])
     log.info("decode speed-up: eager %.2fx, CUDA graph %.2fx", decode["speedup_eager"], decode["speedup_cuda_graph"])
+    decode["gpu_kernel_time"] = {label: kernel_time_profile(model) for label, model in
+                                 (("bf16", dense), ("w4w6", quantized))}
 
 
 def main() -> None:

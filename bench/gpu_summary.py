@@ -31,6 +31,10 @@ def main(path: str) -> None:
                 a = decode["bf16"][mode]["decode_ms_per_token_median"]
                 b = decode["w4w6"][mode]["decode_ms_per_token_median"]
                 print(f"| {mode} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+        for label, profile in decode.get("gpu_kernel_time", {}).items():
+            print(f"\nGPU kernel time per eager decode step, {label}: {profile['us_per_step_total']:.0f} us; largest:")
+            for item in profile["top"][:6]:
+                print(f"  {item['us_per_step']:8.1f} us  {item['kernel']}")
         if "eager_repeat" in decode["bf16"]:
             print(f"\nbf16 eager timed again after the quantized model: "
                   f"{decode['bf16']['eager_repeat']['decode_ms_per_token_median']:.2f} ms/token")
