@@ -42,6 +42,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
         else:
             self.bias = None
+        self._checked_buffers = None  # the buffer objects forward last validated
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -78,14 +79,31 @@ class QuantLinear(nn.Module):
         def keep_dtype(t):
             moved = fn(t)
             return moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        self._checked_buffers = None  # never keep the buffers of the old device alive
         return super()._apply(keep_dtype, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._checked_buffers = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_checked_buffers"] = None  # a cache, not state: keep pickles free of second references
+        return state
 
     # -- use -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         buffers = self._buffers  # direct dict access: nn.Module attribute lookup costs ~1 us each
         packed, scale, zero, bias = buffers["packed"], buffers["scale"], buffers["zero"], buffers.get("bias")
+        # The validation is cached on the buffer objects: in-place updates (load_state_dict) keep
+        # shapes and dtypes, and anything that swaps a buffer (.to(), assignment) is checked again.
+        checked = self._checked_buffers
+        valid = (checked is not None and checked[0] is packed and checked[1] is scale and checked[2] is zero
+                 and checked[3] is bias)
+        if not valid and self._buffers_valid(packed, scale, zero, bias):
+            self._checked_buffers, valid = (packed, scale, zero, bias), True
         return ops.linear(x, packed, scale, zero, bias, self.bits, self.group_size, self.in_features,
-                          weights_checked=self._buffers_valid(packed, scale, zero, bias))
+                          weights_checked=valid)
 
     def _buffers_valid(self, packed, scale, zero, bias) -> bool:
         """Buffers have the documented dtypes, shapes and layout. Plain attribute and tuple

@@ -138,3 +138,14 @@ def test_dtype_casts_of_the_model_keep_the_packed_format():
     assert layer.packed.dtype == torch.uint8 and layer.bias.dtype == torch.float32
     assert torch.equal(model.half()[0].scale, layer.scale)
     assert torch.allclose(model(x.to(torch.bfloat16)).float(), before, rtol=2e-2, atol=2e-2)
+
+
+def test_forward_rechecks_buffers_that_were_replaced():
+    # forward caches its buffer validation on the buffer objects; a swapped-in buffer of the wrong
+    # shape must be caught by the op's checks instead of reaching the kernel unchecked.
+    layer = QuantLinear.from_linear(nn.Linear(128, 24), 4, 64)
+    x = torch.randn(1, 128)
+    layer(x)
+    layer.packed = torch.zeros(24, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"packed must have shape \(24, 64\)"):
+        layer(x)

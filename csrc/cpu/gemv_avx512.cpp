@@ -24,6 +24,7 @@ namespace {
 
 constexpr int kChunkF32 = 32;   // codes per inner step, float32 path
 constexpr int kChunkBf16 = 64;  // codes per inner step, bfloat16 path
+constexpr int kBlock4 = 128;    // codes per inner step, 4-bit bfloat16 path (64 bytes, one load)
 constexpr int64_t kPrefetchRows = 8;  // weight rows requested ahead of use (hides DRAM latency)
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -66,6 +67,13 @@ void arrange_even_odd_bf16(const uint16_t* x, int64_t len, int chunk, uint16_t* 
     }
 }
 
+// 4-bit, bfloat16, blocks of 128 codes: the 16-bit word i of a block's 64 bytes holds codes
+// 4i..4i+3 (one per nibble), so the block decodes into four vectors, vector s holding codes 4i + s.
+void arrange_by_nibble_bf16(const uint16_t* x, int64_t len, uint16_t* out) {
+  for (int64_t b = 0; b < len; b += kBlock4)
+    for (int s = 0; s < 4; ++s)
+      for (int i = 0; i < 32; ++i) out[b + 32 * s + i] = x[b + 4 * i + s];
+}
 
 // Largest number of groups per row the fast kernels handle (their per-row scale table lives on
 // the stack); wider rows go to the portable kernel.
@@ -196,6 +204,44 @@ void row_bf16(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row)
   for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
 }
 
+// 4-bit codes against bfloat16 activations, 128 codes (one 64-byte load) per step: four decode
+// vectors of 32 values 128 + q, summed by VDPBF16PS into one float vector whose lane j covers codes
+// 8j..8j+7 of the block, so a per-lane scale vector applies each lane's group scale (blocks may
+// span several groups, g dividing 128, or lie inside one, g a multiple of 128).
+template <int MR>
+void row_bf16_4bit_block(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row) {
+  const uint8_t* w = p.packed + row * p.row_bytes;
+  alignas(64) float scales[kMaxGroups + 16];
+  float correction[MR];
+  row_prologue<MR>(p, row, r0, 128.0f, scales, correction);
+  const __m512i nibble = _mm512_set1_epi16(0x000f), bias128 = _mm512_set1_epi16(0x4300);
+  // Lane j's group within the block is 8j / g: g divides 128 here, so a shift by log2(g / 8)
+  // (blocks inside one group, g >= 128: every lane 0).
+  const int shift = p.g >= kBlock4 ? 4 : __builtin_ctzll(static_cast<unsigned long long>(p.g / 8));
+  const __m512i lane_to_group = _mm512_srli_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), static_cast<unsigned>(shift));
+  __m512 total[MR];
+  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < p.k_padded; b += kBlock4) {
+    const __m512i words = _mm512_loadu_si512(w + b / 2);
+    const __m512i v0 = _mm512_ternarylogic_epi32(words, nibble, bias128, 0xEA);  // (A & B) | C
+    const __m512i v1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), nibble, bias128, 0xEA);
+    const __m512i v2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 8), nibble, bias128, 0xEA);
+    const __m512i v3 = _mm512_or_si512(_mm512_srli_epi16(words, 12), bias128);
+    const __m512 s = _mm512_permutexvar_ps(lane_to_group, _mm512_loadu_ps(scales + b / p.g));
+    for (int r = 0; r < MR; ++r) {
+      const uint16_t* xr = xa + r * p.k_padded + b;
+      __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v0, (__m512bh)_mm512_loadu_si512(xr));
+      __m512 odd = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v1, (__m512bh)_mm512_loadu_si512(xr + 32));
+      even = _mm512_dpbf16_ps(even, (__m512bh)v2, (__m512bh)_mm512_loadu_si512(xr + 64));
+      odd = _mm512_dpbf16_ps(odd, (__m512bh)v3, (__m512bh)_mm512_loadu_si512(xr + 96));
+      total[r] = _mm512_fmadd_ps(_mm512_add_ps(even, odd), s, total[r]);
+    }
+  }
+  const float bias = p.bias ? p.bias[row] : 0.0f;
+  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + bias);
+}
+
 template <int MR> void row_f32_4bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row) { row_f32<MR, FourBitF32>(p, x, r0, row); }
 template <int MR> void row_f32_6bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row) { row_f32<MR, SixBitF32>(p, x, r0, row); }
 template <int MR> void row_bf16_4bit(const GemvProblem& p, const uint16_t* x, int64_t r0, int64_t row) { row_bf16<MR, FourBitBf16>(p, x, r0, row); }
@@ -231,6 +277,13 @@ void run_rows(const GemvProblem& p, const X* xa) {
 bool gemv_avx512(const GemvProblem& p) {
   if ((p.bits != 4 && p.bits != 6) || p.groups > kMaxGroups) return false;
   static_assert(kRowsPerPass == 4, "row dispatch below handles up to 4 rows per pass");
+  if (p.x_bf16 && p.bits == 4 && p.k_padded % kBlock4 == 0 && (kBlock4 % p.g == 0 || p.g % kBlock4 == 0)) {
+    uint16_t* xa = reinterpret_cast<uint16_t*>(p.scratch);
+    for (int64_t r = 0; r < p.m; ++r)
+      arrange_by_nibble_bf16(p.x_bf16 + r * p.k_padded, p.k_padded, xa + r * p.k_padded);
+    BRECQ_RUN_ROWS(row_bf16_4bit_block, uint16_t)(p, xa);
+    return true;
+  }
   if (p.x_bf16 && p.g % kChunkBf16 == 0) {
     uint16_t* xa = reinterpret_cast<uint16_t*>(p.scratch);
     if (p.bits == 4) {
