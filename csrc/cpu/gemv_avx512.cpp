@@ -220,6 +220,11 @@ void row_bf16_4bit_block(const GemvProblem& p, const uint16_t* xa, int64_t r0, i
   const int shift = p.g >= kBlock4 ? 4 : __builtin_ctzll(static_cast<unsigned long long>(p.g / 8));
   const __m512i lane_to_group = _mm512_srli_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), static_cast<unsigned>(shift));
+  // The first group of each block, advanced by counting (a division per block cost more than the
+  // block's arithmetic): g <= 128 moves 128 / g groups a block, g >= 128 one group every g / 128.
+  const int64_t groups_per_block = p.g <= kBlock4 ? kBlock4 / p.g : 1;
+  const int64_t blocks_per_group = p.g >= kBlock4 ? p.g / kBlock4 : 1;
+  int64_t group = 0, blocks_in_group = 0;
   __m512 total[MR];
   for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < p.k_padded; b += kBlock4) {
@@ -228,7 +233,11 @@ void row_bf16_4bit_block(const GemvProblem& p, const uint16_t* xa, int64_t r0, i
     const __m512i v1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), nibble, bias128, 0xEA);
     const __m512i v2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 8), nibble, bias128, 0xEA);
     const __m512i v3 = _mm512_or_si512(_mm512_srli_epi16(words, 12), bias128);
-    const __m512 s = _mm512_permutexvar_ps(lane_to_group, _mm512_loadu_ps(scales + b / p.g));
+    const __m512 s = _mm512_permutexvar_ps(lane_to_group, _mm512_loadu_ps(scales + group));
+    if (++blocks_in_group == blocks_per_group) {
+      blocks_in_group = 0;
+      group += groups_per_block;
+    }
     for (int r = 0; r < MR; ++r) {
       const uint16_t* xr = xa + r * p.k_padded + b;
       __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v0, (__m512bh)_mm512_loadu_si512(xr));

@@ -1,6 +1,7 @@
 // Standalone GEMV timing for profiling the kernel without Python (perf, valgrind):
-//   brecq_gemv_bench [bits=4] [n=3072] [k=1024] [rows=1] [bf16=1] [threads=2] [reps=200]
-// Weights are cycled through 256 MiB of distinct packed matrices, as in a real model.
+//   brecq_gemv_bench [bits=4] [n=3072] [k=1024] [rows=1] [bf16=1] [threads=2] [reps=200] [footprint_mib=256]
+// Weights are cycled through 256 MiB of distinct packed matrices, as in a real model; a footprint
+// that fits in cache (e.g. 1) times the kernel's compute alone.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -21,7 +22,8 @@ int main(int argc, char** argv) {
   const int reps = static_cast<int>(arg(7, 200));
   const int64_t row_bytes = packed_row_bytes(k, g, bits), groups = num_groups(k, g);
   const int64_t layer_bytes = n * row_bytes + n * groups * 3;
-  const int copies = static_cast<int>(std::max<int64_t>(2, (256ll << 20) / layer_bytes));
+  const int64_t footprint = static_cast<int64_t>(arg(8, 256)) << 20;
+  const int copies = static_cast<int>(std::max<int64_t>(1, footprint / layer_bytes));
   std::mt19937 rng(0);
   std::vector<std::vector<uint8_t>> packed(copies, std::vector<uint8_t>(n * row_bytes));
   for (auto& p : packed) for (auto& b : p) b = static_cast<uint8_t>(rng());
