@@ -1,0 +1,129 @@
+"""Decode-sized packed GEMV against dense torch with every variant timed round-robin, so that a
+shared machine's drift affects all of them alike and the ratios hold (pytest-benchmark times one
+variant after another, and on this VM the memory bandwidth alone moves between 30 and 52 GB/s
+from minute to minute).
+
+Each round times, in a fresh random order, for one shape: dense float32 and bfloat16 ``F.linear``, W4 and W6 through
+``ops.linear`` (the path ``QuantLinear`` takes), the W4 kernel on raw pointers, and a read of
+64 MiB of a 512 MiB buffer (the bandwidth the GEMV is compared with, measured in the same
+seconds). Weights cycle through >= 200 MiB of distinct copies per variant. Medians over rounds.
+
+    python bench/interleaved_gemv.py [--rounds 200] [--rows 1] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import brecq_ext
+from brecq.models import QWEN3_0_6B_LINEAR_SHAPES
+from brecq.speed import random_packed_weights
+from brecq_ext import ops
+from brecq_ext._extension import cpu_kernels
+from brecq_ext.format import layer_storage
+
+SHAPES = {"q": QWEN3_0_6B_LINEAR_SHAPES["q_proj"], "kv": QWEN3_0_6B_LINEAR_SHAPES["k_proj"],
+          "o": QWEN3_0_6B_LINEAR_SHAPES["o_proj"], "gate_up": QWEN3_0_6B_LINEAR_SHAPES["gate_proj"],
+          "down": QWEN3_0_6B_LINEAR_SHAPES["down_proj"]}
+FOOTPRINT = 200 << 20
+PROBE_BYTES = 64 << 20
+GROUP = 64
+
+
+def copies(nbytes: int) -> int:
+    return max(2, -(-FOOTPRINT // nbytes))
+
+
+def measure_shape(k: int, n: int, rows: int, rounds: int, probe: torch.Tensor, gen: torch.Generator) -> dict:
+    kernels = cpu_kernels()
+    threads = torch.get_num_threads()
+    x_bf16 = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    x_f32 = x_bf16.float()
+    dense = {dtype: [torch.randn(n, k, generator=gen).to(dtype)
+                     for _ in range(copies(n * k * torch.tensor([], dtype=dtype).element_size()))]
+             for dtype in (torch.float32, torch.bfloat16)}
+    packed = {bits: random_packed_weights(n, k, bits, GROUP, copies(layer_storage(n, k, bits, GROUP).total_bytes),
+                                          gen) for bits in (4, 6)}
+    y = torch.empty(rows, n, dtype=torch.bfloat16)
+    probe_slices = probe.numel() * 4 // PROBE_BYTES
+    state = {"i": 0}
+
+    def pick(pool):
+        return pool[state["i"] % len(pool)]
+
+    def w4_kernel():  # half the pool away from the copy w4_bf16 just read, so never from cache
+        pool = packed[4]
+        p, s, z = pool[(state["i"] + len(pool) // 2) % len(pool)]
+        kernels.packed_gemv(x_bf16.data_ptr(), True, rows, k, p.data_ptr(), s.data_ptr(), z.data_ptr(), 0, n, k,
+                            4, GROUP, y.data_ptr(), True, threads)
+
+    variants = {
+        "dense_f32": lambda: F.linear(x_f32, pick(dense[torch.float32])),
+        "dense_bf16": lambda: F.linear(x_bf16, pick(dense[torch.bfloat16])),
+        "w4_bf16": lambda: ops.linear(x_bf16, *pick(packed[4]), None, 4, GROUP, k, weights_checked=True),
+        "w6_bf16": lambda: ops.linear(x_bf16, *pick(packed[6]), None, 6, GROUP, k, weights_checked=True),
+        "w4_kernel": w4_kernel,
+        "read_64mib": lambda: probe.view(probe_slices, -1)[state["i"] % probe_slices].sum(),
+    }
+    times = {name: [] for name in variants}
+    with torch.inference_mode():
+        for fn in variants.values():  # warm-up
+            fn()
+        names = list(variants)
+        order = random.Random(0)
+        for _ in range(rounds):
+            state["i"] += 1
+            # A fresh order every round: what runs just before a call (a 64 MiB read, a dense
+            # matmul) slows it by tens of microseconds here, so no variant may always follow another.
+            order.shuffle(names)
+            for name in names:
+                fn = variants[name]
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    read_gbs = PROBE_BYTES / med["read_64mib"] / 1e9
+    out = {"in": k, "out": n, "rows": rows, "read_gbs": read_gbs,
+           "us": {name: 1e6 * t for name, t in med.items() if name != "read_64mib"}}
+    for bits, name in ((4, "w4_bf16"), (6, "w6_bf16"), (4, "w4_kernel")):
+        gbs = layer_storage(n, k, bits, GROUP).total_bytes / med[name] / 1e9
+        out[name] = {"gbs": gbs, "fraction_of_read": gbs / read_gbs, "speedup_vs_bf16": med["dense_bf16"] / med[name]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.rand((512 << 20) // 4, generator=gen)
+    results = []
+    print(f"threads {torch.get_num_threads()}, kernels {brecq_ext.cpu_isa()}, torch {torch.__version__}, "
+          f"{args.rounds} interleaved rounds, {args.rows} row(s); medians\n")
+    print("| shape | read GB/s | bf16 us | W4 us | W4 GB/s | W4 of read | W4 x bf16 | W4 kernel of read | "
+          "W4 kernel x bf16 | W6 us | W6 x bf16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (k, n) in SHAPES.items():
+        r = measure_shape(k, n, args.rows, args.rounds, probe, gen)
+        r["shape"] = name
+        results.append(r)
+        print(f"| {name} ({k}->{n}) | {r['read_gbs']:.1f} | {r['us']['dense_bf16']:.0f} | {r['us']['w4_bf16']:.0f} | "
+              f"{r['w4_bf16']['gbs']:.1f} | {100 * r['w4_bf16']['fraction_of_read']:.0f}% | "
+              f"{r['w4_bf16']['speedup_vs_bf16']:.2f} | {100 * r['w4_kernel']['fraction_of_read']:.0f}% | "
+              f"{r['w4_kernel']['speedup_vs_bf16']:.2f} | {r['us']['w6_bf16']:.0f} | "
+              f"{r['w6_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
