@@ -9,6 +9,7 @@ Each round times, in a fresh random order, for one shape: dense float32 and bflo
 seconds). Weights cycle through >= 200 MiB of distinct copies per variant. Medians over rounds.
 
     python bench/interleaved_gemv.py [--rounds 200] [--rows 1] [--json out.json]
+    python bench/interleaved_gemv.py --rows 512 --rounds 20    # the GEMM path against dense float32
 """
 from __future__ import annotations
 
@@ -68,9 +69,13 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, probe: torch.Tensor, g
         "dense_bf16": lambda: F.linear(x_bf16, pick(dense[torch.bfloat16])),
         "w4_bf16": lambda: ops.linear(x_bf16, *pick(packed[4]), None, 4, GROUP, k, weights_checked=True),
         "w6_bf16": lambda: ops.linear(x_bf16, *pick(packed[6]), None, 6, GROUP, k, weights_checked=True),
-        "w4_kernel": w4_kernel,
         "read_64mib": lambda: probe.view(probe_slices, -1)[state["i"] % probe_slices].sum(),
     }
+    if rows <= ops.GEMV_MAX_ROWS:
+        variants["w4_kernel"] = w4_kernel
+    else:  # the GEMM path, whose target is set against dense float32
+        variants["w4_f32"] = lambda: ops.linear(x_f32, *pick(packed[4]), None, 4, GROUP, k, weights_checked=True)
+        variants["w6_f32"] = lambda: ops.linear(x_f32, *pick(packed[6]), None, 6, GROUP, k, weights_checked=True)
     times = {name: [] for name in variants}
     with torch.inference_mode():
         for fn in variants.values():  # warm-up
@@ -91,9 +96,12 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, probe: torch.Tensor, g
     read_gbs = PROBE_BYTES / med["read_64mib"] / 1e9
     out = {"in": k, "out": n, "rows": rows, "read_gbs": read_gbs,
            "us": {name: 1e6 * t for name, t in med.items() if name != "read_64mib"}}
-    for bits, name in ((4, "w4_bf16"), (6, "w6_bf16"), (4, "w4_kernel")):
-        gbs = layer_storage(n, k, bits, GROUP).total_bytes / med[name] / 1e9
-        out[name] = {"gbs": gbs, "fraction_of_read": gbs / read_gbs, "speedup_vs_bf16": med["dense_bf16"] / med[name]}
+    for bits, name in ((4, "w4_bf16"), (6, "w6_bf16"), (4, "w4_kernel"), (4, "w4_f32"), (6, "w6_f32")):
+        if name in med:
+            gbs = layer_storage(n, k, bits, GROUP).total_bytes / med[name] / 1e9
+            out[name] = {"gbs": gbs, "fraction_of_read": gbs / read_gbs,
+                         "speedup_vs_bf16": med["dense_bf16"] / med[name],
+                         "speedup_vs_f32": med["dense_f32"] / med[name]}
     return out
 
 
@@ -106,20 +114,32 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     probe = torch.rand((512 << 20) // 4, generator=gen)
     results = []
+    gemv = args.rows <= ops.GEMV_MAX_ROWS
     print(f"threads {torch.get_num_threads()}, kernels {brecq_ext.cpu_isa()}, torch {torch.__version__}, "
           f"{args.rounds} interleaved rounds, {args.rows} row(s); medians\n")
-    print("| shape | read GB/s | bf16 us | W4 us | W4 GB/s | W4 of read | W4 x bf16 | W4 kernel of read | "
-          "W4 kernel x bf16 | W6 us | W6 x bf16 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if gemv:
+        print("| shape | read GB/s | bf16 us | W4 us | W4 GB/s | W4 of read | W4 x bf16 | W4 kernel of read | "
+              "W4 kernel x bf16 | W6 us | W6 x bf16 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| shape | f32 us | W4 f32 us | W4 x f32 | W6 f32 us | W6 x f32 | bf16 us | W4 bf16 us | W4 x bf16 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (k, n) in SHAPES.items():
         r = measure_shape(k, n, args.rows, args.rounds, probe, gen)
         r["shape"] = name
         results.append(r)
-        print(f"| {name} ({k}->{n}) | {r['read_gbs']:.1f} | {r['us']['dense_bf16']:.0f} | {r['us']['w4_bf16']:.0f} | "
-              f"{r['w4_bf16']['gbs']:.1f} | {100 * r['w4_bf16']['fraction_of_read']:.0f}% | "
-              f"{r['w4_bf16']['speedup_vs_bf16']:.2f} | {100 * r['w4_kernel']['fraction_of_read']:.0f}% | "
-              f"{r['w4_kernel']['speedup_vs_bf16']:.2f} | {r['us']['w6_bf16']:.0f} | "
-              f"{r['w6_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
+        us = r["us"]
+        if gemv:
+            print(f"| {name} ({k}->{n}) | {r['read_gbs']:.1f} | {us['dense_bf16']:.0f} | {us['w4_bf16']:.0f} | "
+                  f"{r['w4_bf16']['gbs']:.1f} | {100 * r['w4_bf16']['fraction_of_read']:.0f}% | "
+                  f"{r['w4_bf16']['speedup_vs_bf16']:.2f} | {100 * r['w4_kernel']['fraction_of_read']:.0f}% | "
+                  f"{r['w4_kernel']['speedup_vs_bf16']:.2f} | {us['w6_bf16']:.0f} | "
+                  f"{r['w6_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
+        else:
+            print(f"| {name} ({k}->{n}) | {us['dense_f32']:.0f} | {us['w4_f32']:.0f} | "
+                  f"{r['w4_f32']['speedup_vs_f32']:.2f} | {us['w6_f32']:.0f} | {r['w6_f32']['speedup_vs_f32']:.2f} | "
+                  f"{us['dense_bf16']:.0f} | {us['w4_bf16']:.0f} | {r['w4_bf16']['speedup_vs_bf16']:.2f} |",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
