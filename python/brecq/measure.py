@@ -124,15 +124,10 @@ class LatencyReport:
 
 
 # transformers 5 renamed past_key_values to cache (the old name still works, with a warning).
-_CACHE_ARG = "cache"
-
-
 def _cache_of(output):
-    global _CACHE_ARG
-    if getattr(output, "cache", None) is not None:
-        return output.cache
-    _CACHE_ARG = "past_key_values"
-    return output.past_key_values
+    """The KV cache a forward returned (``cache`` in transformers 5.2x, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _cpu_model() -> str:
@@ -157,6 +152,7 @@ def latency(model, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: i
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+    keyword = _cache_keyword(model)
     prefill, steps = [], []
     for run in range(warmup + repeats):
         _sync(device)
@@ -169,7 +165,7 @@ def latency(model, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: i
         for _ in range(decode_tokens):
             _sync(device)
             start = time.perf_counter()
-            out = model(token, use_cache=True, **{_CACHE_ARG: cache})
+            out = model(token, use_cache=True, **{keyword: cache})
             _sync(device)
             step_times.append(time.perf_counter() - start)
             cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
