@@ -48,3 +48,14 @@ def test_cuda_graph_needs_a_cuda_model():
     model = build_model(qwen3_config("tiny"), seed=0)
     with pytest.raises(Exception, match="CUDA graphs need the model on a CUDA device"):
         StaticDecoder(model, max_tokens=8, use_graph=True)
+
+
+def test_paired_latency_times_every_model_on_the_same_steps():
+    from brecq.measure import paired_latency
+
+    models = {"a": build_model(qwen3_config("tiny"), seed=0).eval(), "b": build_model(qwen3_config("tiny"), seed=1).eval()}
+    reports = paired_latency(models, prompt_tokens=8, decode_tokens=3, repeats=2)
+    assert set(reports) == {"a", "b"}
+    for report in reports.values():
+        assert report.decode_ms_per_token_median > 0 and report.prefill_ms > 0
+        assert report.decode_tokens == 3 and report.repeats == 2

@@ -75,6 +75,11 @@ def test_study_end_to_end_and_report_matches_results(tmp_path):
         assert resources["weight_reduction_percent"] > 0  # packed weights are smaller, never larger
         assert resources["parameters"][0] == resources["parameters"][1] > 250_000
         assert resources["decode_ms"][0] > 0 and resources["decode_ms"][1] > 0
+        # The latency in the report is the side-by-side run's, for both variants.
+        paired = saved["models"]["stories"]["paired_latency"]
+        assert resources["latency_side_by_side"]
+        assert resources["decode_ms"] == [paired["unquantized"]["decode_ms_per_token_median"],
+                                          paired[variant]["decode_ms_per_token_median"]]
     for finding in analysis["conclusions"]["findings"]:
         assert finding in report
     assert {p.name for p in (out / "plots").iterdir()} >= {"accuracy.png", "resources.png", "blocks.png"}
@@ -84,6 +89,7 @@ def test_study_end_to_end_and_report_matches_results(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (out / "quantized").rglob("model.safetensors")}
     again = run_study(config, show_progress=False)
     assert again["analysis"]["models"]["stories"]["comparisons"] == saved["analysis"]["models"]["stories"]["comparisons"]
+    assert again["models"]["stories"]["paired_latency"] == saved["models"]["stories"]["paired_latency"]  # cached
     assert {p: p.stat().st_mtime_ns for p in (out / "quantized").rglob("model.safetensors")} == before
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -149,36 +150,61 @@ def _sync(device):
 def latency(model, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3, warmup: int = 1,
             seed: int = 0) -> LatencyReport:
     """Prefill time of a ``prompt_tokens`` prompt and per-token decode time with the KV cache."""
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
-    keyword = _cache_keyword(model)
-    prefill, steps = [], []
+    return paired_latency({"model": model}, prompt_tokens, decode_tokens, repeats, warmup, seed)["model"]
+
+
+@torch.no_grad()
+def paired_latency(models, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3, warmup: int = 1,
+                   seed: int = 0) -> dict:
+    """:func:`latency` of several models (label -> model) measured side by side: each repeat runs
+    every model's prefill, then every decode step of every model, in a fresh random order each time,
+    so that the machine's drift over the measurement falls on all of them alike and their ratios
+    hold. All models decode the same prompt. Returns label -> LatencyReport."""
+    order = random.Random(seed)
+    labels = list(models)
+    state = {}
+    for label, model in models.items():
+        device = next(model.parameters()).device
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+        state[label] = {"model": model, "device": device, "ids": ids, "keyword": _cache_keyword(model),
+                        "prefill": [], "steps": []}
     for run in range(warmup + repeats):
-        _sync(device)
-        start = time.perf_counter()
-        out = model(ids, use_cache=True)
-        _sync(device)
-        prefill_time = time.perf_counter() - start
-        cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
-        step_times = []
-        for _ in range(decode_tokens):
-            _sync(device)
+        order.shuffle(labels)
+        for label in labels:
+            st = state[label]
+            _sync(st["device"])
             start = time.perf_counter()
-            out = model(token, use_cache=True, **{keyword: cache})
-            _sync(device)
-            step_times.append(time.perf_counter() - start)
-            cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
-        if run >= warmup:
-            prefill.append(prefill_time)
-            steps.extend(step_times)
-    if not steps or min(steps) <= 0 or min(prefill) <= 0:
-        raise MeasurementError(f"latency: a timing came out zero or missing (prefill {prefill}, {len(steps)} steps)")
-    steps_sorted = sorted(steps)
-    median = statistics.median(steps)
-    return LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median,
-                         1e3 * steps_sorted[min(len(steps) - 1, int(0.9 * len(steps)))], 1.0 / median, repeats,
-                         environment(device, next(model.parameters()).dtype))
+            out = st["model"](st["ids"], use_cache=True)
+            _sync(st["device"])
+            if run >= warmup:
+                st["prefill"].append(time.perf_counter() - start)
+            st["cache"], st["token"] = _cache_of(out), out.logits[:, -1:].argmax(-1)
+        for _ in range(decode_tokens):
+            order.shuffle(labels)
+            for label in labels:
+                st = state[label]
+                _sync(st["device"])
+                start = time.perf_counter()
+                out = st["model"](st["token"], use_cache=True, **{st["keyword"]: st["cache"]})
+                _sync(st["device"])
+                if run >= warmup:
+                    st["steps"].append(time.perf_counter() - start)
+                st["cache"], st["token"] = _cache_of(out), out.logits[:, -1:].argmax(-1)
+    reports = {}
+    for label, st in state.items():
+        steps, prefill = st["steps"], st["prefill"]
+        if not steps or min(steps) <= 0 or not prefill or min(prefill) <= 0:
+            raise MeasurementError(f"latency of {label}: a timing came out zero or missing "
+                                   f"(prefill {prefill}, {len(steps)} steps)")
+        steps_sorted = sorted(steps)
+        median = statistics.median(steps)
+        reports[label] = LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median,
+                                       1e3 * steps_sorted[min(len(steps) - 1, int(0.9 * len(steps)))], 1.0 / median,
+                                       repeats, environment(st["device"], next(st["model"].parameters()).dtype))
+    for st in state.values():  # the KV caches are no longer needed
+        st.pop("cache", None)
+    return reports
 
 
 def _cache_keyword(model) -> str:

@@ -6,7 +6,9 @@ Rules (also printed in the report):
   McNemar's exact test gives p < 0.05; otherwise it is a **tie** (no significant difference).
 * Relative changes are shown only when the unquantized value is at least 20 points.
 * Memory and size are reported as reductions (positive = smaller); latency as the ratio of
-  quantized to unquantized decode time per token (below 1 = faster), with p90.
+  quantized to unquantized decode time per token (below 1 = faster), with p90, from a run that
+  times all variants of a model side by side (decode steps interleaved in random order), so that
+  the machine's drift does not enter the ratio.
 * Conclusions and recommendations are derived from these verdicts and ratios, not written by hand.
 """
 from __future__ import annotations
@@ -70,24 +72,32 @@ def analyse(results: dict, config: StudyConfig) -> dict:
                         "quantized": result["metrics"][metric]["value"], "quantized_ci95": result["metrics"][metric]["ci95"],
                         "difference_points": cmp["difference_points"], "difference_ci95_points": cmp["ci95_points"],
                         "mcnemar_p": cmp.get("mcnemar_p"), "relative_change_percent": relative, "verdict": v})
-            per_model["resources"][variant_label] = _resources(fp["measure"], variant["measure"])
+            paired = model.get("paired_latency")
+            latencies = ((paired[UNQUANTIZED], paired[variant_label])
+                         if paired and UNQUANTIZED in paired and variant_label in paired else None)
+            per_model["resources"][variant_label] = _resources(fp["measure"], variant["measure"], latencies)
         per_model["conclusions"] = _conclusions(model_label, per_model)
         analysis["models"][model_label] = per_model
     return analysis
 
 
-def _resources(fp: dict, q: dict) -> dict:
+def _resources(fp: dict, q: dict, latencies: tuple | None = None) -> dict:
+    """Storage, memory and latency of the unquantized (fp) and a quantized (q) variant. Latency comes
+    from ``latencies`` (the pair timed side by side) when given, else from each variant's own run."""
     def reduction(a, b):
         return 100.0 * (1.0 - b / a) if a else None
+
+    fp_latency, q_latency = latencies if latencies is not None else (fp["latency"], q["latency"])
 
     out = {"weight_mib": [fp["storage"]["weight_bytes"] / MIB, q["storage"]["weight_bytes"] / MIB],
            "weight_reduction_percent": reduction(fp["storage"]["weight_bytes"], q["storage"]["weight_bytes"]),
            "parameters": [fp["storage"]["parameters"], q["storage"]["parameters"]],
            "bits_per_weight": [fp["storage"]["bits_per_weight"], q["storage"]["bits_per_weight"]],
-           "decode_ms": [fp["latency"]["decode_ms_per_token_median"], q["latency"]["decode_ms_per_token_median"]],
-           "decode_p90_ms": [fp["latency"]["decode_ms_per_token_p90"], q["latency"]["decode_ms_per_token_p90"]],
-           "decode_ratio": q["latency"]["decode_ms_per_token_median"] / fp["latency"]["decode_ms_per_token_median"],
-           "prefill_ms": [fp["latency"]["prefill_ms"], q["latency"]["prefill_ms"]]}
+           "decode_ms": [fp_latency["decode_ms_per_token_median"], q_latency["decode_ms_per_token_median"]],
+           "decode_p90_ms": [fp_latency["decode_ms_per_token_p90"], q_latency["decode_ms_per_token_p90"]],
+           "decode_ratio": q_latency["decode_ms_per_token_median"] / fp_latency["decode_ms_per_token_median"],
+           "prefill_ms": [fp_latency["prefill_ms"], q_latency["prefill_ms"]],
+           "latency_side_by_side": latencies is not None}
     if fp["storage"].get("disk_bytes") and q["storage"].get("disk_bytes"):
         out["disk_mib"] = [fp["storage"]["disk_bytes"] / MIB, q["storage"]["disk_bytes"] / MIB]
         out["disk_reduction_percent"] = reduction(fp["storage"]["disk_bytes"], q["storage"]["disk_bytes"])

@@ -5,6 +5,7 @@ Output folder:
                                             calibration and settings (reused by later runs)
     runs/<model>/<variant>/<dataset>/       results.json and records.jsonl of each evaluation
     runs/<model>/<variant>/measure.json     storage, latency and memory
+    runs/<model>/paired_latency.json        decode latency of all variants timed side by side
     results.json, report.md, plots/*.png
 A second run skips every finished step; an interrupted quantization resumes from its last block;
 every file is written atomically, so nothing half-written survives.
@@ -24,7 +25,7 @@ from ..baselines import GPTQConfig
 from ..calibration import CalibrationSpec
 from ..evaluation.runner import Task, evaluate
 from ..io import atomic_write_text, load_model_any
-from ..measure import cpu_peak_rss, cuda_memory, latency, storage
+from ..measure import cpu_peak_rss, cuda_memory, latency, paired_latency, storage
 from ..quantize import quantize_pretrained
 from ..recipe import Method, get_recipe
 from ..reconstruct import ReconstructionConfig
@@ -123,6 +124,7 @@ def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
                 atomic_write_text(measure_file, json.dumps(entry["measure"], indent=2))
             per_model["variants"][label] = entry
             del model
+        per_model["paired_latency"] = _paired_latency(config, model_entry, per_model, out, dtype)
         results["models"][model_entry.label] = per_model
     results["seconds"] = time.perf_counter() - started
     from .report import analyse, write_outputs
@@ -130,6 +132,27 @@ def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
     results["analysis"] = analyse(results, config)
     write_outputs(results, config)
     return results
+
+
+def _paired_latency(config: StudyConfig, model_entry, per_model: dict, out: Path, dtype) -> dict:
+    """Decode latency of every variant of one model, timed side by side (label -> LatencyReport
+    fields), cached in runs/<model>/paired_latency.json. All variants are loaded at once for this."""
+    m = config.measure
+    paths = {label: entry["path"] for label, entry in per_model["variants"].items()}
+    settings = {"paths": paths, "prompt_tokens": m.prompt_tokens, "decode_tokens": m.decode_tokens,
+                "repeats": m.repeats, "device": config.device, "dtype": config.dtype}
+    cache_file = out / "runs" / slug(model_entry.label) / "paired_latency.json"
+    if cache_file.exists():
+        cached = json.loads(cache_file.read_text())
+        if cached.get("settings") == settings:
+            return cached["latency"]
+    log.info("timing the decode of %d variants of %s side by side", len(paths), model_entry.label)
+    models = {label: load_model_any(Path(path), device=config.device, dtype=dtype)[0] for label, path in paths.items()}
+    reports = paired_latency(models, m.prompt_tokens, m.decode_tokens, m.repeats)
+    del models
+    record = {label: asdict(report) for label, report in reports.items()}
+    atomic_write_text(cache_file, json.dumps({"settings": settings, "latency": record}, indent=2))
+    return record
 
 
 def _measure(config: StudyConfig, model, path: Path) -> dict:
