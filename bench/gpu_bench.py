@@ -8,12 +8,14 @@
    step sees when layers run back to back, without Python or launch gaps.
 3. Decode of a Qwen3-0.6B-shaped model (seeded random weights), bfloat16 against the study's
    W6 attention / W4 MLP recipe (round-to-nearest, lm_head W4), eagerly and with a static KV cache
-   replayed from a CUDA graph.
+   replayed from a CUDA graph; optionally (section decode_compiled) with the step compiled by
+   torch.compile first.
 
 Every timing is a median. The JSON file is rewritten (atomically) after each section, so a run cut
 short keeps what it measured; a section that fails records its error and the others still run.
 
-    python bench/gpu_bench.py --out gpu.json [--sections matmul,decode]
+    python bench/gpu_bench.py --out gpu.json [--sections matmul,eager,decode]
+    python bench/gpu_bench.py --out gpu.json --merge --sections decode_compiled   # torch.compile'd step
 """
 from __future__ import annotations
 
@@ -222,21 +224,47 @@ def bench_decode(result: dict, prompt: int, tokens: int) -> None:
                                  (("bf16", dense), ("w4w6", quantized))}
 
 
+def bench_decode_compiled(result: dict, prompt: int, tokens: int) -> None:
+    """Decode with the step compiled by torch.compile (inductor: the model's element-wise and
+    normalisation kernels fused) and replayed from a CUDA graph, bf16 against W4/W6."""
+    base = build_model(qwen3_config("0.6b"), seed=0).to("cuda")
+    dense = copy.deepcopy(base).to(torch.bfloat16).eval()
+    quantize(base, get_recipe("w4g64_mix_attn6", Method.RTN), show_progress=False)
+    quantized = base.to(torch.bfloat16).eval()
+    compiled = {}
+    for label, model in (("bf16", dense), ("w4w6", quantized)):
+        started = time.perf_counter()
+        report = static_decode_latency(model, prompt_tokens=prompt, decode_tokens=tokens, use_graph=True,
+                                       compile_backend="inductor")
+        compiled[label] = {**report.__dict__, "seconds_with_compilation": time.perf_counter() - started}
+        log.info("%s compiled + CUDA graph: %.3f ms/token", label, report.decode_ms_per_token_median)
+        result["decode_compiled"] = compiled
+    compiled["speedup"] = compiled["bf16"]["decode_ms_per_token_median"] / compiled["w4w6"]["decode_ms_per_token_median"]
+    log.info("compiled decode speed-up %.2fx", compiled["speedup"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu.json")
     parser.add_argument("--sections", default="matmul,eager,decode")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--merge", action="store_true", help="add to the results already in --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device("cuda")
-    result = {"environment": environment(device, torch.bfloat16), "copy_bandwidth_gbs": copy_bandwidth_gbs(),
-              "errors": {}}
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
+        result.setdefault("errors", {})
+    else:
+        result = {"environment": environment(device, torch.bfloat16), "copy_bandwidth_gbs": copy_bandwidth_gbs(),
+                  "errors": {}}
     log.info("copy bandwidth %.0f GB/s", result["copy_bandwidth_gbs"])
     write_json(args.out, result)
     sections = {"matmul": lambda: bench_matmul(result), "eager": lambda: eager_call_us(result),
-                "decode": lambda: bench_decode(result, args.prompt, args.tokens)}
+                "decode": lambda: bench_decode(result, args.prompt, args.tokens),
+                "decode_compiled": lambda: bench_decode_compiled(result, args.prompt, args.tokens)}
     for name in args.sections.split(","):
         started = time.perf_counter()
         try:

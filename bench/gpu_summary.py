@@ -38,6 +38,10 @@ def main(path: str) -> None:
         if "eager_repeat" in decode["bf16"]:
             print(f"\nbf16 eager timed again after the quantized model: "
                   f"{decode['bf16']['eager_repeat']['decode_ms_per_token_median']:.2f} ms/token")
+        compiled = data.get("decode_compiled", {})
+        if "speedup" in compiled:
+            print(f"\ntorch.compile (inductor) + CUDA graph: bf16 {compiled['bf16']['decode_ms_per_token_median']:.2f}, "
+                  f"W4/W6 {compiled['w4w6']['decode_ms_per_token_median']:.2f} ms/token, {compiled['speedup']:.2f}x")
         print(f"\nweight bytes: bf16 {decode['bf16']['weight_bytes'] / 2**20:.0f} MiB, "
               f"W4/W6 {decode['w4w6']['weight_bytes'] / 2**20:.0f} MiB")
     for name, error in data.get("errors", {}).items():
