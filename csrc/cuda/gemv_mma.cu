@@ -4,9 +4,10 @@
 // A warp computes a tile of 8 output features (the n = 8 of one MMA). When a layer has too few
 // tiles to fill the GPU (the 1024-feature layers of Qwen3-0.6B have 128), `split` warps of a block
 // share a tile and split K between them, adding their partial sums in shared memory at the end;
-// a layer with many tiles (the 151936-feature lm_head) gives each warp its own tile and all of K. Per 64-code block a lane loads 16 codes of
-// one weight row (8 bytes at 4 bits, 12 at 6), the zero point of that row and the scales of the two
-// rows whose outputs it accumulates, and 16 activations of rows g and g + 8 (zero beyond m).
+// a layer with many tiles (the 151936-feature lm_head) gives each warp its own tile and all of K.
+// Per 64-code block a lane loads 16 codes of one weight row (8 bytes at 4 bits, 12 at 6), the zero
+// point of that row and the scales of the two rows whose outputs it accumulates, and 16
+// activations of rows g and g + 8 (zero beyond m).
 // Up to kUnroll such blocks are loaded before any is multiplied, to keep loads in flight.
 //
 // The B operand holds the integers (code - zero), exact in bfloat16/float16; the MMA sums their
@@ -32,8 +33,8 @@ namespace brecq {
 namespace cuda {
 namespace {
 
-constexpr int kMmaWarps = 8;   // warps per block, splitting K
-constexpr int kTileRows = 8;   // output features per block
+constexpr int kMmaWarps = 8;   // warps per block
+constexpr int kTileRows = 8;   // output features per tile (one warp's, or shared by `split` warps)
 constexpr int kBlockK = 64;    // codes per K block (four MMA steps of 16)
 constexpr int kLaneCodes = 16; // codes one lane feeds per K block
 constexpr int kUnroll = 4;     // K blocks a warp loads before it multiplies
