@@ -37,6 +37,12 @@ bool gemv_avx512(const GemvProblem& p);
 bool gemv_avx2(const GemvProblem& p);
 void gemv_scalar(const GemvProblem& p);
 
+// Dense [n, k] weights (float32, or bfloat16 bits when out_bf16) from packed ones, for the GEMM
+// path; false when there is no kernel for this bit width / group size (the caller's portable loop
+// runs then). Results equal the portable loop's bit for bit.
+bool dequantize_packed_avx512(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n,
+                              int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads);
+
 // Rows of x processed together per pass over a weight row (the weight row stays in L1).
 constexpr int kRowsPerPass = 4;
 

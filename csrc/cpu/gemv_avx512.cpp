@@ -281,6 +281,54 @@ void run_rows(const GemvProblem& p, const X* xa) {
 
 #define BRECQ_RUN_ROWS(fn, X) run_rows<X, fn<1>, fn<2>, fn<3>, fn<4>>
 
+// ---- dequantization of packed rows (the GEMM path's workspace) ------------------------------
+// 32 codes at a time, as 32 float32 values in natural order: (q - z) * s, the portable loop's
+// operations, so the results are the same bit for bit.
+struct FourBitNatural {
+  __m128i nibble;
+  FourBitNatural() : nibble(_mm_set1_epi8(0x0f)) {}
+  void operator()(const uint8_t* w, int64_t c, __m512& first, __m512& second) const {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2));
+    const __m128i low = _mm_and_si128(bytes, nibble);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+    first = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high)));   // codes 0..15
+    second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(low, high)));  // codes 16..31
+  }
+};
+
+template <class Decode>
+void dequantize_rows(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+                     int64_t g, int64_t row_bytes, int64_t groups, void* out, bool out_bf16, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t row = 0; row < n; ++row) {
+    const Decode decode;
+    const uint8_t* w = packed + row * row_bytes;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[row * groups + grp]));
+      const __m512 z = _mm512_set1_ps(static_cast<float>(zero[row * groups + grp]));
+      for (int64_t c = grp * g; c < grp * g + g && c < k; c += 32) {
+        __m512 first, second;
+        decode(w, c, first, second);
+        first = _mm512_mul_ps(_mm512_sub_ps(first, z), s);
+        second = _mm512_mul_ps(_mm512_sub_ps(second, z), s);
+        const int64_t left = k - c;  // the row holds k values; codes past k are padding
+        const __mmask16 m0 = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+        const __mmask16 m1 = left >= 32 ? static_cast<__mmask16>(0xffff)
+                             : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1u) : static_cast<__mmask16>(0);
+        if (out_bf16) {
+          uint16_t* dst = static_cast<uint16_t*>(out) + row * k + c;
+          _mm256_mask_storeu_epi16(dst, m0, (__m256i)_mm512_cvtneps_pbh(first));
+          _mm256_mask_storeu_epi16(dst + 16, m1, (__m256i)_mm512_cvtneps_pbh(second));
+        } else {
+          float* dst = static_cast<float*>(out) + row * k + c;
+          _mm512_mask_storeu_ps(dst, m0, first);
+          _mm512_mask_storeu_ps(dst + 16, m1, second);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 bool gemv_avx512(const GemvProblem& p) {
@@ -315,6 +363,18 @@ bool gemv_avx512(const GemvProblem& p) {
   return true;
 }
 
+bool dequantize_packed_avx512(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n,
+                              int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads) {
+  // A run of 32 codes must lie in one group (and start on a byte boundary at 6 bits: 24 bytes).
+  if ((bits != 4 && bits != 6) || g % 32 != 0) return false;
+  const int64_t row_bytes = packed_row_bytes(k, g, bits), groups = num_groups(k, g);
+  if (bits == 4)
+    dequantize_rows<FourBitNatural>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads);
+  else
+    dequantize_rows<SixBitF32>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads);
+  return true;
+}
+
 }  // namespace detail
 }  // namespace brecq
 
@@ -324,6 +384,10 @@ bool gemv_avx512(const GemvProblem& p) {
 namespace brecq {
 namespace detail {
 bool gemv_avx512(const GemvProblem&) { return false; }
+bool dequantize_packed_avx512(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int, int64_t, void*,
+                              bool, int) {
+  return false;
+}
 }  // namespace detail
 }  // namespace brecq
 #endif

@@ -4,6 +4,7 @@
 
 #include "brecq/format.h"
 #include "brecq/kernels.h"
+#include "gemv.h"
 #include "numeric.h"
 
 namespace brecq {
@@ -77,6 +78,9 @@ void unpack(const uint8_t* packed, int64_t n, int64_t k, int bits, int64_t g, ui
 
 void dequantize_packed(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n,
                        int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads) {
+  if (active_isa() == Isa::kAvx512 &&
+      detail::dequantize_packed_avx512(packed, scale, zero, n, k, bits, g, out, out_bf16, threads))
+    return;
   const int64_t row_bytes = packed_row_bytes(k, g, bits);
   const int64_t groups = num_groups(k, g);
 #pragma omp parallel num_threads(threads)
