@@ -511,28 +511,41 @@ def _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features):
 
 def _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features, dequantize_tile):
     """y [M, N] = x2 [M, K] . dequant(W)^T + bias, one workspace tile of W rows at a time."""
-    n = packed.shape[0]
+    n, m = packed.shape[0], x2.shape[0]
     compute = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
     if x2.device.type == "cuda" and x2.dtype == torch.float16:
         compute = torch.float16
     xc = x2.to(compute)
+    b = bias.to(compute) if bias is not None else None
     tile_elements = GEMM_TILE_ELEMENTS if x2.device.type == "cpu" else CUDA_GEMM_TILE_ELEMENTS
     tile = max(1, min(n, tile_elements // in_features))
     workspace = torch.empty(tile, in_features, dtype=compute, device=x2.device)
-    if tile == n and x2.device.type == "cuda":  # one tile: one product, written in its final layout
+    # Which product form is fastest, measured side by side on the CPU (Zen 4, 2 threads): x . W^T
+    # (F.linear) for bfloat16, 1.5-2.8x faster at 9 rows and 1.1x at 512; W . x^T into a
+    # transposed output for float32, 1.1-1.3x faster at 64 rows. On CUDA: F.linear for a single
+    # tile, W . x^T for the tiles of very large layers (the form measured on the H100).
+    cpu = x2.device.type == "cpu"
+    if (cpu and compute == torch.float32) or (not cpu and tile < n):
+        y_t = torch.empty(n, m, dtype=compute, device=x2.device)
+        for start in range(0, n, tile):
+            stop = min(n, start + tile)
+            w_tile = workspace[: stop - start]
+            dequantize_tile(packed[start:stop], scale[start:stop], zero[start:stop], w_tile)
+            torch.mm(w_tile, xc.t(), out=y_t[start:stop])
+        y = y_t.t()
+        if b is not None:
+            y = y + b
+        return y.to(x2.dtype).contiguous()
+    if tile == n:  # one tile: one product, written in its final layout
         dequantize_tile(packed, scale, zero, workspace)
-        y = torch.nn.functional.linear(xc, workspace, bias.to(compute) if bias is not None else None)
-        return y.to(x2.dtype)
-    y_t = torch.empty(n, x2.shape[0], dtype=compute, device=x2.device)
+        return torch.nn.functional.linear(xc, workspace, b).to(x2.dtype)
+    y = torch.empty(m, n, dtype=compute, device=x2.device)
     for start in range(0, n, tile):
         stop = min(n, start + tile)
         w_tile = workspace[: stop - start]
         dequantize_tile(packed[start:stop], scale[start:stop], zero[start:stop], w_tile)
-        torch.mm(w_tile, xc.t(), out=y_t[start:stop])
-    y = y_t.t()
-    if bias is not None:
-        y = y + bias.to(compute)
-    return y.to(x2.dtype).contiguous()
+        y[:, start:stop] = torch.nn.functional.linear(xc, w_tile, b[start:stop] if b is not None else None)
+    return y.to(x2.dtype)
 
 
 def _dequantize_tile_any_device(bits, group_size, in_features):
