@@ -565,13 +565,13 @@ def packed_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: 
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
-def _gemv_cpu(kernels, x2, packed, scale, zero, bias, bits, group_size, in_features):
-    """y [m, n] in x2's dtype from x2 [m, K] (float32 or bfloat16, unit inner stride) on validated,
-    contiguous packed/scale/zero and float32 bias (or None)."""
-    m, n = x2.shape[0], packed.shape[0]
-    y = torch.empty(m, n, dtype=x2.dtype)
-    is_bf16 = x2.dtype == torch.bfloat16
-    kernels.packed_gemv(x2.data_ptr(), is_bf16, m, x2.stride(0), packed.data_ptr(), scale.data_ptr(),
+def _gemv_cpu(kernels, x, m, x_stride, packed, scale, zero, bias, bits, group_size, in_features):
+    """y [m, n] in x's dtype from m rows of x (float32 or bfloat16, unit inner stride, rows
+    ``x_stride`` elements apart) on validated, contiguous packed/scale/zero and float32 bias (or None)."""
+    n = packed.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    is_bf16 = x.dtype == torch.bfloat16
+    kernels.packed_gemv(x.data_ptr(), is_bf16, m, x_stride, packed.data_ptr(), scale.data_ptr(),
                         zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n, in_features, bits,
                         group_size, y.data_ptr(), is_bf16, _threads())
     return y
@@ -595,7 +595,7 @@ def _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_featur
         if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
             x2 = x2.contiguous()
         b = bias.float().contiguous() if bias is not None else None
-        y = _gemv_cpu(kernels, x2, p, s, z, b, bits, group_size, in_features)
+        y = _gemv_cpu(kernels, x2, m, x2.stride(0), p, s, z, b, bits, group_size, in_features)
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
     def dequantize_tile(packed_rows, scale_rows, zero_rows, out):
@@ -653,13 +653,9 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
                 and x.shape[-1] == in_features and x.is_contiguous()
                 and 0 < x.numel() <= GEMV_MAX_ROWS * in_features
                 and (bias is None or bias.dtype == torch.float32)):
-            m, n = x.numel() // in_features, packed.shape[0]
-            is_bf16 = x.dtype == torch.bfloat16
-            y = torch.empty(m, n, dtype=x.dtype)
-            kernels.packed_gemv(x.data_ptr(), is_bf16, m, in_features, packed.data_ptr(), scale.data_ptr(),
-                                zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n, in_features,
-                                bits, group_size, y.data_ptr(), is_bf16, _threads())
-            return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+            y = _gemv_cpu(kernels, x, x.numel() // in_features, in_features, packed, scale, zero, bias, bits,
+                          group_size, in_features)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], packed.shape[0])
         return _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features)
     if x.is_cuda:
         cuda = cuda_kernels()
