@@ -193,18 +193,24 @@ def paired_latency(models, prompt_tokens: int = 128, decode_tokens: int = 32, re
                 st["cache"], st["token"] = _cache_of(out), out.logits[:, -1:].argmax(-1)
     reports = {}
     for label, st in state.items():
-        steps, prefill = st["steps"], st["prefill"]
-        if not steps or min(steps) <= 0 or not prefill or min(prefill) <= 0:
-            raise MeasurementError(f"latency of {label}: a timing came out zero or missing "
-                                   f"(prefill {prefill}, {len(steps)} steps)")
-        steps_sorted = sorted(steps)
-        median = statistics.median(steps)
-        reports[label] = LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median,
-                                       1e3 * steps_sorted[min(len(steps) - 1, int(0.9 * len(steps)))], 1.0 / median,
-                                       repeats, environment(st["device"], next(st["model"].parameters()).dtype))
+        reports[label] = _latency_report(f"latency of {label}", st["prefill"], st["steps"], prompt_tokens,
+                                         decode_tokens, repeats, st["model"])
     for st in state.values():  # the KV caches are no longer needed
         st.pop("cache", None)
     return reports
+
+
+def _latency_report(what: str, prefill: list, steps: list, prompt_tokens: int, decode_tokens: int, repeats: int,
+                    model) -> LatencyReport:
+    """Medians (and the decode p90) in milliseconds of prefill and decode-step times in seconds;
+    a missing or zero timing is an error, never a result."""
+    if not steps or min(steps) <= 0 or not prefill or min(prefill) <= 0:
+        raise MeasurementError(f"{what}: a timing came out zero or missing (prefill {prefill}, {len(steps)} steps)")
+    median = statistics.median(steps)
+    p90 = sorted(steps)[min(len(steps) - 1, int(0.9 * len(steps)))]
+    parameter = next(model.parameters())
+    return LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median, 1e3 * p90,
+                         1.0 / median, repeats, environment(parameter.device, parameter.dtype))
 
 
 def _cache_keyword(model) -> str:
@@ -312,13 +318,7 @@ def static_decode_latency(model, prompt_tokens: int = 128, decode_tokens: int = 
                 steps.append(time.perf_counter() - start)
         if run > 0:
             prefill.append(prefill_time)
-    if not steps or min(steps) <= 0:
-        raise MeasurementError(f"static_decode_latency: a timing came out zero or missing ({len(steps)} steps)")
-    median = statistics.median(steps)
-    steps_sorted = sorted(steps)
-    return LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median,
-                         1e3 * steps_sorted[min(len(steps) - 1, int(0.9 * len(steps)))], 1.0 / median, repeats,
-                         environment(device, next(model.parameters()).dtype))
+    return _latency_report("static_decode_latency", prefill, steps, prompt_tokens, decode_tokens, repeats, model)
 
 
 # --- memory -------------------------------------------------------------------------------------
