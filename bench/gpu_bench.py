@@ -32,7 +32,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from brecq.measure import environment, latency, static_decode_latency, storage
+from brecq.measure import _cache_keyword, _cache_of, environment, latency, static_decode_latency, storage
 from brecq.models import QWEN3_0_6B_LINEAR_SHAPES, build_model, qwen3_config
 from brecq.quantize import quantize
 from brecq.recipe import Method, get_recipe
@@ -173,14 +173,13 @@ def kernel_time_profile(model, steps: int = 4) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, 64), device="cuda")
+    keyword = _cache_keyword(model)
     out = model(ids, use_cache=True)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    keyword = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
     token = out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            out = model(token, use_cache=True, **{keyword: cache})
+            out = model(token, use_cache=True, **{keyword: _cache_of(out)})
             token = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
     kernels = [(e.key, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]

@@ -3,19 +3,17 @@ same tokens as plain greedy decoding with the model's dynamic cache, or its timi
 import pytest
 import torch
 
-from brecq.measure import StaticDecoder, static_decode_latency
+from brecq.measure import StaticDecoder, _cache_keyword, _cache_of, static_decode_latency
 from brecq.models import build_model, qwen3_config
 
 
 def _greedy_dynamic(model, ids, steps):
-    tokens, cache = [], None
+    tokens, keyword = [], _cache_keyword(model)
     out = model(ids, use_cache=True)
     for _ in range(steps):
         token = out.logits[:, -1:].argmax(-1)
         tokens.append(int(token))
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        keyword = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
-        out = model(token, use_cache=True, **{keyword: cache})
+        out = model(token, use_cache=True, **{keyword: _cache_of(out)})
     return tokens
 
 
