@@ -520,10 +520,11 @@ def _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features, de
     tile_elements = GEMM_TILE_ELEMENTS if x2.device.type == "cpu" else CUDA_GEMM_TILE_ELEMENTS
     tile = max(1, min(n, tile_elements // in_features))
     workspace = torch.empty(tile, in_features, dtype=compute, device=x2.device)
-    # Which product form is fastest, measured side by side on the CPU (Zen 4, 2 threads): x . W^T
-    # (F.linear) for bfloat16, 1.5-2.8x faster at 9 rows and 1.1x at 512; W . x^T into a
-    # transposed output for float32, 1.1-1.3x faster at 64 rows. On CUDA: F.linear for a single
-    # tile, W . x^T for the tiles of very large layers (the form measured on the H100).
+    # Which product form is fastest, measured side by side on the CPU (Zen 4, 2 threads; section 4
+    # of bench/cpu_paths.py): for bfloat16, x . W^T (F.linear), 2.5x faster at 9 rows and 1.2x at
+    # 512; for float32, W . x^T into a transposed output, 1.2x faster at 64 rows (0.75-0.9x at 9
+    # and 512). On CUDA: F.linear for a single tile, W . x^T for the tiles of very large layers
+    # (the form measured on the H100).
     cpu = x2.device.type == "cpu"
     if (cpu and compute == torch.float32) or (not cpu and tile < n):
         y_t = torch.empty(n, m, dtype=compute, device=x2.device)
