@@ -25,9 +25,10 @@ namespace {
 constexpr int kChunkF32 = 32;   // codes per inner step, float32 path
 constexpr int kChunkBf16 = 64;  // codes per inner step, bfloat16 path
 constexpr int kBlock4 = 128;    // codes per inner step, 4-bit bfloat16 path (64 bytes, one load)
-constexpr int64_t kPrefetchRows = 8;  // weight rows requested ahead of use (hides DRAM latency)
-
-inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+// Weight bytes requested ahead of use (hides DRAM latency), rounded up to whole rows. Eight rows
+// ahead, as before, was the slowest choice for 3072-input rows (12 KiB ahead) in round-robin
+// timings of 1-8 rows and 1-4 KiB; about 2 KiB was never worse than eight rows by more than noise.
+constexpr int64_t kPrefetchBytes = 2048;
 
 // 6-bit decoding into 16-bit lanes, lane i = code i of a run of 32 codes (24 bytes):
 // vpermb copies the 3 bytes of unit q (codes 4q..4q+3) into the low bytes of 64-bit lane q, then
@@ -80,14 +81,15 @@ void arrange_by_nibble_bf16(const uint16_t* x, int64_t len, uint16_t* out) {
 constexpr int64_t kMaxGroups = 4096;
 
 // Per weight row: float32 scales, and for each activation row r the zero-point correction
-// sum_g scale_g * (zero_g + offset) * xsum[r][g], vectorised over groups.
+// sum_g scale_g * (zero_g + offset) * xsum[r][g] as a vector over groups, left unreduced: the row's
+// result is one horizontal sum of (total - correction), where two sums cost a row's share of the
+// FP pipes that the dot products need (measured with brecq_gemv_bench).
 template <int MR>
 inline void row_prologue(const GemvProblem& p, int64_t row, int64_t r0, float offset, float* scales,
-                         float* correction) {
+                         __m512* correction) {
   const uint16_t* sh = p.scale + row * p.groups;
   const uint8_t* zr = p.zero + row * p.groups;
-  __m512 corr[MR];
-  for (int r = 0; r < MR; ++r) corr[r] = _mm512_setzero_ps();
+  for (int r = 0; r < MR; ++r) correction[r] = _mm512_setzero_ps();
   const __m512 off = _mm512_set1_ps(offset);
   for (int64_t g0 = 0; g0 < p.groups; g0 += 16) {
     const int64_t left = p.groups - g0;
@@ -97,9 +99,9 @@ inline void row_prologue(const GemvProblem& p, int64_t row, int64_t r0, float of
     const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, zr + g0)));
     const __m512 sz = _mm512_mul_ps(s, _mm512_add_ps(z, off));
     for (int r = 0; r < MR; ++r)
-      corr[r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, p.xsum + (r0 + r) * p.groups + g0), corr[r]);
+      correction[r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, p.xsum + (r0 + r) * p.groups + g0),
+                                      correction[r]);
   }
-  for (int r = 0; r < MR; ++r) correction[r] = hsum(corr[r]);
 }
 
 // ---- code decoders: per-row constants, then one call per chunk of codes ----------------------
@@ -148,11 +150,11 @@ struct SixBitBf16 {
 
 // ---- one weight row against MR activation rows ---------------------------------------------
 template <int MR, class Decode>
-void row_f32(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
+void row_f32(const GemvProblem& p, const float* xa, int64_t r0, int64_t row, __m512* out) {
   const uint8_t* w = p.packed + row * p.row_bytes;
   const Decode decode;
   alignas(64) float scales[kMaxGroups + 16];
-  float correction[MR];
+  __m512 correction[MR];
   __m512 total[MR];
   for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
   row_prologue<MR>(p, row, r0, 0.0f, scales, correction);
@@ -171,16 +173,15 @@ void row_f32(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
     const __m512 sv = _mm512_set1_ps(scales[grp]);
     for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[r], acc_b[r]), sv, total[r]);
   }
-  const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
 }
 
 template <int MR, class Decode>
-void row_bf16(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row) {
+void row_bf16(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row, __m512* out) {
   const uint8_t* w = p.packed + row * p.row_bytes;
   const Decode decode;
   alignas(64) float scales[kMaxGroups + 16];
-  float correction[MR];
+  __m512 correction[MR];
   __m512 total[MR];
   for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
   // The decoded values are 128 + q: the offset joins the zero point in the correction.
@@ -200,80 +201,138 @@ void row_bf16(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row)
     const __m512 sv = _mm512_set1_ps(scales[grp]);
     for (int r = 0; r < MR; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[r], acc_b[r]), sv, total[r]);
   }
-  const float b = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + b);
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
 }
 
 // 4-bit codes against bfloat16 activations, 128 codes (one 64-byte load) per step: four decode
 // vectors of 32 values 128 + q, summed by VDPBF16PS into one float vector whose lane j covers codes
 // 8j..8j+7 of the block, so a per-lane scale vector applies each lane's group scale (blocks may
 // span several groups, g dividing 128, or lie inside one, g a multiple of 128).
+// The row is walked in chunks of 16 groups whose scales stay in one register, permuted per block:
+// scales written to the stack and read back at other offsets stalled on store forwarding once per
+// row, a large share of a 1024-input row (perf annotate of brecq_gemv_bench).
 template <int MR>
-void row_bf16_4bit_block(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row) {
+void row_bf16_4bit_block(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row, __m512* out) {
   const uint8_t* w = p.packed + row * p.row_bytes;
-  alignas(64) float scales[kMaxGroups + 16];
-  float correction[MR];
-  row_prologue<MR>(p, row, r0, 128.0f, scales, correction);
+  const uint16_t* scale_row = p.scale + row * p.groups;
+  const uint8_t* zero_row = p.zero + row * p.groups;
   const __m512i nibble = _mm512_set1_epi16(0x000f), bias128 = _mm512_set1_epi16(0x4300);
   // Lane j's group within the block is 8j / g: g divides 128 here, so a shift by log2(g / 8)
   // (blocks inside one group, g >= 128: every lane 0).
   const int shift = p.g >= kBlock4 ? 4 : __builtin_ctzll(static_cast<unsigned long long>(p.g / 8));
   const __m512i lane_to_group = _mm512_srli_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), static_cast<unsigned>(shift));
-  // The first group of each block, advanced by counting (a division per block cost more than the
+  // The groups under a block advance by counting (a division per block cost more than the
   // block's arithmetic): g <= 128 moves 128 / g groups a block, g >= 128 one group every g / 128.
-  const int64_t groups_per_block = p.g <= kBlock4 ? kBlock4 / p.g : 1;
+  const __m512i group_step = _mm512_set1_epi32(static_cast<int>(p.g <= kBlock4 ? kBlock4 / p.g : 1));
   const int64_t blocks_per_group = p.g >= kBlock4 ? p.g / kBlock4 : 1;
-  int64_t group = 0, blocks_in_group = 0;
-  __m512 total[MR];
-  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < p.k_padded; b += kBlock4) {
-    const __m512i words = _mm512_loadu_si512(w + b / 2);
-    const __m512i v0 = _mm512_ternarylogic_epi32(words, nibble, bias128, 0xEA);  // (A & B) | C
-    const __m512i v1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), nibble, bias128, 0xEA);
-    const __m512i v2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 8), nibble, bias128, 0xEA);
-    const __m512i v3 = _mm512_or_si512(_mm512_srli_epi16(words, 12), bias128);
-    const __m512 s = _mm512_permutexvar_ps(lane_to_group, _mm512_loadu_ps(scales + group));
-    if (++blocks_in_group == blocks_per_group) {
-      blocks_in_group = 0;
-      group += groups_per_block;
-    }
-    for (int r = 0; r < MR; ++r) {
-      const uint16_t* xr = xa + r * p.k_padded + b;
-      __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v0, (__m512bh)_mm512_loadu_si512(xr));
-      __m512 odd = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v1, (__m512bh)_mm512_loadu_si512(xr + 32));
-      even = _mm512_dpbf16_ps(even, (__m512bh)v2, (__m512bh)_mm512_loadu_si512(xr + 64));
-      odd = _mm512_dpbf16_ps(odd, (__m512bh)v3, (__m512bh)_mm512_loadu_si512(xr + 96));
-      total[r] = _mm512_fmadd_ps(_mm512_add_ps(even, odd), s, total[r]);
+  const __m512 offset = _mm512_set1_ps(128.0f);  // the decoded values are 128 + q
+  __m512 total[MR], correction[MR];
+  for (int r = 0; r < MR; ++r) {
+    total[r] = _mm512_setzero_ps();
+    correction[r] = _mm512_setzero_ps();
+  }
+  for (int64_t g0 = 0; g0 < p.groups; g0 += 16) {
+    const int64_t left = p.groups - g0;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scale_row + g0));
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, zero_row + g0)));
+    const __m512 sz = _mm512_mul_ps(s, _mm512_add_ps(z, offset));
+    for (int r = 0; r < MR; ++r)
+      correction[r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, p.xsum + (r0 + r) * p.groups + g0),
+                                      correction[r]);
+    const int64_t chunk_end = left >= 16 ? (g0 + 16) * p.g : p.k_padded;
+    __m512i lane_group = lane_to_group;
+    int64_t blocks_in_group = 0;
+    for (int64_t b = g0 * p.g; b < chunk_end; b += kBlock4) {
+      const __m512i words = _mm512_loadu_si512(w + b / 2);
+      const __m512i v0 = _mm512_ternarylogic_epi32(words, nibble, bias128, 0xEA);  // (A & B) | C
+      const __m512i v1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), nibble, bias128, 0xEA);
+      const __m512i v2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 8), nibble, bias128, 0xEA);
+      const __m512i v3 = _mm512_or_si512(_mm512_srli_epi16(words, 12), bias128);
+      const __m512 block_scale = _mm512_permutexvar_ps(lane_group, s);
+      if (++blocks_in_group == blocks_per_group) {
+        blocks_in_group = 0;
+        lane_group = _mm512_add_epi32(lane_group, group_step);
+      }
+      for (int r = 0; r < MR; ++r) {
+        const uint16_t* xr = xa + r * p.k_padded + b;
+        __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v0, (__m512bh)_mm512_loadu_si512(xr));
+        dot = _mm512_dpbf16_ps(dot, (__m512bh)v1, (__m512bh)_mm512_loadu_si512(xr + 32));
+        dot = _mm512_dpbf16_ps(dot, (__m512bh)v2, (__m512bh)_mm512_loadu_si512(xr + 64));
+        dot = _mm512_dpbf16_ps(dot, (__m512bh)v3, (__m512bh)_mm512_loadu_si512(xr + 96));
+        total[r] = _mm512_fmadd_ps(dot, block_scale, total[r]);
+      }
     }
   }
-  const float bias = p.bias ? p.bias[row] : 0.0f;
-  for (int r = 0; r < MR; ++r) p.store((r0 + r) * p.n + row, hsum(total[r]) - correction[r] + bias);
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
 }
 
-template <int MR> void row_f32_4bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row) { row_f32<MR, FourBitF32>(p, x, r0, row); }
-template <int MR> void row_f32_6bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row) { row_f32<MR, SixBitF32>(p, x, r0, row); }
-template <int MR> void row_bf16_4bit(const GemvProblem& p, const uint16_t* x, int64_t r0, int64_t row) { row_bf16<MR, FourBitBf16>(p, x, r0, row); }
-template <int MR> void row_bf16_6bit(const GemvProblem& p, const uint16_t* x, int64_t r0, int64_t row) { row_bf16<MR, SixBitBf16>(p, x, r0, row); }
+template <int MR> void row_f32_4bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row, __m512* out) {
+  row_f32<MR, FourBitF32>(p, x, r0, row, out);
+}
+template <int MR> void row_f32_6bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row, __m512* out) {
+  row_f32<MR, SixBitF32>(p, x, r0, row, out);
+}
+template <int MR> void row_bf16_4bit(const GemvProblem& p, const uint16_t* x, int64_t r0, int64_t row, __m512* out) {
+  row_bf16<MR, FourBitBf16>(p, x, r0, row, out);
+}
+template <int MR> void row_bf16_6bit(const GemvProblem& p, const uint16_t* x, int64_t r0, int64_t row, __m512* out) {
+  row_bf16<MR, SixBitBf16>(p, x, r0, row, out);
+}
 
+// Each row function leaves, per activation row, an unreduced vector whose lanes sum to the
+// output; a tile of kTileRows weight rows is reduced together (reduce4), since a horizontal sum
+// per output was a visible share of a 1024-input row's time.
 template <typename X>
-using RowFn = void (*)(const GemvProblem&, const X*, int64_t, int64_t);
+using RowFn = void (*)(const GemvProblem&, const X*, int64_t, int64_t, __m512*);
+
+constexpr int64_t kTileRows = 4;
+
+// Lane sums of a, b, c, d, in that order.
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
 
 template <typename X, RowFn<X> Row1, RowFn<X> Row2, RowFn<X> Row3, RowFn<X> Row4>
 void run_rows(const GemvProblem& p, const X* xa) {
+  const int64_t tiles = (p.n + kTileRows - 1) / kTileRows;
+  const int64_t ahead_rows = (kPrefetchBytes + p.row_bytes - 1) / p.row_bytes;
 #pragma omp parallel for schedule(static) num_threads(p.threads)
-  for (int64_t row = 0; row < p.n; ++row) {
-    if (row + kPrefetchRows < p.n) {
-      const char* ahead = reinterpret_cast<const char*>(p.packed + (row + kPrefetchRows) * p.row_bytes);
-      for (int64_t b = 0; b < p.row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-    }
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t first = tile * kTileRows;
+    const int64_t rows_here = p.n - first < kTileRows ? p.n - first : kTileRows;
     for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
       const X* xr = xa + r0 * p.k_padded;
-      switch (p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0) {
-        case 1: Row1(p, xr, r0, row); break;
-        case 2: Row2(p, xr, r0, row); break;
-        case 3: Row3(p, xr, r0, row); break;
-        default: Row4(p, xr, r0, row); break;
+      const int64_t pass = p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0;
+      __m512 partial[kTileRows][kRowsPerPass];
+      for (int64_t i = 0; i < kTileRows; ++i)
+        for (int r = 0; r < kRowsPerPass; ++r) partial[i][r] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < rows_here; ++i) {
+        const int64_t row = first + i;
+        if (r0 == 0 && row + ahead_rows < p.n) {
+          const char* ahead = reinterpret_cast<const char*>(p.packed + (row + ahead_rows) * p.row_bytes);
+          for (int64_t b = 0; b < p.row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+        }
+        switch (pass) {
+          case 1: Row1(p, xr, r0, row, partial[i]); break;
+          case 2: Row2(p, xr, r0, row, partial[i]); break;
+          case 3: Row3(p, xr, r0, row, partial[i]); break;
+          default: Row4(p, xr, r0, row, partial[i]); break;
+        }
+      }
+      for (int64_t r = 0; r < pass; ++r) {
+        alignas(16) float sums[kTileRows];
+        _mm_store_ps(sums, reduce4(partial[0][r], partial[1][r], partial[2][r], partial[3][r]));
+        for (int64_t i = 0; i < rows_here; ++i) {
+          const int64_t row = first + i;
+          p.store((r0 + r) * p.n + row, sums[i] + (p.bias ? p.bias[row] : 0.0f));
+        }
       }
     }
   }
