@@ -8,7 +8,13 @@ Each round times, in a fresh random order, for one shape: dense float32 and bflo
 64 MiB of a 512 MiB buffer (the bandwidth the GEMV is compared with, measured in the same
 seconds). Weights cycle through >= 200 MiB of distinct copies per variant. Medians over rounds.
 
-    python bench/interleaved_gemv.py [--rounds 200] [--rows 1] [--json out.json]
+A variant's time is that of a burst of ``--burst`` back-to-back calls on distinct weight copies,
+divided by the burst, as a decoder's consecutive linears run. A single call timed right after
+another variant's (a 64 MiB read, a dense matmul with its own threads) pays a cold start here: in
+one run the first W4 call after a 2.5 ms pause took 78 us where the calls after it took 31 us.
+``--burst 1`` times such single calls.
+
+    python bench/interleaved_gemv.py [--rounds 200] [--rows 1] [--burst 8] [--json out.json]
     python bench/interleaved_gemv.py --rows 512 --rounds 20    # the GEMM path against dense float32
 """
 from __future__ import annotations
@@ -41,7 +47,8 @@ def copies(nbytes: int) -> int:
     return max(2, -(-FOOTPRINT // nbytes))
 
 
-def measure_shape(k: int, n: int, rows: int, rounds: int, probe: torch.Tensor, gen: torch.Generator) -> dict:
+def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: torch.Tensor,
+                  gen: torch.Generator) -> dict:
     kernels = cpu_kernels()
     threads = torch.get_num_threads()
     x_bf16 = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
@@ -83,18 +90,22 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, probe: torch.Tensor, g
         names = list(variants)
         order = random.Random(0)
         for _ in range(rounds):
-            state["i"] += 1
-            # A fresh order every round: what runs just before a call (a 64 MiB read, a dense
-            # matmul) slows it by tens of microseconds here, so no variant may always follow another.
+            # A fresh order every round: what runs just before a burst (a 64 MiB read, a dense
+            # matmul) slows its first call, so no variant may always follow another.
             order.shuffle(names)
+            first = state["i"]
             for name in names:
                 fn = variants[name]
+                calls = 1 if name == "read_64mib" else burst
                 start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+                for call in range(calls):
+                    state["i"] = first + call
+                    fn()
+                times[name].append((time.perf_counter() - start) / calls)
+            state["i"] = first + burst
     med = {name: statistics.median(t) for name, t in times.items()}
     read_gbs = PROBE_BYTES / med["read_64mib"] / 1e9
-    out = {"in": k, "out": n, "rows": rows, "read_gbs": read_gbs,
+    out = {"in": k, "out": n, "rows": rows, "burst": burst, "read_gbs": read_gbs,
            "us": {name: 1e6 * t for name, t in med.items() if name != "read_64mib"}}
     for bits, name in ((4, "w4_bf16"), (6, "w6_bf16"), (4, "w4_kernel"), (4, "w4_f32"), (6, "w6_f32")):
         if name in med:
@@ -109,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--burst", type=int, default=8, help="back-to-back calls timed together")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -116,7 +128,7 @@ def main() -> None:
     results = []
     gemv = args.rows <= ops.GEMV_MAX_ROWS
     print(f"threads {torch.get_num_threads()}, kernels {brecq_ext.cpu_isa()}, torch {torch.__version__}, "
-          f"{args.rounds} interleaved rounds, {args.rows} row(s); medians\n")
+          f"{args.rounds} interleaved rounds, {args.rows} row(s), bursts of {args.burst} calls; medians\n")
     if gemv:
         print("| shape | read GB/s | bf16 us | W4 us | W4 GB/s | W4 of read | W4 x bf16 | W4 kernel of read | "
               "W4 kernel x bf16 | W6 us | W6 x bf16 |")
@@ -125,7 +137,7 @@ def main() -> None:
         print("| shape | f32 us | W4 f32 us | W4 x f32 | W6 f32 us | W6 x f32 | bf16 us | W4 bf16 us | W4 x bf16 |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (k, n) in SHAPES.items():
-        r = measure_shape(k, n, args.rows, args.rounds, probe, gen)
+        r = measure_shape(k, n, args.rows, args.rounds, args.burst, probe, gen)
         r["shape"] = name
         results.append(r)
         us = r["us"]
