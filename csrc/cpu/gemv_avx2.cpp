@@ -107,10 +107,7 @@ template <void (*Row1)(const GemvProblem&, const float*, int64_t, int64_t),
 void run_rows(const GemvProblem& p, const float* xa) {
 #pragma omp parallel for schedule(static) num_threads(p.threads)
   for (int64_t row = 0; row < p.n; ++row) {
-    if (row + kPrefetchRows < p.n) {
-      const char* ahead = reinterpret_cast<const char*>(p.packed + (row + kPrefetchRows) * p.row_bytes);
-      for (int64_t b = 0; b < p.row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-    }
+    if (row + kPrefetchRows < p.n) prefetch_weight_row(p, row + kPrefetchRows);
     for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
       const float* xr = xa + r0 * p.k_padded;
       switch (p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0) {

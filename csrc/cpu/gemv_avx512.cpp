@@ -315,10 +315,7 @@ void run_rows(const GemvProblem& p, const X* xa) {
         for (int r = 0; r < kRowsPerPass; ++r) partial[i][r] = _mm512_setzero_ps();
       for (int64_t i = 0; i < rows_here; ++i) {
         const int64_t row = first + i;
-        if (r0 == 0 && row + ahead_rows < p.n) {
-          const char* ahead = reinterpret_cast<const char*>(p.packed + (row + ahead_rows) * p.row_bytes);
-          for (int64_t b = 0; b < p.row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-        }
+        if (r0 == 0 && row + ahead_rows < p.n) prefetch_weight_row(p, row + ahead_rows);
         switch (pass) {
           case 1: Row1(p, xr, r0, row, partial[i]); break;
           case 2: Row2(p, xr, r0, row, partial[i]); break;
