@@ -25,9 +25,9 @@ namespace {
 constexpr int kChunkF32 = 32;   // codes per inner step, float32 path
 constexpr int kChunkBf16 = 64;  // codes per inner step, bfloat16 path
 constexpr int kBlock4 = 128;    // codes per inner step, 4-bit bfloat16 path (64 bytes, one load)
-// Weight bytes requested ahead of use (hides DRAM latency), rounded up to whole rows. Eight rows
-// ahead, as before, was the slowest choice for 3072-input rows (12 KiB ahead) in round-robin
-// timings of 1-8 rows and 1-4 KiB; about 2 KiB was never worse than eight rows by more than noise.
+// Weight bytes requested ahead of use (hides DRAM latency), rounded up to whole rows. Against
+// 2 KiB in bench/ab_gemv.sh (1 row, 2 threads, three Qwen3 shapes): 12 KiB, the former eight rows
+// of a 3072-input layer, was 2-8 % slower; 1 and 4 KiB were within 3 %.
 constexpr int64_t kPrefetchBytes = 2048;
 
 // 6-bit decoding into 16-bit lanes, lane i = code i of a run of 32 codes (24 bytes):
