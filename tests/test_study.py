@@ -5,7 +5,7 @@ import pytest
 
 from brecq.study import load_study_config, run_study
 from brecq.study.config import StudyConfigError
-from brecq.study.report import comparison_row, resource_rows
+from brecq.study.report import _conclusions, comparison_row, resource_rows
 
 from conftest import DATA, STORIES260K, require_shared
 
@@ -125,3 +125,14 @@ def test_offline_demo_runs_every_stage(tmp_path):
     assert set(results["analysis"]["models"]) == {"demo-base", "demo-fine-tuned"}
     tasks = {r["task"] for m in results["models"].values() for v in m["variants"].values() for r in v["datasets"].values()}
     assert tasks == {"arc", "arc_gen", "squad"}
+
+
+@pytest.mark.parametrize("ratio, wording", [(0.80, "decodes faster than the unquantized model"),
+                                            (1.00, "decodes about as fast as the unquantized model"),
+                                            (1.20, "decodes slower than the unquantized model")])
+def test_conclusion_wording_of_decode_speed(ratio, wording):
+    per_model = {"comparisons": [{"variant": "W4", "verdict": "same", "difference_ci95_points": [-1.0, 1.5],
+                                  "n": 200, "dataset": "arc", "metric": "accuracy"}],
+                 "resources": {"W4": {"weight_mib": [4.0, 1.0], "decode_ratio": ratio}}}
+    lines = _conclusions("model", per_model)["findings"]
+    assert any(wording in line for line in lines), lines

@@ -137,7 +137,8 @@ def _conclusions(model_label: str, per_model: dict) -> dict:
                      f"({factor:.2f}x smaller).")
         ratio = res["decode_ratio"]
         speed = "faster" if ratio < 0.95 else "slower" if ratio > 1.05 else "about as fast"
-        lines.append(f"{variant} decodes {speed} than the unquantized model (time per token x{ratio:.2f}).")
+        compared = f"{speed} as" if speed == "about as fast" else f"{speed} than"
+        lines.append(f"{variant} decodes {compared} the unquantized model (time per token x{ratio:.2f}).")
         if worse:
             recommendations.append(f"Do not use {variant} of {model_label} where "
                                    + ", ".join(sorted({c['dataset'] for c in worse}))
