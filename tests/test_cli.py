@@ -8,10 +8,14 @@ from conftest import DATA, STORIES260K, require_shared
 
 
 def brecq(*args, cwd):
+    return brecq_process(*args, cwd=cwd).stdout
+
+
+def brecq_process(*args, cwd):
     done = subprocess.run([sys.executable, "-m", "brecq.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=600, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done
 
 
 def test_help_lists_the_commands(tmp_path):
@@ -25,8 +29,10 @@ def test_quantize_then_evaluate(tmp_path):
     model = require_shared(STORIES260K)
     text = require_shared(DATA / "tinystories_val_head.txt")
     out = tmp_path / "q"
-    printed = brecq("quantize", model, "--out", out, "--recipe", "w4g64_mix_attn6", "--calib", text,
-                    "--samples", 8, "--seq-len", 64, "--iters", 20, "--quiet", cwd=tmp_path)
+    done = brecq_process("quantize", model, "--out", out, "--recipe", "w4g64_mix_attn6", "--calib", text,
+                         "--samples", 8, "--seq-len", 64, "--iters", 20, "--quiet", cwd=tmp_path)
+    printed = done.stdout
+    assert "it/s" not in done.stderr, "--quiet must hide every progress bar, the libraries' too"
     assert "saved to" in printed and (out / "config.json").exists() and (out / "tokenizer.json").exists()
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["recipe"]["name"] == "w4g64_mix_attn6" and config["calibration"]["num_samples"] == 8

@@ -205,10 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hide_library_progress_bars() -> None:
+    """--quiet covers the bars transformers and huggingface_hub draw themselves (saving and
+    loading checkpoint shards), not only ours."""
+    try:
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if getattr(args, "quiet", False):
+        _hide_library_progress_bars()
     return args.run(args)
 
 
