@@ -25,7 +25,7 @@ compile() {  # out_dir src_root [extra flags]
 }
 compile "$work/base" "$work" -Dbrecq=brecq_base
 compile "$work/head" "$root"
-g++ -O2 -std=c++17 -fopenmp -I"$root/csrc/include" "$root/bench/ab_gemv/ab_gemv.cpp" "$work"/head/*.o "$work"/base/*.o \
+g++ -O2 -std=c++17 -fopenmp -I"$root/csrc/include" -I"$root/csrc/tests" "$root/bench/ab_gemv/ab_gemv.cpp" "$work"/head/*.o "$work"/base/*.o \
   -o "$work/ab_gemv"
 echo "base $(git -C "$root" rev-parse --short "$base") vs head (working tree $(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet -- csrc || echo ' + edits'))"
 if [ $# -gt 0 ]; then

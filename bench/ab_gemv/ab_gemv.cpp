@@ -6,15 +6,14 @@
 // Each round times a burst of 8 calls of each variant (order alternating by round) and a plain
 // read of the same number of bytes (the rate a buffer of a layer's size can be read at).
 #include <algorithm>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <random>
 #include <vector>
 
+#include "bench_weights.h"
 #include "brecq/format.h"
 #include "brecq/kernels.h"
 
@@ -24,32 +23,7 @@ void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, con
                  int64_t g, void* y, bool y_is_bf16, int threads);
 }
 
-namespace {
-
 constexpr int kBurst = 8;
-
-struct Copy {  // one allocation: float16 scales, codes, zeros
-  std::vector<uint8_t> bytes;
-};
-
-uint64_t fold(const uint8_t* bytes, int64_t count, int threads) {
-  const int64_t words = count / 8;
-  uint64_t acc = 0;
-#pragma omp parallel for reduction(^ : acc) num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < words; ++i) {
-    uint64_t word;
-    std::memcpy(&word, bytes + 8 * i, 8);
-    acc ^= word;
-  }
-  return acc;
-}
-
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   auto arg = [&](int i, long fallback) { return argc > i ? std::atol(argv[i]) : fallback; };
@@ -62,19 +36,8 @@ int main(int argc, char** argv) {
   const int64_t footprint = static_cast<int64_t>(arg(5, 256)) << 20;
   const int rounds = static_cast<int>(arg(6, 400));
   const int bits = static_cast<int>(arg(7, 4));
-  const int64_t groups = brecq::num_groups(k, g), scale_bytes = n * groups * 2;
-  const int64_t packed_bytes = n * brecq::packed_row_bytes(k, g, bits);
-  const int64_t layer_bytes = scale_bytes + packed_bytes + n * groups;
-  const int copies = static_cast<int>(std::max<int64_t>(3 * kBurst, footprint / layer_bytes));
-  std::mt19937 rng(0);
-  std::vector<Copy> pool(copies);
-  for (auto& c : pool) {
-    c.bytes.resize(layer_bytes);
-    const uint16_t half_2_pow_minus_7 = 0x2000;
-    for (int64_t i = 0; i < n * groups; ++i) std::memcpy(c.bytes.data() + 2 * i, &half_2_pow_minus_7, 2);
-    for (int64_t i = 0; i < packed_bytes; ++i) c.bytes[scale_bytes + i] = static_cast<uint8_t>(rng());
-    std::fill(c.bytes.begin() + scale_bytes + packed_bytes, c.bytes.end(), static_cast<uint8_t>(1 << (bits - 1)));
-  }
+  const brecq_bench::WeightPool pool(n, k, bits, g, footprint, 3 * kBurst);
+  const int64_t layer_bytes = pool.layer_bytes();
   std::vector<uint16_t> x(m * k, 0x3f80);  // bfloat16 1.0
   std::vector<float> y_base(m * n), y_head(m * n);
   std::vector<double> times[3];  // base, head, plain read
@@ -85,34 +48,29 @@ int main(int argc, char** argv) {
       const int variant = (slot + round) % 3;
       const auto start = std::chrono::steady_clock::now();
       for (int call = 0; call < kBurst; ++call) {
-        const uint8_t* bytes = pool[next++ % copies].bytes.data();
-        const uint16_t* scale = reinterpret_cast<const uint16_t*>(bytes);
-        const uint8_t *packed = bytes + scale_bytes, *zero = bytes + scale_bytes + packed_bytes;
+        const int copy = next++;
         if (variant == 0)
-          brecq_base::packed_gemv(x.data(), true, m, k, packed, scale, zero, nullptr, n, k, bits, g, y_base.data(),
-                                  false, threads);
+          brecq_base::packed_gemv(x.data(), true, m, k, pool.packed(copy), pool.scale(copy), pool.zero(copy), nullptr,
+                                  n, k, bits, g, y_base.data(), false, threads);
         else if (variant == 1)
-          brecq::packed_gemv(x.data(), true, m, k, packed, scale, zero, nullptr, n, k, bits, g, y_head.data(), false,
-                             threads);
+          brecq::packed_gemv(x.data(), true, m, k, pool.packed(copy), pool.scale(copy), pool.zero(copy), nullptr, n,
+                             k, bits, g, y_head.data(), false, threads);
         else
-          sink ^= fold(bytes, layer_bytes, threads);
+          sink ^= brecq_bench::fold_bytes(pool.bytes(copy), layer_bytes, threads);
       }
       times[variant].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() /
                                kBurst);
     }
   }
   // Both trees must compute the same product (up to summation order) on one copy.
-  {
-    const uint8_t* bytes = pool[0].bytes.data();
-    const uint16_t* scale = reinterpret_cast<const uint16_t*>(bytes);
-    brecq_base::packed_gemv(x.data(), true, m, k, bytes + scale_bytes, scale, bytes + scale_bytes + packed_bytes,
-                            nullptr, n, k, bits, g, y_base.data(), false, threads);
-    brecq::packed_gemv(x.data(), true, m, k, bytes + scale_bytes, scale, bytes + scale_bytes + packed_bytes, nullptr,
-                       n, k, bits, g, y_head.data(), false, threads);
-  }
+  brecq_base::packed_gemv(x.data(), true, m, k, pool.packed(0), pool.scale(0), pool.zero(0), nullptr, n, k, bits, g,
+                          y_base.data(), false, threads);
+  brecq::packed_gemv(x.data(), true, m, k, pool.packed(0), pool.scale(0), pool.zero(0), nullptr, n, k, bits, g,
+                     y_head.data(), false, threads);
   float worst = 0.0f;
   for (int64_t i = 0; i < m * n; ++i) worst = std::max(worst, std::abs(y_base[i] - y_head[i]));
-  const double base = median_of(times[0]), head = median_of(times[1]), read = median_of(times[2]);
+  const double base = brecq_bench::median_of(times[0]), head = brecq_bench::median_of(times[1]),
+               read = brecq_bench::median_of(times[2]);
   std::printf("W%d %lldx%lld rows=%lld threads=%d: base %.1f us, head %.1f us, head/base speed %.2fx; "
               "plain read %.1f us (%.1f GB/s), head at %.0f%% of it; max |y_base - y_head| %.3g%s\n",
               bits, static_cast<long long>(n), static_cast<long long>(k), static_cast<long long>(m), threads,
