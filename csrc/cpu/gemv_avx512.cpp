@@ -1,4 +1,4 @@
-// AVX-512 GEMV for 4- and 6-bit packed weights (needs AVX512F/BW/VL/VBMI/BF16; chosen at run time).
+// AVX-512 GEMV for 4-, 6- and 8-bit packed weights (needs AVX512F/BW/VL/VBMI/BF16; chosen at run time).
 //
 // Activations are rearranged once per call so that the order in which codes come out of the
 // packed bytes needs no shuffling of the weights: the dot product does not care about order.
@@ -124,6 +124,15 @@ struct SixBitF32 {
     const __m512i codes = _mm512_and_si512(six_bit_decode(raw, gather, shifts), mask6);
     first = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(codes)));
     second = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(codes, 1)));
+  }
+};
+// 8-bit: one code per byte, natural order. Float32 only: 128 + q is not exact in bfloat16 for q
+// above 127, so bfloat16 activations take this path too (the dispatcher converts x to float32).
+struct EightBitF32 {
+  EightBitF32() {}
+  void operator()(const uint8_t* w, int64_t c, __m512& first, __m512& second) const {
+    first = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c))));
+    second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 16))));
   }
 };
 // bfloat16 path: a chunk of 64 codes as two vectors of 32 bfloat16 values 128 + q.
@@ -271,6 +280,9 @@ void row_bf16_4bit_block(const GemvProblem& p, const uint16_t* xa, int64_t r0, i
 template <int MR> void row_f32_4bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row, __m512* out) {
   row_f32<MR, FourBitF32>(p, x, r0, row, out);
 }
+template <int MR> void row_f32_8bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row, __m512* out) {
+  row_f32<MR, EightBitF32>(p, x, r0, row, out);
+}
 template <int MR> void row_f32_6bit(const GemvProblem& p, const float* x, int64_t r0, int64_t row, __m512* out) {
   row_f32<MR, SixBitF32>(p, x, r0, row, out);
 }
@@ -388,7 +400,12 @@ void dequantize_rows(const uint8_t* packed, const uint16_t* scale, const uint8_t
 }  // namespace
 
 bool gemv_avx512(const GemvProblem& p) {
-  if ((p.bits != 4 && p.bits != 6) || p.groups > kMaxGroups) return false;
+  if ((p.bits != 4 && p.bits != 6 && p.bits != 8) || p.groups > kMaxGroups) return false;
+  if (p.bits == 8) {
+    if (p.g % kChunkF32 != 0) return false;
+    BRECQ_RUN_ROWS(row_f32_8bit, float)(p, p.x);
+    return true;
+  }
   static_assert(kRowsPerPass == 4, "row dispatch below handles up to 4 rows per pass");
   if (p.x_bf16 && p.bits == 4 && p.k_padded % kBlock4 == 0 && (kBlock4 % p.g == 0 || p.g % kBlock4 == 0)) {
     uint16_t* xa = reinterpret_cast<uint16_t*>(p.scratch);
