@@ -7,8 +7,8 @@
    is timed as a CUDA graph of one call per copy, replayed: the GPU time per call that a decode
    step sees when layers run back to back, without Python or launch gaps.
 3. Decode of a Qwen3-0.6B-shaped model (seeded random weights), bfloat16 against the study's
-   W6 attention / W4 MLP recipe (round-to-nearest, lm_head W4), eagerly and with a static KV cache
-   replayed from a CUDA graph; optionally (section decode_compiled) with the step compiled by
+   W6 attention / W4 MLP recipe (round-to-nearest; the tied lm_head stays bfloat16), eagerly and
+   with a static KV cache replayed from a CUDA graph; optionally (section decode_compiled) with the step compiled by
    torch.compile first.
 
 Every timing is a median. The JSON file is rewritten (atomically) after each section, so a run cut

@@ -1,0 +1,75 @@
+"""End-to-end decode on the CPU of a Qwen3-0.6B-shaped model (seeded random weights): bfloat16
+against the study's recipe (W6 attention, W4 MLP, group 64, round to nearest; the lm_head stays
+bfloat16, tied to the embeddings) and against that recipe with an 8-bit lm_head (preset
+w4g64_mix_attn6_head8; the embedding table stays bfloat16 beside it). Timed side by side with
+``brecq.measure.paired_latency`` (steps of all models interleaved in random order, so the machine's
+drift falls on all alike). Writes JSON and prints a small table.
+
+    python bench/cpu_decode.py [--prompt 32] [--tokens 16] [--repeats 3] [--json bench/results/cpu_decode.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+
+import torch
+
+from brecq.measure import environment, paired_latency, storage
+from brecq.models import build_model, qwen3_config
+from brecq.quantize import quantize
+from brecq.recipe import Method, get_recipe
+
+log = logging.getLogger("brecq.bench")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens (prefill)")
+    parser.add_argument("--tokens", type=int, default=16, help="decoded tokens per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    started = time.perf_counter()
+    base = build_model(qwen3_config("0.6b"), seed=0)  # float32: the quantizer's input
+    models = {"bf16": copy.deepcopy(base).to(torch.bfloat16).eval()}
+    build_s = time.perf_counter() - started
+    quantize_s = {}
+    for label, recipe in (("w4w6", "w4g64_mix_attn6"), ("w4w6_head8", "w4g64_mix_attn6_head8")):
+        model = copy.deepcopy(base)
+        started = time.perf_counter()
+        quantize(model, get_recipe(recipe, Method.RTN), show_progress=False)
+        quantize_s[label] = time.perf_counter() - started
+        models[label] = model.to(torch.bfloat16).eval()  # norms, embeddings; QuantLinear buffers keep dtypes
+    del base
+    log.info("built in %.0f s, quantized (RTN) in %s", build_s, {k: round(v) for k, v in quantize_s.items()})
+
+    with torch.inference_mode():
+        reports = paired_latency(models, prompt_tokens=args.prompt, decode_tokens=args.tokens,
+                                 repeats=args.repeats)
+    result = {"environment": environment(torch.device("cpu"), torch.bfloat16), "prompt_tokens": args.prompt,
+              "decode_tokens": args.tokens, "repeats": args.repeats, "rtn_quantize_s": quantize_s,
+              "models": {label: {"weight_bytes": storage(model).weight_bytes, **reports[label].__dict__}
+                         for label, model in models.items()}}
+    dense = reports["bf16"]
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}; prompt {args.prompt}, "
+          f"{args.tokens} tokens x {args.repeats} repeats, steps interleaved\n")
+    print("| model | weights MiB | prefill ms | decode ms/token (median) | p90 | tokens/s | decode vs bf16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, report in reports.items():
+        mib = result["models"][label]["weight_bytes"] / 2**20
+        speedup = dense.decode_ms_per_token_median / report.decode_ms_per_token_median
+        result["models"][label]["decode_speedup_vs_bf16"] = speedup
+        print(f"| {label} | {mib:.0f} | {report.prefill_ms:.0f} | {report.decode_ms_per_token_median:.1f} | "
+              f"{report.decode_ms_per_token_p90:.1f} | {report.tokens_per_second:.1f} | {speedup:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
