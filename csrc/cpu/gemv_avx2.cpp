@@ -5,7 +5,6 @@
 #include <immintrin.h>
 
 #include "gemv.h"
-#include "numeric.h"
 
 #if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
 #pragma GCC push_options
@@ -84,7 +83,7 @@ void row(const GemvProblem& p, const float* xa, int64_t r0, int64_t row) {
         acc_b[r] = _mm256_fmadd_ps(second, _mm256_loadu_ps(xr + 8), acc_b[r]);
       }
     }
-    const float s = numeric::f16_to_f32(p.scale[row * p.groups + grp]);
+    const float s = _cvtsh_ss(p.scale[row * p.groups + grp]);  // F16C: the portable conversion branches
     const float sz = s * static_cast<float>(p.zero[row * p.groups + grp]);
     const __m256 sv = _mm256_set1_ps(s);
     for (int r = 0; r < MR; ++r) {
