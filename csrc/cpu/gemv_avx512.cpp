@@ -80,28 +80,37 @@ void arrange_by_nibble_bf16(const uint16_t* x, int64_t len, uint16_t* out) {
 // the stack); wider rows go to the portable kernel.
 constexpr int64_t kMaxGroups = 4096;
 
-// Per weight row: float32 scales, and for each activation row r the zero-point correction
-// sum_g scale_g * (zero_g + offset) * xsum[r][g] as a vector over groups, left unreduced: the row's
-// result is one horizontal sum of (total - correction), where two sums cost a row's share of the
-// FP pipes that the dot products need (measured with brecq_gemv_bench).
+// Zero-point correction: for each activation row r, sum_g scale_g * (zero_g + offset) * xsum[r][g],
+// kept as a vector over groups and left unreduced: the row's result is one horizontal sum of
+// (total - correction), where two sums cost a row's share of the FP pipes that the dot products
+// need (measured with brecq_gemv_bench).
+//
+// group_scales: the float32 scales of a weight row's groups g0..g0+15 (zero past the row; scale_row
+// and zero_row point at the row's first group), adding those groups' share to correction[0..MR).
+template <int MR>
+inline __m512 group_scales(const GemvProblem& p, const uint16_t* scale_row, const uint8_t* zero_row, int64_t g0,
+                           int64_t r0, __m512 offset, __m512* correction) {
+  const int64_t left = p.groups - g0;
+  const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+  const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scale_row + g0));
+  const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, zero_row + g0)));
+  const __m512 sz = _mm512_mul_ps(s, _mm512_add_ps(z, offset));
+  for (int r = 0; r < MR; ++r)
+    correction[r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, p.xsum + (r0 + r) * p.groups + g0),
+                                    correction[r]);
+  return s;
+}
+
+// The whole row's scales into a table (for kernels that index it per group), and its correction.
 template <int MR>
 inline void row_prologue(const GemvProblem& p, int64_t row, int64_t r0, float offset, float* scales,
                          __m512* correction) {
-  const uint16_t* sh = p.scale + row * p.groups;
-  const uint8_t* zr = p.zero + row * p.groups;
   for (int r = 0; r < MR; ++r) correction[r] = _mm512_setzero_ps();
   const __m512 off = _mm512_set1_ps(offset);
-  for (int64_t g0 = 0; g0 < p.groups; g0 += 16) {
-    const int64_t left = p.groups - g0;
-    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sh + g0));
-    _mm512_storeu_ps(scales + g0, s);
-    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, zr + g0)));
-    const __m512 sz = _mm512_mul_ps(s, _mm512_add_ps(z, off));
-    for (int r = 0; r < MR; ++r)
-      correction[r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, p.xsum + (r0 + r) * p.groups + g0),
-                                      correction[r]);
-  }
+  const uint16_t* scale_row = p.scale + row * p.groups;
+  const uint8_t* zero_row = p.zero + row * p.groups;
+  for (int64_t g0 = 0; g0 < p.groups; g0 += 16)
+    _mm512_storeu_ps(scales + g0, group_scales<MR>(p, scale_row, zero_row, g0, r0, off, correction));
 }
 
 // ---- code decoders: per-row constants, then one call per chunk of codes ----------------------
@@ -242,15 +251,8 @@ void row_bf16_4bit_block(const GemvProblem& p, const uint16_t* xa, int64_t r0, i
     correction[r] = _mm512_setzero_ps();
   }
   for (int64_t g0 = 0; g0 < p.groups; g0 += 16) {
-    const int64_t left = p.groups - g0;
-    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scale_row + g0));
-    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, zero_row + g0)));
-    const __m512 sz = _mm512_mul_ps(s, _mm512_add_ps(z, offset));
-    for (int r = 0; r < MR; ++r)
-      correction[r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, p.xsum + (r0 + r) * p.groups + g0),
-                                      correction[r]);
-    const int64_t chunk_end = left >= 16 ? (g0 + 16) * p.g : p.k_padded;
+    const __m512 s = group_scales<MR>(p, scale_row, zero_row, g0, r0, offset, correction);
+    const int64_t chunk_end = p.groups - g0 >= 16 ? (g0 + 16) * p.g : p.k_padded;
     __m512i lane_group = lane_to_group;
     int64_t blocks_in_group = 0;
     for (int64_t b = g0 * p.g; b < chunk_end; b += kBlock4) {
