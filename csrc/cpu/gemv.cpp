@@ -63,9 +63,15 @@ const char* isa_name(Isa isa) {
   }
 }
 
-void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* packed,
-                 const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
-                 int bits, int64_t g, void* y, bool y_is_bf16, int threads) {
+namespace {
+
+// The problem's shape and weights, with x copied into per-thread buffers: a natural-order,
+// zero-padded float32 copy (and bfloat16 copy when x is bfloat16), plus the per-group sums used
+// by the zero-point correction. Reused across calls: decode-sized calls are short enough for
+// allocation to show.
+detail::GemvProblem prepare(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* packed,
+                            const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
+                            int bits, int64_t g, void* y, bool y_is_bf16, int threads) {
   detail::GemvProblem p;
   p.m = m;
   p.n = n;
@@ -83,9 +89,6 @@ void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, con
   p.y_bf16 = y_is_bf16 ? static_cast<uint16_t*>(y) : nullptr;
   p.threads = threads;
 
-  // Natural-order, zero-padded float32 copy of x (and bfloat16 copy when x is bfloat16), plus the
-  // per-group sums used by the zero-point correction. Per-thread buffers, reused across calls:
-  // decode-sized calls are short enough for allocation to show.
   thread_local std::vector<float> x_f32, xsum, scratch;
   thread_local std::vector<uint16_t> x_bf16;
   const size_t x_elems = static_cast<size_t>(m * p.k_padded);
@@ -116,11 +119,29 @@ void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, con
   p.x_bf16 = x_is_bf16 ? x_bf16.data() : nullptr;
   p.xsum = xsum.data();
   p.scratch = scratch.data();
+  return p;
+}
 
+}  // namespace
+
+void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* packed,
+                 const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
+                 int bits, int64_t g, void* y, bool y_is_bf16, int threads) {
+  const detail::GemvProblem p =
+      prepare(x, x_is_bf16, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, y_is_bf16, threads);
   const Isa isa = active_isa();
   if (isa == Isa::kAvx512 && detail::gemv_avx512(p)) return;
   if (isa >= Isa::kAvx2 && detail::gemv_avx2(p)) return;
   detail::gemv_scalar(p);
+}
+
+void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* codes,
+                const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g,
+                void* y, bool y_is_bf16, int threads) {
+  const detail::GemvProblem p =
+      prepare(x, x_is_bf16, m, x_stride, codes, scale, zero, bias, n, k, 4, g, y, y_is_bf16, threads);
+  if (active_isa() == Isa::kAvx512 && detail::tiled_gemv_avx512(p)) return;
+  detail::tiled_gemv_scalar(p);
 }
 
 }  // namespace brecq

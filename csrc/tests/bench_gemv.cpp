@@ -1,5 +1,8 @@
 // Standalone GEMV timing for profiling the kernel without Python (perf, valgrind):
 //   brecq_gemv_bench [bits=4] [n=3072] [k=1024] [rows=1] [bf16=1] [threads=2] [reps=200] [footprint_mib=256]
+//                    [tiled=0]
+// tiled=1 times the 4-bit TILE16 kernel (format.h) instead of the row-major one; n must be a
+// multiple of 16 (the same bytes, read as TILE16: speed does not depend on the values).
 // Weights (codes, scales and zeros) are cycled through 256 MiB of distinct copies, as in a real
 // model; a footprint that fits in cache (e.g. 0) times the kernel's compute alone.
 //
@@ -25,6 +28,11 @@ int main(int argc, char** argv) {
   const int threads = static_cast<int>(arg(6, 2));
   const int reps = static_cast<int>(arg(7, 200));
   const int64_t footprint = static_cast<int64_t>(arg(8, 256)) << 20;
+  const bool tiled = arg(9, 0) != 0;
+  if (tiled && (bits != 4 || n % kTileRows != 0)) {
+    std::fprintf(stderr, "tiled=1 needs bits=4 and n a multiple of %lld\n", static_cast<long long>(kTileRows));
+    return 2;
+  }
   // At least two copies, so that the read and the GEMV never share one.
   const brecq_bench::WeightPool pool(n, k, bits, g, footprint, 2);
   const int64_t layer_bytes = pool.layer_bytes();
@@ -34,8 +42,12 @@ int main(int argc, char** argv) {
   uint64_t sink = 0;
   for (int i = 0; i < reps; ++i) {
     auto start = std::chrono::steady_clock::now();
-    packed_gemv(bf16 ? static_cast<const void*>(x.data()) : xf.data(), bf16, m, k, pool.packed(i), pool.scale(i),
-                pool.zero(i), nullptr, n, k, bits, g, y.data(), false, threads);
+    const void* xp = bf16 ? static_cast<const void*>(x.data()) : xf.data();
+    if (tiled)
+      tiled_gemv(xp, bf16, m, k, pool.packed(i), pool.scale(i), pool.zero(i), nullptr, n, k, g, y.data(), false, threads);
+    else
+      packed_gemv(xp, bf16, m, k, pool.packed(i), pool.scale(i), pool.zero(i), nullptr, n, k, bits, g, y.data(), false,
+                  threads);
     gemv_times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 
     start = std::chrono::steady_clock::now();
@@ -43,9 +55,9 @@ int main(int argc, char** argv) {
     read_times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   const double gemv = brecq_bench::median_of(gemv_times), read = brecq_bench::median_of(read_times);
-  std::printf("W%d %lldx%lld rows=%lld %s threads=%d isa=%s: median %.1f us, %.1f GB/s of packed weights; "
+  std::printf("W%d%s %lldx%lld rows=%lld %s threads=%d isa=%s: median %.1f us, %.1f GB/s of packed weights; "
               "plain read of the same bytes %.1f us, %.1f GB/s (GEMV at %.0f%% of it)%s\n",
-              bits, static_cast<long long>(n), static_cast<long long>(k), static_cast<long long>(m),
+              bits, tiled ? " TILE16" : "", static_cast<long long>(n), static_cast<long long>(k), static_cast<long long>(m),
               bf16 ? "bf16" : "f32", threads, isa_name(active_isa()), gemv * 1e6, layer_bytes / gemv / 1e9, read * 1e6,
               layer_bytes / read / 1e9, 100.0 * read / gemv, sink == 42 ? " " : "");
   return 0;

@@ -92,13 +92,86 @@ void test_gemv(Isa isa) {
   }
 }
 
+// TILE16 rearrangement of row-major 4-bit weights (format.h), written out from its definition.
+void tile_up(const std::vector<uint8_t>& packed, const std::vector<uint16_t>& scale, const std::vector<uint8_t>& zero,
+             int64_t n, int64_t k, int64_t g, std::vector<uint8_t>& codes, std::vector<uint16_t>& tiled_scale,
+             std::vector<uint8_t>& tiled_zero) {
+  const int64_t tiles = tile_count(n), steps = tile_steps(k, g), groups = num_groups(k, g);
+  codes.assign(tiles * steps * kTileStepBytes, 0);
+  tiled_scale.assign(tiles * groups * kTileRows, 0);
+  tiled_zero.assign(tiles * groups * kTileRows, 0);
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t tile = row / kTileRows, lane = row % kTileRows;
+    for (int64_t t = 0; t < steps; ++t)
+      for (int b = 0; b < 4; ++b)
+        codes[(tile * steps + t) * kTileStepBytes + 4 * lane + b] = packed[row * packed_row_bytes(k, g, 4) + 4 * t + b];
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      tiled_scale[(tile * groups + grp) * kTileRows + lane] = scale[row * groups + grp];
+      tiled_zero[(tile * groups + grp) * kTileRows + lane] = zero[row * groups + grp];
+    }
+  }
+}
+
+// The TILE16 GEMV on data whose every product and sum is exact in float32 (small integer
+// activations, power-of-two scales), so that its result must equal the float64 one bit for bit,
+// for float32 and bfloat16 activations and outputs, group sizes, row counts across a pass, and
+// output counts that leave a tile part empty.
+void test_tiled_gemv(Isa isa) {
+  set_isa(isa);
+  std::mt19937 rng(11);
+  for (int64_t g : {32, 64, 128}) {
+    for (int64_t n : {13, 33}) {
+      for (int64_t m : {1, 4, 5}) {
+        for (bool bf16 : {false, true}) {
+          const int64_t k = 200, groups = num_groups(k, g);
+          std::vector<uint8_t> codes(n * k), zero(n * groups), packed(n * packed_row_bytes(k, g, 4)), tiled, tiled_zero;
+          std::vector<uint16_t> scale(n * groups), tiled_scale, x_bf16(m * k);
+          std::vector<float> x(m * k), bias(n), y(m * n);
+          for (auto& c : codes) c = static_cast<uint8_t>(rng() & 15);
+          for (auto& z : zero) z = static_cast<uint8_t>(rng() & 15);
+          for (auto& sc : scale) sc = numeric::f32_to_f16(std::ldexp(1.0f, -static_cast<int>(rng() % 8)));
+          for (auto& b : bias) b = static_cast<float>(static_cast<int>(rng() % 64) - 32) / 4.0f;
+          for (int64_t i = 0; i < m * k; ++i) {
+            x[i] = static_cast<float>(static_cast<int>(rng() % 17) - 8);
+            x_bf16[i] = numeric::f32_to_bf16(x[i]);
+          }
+          pack(codes.data(), n, k, 4, g, packed.data(), 1);
+          tile_up(packed, scale, zero, n, k, g, tiled, tiled_scale, tiled_zero);
+          const void* xp = bf16 ? static_cast<const void*>(x_bf16.data()) : x.data();
+          tiled_gemv(xp, bf16, m, k, tiled.data(), tiled_scale.data(), tiled_zero.data(), bias.data(), n, k, g,
+                     y.data(), false, 2);
+          std::vector<uint16_t> y_bf16(m * n);
+          tiled_gemv(xp, bf16, m, k, tiled.data(), tiled_scale.data(), tiled_zero.data(), bias.data(), n, k, g,
+                     y_bf16.data(), true, 2);
+          for (int64_t r = 0; r < m; ++r)
+            for (int64_t o = 0; o < n; ++o) {
+              double exact = bias[o];
+              for (int64_t i = 0; i < k; ++i)
+                exact += static_cast<double>(x[r * k + i]) * numeric::f16_to_f32(scale[o * groups + i / g]) *
+                         (static_cast<int>(codes[o * k + i]) - static_cast<int>(zero[o * groups + i / g]));
+              const float got = y[r * n + o];
+              CHECK(got == exact, "tiled %s g=%lld n=%lld m=%lld bf16=%d out %lld,%lld: %g vs %g", isa_name(isa),
+                    static_cast<long long>(g), static_cast<long long>(n), static_cast<long long>(m), bf16,
+                    static_cast<long long>(r), static_cast<long long>(o), got, exact);
+              CHECK(y_bf16[r * n + o] == numeric::f32_to_bf16(got), "tiled %s bfloat16 output: 0x%04x vs %g",
+                    isa_name(isa), y_bf16[r * n + o], got);
+            }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   test_half_conversions();
   test_pack_round_trip();
   const Isa best = detect_isa();
-  for (int isa = static_cast<int>(best); isa >= 0; --isa) test_gemv(static_cast<Isa>(isa));
+  for (int isa = static_cast<int>(best); isa >= 0; --isa) {
+    test_gemv(static_cast<Isa>(isa));
+    test_tiled_gemv(static_cast<Isa>(isa));
+  }
   set_isa(best);
   std::printf("%s: %d failed checks (ISA %s)\n", failures ? "FAILED" : "OK", failures, isa_name(best));
   return failures;

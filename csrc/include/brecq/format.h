@@ -48,4 +48,26 @@ static_assert(group_code_bytes(64, 6) + 2 + 1 == 51, "W6 g64 group must be 51 by
 static_assert(packed_row_bytes(172, 64, 4) == 96, "172 inputs pad to 192 = 3 groups of 64");
 static_assert(packed_row_bytes(1000, 32, 6) == 768, "1000 inputs pad to 1024 = 32 groups of 32 (6-bit)");
 
+// ---- TILE16: the CPU execution layout of 4-bit layers (docs/FORMAT.md, "Tiled layout") ---------
+// Held in memory only, never saved: the same codes, scales and zeros as above, rearranged so that
+// one 64-byte vector holds 8 consecutive codes of each of 16 consecutive output rows.
+//   codes : uint8   [tiles, steps, 64]  byte 4*r + b of step t of tile i = byte 4*t + b of the
+//                                       row-major packed row 16*i + r (codes 8t..8t+7 of that row)
+//   scale : float16 [tiles, groups, 16] scale[16*i + r, group]
+//   zero  : uint8   [tiles, groups, 16] zero[16*i + r, group]
+// tiles = ceil(out_features / 16); rows past out_features are zero codes with scale 0 and zero 0.
+// A 16-row x 64-input group: 512 code bytes + 32 scale bytes + 16 zero bytes = 4.375 bits/weight,
+// as in the row-major layout.
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileStepCodes = 8;  // codes of one row in one step: one 32-bit lane
+constexpr int64_t kTileStepBytes = kTileRows * kTileStepCodes * 4 / 8;
+static_assert(kTileStepBytes == 64, "a TILE16 step is one 64-byte vector");
+static_assert(kGroupSizeMultiple % kTileStepCodes == 0, "every group is a whole number of steps");
+static_assert((kTileRows * 64 * 4 / 8 + kTileRows * 2 + kTileRows) * 8 * 1000 / (kTileRows * 64) == 4375,
+              "TILE16 W4 g64 costs 4.375 bits/weight, like the row-major layout");
+constexpr int64_t tile_count(int64_t out_features) { return (out_features + kTileRows - 1) / kTileRows; }
+constexpr int64_t tile_steps(int64_t in_features, int64_t group_size) {
+  return padded_in_features(in_features, group_size) / kTileStepCodes;
+}
+
 }  // namespace brecq

@@ -68,4 +68,11 @@ void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, con
                  const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                  int bits, int64_t g, void* y, bool y_is_bf16, int threads);
 
+// y = x . dequant(W)^T + bias for 4-bit weights in the TILE16 layout (format.h): codes uint8
+// [tile_count(n), tile_steps(k, g), 64], scale float16 bits and zero uint8 [tile_count(n), groups, 16].
+// Arguments otherwise as packed_gemv; meant for m <= 8 rows (each row re-reads a tile from cache).
+void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* codes,
+                const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g,
+                void* y, bool y_is_bf16, int threads);
+
 }  // namespace brecq
