@@ -5,11 +5,14 @@
   packed low-bit matmul.
 * :mod:`brecq_ext.reference` — one pure-PyTorch reference per kernel.
 * :mod:`brecq_ext.format` — the packed weight format and its exact storage cost.
+* :mod:`brecq_ext.layout` — in-memory layouts of packed weights (row-major; TILE16 for the AVX-512
+  CPU kernel).
 * :class:`QuantLinear` — a drop-in ``nn.Linear`` with packed weights.
 """
-from . import format, ops, reference
+from . import format, layout, ops, reference
 from ._extension import cpu_isa, detected_cpu_isa, set_cpu_isa
 from .format import FORMAT_VERSION, LayerStorage, layer_storage
+from .layout import Layout
 from .ops import Clipping
 from .quant_linear import (LayerRule, QuantLinear, match_linear_layers, quant_linear_layers,
                            replace_linear_layers)
@@ -17,7 +20,7 @@ from .quant_linear import (LayerRule, QuantLinear, match_linear_layers, quant_li
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "reference", "format", "QuantLinear", "LayerRule", "Clipping", "replace_linear_layers",
+    "ops", "reference", "format", "layout", "Layout", "QuantLinear", "LayerRule", "Clipping", "replace_linear_layers",
     "match_linear_layers", "quant_linear_layers", "layer_storage", "LayerStorage", "FORMAT_VERSION",
     "cpu_isa", "detected_cpu_isa", "set_cpu_isa",
 ]

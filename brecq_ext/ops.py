@@ -22,6 +22,7 @@ from ._checks import (FLOAT_DTYPES, check_bits, check_group_size, check_packed, 
                       check_same_device, check_shape, check_tensor)
 from ._extension import cpu_kernels, cuda_kernels
 from .format import num_groups, packed_row_bytes
+from .layout import check_tile16, from_tile16
 
 # Rows of activations up to which packed_matmul streams weights (GEMV); above, it dequantizes
 # tiles into a workspace and runs a dense GEMM on them.
@@ -676,6 +677,115 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
 
 
 # ------------------------------------------------------------------------------------------------
+# packed matmul on 4-bit TILE16 weights (brecq_ext.layout; the AVX-512 CPU kernel's layout)
+# ------------------------------------------------------------------------------------------------
+def _check_tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features):
+    op = "brecq.tile16_matmul"
+    check_tensor(op, "x", x, FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x must have shape [..., {in_features}] (in_features), got {tuple(x.shape)}")
+    check_tile16(op, packed, scale, zero, out_features, in_features, group_size)
+    if bias is not None:
+        check_tensor(op, "bias", bias, FLOAT_DTYPES, 1)
+        check_shape(op, "bias", bias, (out_features,), "[out_features]")
+    check_same_device(op, x=x, packed=packed, scale=scale, zero=zero, bias=bias)
+
+
+@torch.library.custom_op("brecq::tile16_matmul", mutates_args=())
+def tile16_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor],
+                  group_size: int, in_features: int, out_features: int) -> Tensor:
+    """y ``[..., out_features]`` = x ``[..., in_features]`` . dequant(W)^T + bias for 4-bit W in the
+    TILE16 layout (packed uint8 ``[tiles, steps, 64]``, scale float16 and zero uint8
+    ``[tiles, groups, 16]``; brecq_ext.layout). Devices without a TILE16 kernel run the row-major
+    op on the weights rearranged back."""
+    _check_tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+    rows, s, z = from_tile16(packed, scale, zero, out_features, in_features, group_size)
+    return packed_matmul(x, rows, s, z, bias, 4, group_size, in_features)
+
+
+def _tile16_gemv_cpu(kernels, x, m, x_stride, packed, scale, zero, bias, group_size, in_features, out_features):
+    """As _gemv_cpu, on validated contiguous TILE16 weights."""
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    is_bf16 = x.dtype == torch.bfloat16
+    kernels.tiled_gemv(x.data_ptr(), is_bf16, m, x_stride, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                       bias.data_ptr() if bias is not None else 0, out_features, in_features, group_size,
+                       y.data_ptr(), is_bf16, _threads())
+    return y
+
+
+@tile16_matmul.register_kernel("cpu")
+def _tile16_matmul_cpu(x, packed, scale, zero, bias, group_size, in_features, out_features):
+    _check_tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+    kernels = _cpu()
+    if kernels is None:
+        return reference.tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+    x2 = x.reshape(-1, in_features)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], out_features)
+    if m > GEMV_MAX_ROWS:
+        # The GEMM path dequantizes row-major tiles into its workspace; rearranging the packed back
+        # first costs one pass over 0.5 bytes per weight, small beside the product itself.
+        rows, s, z = from_tile16(packed, scale, zero, out_features, in_features, group_size)
+        return _packed_matmul_cpu(x, rows, s, z, bias, 4, group_size, in_features)
+    if x2.dtype == torch.float16:
+        x2 = x2.float()
+    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    b = bias.float().contiguous() if bias is not None else None
+    y = _tile16_gemv_cpu(kernels, x2, m, x2.stride(0), packed.contiguous(), scale.contiguous(), zero.contiguous(),
+                         b, group_size, in_features, out_features)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+@tile16_matmul.register_fake
+def _(x, packed, scale, zero, bias, group_size, in_features, out_features):
+    _check_tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _tile16_matmul_setup(ctx, inputs, output):
+    x, packed, scale, zero, bias, group_size, in_features, out_features = inputs
+    ctx.save_for_backward(packed, scale, zero)
+    ctx.meta = (group_size, in_features, out_features, x.dtype, bias is not None)
+
+
+def _tile16_matmul_backward(ctx, grad):
+    packed, scale, zero = ctx.saved_tensors
+    group_size, in_features, out_features, x_dtype, has_bias = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        rows, s, z = from_tile16(packed, scale, zero, out_features, in_features, group_size)
+        w = dequantize_packed(rows, s, z, 4, group_size, in_features, torch.float32)
+        grad_x = (grad.float() @ w).to(x_dtype)
+    if has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+tile16_matmul.register_autograd(_tile16_matmul_backward, setup_context=_tile16_matmul_setup)
+
+
+def tile16_linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], group_size: int,
+                  in_features: int, out_features: int, weights_checked: bool = False) -> Tensor:
+    """tile16_matmul for module forwards, calling the CPU kernel directly in eager inference (as
+    ``linear`` does for row-major weights)."""
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+    if x.is_cpu:
+        kernels = _cpu()
+        if (weights_checked and kernels is not None and x.dtype in _CPU_GEMV_DTYPES and x.dim() >= 1
+                and x.shape[-1] == in_features and x.is_contiguous()
+                and 0 < x.numel() <= GEMV_MAX_ROWS * in_features
+                and (bias is None or bias.dtype == torch.float32)):
+            y = _tile16_gemv_cpu(kernels, x, x.numel() // in_features, in_features, packed, scale, zero, bias,
+                                 group_size, in_features, out_features)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
+        return _tile16_matmul_cpu(x, packed, scale, zero, bias, group_size, in_features, out_features)
+    return tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+
+
+# ------------------------------------------------------------------------------------------------
 # CUDA implementations (brecq_ext._cuda); without it, CUDA tensors run the reference in torch.
 # ------------------------------------------------------------------------------------------------
 def _stream(t: Tensor) -> int:
@@ -848,5 +958,5 @@ cpu_kernels()
 __all__ = [
     "Clipping", "quant_params", "quantize", "dequantize", "fake_quantize", "adaround_forward",
     "adaround_backward", "adaround_regularizer", "rounding_loss", "pack", "unpack",
-    "dequantize_packed", "packed_matmul", "linear", "GEMV_MAX_ROWS",
+    "dequantize_packed", "packed_matmul", "linear", "tile16_matmul", "tile16_linear", "GEMV_MAX_ROWS",
 ]

@@ -202,10 +202,35 @@ def packed_matmul(x, packed, scale, zero, bias, bits: int, group_size: int, in_f
     return y.to(x.dtype)
 
 
+def tile16_codes(packed, scale, zero, out_features: int, in_features: int):
+    """Integer codes uint8 ``[N, K]`` and scale / zero ``[N, groups]`` of TILE16 weights, read
+    straight from the layout's definition (docs/FORMAT.md): byte 4r + b of step t of tile i holds
+    codes 8t + 2b (low nibble) and 8t + 2b + 1 (high nibble) of row 16i + r."""
+    tiles, steps, _ = packed.shape
+    lanes = packed.view(tiles, steps, 16, 4).to(torch.int32)
+    nibbles = torch.stack((lanes & 15, lanes >> 4), dim=-1).reshape(tiles, steps, 16, 8)
+    rows = nibbles.permute(0, 2, 1, 3).reshape(tiles * 16, steps * 8)
+
+    def per_row(params):
+        return params.permute(0, 2, 1).reshape(tiles * 16, -1)[:out_features]
+
+    return rows[:out_features, :in_features].to(torch.uint8), per_row(scale), per_row(zero)
+
+
+def tile16_matmul(x, packed, scale, zero, bias, group_size: int, in_features: int, out_features: int):
+    """y = x . dequant(W)^T + bias for 4-bit TILE16 weights, in float32, returned in x's dtype."""
+    q, s, z = tile16_codes(packed, scale, zero, out_features, in_features)
+    y = x.float() @ dequantize(q, s, z, group_size).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 __all__ = [
     "quant_params", "quantize", "dequantize", "fake_quantize", "fake_quantize_mask",
     "rectified_sigmoid", "adaround_forward", "adaround_backward", "adaround_regularizer",
     "adaround_regularizer_grad", "adaround_init",
     "adaround_harden", "pack", "unpack", "dequantize_packed", "packed_matmul",
+    "tile16_codes", "tile16_matmul",
     "num_groups", "packed_row_bytes",
 ]

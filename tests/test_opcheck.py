@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from brecq_ext import ops
+from brecq_ext.layout import to_tile16
 
 
 def _sample(device, bits=4, group_size=64, rows=5, in_features=172, out_features=7):
@@ -21,6 +22,7 @@ def _sample(device, bits=4, group_size=64, rows=5, in_features=172, out_features
 def _cases(device):
     s = _sample(device)
     s6 = _sample(device, bits=6, rows=1)
+    tiled = to_tile16(s["packed"], s["scale"], s["zero"], 172, 64)
     return {
         "quant_params_minmax": (torch.ops.brecq.quant_params, (s["w"], 4, 64, 0)),
         "quant_params_mse": (torch.ops.brecq.quant_params, (s["w"], 4, 64, 20)),
@@ -49,6 +51,13 @@ def _cases(device):
         "packed_matmul_gemv_grad": (torch.ops.brecq.packed_matmul,
                                     (s["x"].requires_grad_(True), s["packed"], s["scale"], s["zero"],
                                      s["bias"].clone().requires_grad_(True), 4, 64, 172)),
+        "tile16_matmul_gemv_grad": (torch.ops.brecq.tile16_matmul,
+                                    (s["x"].requires_grad_(True), *tiled, s["bias"].clone().requires_grad_(True),
+                                     64, 172, 7)),
+        "tile16_matmul_gemv_bf16": (torch.ops.brecq.tile16_matmul,
+                                    (s["x"][:1].to(torch.bfloat16), *tiled, None, 64, 172, 7)),
+        "tile16_matmul_gemm": (torch.ops.brecq.tile16_matmul,
+                               (s["x"].repeat(4, 1), *tiled, s["bias"], 64, 172, 7)),
     }
 
 
@@ -64,5 +73,5 @@ def test_opcheck(case, device):
 def test_every_op_is_covered():
     declared = {name for name in dir(torch.ops.brecq) if not name.startswith("_")} - {"name"}
     covered = {str(op).split(".")[-1] for op, _ in _cases("cpu").values()}  # "brecq.pack" -> "pack"
-    assert len(declared) == 11
+    assert len(declared) == 12
     assert declared <= covered, f"ops without opcheck: {sorted(declared - covered)}"

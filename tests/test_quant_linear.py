@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from brecq_ext import Clipping, LayerRule, QuantLinear, match_linear_layers, replace_linear_layers
+from brecq_ext import Clipping, LayerRule, Layout, QuantLinear, match_linear_layers, replace_linear_layers
 
 from conftest import STORIES260K, require_shared
 
@@ -140,12 +140,14 @@ def test_dtype_casts_of_the_model_keep_the_packed_format():
     assert torch.allclose(model(x.to(torch.bfloat16)).float(), before, rtol=2e-2, atol=2e-2)
 
 
-def test_forward_rechecks_buffers_that_were_replaced():
+@pytest.mark.parametrize("layout, expected", [(Layout.ROWS, r"\(24, 64\)"), (Layout.TILE16, r"\(2, 16, 64\)")],
+                         ids=["rows", "tile16"])
+def test_forward_rechecks_buffers_that_were_replaced(layout, expected):
     # forward caches its buffer validation on the buffer objects; a swapped-in buffer of the wrong
     # shape must be caught by the op's checks instead of reaching the kernel unchecked.
-    layer = QuantLinear.from_linear(nn.Linear(128, 24), 4, 64)
+    layer = QuantLinear.from_linear(nn.Linear(128, 24), 4, 64, layout=layout)
     x = torch.randn(1, 128)
     layer(x)
-    layer.packed = torch.zeros(24, 32, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"packed must have shape \(24, 64\)"):
+    layer.packed = torch.zeros(*layer.packed.shape[:-1], 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="packed must have shape " + expected):
         layer(x)

@@ -27,7 +27,7 @@ def register() -> bool:
         log.info("transformers offers no quantizer registration (%s); use brecq.load_quantized", exc)
         return False
 
-    from brecq_ext import QuantLinear
+    from brecq_ext import Layout, QuantLinear, quant_linear_layers
 
     from .blocks import set_submodule
 
@@ -48,11 +48,14 @@ def register() -> bool:
         requires_calibration = True
 
         def _process_model_before_weight_loading(self, model, **kwargs):
+            # Row-major while transformers assigns the saved (row-major) tensors to the buffers.
             for name, spec in self.quantization_config.modules.items():
                 set_submodule(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
-                                                       spec["group_size"], bias=spec["bias"]))
+                                                       spec["group_size"], bias=spec["bias"], layout=Layout.ROWS))
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            for _, layer in quant_linear_layers(model):
+                layer.use_layout(None)  # the faster layout for where the weights now are
             return model
 
         def param_needs_quantization(self, model, param_name, **kwargs):
