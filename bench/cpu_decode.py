@@ -1,7 +1,9 @@
 """End-to-end decode on the CPU of a Qwen3-0.6B-shaped model (seeded random weights): bfloat16
 against the study's recipe (W6 attention, W4 MLP, group 64, round to nearest; the lm_head stays
 bfloat16, tied to the embeddings) and against that recipe with an 8-bit lm_head (preset
-w4g64_mix_attn6_head8; the embedding table stays bfloat16 beside it). Timed side by side with
+w4g64_mix_attn6_head8; the embedding table stays bfloat16 beside it). On AVX-512 CPUs the recipe
+also runs with its 4-bit layers held row-major ("w4w6_rows") beside the TILE16 layout that
+QuantLinear picks there (brecq_ext.layout). Timed side by side with
 ``brecq.measure.paired_latency`` (steps of all models interleaved in random order, so the machine's
 drift falls on all alike). Writes JSON and prints a small table.
 
@@ -16,6 +18,8 @@ import logging
 import time
 
 import torch
+
+from brecq_ext import Layout, quant_linear_layers
 
 from brecq.measure import environment, paired_latency, storage
 from brecq.models import build_model, qwen3_config
@@ -46,6 +50,10 @@ def main() -> None:
         quantize_s[label] = time.perf_counter() - started
         models[label] = model.to(torch.bfloat16).eval()  # norms, embeddings; QuantLinear buffers keep dtypes
     del base
+    if any(layer.layout is Layout.TILE16 for _, layer in quant_linear_layers(models["w4w6"])):
+        models["w4w6_rows"] = copy.deepcopy(models["w4w6"])
+        for _, layer in quant_linear_layers(models["w4w6_rows"]):
+            layer.use_layout(Layout.ROWS)
     log.info("built in %.0f s, quantized (RTN) in %s", build_s, {k: round(v) for k, v in quantize_s.items()})
 
     with torch.inference_mode():

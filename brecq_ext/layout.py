@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_group_size, check_packed, check_params, check_shape, check_tensor
-from .format import num_groups, packed_row_bytes, padded_in_features
+from .format import num_groups, padded_in_features
 
 TILE_ROWS = 16  # output rows per tile: the 16 float32 lanes of a 512-bit vector
 STEP_CODES = 8  # consecutive codes of one row in one step: one 32-bit lane of 4-bit codes
@@ -89,26 +89,32 @@ def to_tile16(packed: Tensor, scale: Tensor, zero: Tensor, in_features: int,
         out[:n] = t
         return out
 
-    # A row's 4-byte lane of step t is bytes 4t..4t+3 of its packed row: a transpose of 4-byte units.
-    codes = padded(packed).view(tiles, TILE_ROWS, steps, 4).transpose(1, 2).reshape(tiles, steps, STEP_BYTES)
+    # A row's 4-byte lane of step t is bytes 4t..4t+3 of its packed row: a transpose of 4-byte units,
+    # moved as int32 (4x faster than as bytes).
+    codes = padded(packed).view(torch.int32).view(tiles, TILE_ROWS, steps).transpose(1, 2)
+    codes = codes.contiguous().view(torch.uint8).view(tiles, steps, STEP_BYTES)
     tiled_scale = padded(scale).view(tiles, TILE_ROWS, groups).transpose(1, 2).contiguous()
     tiled_zero = padded(zero).view(tiles, TILE_ROWS, groups).transpose(1, 2).contiguous()
-    return codes.contiguous(), tiled_scale, tiled_zero
+    return codes, tiled_scale, tiled_zero
 
 
 def from_tile16(packed: Tensor, scale: Tensor, zero: Tensor, out_features: int, in_features: int,
                 group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """The row-major ``packed``, ``scale`` and ``zero`` of TILE16 weights (inverse of to_tile16)."""
     check_tile16("brecq_ext.layout.from_tile16", packed, scale, zero, out_features, in_features, group_size)
-    tiles, steps = packed.shape[0], packed.shape[1]
-    row_bytes = packed_row_bytes(in_features, group_size, TILE16_BITS)
-    groups = scale.shape[1]
+    lanes = packed.contiguous().view(torch.int32)  # [tiles, steps, 16]: lane r of step t
+    return (_untiled_rows(lanes.transpose(1, 2), out_features).view(torch.uint8),
+            _untiled_rows(scale.transpose(1, 2), out_features), _untiled_rows(zero.transpose(1, 2), out_features))
 
-    def rows(tiled_rows: Tensor) -> Tensor:
-        # A tensor of its own, exactly out_features rows: state_dict() hands these out, and
-        # safetensors refuses tensors that cover only part of their storage.
-        return tiled_rows.new_empty(out_features, tiled_rows.shape[1]).copy_(tiled_rows[:out_features])
 
-    return (rows(packed.view(tiles, steps, TILE_ROWS, 4).transpose(1, 2).reshape(tiles * TILE_ROWS, row_bytes)),
-            rows(scale.transpose(1, 2).reshape(tiles * TILE_ROWS, groups)),
-            rows(zero.transpose(1, 2).reshape(tiles * TILE_ROWS, groups)))
+def _untiled_rows(per_tile: Tensor, out_features: int) -> Tensor:
+    """``[tiles, 16, X]`` (any strides) as a new contiguous ``[out_features, X]``, in one copy.
+    A tensor of its own, exactly out_features rows: state_dict() hands these out, and safetensors
+    refuses tensors that cover only part of their storage."""
+    tiles, _, width = per_tile.shape
+    out = per_tile.new_empty(out_features, width)
+    whole = out_features // TILE_ROWS
+    out[: whole * TILE_ROWS].view(whole, TILE_ROWS, width).copy_(per_tile[:whole])
+    if whole < tiles:
+        out[whole * TILE_ROWS:].copy_(per_tile[whole, : out_features - whole * TILE_ROWS])
+    return out
