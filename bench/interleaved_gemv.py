@@ -3,9 +3,10 @@ shared machine's drift affects all of them alike and the ratios hold (pytest-ben
 variant after another, and on this VM the memory bandwidth alone moves between 30 and 52 GB/s
 from minute to minute).
 
-Each round times, in a fresh random order, for one shape: dense float32 and bfloat16 ``F.linear``, W4 and W6 through
-``ops.linear`` (the path ``QuantLinear`` takes), the W4 kernel on raw pointers, and a read of
-64 MiB of a 512 MiB buffer (the bandwidth the GEMV is compared with, measured in the same
+Each round times, in a fresh random order, for one shape: dense float32 and bfloat16 ``F.linear``;
+W4 in the TILE16 layout through ``ops.tile16_linear`` (what ``QuantLinear`` runs on AVX-512 CPUs)
+and its kernel on raw pointers; W4 row-major and W6 through ``ops.linear``; and a read of 64 MiB
+of a 512 MiB buffer (the bandwidth the GEMV is compared with, measured in the same
 seconds). Weights cycle through >= 200 MiB of distinct copies per variant. Medians over rounds.
 
 A variant's time is that of a burst of ``--burst`` back-to-back calls on distinct weight copies,
@@ -34,6 +35,7 @@ from brecq.speed import random_packed_weights
 from brecq_ext import ops
 from brecq_ext._extension import cpu_kernels
 from brecq_ext.format import layer_storage
+from brecq_ext.layout import to_tile16
 
 SHAPES = {"q": QWEN3_0_6B_LINEAR_SHAPES["q_proj"], "kv": QWEN3_0_6B_LINEAR_SHAPES["k_proj"],
           "o": QWEN3_0_6B_LINEAR_SHAPES["o_proj"], "gate_up": QWEN3_0_6B_LINEAR_SHAPES["gate_proj"],
@@ -58,6 +60,7 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
              for dtype in (torch.float32, torch.bfloat16)}
     packed = {bits: random_packed_weights(n, k, bits, GROUP, copies(layer_storage(n, k, bits, GROUP).total_bytes),
                                           gen) for bits in (4, 6)}
+    tiled = [to_tile16(p, s, z, k, GROUP) for p, s, z in packed[4]]
     y = torch.empty(rows, n, dtype=torch.bfloat16)
     probe_slices = probe.numel() * 4 // PROBE_BYTES
     state = {"i": 0}
@@ -65,22 +68,23 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
     def pick(pool):
         return pool[state["i"] % len(pool)]
 
-    def w4_kernel():  # half the pool away from the copy w4_bf16 just read, so never from cache
-        pool = packed[4]
-        p, s, z = pool[(state["i"] + len(pool) // 2) % len(pool)]
-        kernels.packed_gemv(x_bf16.data_ptr(), True, rows, k, p.data_ptr(), s.data_ptr(), z.data_ptr(), 0, n, k,
-                            4, GROUP, y.data_ptr(), True, threads)
+    def w4t_kernel():  # half the pool away from the copy w4t_bf16 just read, so never from cache
+        p, s, z = tiled[(state["i"] + len(tiled) // 2) % len(tiled)]
+        kernels.tiled_gemv(x_bf16.data_ptr(), True, rows, k, p.data_ptr(), s.data_ptr(), z.data_ptr(), 0, n, k,
+                           GROUP, y.data_ptr(), True, threads)
 
     variants = {
         "dense_f32": lambda: F.linear(x_f32, pick(dense[torch.float32])),
         "dense_bf16": lambda: F.linear(x_bf16, pick(dense[torch.bfloat16])),
+        "w4t_bf16": lambda: ops.tile16_linear(x_bf16, *pick(tiled), None, GROUP, k, n, weights_checked=True),
         "w4_bf16": lambda: ops.linear(x_bf16, *pick(packed[4]), None, 4, GROUP, k, weights_checked=True),
         "w6_bf16": lambda: ops.linear(x_bf16, *pick(packed[6]), None, 6, GROUP, k, weights_checked=True),
         "read_64mib": lambda: probe.view(probe_slices, -1)[state["i"] % probe_slices].sum(),
     }
     if rows <= ops.GEMV_MAX_ROWS:
-        variants["w4_kernel"] = w4_kernel
+        variants["w4t_kernel"] = w4t_kernel
     else:  # the GEMM path, whose target is set against dense float32
+        variants["w4t_f32"] = lambda: ops.tile16_linear(x_f32, *pick(tiled), None, GROUP, k, n, weights_checked=True)
         variants["w4_f32"] = lambda: ops.linear(x_f32, *pick(packed[4]), None, 4, GROUP, k, weights_checked=True)
         variants["w6_f32"] = lambda: ops.linear(x_f32, *pick(packed[6]), None, 6, GROUP, k, weights_checked=True)
     times = {name: [] for name in variants}
@@ -107,7 +111,8 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
     read_gbs = PROBE_BYTES / med["read_64mib"] / 1e9
     out = {"in": k, "out": n, "rows": rows, "burst": burst, "read_gbs": read_gbs,
            "us": {name: 1e6 * t for name, t in med.items() if name != "read_64mib"}}
-    for bits, name in ((4, "w4_bf16"), (6, "w6_bf16"), (4, "w4_kernel"), (4, "w4_f32"), (6, "w6_f32")):
+    for bits, name in ((4, "w4t_bf16"), (4, "w4_bf16"), (6, "w6_bf16"), (4, "w4t_kernel"), (4, "w4t_f32"),
+                       (4, "w4_f32"), (6, "w6_f32")):
         if name in med:
             gbs = layer_storage(n, k, bits, GROUP).total_bytes / med[name] / 1e9
             out[name] = {"gbs": gbs, "fraction_of_read": gbs / read_gbs,
@@ -130,28 +135,31 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, kernels {brecq_ext.cpu_isa()}, torch {torch.__version__}, "
           f"{args.rounds} interleaved rounds, {args.rows} row(s), bursts of {args.burst} calls; medians\n")
     if gemv:
-        print("| shape | read GB/s | bf16 us | W4 us | W4 GB/s | W4 of read | W4 x bf16 | W4 kernel of read | "
-              "W4 kernel x bf16 | W6 us | W6 x bf16 |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| shape | read GB/s | bf16 us | W4T us | W4T GB/s | W4T of read | W4T x bf16 | W4T kernel of read | "
+              "W4T kernel x bf16 | W4 rows us | W4 rows x bf16 | W6 us | W6 x bf16 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     else:
-        print("| shape | f32 us | W4 f32 us | W4 x f32 | W6 f32 us | W6 x f32 | bf16 us | W4 bf16 us | W4 x bf16 |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| shape | f32 us | W4T f32 us | W4T x f32 | W4 rows f32 us | W4 rows x f32 | W6 f32 us | W6 x f32 | "
+              "bf16 us | W4T bf16 us | W4T x bf16 | W4 rows bf16 us | W4 rows x bf16 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (k, n) in SHAPES.items():
         r = measure_shape(k, n, args.rows, args.rounds, args.burst, probe, gen)
         r["shape"] = name
         results.append(r)
         us = r["us"]
         if gemv:
-            print(f"| {name} ({k}->{n}) | {r['read_gbs']:.1f} | {us['dense_bf16']:.0f} | {us['w4_bf16']:.0f} | "
-                  f"{r['w4_bf16']['gbs']:.1f} | {100 * r['w4_bf16']['fraction_of_read']:.0f}% | "
-                  f"{r['w4_bf16']['speedup_vs_bf16']:.2f} | {100 * r['w4_kernel']['fraction_of_read']:.0f}% | "
-                  f"{r['w4_kernel']['speedup_vs_bf16']:.2f} | {us['w6_bf16']:.0f} | "
+            print(f"| {name} ({k}->{n}) | {r['read_gbs']:.1f} | {us['dense_bf16']:.0f} | {us['w4t_bf16']:.0f} | "
+                  f"{r['w4t_bf16']['gbs']:.1f} | {100 * r['w4t_bf16']['fraction_of_read']:.0f}% | "
+                  f"{r['w4t_bf16']['speedup_vs_bf16']:.2f} | {100 * r['w4t_kernel']['fraction_of_read']:.0f}% | "
+                  f"{r['w4t_kernel']['speedup_vs_bf16']:.2f} | {us['w4_bf16']:.0f} | "
+                  f"{r['w4_bf16']['speedup_vs_bf16']:.2f} | {us['w6_bf16']:.0f} | "
                   f"{r['w6_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
         else:
-            print(f"| {name} ({k}->{n}) | {us['dense_f32']:.0f} | {us['w4_f32']:.0f} | "
-                  f"{r['w4_f32']['speedup_vs_f32']:.2f} | {us['w6_f32']:.0f} | {r['w6_f32']['speedup_vs_f32']:.2f} | "
-                  f"{us['dense_bf16']:.0f} | {us['w4_bf16']:.0f} | {r['w4_bf16']['speedup_vs_bf16']:.2f} |",
-                  flush=True)
+            print(f"| {name} ({k}->{n}) | {us['dense_f32']:.0f} | {us['w4t_f32']:.0f} | "
+                  f"{r['w4t_f32']['speedup_vs_f32']:.2f} | {us['w4_f32']:.0f} | {r['w4_f32']['speedup_vs_f32']:.2f} | "
+                  f"{us['w6_f32']:.0f} | {r['w6_f32']['speedup_vs_f32']:.2f} | {us['dense_bf16']:.0f} | "
+                  f"{us['w4t_bf16']:.0f} | {r['w4t_bf16']['speedup_vs_bf16']:.2f} | {us['w4_bf16']:.0f} | "
+                  f"{r['w4_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
