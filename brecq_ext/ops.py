@@ -614,25 +614,31 @@ def _(x, packed, scale, zero, bias, bits, group_size, in_features):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
-def _matmul_setup(ctx, inputs, output):
-    x, packed, scale, zero, bias, bits, group_size, in_features = inputs
+def _packed_linear_setup(ctx, inputs, output):
+    # Both packed matmul ops take (x, packed, scale, zero, bias, *layer arguments).
+    x, packed, scale, zero, bias, *layer = inputs
     ctx.save_for_backward(packed, scale, zero)
-    ctx.meta = (bits, group_size, in_features, x.dtype, bias is not None)
+    ctx.layer, ctx.x_dtype, ctx.has_bias = tuple(layer), x.dtype, bias is not None
 
 
-def _matmul_backward(ctx, grad):
-    packed, scale, zero = ctx.saved_tensors
-    bits, group_size, in_features, x_dtype, has_bias = ctx.meta
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        w = dequantize_packed(packed, scale, zero, bits, group_size, in_features, torch.float32)
-        grad_x = (grad.float() @ w).to(x_dtype)
-    if has_bias and ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, None, None, grad_bias, None, None, None
+def _packed_linear_backward(dense_weight):
+    """The backward of y = x . W^T + bias, with W (float32 ``[N, K]``) = dense_weight(packed,
+    scale, zero, *layer arguments): gradients to x and bias; the weights are constants."""
+    def backward(ctx, grad):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad.float() @ dense_weight(*ctx.saved_tensors, *ctx.layer)).to(ctx.x_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, None, None, grad_bias, None, None, None
+    return backward
 
 
-packed_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+def _row_major_dense_weight(packed, scale, zero, bits, group_size, in_features):
+    return dequantize_packed(packed, scale, zero, bits, group_size, in_features, torch.float32)
+
+
+packed_matmul.register_autograd(_packed_linear_backward(_row_major_dense_weight), setup_context=_packed_linear_setup)
 
 
 _CPU_GEMV_DTYPES = (torch.float32, torch.bfloat16)
@@ -744,26 +750,12 @@ def _(x, packed, scale, zero, bias, group_size, in_features, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _tile16_matmul_setup(ctx, inputs, output):
-    x, packed, scale, zero, bias, group_size, in_features, out_features = inputs
-    ctx.save_for_backward(packed, scale, zero)
-    ctx.meta = (group_size, in_features, out_features, x.dtype, bias is not None)
+def _tile16_dense_weight(packed, scale, zero, group_size, in_features, out_features):
+    rows, s, z = from_tile16(packed, scale, zero, out_features, in_features, group_size)
+    return dequantize_packed(rows, s, z, 4, group_size, in_features, torch.float32)
 
 
-def _tile16_matmul_backward(ctx, grad):
-    packed, scale, zero = ctx.saved_tensors
-    group_size, in_features, out_features, x_dtype, has_bias = ctx.meta
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        rows, s, z = from_tile16(packed, scale, zero, out_features, in_features, group_size)
-        w = dequantize_packed(rows, s, z, 4, group_size, in_features, torch.float32)
-        grad_x = (grad.float() @ w).to(x_dtype)
-    if has_bias and ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, None, None, grad_bias, None, None, None
-
-
-tile16_matmul.register_autograd(_tile16_matmul_backward, setup_context=_tile16_matmul_setup)
+tile16_matmul.register_autograd(_packed_linear_backward(_tile16_dense_weight), setup_context=_packed_linear_setup)
 
 
 def tile16_linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], group_size: int,
