@@ -22,7 +22,7 @@ from ._checks import (FLOAT_DTYPES, check_bits, check_group_size, check_packed, 
                       check_same_device, check_shape, check_tensor)
 from ._extension import cpu_kernels, cuda_kernels
 from .format import num_groups, packed_row_bytes
-from .layout import check_tile16, from_tile16
+from .layout import TILE_ROWS, check_tile16, from_tile16
 
 # Rows of activations up to which packed_matmul streams weights (GEMV); above, it dequantizes
 # tiles into a workspace and runs a dense GEMM on them.
@@ -510,9 +510,11 @@ def _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features):
     check_same_device(op, x=x, packed=packed, scale=scale, zero=zero, bias=bias)
 
 
-def _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features, dequantize_tile):
-    """y [M, N] = x2 [M, K] . dequant(W)^T + bias, one workspace tile of W rows at a time."""
-    n, m = packed.shape[0], x2.shape[0]
+def _gemm_tiled(x2, n, bias, in_features, dequantize_rows, row_align=1):
+    """y [M, N] = x2 [M, K] . dequant(W)^T + bias, one workspace tile of W rows at a time;
+    ``dequantize_rows(start, stop, out)`` writes the dense rows [start, stop) of W into ``out``
+    (start is a multiple of ``row_align``)."""
+    m = x2.shape[0]
     compute = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
     if x2.device.type == "cuda" and x2.dtype == torch.float16:
         compute = torch.float16
@@ -520,6 +522,8 @@ def _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features, de
     b = bias.to(compute) if bias is not None else None
     tile_elements = GEMM_TILE_ELEMENTS if x2.device.type == "cpu" else CUDA_GEMM_TILE_ELEMENTS
     tile = max(1, min(n, tile_elements // in_features))
+    if tile < n:
+        tile = max(row_align, tile - tile % row_align)
     workspace = torch.empty(tile, in_features, dtype=compute, device=x2.device)
     # Which product form is fastest, measured side by side on the CPU (Zen 4, 2 threads; section 4
     # of bench/cpu_paths.py): for bfloat16, x . W^T (F.linear), 2.5x faster at 9 rows and 1.2x at
@@ -532,27 +536,28 @@ def _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features, de
         for start in range(0, n, tile):
             stop = min(n, start + tile)
             w_tile = workspace[: stop - start]
-            dequantize_tile(packed[start:stop], scale[start:stop], zero[start:stop], w_tile)
+            dequantize_rows(start, stop, w_tile)
             torch.mm(w_tile, xc.t(), out=y_t[start:stop])
         y = y_t.t()
         if b is not None:
             y = y + b
         return y.to(x2.dtype).contiguous()
     if tile == n:  # one tile: one product, written in its final layout
-        dequantize_tile(packed, scale, zero, workspace)
+        dequantize_rows(0, n, workspace)
         return torch.nn.functional.linear(xc, workspace, b).to(x2.dtype)
     y = torch.empty(m, n, dtype=compute, device=x2.device)
     for start in range(0, n, tile):
         stop = min(n, start + tile)
         w_tile = workspace[: stop - start]
-        dequantize_tile(packed[start:stop], scale[start:stop], zero[start:stop], w_tile)
+        dequantize_rows(start, stop, w_tile)
         y[:, start:stop] = torch.nn.functional.linear(xc, w_tile, b[start:stop] if b is not None else None)
     return y.to(x2.dtype)
 
 
-def _dequantize_tile_any_device(bits, group_size, in_features):
-    def run(packed, scale, zero, out):
-        out.copy_(dequantize_packed(packed, scale, zero, bits, group_size, in_features, out.dtype))
+def _dequantize_rows_any_device(packed, scale, zero, bits, group_size, in_features):
+    def run(start, stop, out):
+        out.copy_(dequantize_packed(packed[start:stop], scale[start:stop], zero[start:stop], bits, group_size,
+                                    in_features, out.dtype))
     return run
 
 
@@ -562,8 +567,8 @@ def packed_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: 
     """y ``[..., N]`` = x ``[..., K]`` . dequant(W)^T + bias, in x's dtype (float32 accumulation)."""
     _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
     x2 = x.reshape(-1, in_features)
-    y = _gemm_tiled(x2, packed, scale, zero, bias, bits, group_size, in_features,
-                    _dequantize_tile_any_device(bits, group_size, in_features))
+    y = _gemm_tiled(x2, packed.shape[0], bias, in_features,
+                    _dequantize_rows_any_device(packed, scale, zero, bits, group_size, in_features))
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
@@ -600,11 +605,11 @@ def _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_featur
         y = _gemv_cpu(kernels, x2, m, x2.stride(0), p, s, z, b, bits, group_size, in_features)
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
-    def dequantize_tile(packed_rows, scale_rows, zero_rows, out):
-        _dequantize_packed_cpu_into(kernels, packed_rows, scale_rows, zero_rows, bits, group_size,
+    def dequantize_rows(start, stop, out):
+        _dequantize_packed_cpu_into(kernels, p[start:stop], s[start:stop], z[start:stop], bits, group_size,
                                     in_features, out)
 
-    y = _gemm_tiled(x2, p, s, z, bias, bits, group_size, in_features, dequantize_tile)
+    y = _gemm_tiled(x2, n, bias, in_features, dequantize_rows)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -730,10 +735,18 @@ def _tile16_matmul_cpu(x, packed, scale, zero, bias, group_size, in_features, ou
     if m == 0:
         return x.new_empty(*x.shape[:-1], out_features)
     if m > GEMV_MAX_ROWS:
-        # The GEMM path dequantizes row-major tiles into its workspace; rearranging the packed back
-        # first costs one pass over 0.5 bytes per weight, small beside the product itself.
-        rows, s, z = from_tile16(packed, scale, zero, out_features, in_features, group_size)
-        return _packed_matmul_cpu(x, rows, s, z, bias, 4, group_size, in_features)
+        # The GEMM path, on workspace tiles of whole TILE16 tiles dequantized straight from the
+        # layout (rearranging a whole layer back to row-major first cost 3-10 % at 512 rows).
+        p, s, z = packed.contiguous(), scale.contiguous(), zero.contiguous()
+
+        def dequantize_rows(start, stop, out):
+            first = start // TILE_ROWS
+            kernels.dequantize_tiled(p[first].data_ptr(), s[first].data_ptr(), z[first].data_ptr(), stop - start,
+                                     in_features, group_size, out.data_ptr(), out.dtype == torch.bfloat16,
+                                     _threads())
+
+        y = _gemm_tiled(x2, out_features, bias, in_features, dequantize_rows, row_align=TILE_ROWS)
+        return y.reshape(*x.shape[:-1], out_features)
     if x2.dtype == torch.float16:
         x2 = x2.float()
     if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
@@ -893,13 +906,13 @@ def _(x, packed, scale, zero, bias, bits, group_size, in_features):
                          y.data_ptr(), stream)
         return y.reshape(*x.shape[:-1], n)
     if cuda is None:
-        dequantize_tile = _dequantize_tile_any_device(bits, group_size, in_features)
+        dequantize_rows = _dequantize_rows_any_device(p, s, z, bits, group_size, in_features)
     else:
-        def dequantize_tile(packed_rows, scale_rows, zero_rows, out):  # straight into the workspace
-            cuda.dequantize_packed(packed_rows.data_ptr(), scale_rows.data_ptr(), zero_rows.data_ptr(),
-                                   packed_rows.shape[0], in_features, bits, group_size, out.data_ptr(),
-                                   _CUDA_OUTPUT_TYPE[out.dtype], stream)
-    y = _gemm_tiled(x2, p, s, z, bias, bits, group_size, in_features, dequantize_tile)
+        def dequantize_rows(start, stop, out):  # straight into the workspace
+            cuda.dequantize_packed(p[start].data_ptr(), s[start].data_ptr(), z[start].data_ptr(), stop - start,
+                                   in_features, bits, group_size, out.data_ptr(), _CUDA_OUTPUT_TYPE[out.dtype],
+                                   stream)
+    y = _gemm_tiled(x2, n, bias, in_features, dequantize_rows)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -68,6 +68,8 @@ bool dequantize_packed_avx512(const uint8_t* packed, const uint16_t* scale, cons
 // when there is no AVX-512 build; the portable one handles everything.
 bool tiled_gemv_avx512(const GemvProblem& p);
 void tiled_gemv_scalar(const GemvProblem& p);
+bool dequantize_tiled_avx512(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,
+                             int64_t k, int64_t g, void* out, bool out_bf16, int threads);
 
 // Rows of x processed together per pass over a weight row (the weight row stays in L1).
 constexpr int kRowsPerPass = 4;

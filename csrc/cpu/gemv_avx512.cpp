@@ -17,6 +17,7 @@
 #if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx2,fma,f16c,bmi2")
+#include "dequant_avx512.h"
 
 namespace brecq {
 namespace detail {
@@ -352,23 +353,18 @@ void run_rows(const GemvProblem& p, const X* xa) {
 #define BRECQ_RUN_ROWS(fn, X) run_rows<X, fn<1>, fn<2>, fn<3>, fn<4>>
 
 // ---- dequantization of packed rows (the GEMM path's workspace) ------------------------------
-// 32 codes at a time, as 32 float32 values in natural order: (q - z) * s, the portable loop's
-// operations, so the results are the same bit for bit.
+// 32 codes at a time, as 32 float32 values in natural order (dequant_avx512.h).
 struct FourBitNatural {
-  __m128i nibble;
-  FourBitNatural() : nibble(_mm_set1_epi8(0x0f)) {}
+  FourBitNatural() {}
   void operator()(const uint8_t* w, int64_t c, __m512& first, __m512& second) const {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2));
-    const __m128i low = _mm_and_si128(bytes, nibble);
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-    first = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high)));   // codes 0..15
-    second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(low, high)));  // codes 16..31
+    nibbles_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)), first, second);
   }
 };
 
 template <class Decode>
 void dequantize_rows(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                      int64_t g, int64_t row_bytes, int64_t groups, void* out, bool out_bf16, int threads) {
+  const int64_t out_bytes = out_bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < n; ++row) {
     const Decode decode;
@@ -379,21 +375,8 @@ void dequantize_rows(const uint8_t* packed, const uint16_t* scale, const uint8_t
       for (int64_t c = grp * g; c < grp * g + g && c < k; c += 32) {
         __m512 first, second;
         decode(w, c, first, second);
-        first = _mm512_mul_ps(_mm512_sub_ps(first, z), s);
-        second = _mm512_mul_ps(_mm512_sub_ps(second, z), s);
-        const int64_t left = k - c;  // the row holds k values; codes past k are padding
-        const __mmask16 m0 = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-        const __mmask16 m1 = left >= 32 ? static_cast<__mmask16>(0xffff)
-                             : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1u) : static_cast<__mmask16>(0);
-        if (out_bf16) {
-          uint16_t* dst = static_cast<uint16_t*>(out) + row * k + c;
-          _mm256_mask_storeu_epi16(dst, m0, (__m256i)_mm512_cvtneps_pbh(first));
-          _mm256_mask_storeu_epi16(dst + 16, m1, (__m256i)_mm512_cvtneps_pbh(second));
-        } else {
-          float* dst = static_cast<float*>(out) + row * k + c;
-          _mm512_mask_storeu_ps(dst, m0, first);
-          _mm512_mask_storeu_ps(dst + 16, m1, second);
-        }
+        // the row holds k values; codes past k are padding
+        store_dequantized(first, second, s, z, k - c, static_cast<char*>(out) + (row * k + c) * out_bytes, out_bf16);
       }
     }
   }

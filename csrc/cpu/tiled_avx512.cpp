@@ -18,6 +18,7 @@
 #if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#include "dequant_avx512.h"
 
 namespace brecq {
 namespace detail {
@@ -158,7 +159,58 @@ void run_tiles(const GemvProblem& p, const uint32_t* pairs) {
   }
 }
 
+// ---- dequantization into dense rows (the GEMM path's workspace) -----------------------------
+// Four steps of a tile hold 32 codes of each of its 16 rows, one dword per row and step. A 4x4
+// transpose of dwords inside each 128-bit lane gathers each row's 16 bytes, which are then exactly
+// a row-major run of 32 codes, decoded and stored as the row-major kernel does.
+template <int Lane>
+BRECQ_ALWAYS_INLINE void dequantize_lane_rows(const __m512i (&by_row)[4], const uint16_t* scale, const uint8_t* zero,
+                                              int64_t rows_here, int64_t left, char* out, int64_t row_stride,
+                                              bool out_bf16) {
+  for (int j = 0; j < 4; ++j) {
+    const int64_t r = 4 * Lane + j;  // lane Lane of by_row[j] holds row 4 * Lane + j
+    if (r >= rows_here) return;
+    __m512 first, second;
+    nibbles_to_f32(_mm512_extracti32x4_epi32(by_row[j], Lane), first, second);
+    store_dequantized(first, second, _mm512_set1_ps(_cvtsh_ss(scale[r])),
+                      _mm512_set1_ps(static_cast<float>(zero[r])), left, out + r * row_stride, out_bf16);
+  }
+}
+
+void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+                      int64_t g, void* out, bool out_bf16, int threads) {
+  const int64_t steps = tile_steps(k, g), groups = num_groups(k, g), out_bytes = out_bf16 ? 2 : 4;
+  const int64_t row_stride = k * out_bytes;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t tile = 0; tile < tile_count(n); ++tile) {
+    const uint8_t* w = codes + tile * steps * kTileStepBytes;
+    const int64_t rows_here = n - tile * kTileRows < kTileRows ? n - tile * kTileRows : kTileRows;
+    char* tile_out = static_cast<char*>(out) + tile * kTileRows * row_stride;
+    for (int64_t c = 0; c < k; c += 32) {  // g % 32 == 0: four steps never straddle a group
+      const int64_t t = c / kTileStepCodes, at = (tile * groups + c / g) * kTileRows;
+      const __m512i s0 = _mm512_loadu_si512(w + t * kTileStepBytes), s1 = _mm512_loadu_si512(w + (t + 1) * kTileStepBytes);
+      const __m512i s2 = _mm512_loadu_si512(w + (t + 2) * kTileStepBytes), s3 = _mm512_loadu_si512(w + (t + 3) * kTileStepBytes);
+      const __m512i a = _mm512_unpacklo_epi32(s0, s1), b = _mm512_unpackhi_epi32(s0, s1);
+      const __m512i d = _mm512_unpacklo_epi32(s2, s3), e = _mm512_unpackhi_epi32(s2, s3);
+      const __m512i by_row[4] = {_mm512_unpacklo_epi64(a, d), _mm512_unpackhi_epi64(a, d),
+                                 _mm512_unpacklo_epi64(b, e), _mm512_unpackhi_epi64(b, e)};
+      char* at_c = tile_out + c * out_bytes;
+      dequantize_lane_rows<0>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
+      dequantize_lane_rows<1>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
+      dequantize_lane_rows<2>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
+      dequantize_lane_rows<3>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
+    }
+  }
+}
+
 }  // namespace
+
+bool dequantize_tiled_avx512(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,
+                             int64_t k, int64_t g, void* out, bool out_bf16, int threads) {
+  if (g % 32 != 0) return false;
+  dequantize_tiles(codes, scale, zero, n, k, g, out, out_bf16, threads);
+  return true;
+}
 
 bool tiled_gemv_avx512(const GemvProblem& p) {
   static_assert(kRowsPerPass == 4, "tile dispatch below handles up to 4 rows per pass");
@@ -180,6 +232,10 @@ bool tiled_gemv_avx512(const GemvProblem& p) {
 namespace brecq {
 namespace detail {
 bool tiled_gemv_avx512(const GemvProblem&) { return false; }
+bool dequantize_tiled_avx512(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int64_t, void*, bool,
+                             int) {
+  return false;
+}
 }  // namespace detail
 }  // namespace brecq
 #endif

@@ -1,5 +1,6 @@
 // Standalone checks of the CPU kernels against straightforward scalar formulas (no torch).
 // Exit status is the number of failed checks.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -162,6 +163,40 @@ void test_tiled_gemv(Isa isa) {
   }
 }
 
+// TILE16 dequantization equals the row-major one bit for bit, whole or from a later tile on, for
+// group sizes the AVX-512 kernel takes (multiples of 32) and ones only the portable loop takes.
+void test_dequantize_tiled(Isa isa) {
+  set_isa(isa);
+  std::mt19937 rng(5);
+  for (int64_t g : {8, 32, 64, 128}) {
+    for (int64_t n : {13, 33}) {
+      for (bool bf16 : {false, true}) {
+        const int64_t k = 200, groups = num_groups(k, g), width = bf16 ? 2 : 4;
+        std::vector<uint8_t> codes(n * k), zero(n * groups), packed(n * packed_row_bytes(k, g, 4)), tiled, tiled_zero;
+        std::vector<uint16_t> scale(n * groups), tiled_scale;
+        for (auto& c : codes) c = static_cast<uint8_t>(rng() & 15);
+        for (auto& z : zero) z = static_cast<uint8_t>(rng() & 15);
+        for (auto& sc : scale) sc = numeric::f32_to_f16(std::uniform_real_distribution<float>(1e-3f, 1.0f)(rng));
+        pack(codes.data(), n, k, 4, g, packed.data(), 1);
+        tile_up(packed, scale, zero, n, k, g, tiled, tiled_scale, tiled_zero);
+        std::vector<uint8_t> rows(n * k * width), from_tiles(n * k * width, 0xAB);
+        dequantize_packed(packed.data(), scale.data(), zero.data(), n, k, 4, g, rows.data(), bf16, 2);
+        dequantize_tiled(tiled.data(), tiled_scale.data(), tiled_zero.data(), n, k, g, from_tiles.data(), bf16, 2);
+        CHECK(rows == from_tiles, "dequantize_tiled %s g=%lld n=%lld bf16=%d", isa_name(isa), static_cast<long long>(g),
+              static_cast<long long>(n), bf16);
+        if (n <= kTileRows) continue;
+        // Rows 16.. only, from the second tile on: the GEMM path's ranges.
+        std::vector<uint8_t> tail((n - 16) * k * width, 0xAB);
+        dequantize_tiled(tiled.data() + tile_steps(k, g) * kTileStepBytes, tiled_scale.data() + groups * kTileRows,
+                         tiled_zero.data() + groups * kTileRows, n - 16, k, g, tail.data(), bf16, 2);
+        CHECK(std::equal(tail.begin(), tail.end(), rows.begin() + 16 * k * width),
+              "dequantize_tiled from tile 1 %s g=%lld n=%lld bf16=%d", isa_name(isa), static_cast<long long>(g),
+              static_cast<long long>(n), bf16);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -171,6 +206,7 @@ int main() {
   for (int isa = static_cast<int>(best); isa >= 0; --isa) {
     test_gemv(static_cast<Isa>(isa));
     test_tiled_gemv(static_cast<Isa>(isa));
+    test_dequantize_tiled(static_cast<Isa>(isa));
   }
   set_isa(best);
   std::printf("%s: %d failed checks (ISA %s)\n", failures ? "FAILED" : "OK", failures, isa_name(best));

@@ -75,4 +75,11 @@ void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, cons
                 const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g,
                 void* y, bool y_is_bf16, int threads);
 
+// Dense rows [0, n) of 4-bit TILE16 weights whose first tile starts at codes / scale / zero (pass
+// the tile holding a range's first row to dequantize a range whose start is a multiple of 16):
+// out [n, k] float32, or bfloat16 bits when out_bf16; the same values as dequantize_packed on the
+// row-major weights, bit for bit.
+void dequantize_tiled(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+                      int64_t g, void* out, bool out_bf16, int threads);
+
 }  // namespace brecq
