@@ -4,9 +4,9 @@ variant after another, and on this VM the memory bandwidth alone moves between 3
 from minute to minute).
 
 Each round times, in a fresh random order, for one shape: dense float32 and bfloat16 ``F.linear``;
-W4 in the TILE16 layout through ``ops.tile16_linear`` (what ``QuantLinear`` runs on AVX-512 CPUs)
-and its kernel on raw pointers; W4 row-major and W6 through ``ops.linear``; and a read of 64 MiB
-of a 512 MiB buffer (the bandwidth the GEMV is compared with, measured in the same
+W4 and W6 in the TILE16 layout through ``ops.tile16_linear`` (what ``QuantLinear`` runs on AVX-512
+CPUs) and the W4 one's kernel on raw pointers; W4 and W6 row-major through ``ops.linear``; and a
+read of 64 MiB of a 512 MiB buffer (the bandwidth the GEMV is compared with, measured in the same
 seconds). Weights cycle through >= 200 MiB of distinct copies per variant. Medians over rounds.
 
 A variant's time is that of a burst of ``--burst`` back-to-back calls on distinct weight copies,
@@ -60,7 +60,7 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
              for dtype in (torch.float32, torch.bfloat16)}
     packed = {bits: random_packed_weights(n, k, bits, GROUP, copies(layer_storage(n, k, bits, GROUP).total_bytes),
                                           gen) for bits in (4, 6)}
-    tiled = [to_tile16(p, s, z, k, GROUP) for p, s, z in packed[4]]
+    tiled = {bits: [to_tile16(p, s, z, bits, GROUP, k) for p, s, z in packed[bits]] for bits in (4, 6)}
     y = torch.empty(rows, n, dtype=torch.bfloat16)
     probe_slices = probe.numel() * 4 // PROBE_BYTES
     state = {"i": 0}
@@ -69,14 +69,16 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
         return pool[state["i"] % len(pool)]
 
     def w4t_kernel():  # half the pool away from the copy w4t_bf16 just read, so never from cache
-        p, s, z = tiled[(state["i"] + len(tiled) // 2) % len(tiled)]
+        pool = tiled[4]
+        p, s, z = pool[(state["i"] + len(pool) // 2) % len(pool)]
         kernels.tiled_gemv(x_bf16.data_ptr(), True, rows, k, p.data_ptr(), s.data_ptr(), z.data_ptr(), 0, n, k,
-                           GROUP, y.data_ptr(), True, threads)
+                           4, GROUP, y.data_ptr(), True, threads)
 
     variants = {
         "dense_f32": lambda: F.linear(x_f32, pick(dense[torch.float32])),
         "dense_bf16": lambda: F.linear(x_bf16, pick(dense[torch.bfloat16])),
-        "w4t_bf16": lambda: ops.tile16_linear(x_bf16, *pick(tiled), None, GROUP, k, n, weights_checked=True),
+        "w4t_bf16": lambda: ops.tile16_linear(x_bf16, *pick(tiled[4]), None, 4, GROUP, k, n, weights_checked=True),
+        "w6t_bf16": lambda: ops.tile16_linear(x_bf16, *pick(tiled[6]), None, 6, GROUP, k, n, weights_checked=True),
         "w4_bf16": lambda: ops.linear(x_bf16, *pick(packed[4]), None, 4, GROUP, k, weights_checked=True),
         "w6_bf16": lambda: ops.linear(x_bf16, *pick(packed[6]), None, 6, GROUP, k, weights_checked=True),
         "read_64mib": lambda: probe.view(probe_slices, -1)[state["i"] % probe_slices].sum(),
@@ -84,7 +86,10 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
     if rows <= ops.GEMV_MAX_ROWS:
         variants["w4t_kernel"] = w4t_kernel
     else:  # the GEMM path, whose target is set against dense float32
-        variants["w4t_f32"] = lambda: ops.tile16_linear(x_f32, *pick(tiled), None, GROUP, k, n, weights_checked=True)
+        variants["w4t_f32"] = lambda: ops.tile16_linear(x_f32, *pick(tiled[4]), None, 4, GROUP, k, n,
+                                                        weights_checked=True)
+        variants["w6t_f32"] = lambda: ops.tile16_linear(x_f32, *pick(tiled[6]), None, 6, GROUP, k, n,
+                                                        weights_checked=True)
         variants["w4_f32"] = lambda: ops.linear(x_f32, *pick(packed[4]), None, 4, GROUP, k, weights_checked=True)
         variants["w6_f32"] = lambda: ops.linear(x_f32, *pick(packed[6]), None, 6, GROUP, k, weights_checked=True)
     times = {name: [] for name in variants}
@@ -111,8 +116,8 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
     read_gbs = PROBE_BYTES / med["read_64mib"] / 1e9
     out = {"in": k, "out": n, "rows": rows, "burst": burst, "read_gbs": read_gbs,
            "us": {name: 1e6 * t for name, t in med.items() if name != "read_64mib"}}
-    for bits, name in ((4, "w4t_bf16"), (4, "w4_bf16"), (6, "w6_bf16"), (4, "w4t_kernel"), (4, "w4t_f32"),
-                       (4, "w4_f32"), (6, "w6_f32")):
+    for bits, name in ((4, "w4t_bf16"), (4, "w4_bf16"), (6, "w6t_bf16"), (6, "w6_bf16"), (4, "w4t_kernel"),
+                       (4, "w4t_f32"), (4, "w4_f32"), (6, "w6t_f32"), (6, "w6_f32")):
         if name in med:
             gbs = layer_storage(n, k, bits, GROUP).total_bytes / med[name] / 1e9
             out[name] = {"gbs": gbs, "fraction_of_read": gbs / read_gbs,
@@ -136,12 +141,12 @@ def main() -> None:
           f"{args.rounds} interleaved rounds, {args.rows} row(s), bursts of {args.burst} calls; medians\n")
     if gemv:
         print("| shape | read GB/s | bf16 us | W4T us | W4T GB/s | W4T of read | W4T x bf16 | W4T kernel of read | "
-              "W4T kernel x bf16 | W4 rows us | W4 rows x bf16 | W6 us | W6 x bf16 |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "W4T kernel x bf16 | W4 rows us | W4 rows x bf16 | W6T us | W6T x bf16 | W6 rows us | W6 rows x bf16 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     else:
-        print("| shape | f32 us | W4T f32 us | W4T x f32 | W4 rows f32 us | W4 rows x f32 | W6 f32 us | W6 x f32 | "
-              "bf16 us | W4T bf16 us | W4T x bf16 | W4 rows bf16 us | W4 rows x bf16 |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| shape | f32 us | W4T f32 us | W4T x f32 | W4 rows x f32 | W6T f32 us | W6T x f32 | W6 rows x f32 | "
+              "bf16 us | W4T bf16 us | W4T x bf16 | W4 rows x bf16 | W6T x bf16 | W6 rows x bf16 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (k, n) in SHAPES.items():
         r = measure_shape(k, n, args.rows, args.rounds, args.burst, probe, gen)
         r["shape"] = name
@@ -152,14 +157,16 @@ def main() -> None:
                   f"{r['w4t_bf16']['gbs']:.1f} | {100 * r['w4t_bf16']['fraction_of_read']:.0f}% | "
                   f"{r['w4t_bf16']['speedup_vs_bf16']:.2f} | {100 * r['w4t_kernel']['fraction_of_read']:.0f}% | "
                   f"{r['w4t_kernel']['speedup_vs_bf16']:.2f} | {us['w4_bf16']:.0f} | "
-                  f"{r['w4_bf16']['speedup_vs_bf16']:.2f} | {us['w6_bf16']:.0f} | "
+                  f"{r['w4_bf16']['speedup_vs_bf16']:.2f} | {us['w6t_bf16']:.0f} | "
+                  f"{r['w6t_bf16']['speedup_vs_bf16']:.2f} | {us['w6_bf16']:.0f} | "
                   f"{r['w6_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
         else:
             print(f"| {name} ({k}->{n}) | {us['dense_f32']:.0f} | {us['w4t_f32']:.0f} | "
-                  f"{r['w4t_f32']['speedup_vs_f32']:.2f} | {us['w4_f32']:.0f} | {r['w4_f32']['speedup_vs_f32']:.2f} | "
-                  f"{us['w6_f32']:.0f} | {r['w6_f32']['speedup_vs_f32']:.2f} | {us['dense_bf16']:.0f} | "
-                  f"{us['w4t_bf16']:.0f} | {r['w4t_bf16']['speedup_vs_bf16']:.2f} | {us['w4_bf16']:.0f} | "
-                  f"{r['w4_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
+                  f"{r['w4t_f32']['speedup_vs_f32']:.2f} | {r['w4_f32']['speedup_vs_f32']:.2f} | "
+                  f"{us['w6t_f32']:.0f} | {r['w6t_f32']['speedup_vs_f32']:.2f} | {r['w6_f32']['speedup_vs_f32']:.2f} | "
+                  f"{us['dense_bf16']:.0f} | {us['w4t_bf16']:.0f} | {r['w4t_bf16']['speedup_vs_bf16']:.2f} | "
+                  f"{r['w4_bf16']['speedup_vs_bf16']:.2f} | {r['w6t_bf16']['speedup_vs_bf16']:.2f} | "
+                  f"{r['w6_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

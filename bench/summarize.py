@@ -34,14 +34,15 @@ def main(path: str) -> str:
     if read_gbs:
         out.append(f"Measured read bandwidth (torch sum over {bandwidth[0]['weight_bytes'] >> 20} MiB): "
                    f"**{read_gbs:.1f} GB/s**.")
-    out += ["", "Times in microseconds. W4T is 4-bit in the TILE16 layout that QuantLinear holds on AVX-512 "
-            "CPUs, W4 the row-major layout (docs/FORMAT.md). GB/s counts the bytes of the weights as stored "
-            "(packed codes, scales and zeros); `% bw` is that rate over the measured read bandwidth; `x bf16` is "
-            "dense bfloat16 time over packed time (higher is better), `x f32` likewise against dense float32.", "",
+    out += ["", "Times in microseconds. W4T/W6T are in the TILE16 layout that QuantLinear holds on AVX-512 "
+            "CPUs, W4/W6 in the row-major layout (docs/FORMAT.md). GB/s counts the bytes of the weights as "
+            "stored (packed codes, scales and zeros); `% bw` is that rate over the measured read bandwidth; "
+            "`x bf16` is dense bfloat16 time over packed time (higher is better), `x f32` likewise against dense "
+            "float32.", "",
             "| shape (in->out) | rows | dense f32 | dense bf16 | W4T bf16 | W4T GB/s | W4T % bw | W4T x bf16 | "
-            "W4 bf16 | W4 x bf16 | W6 bf16 | W6 GB/s | W6 x bf16 | W4T f32 | W4T x f32 | W4 f32 | W4 x f32 | "
-            "W6 f32 | W6 x f32 |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "W4 x bf16 | W6T bf16 | W6T GB/s | W6T x bf16 | W6 x bf16 | W4T x f32 | W4 x f32 | W6T x f32 | "
+            "W6 x f32 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (shape, k, n, m), kinds in cases.items():
         def t(kind):
             return kinds[kind]["median_s"] if kind in kinds else float("nan")
@@ -53,16 +54,16 @@ def main(path: str) -> str:
         out.append(
             f"| {shape} ({k}->{n}) | {m} | {t('dense_f32') * 1e6:.0f} | {t('dense_bf16') * 1e6:.0f} | "
             f"{t('w4t_bf16') * 1e6:.0f} | {gbs('w4t_bf16'):.1f} | {pct:.0f} | {t('dense_bf16') / t('w4t_bf16'):.2f} | "
-            f"{t('w4_bf16') * 1e6:.0f} | {t('dense_bf16') / t('w4_bf16'):.2f} | "
-            f"{t('w6_bf16') * 1e6:.0f} | {gbs('w6_bf16'):.1f} | {t('dense_bf16') / t('w6_bf16'):.2f} | "
-            f"{t('w4t_f32') * 1e6:.0f} | {t('dense_f32') / t('w4t_f32'):.2f} | "
-            f"{t('w4_f32') * 1e6:.0f} | {t('dense_f32') / t('w4_f32'):.2f} | "
-            f"{t('w6_f32') * 1e6:.0f} | {t('dense_f32') / t('w6_f32'):.2f} |")
-    kernel_kinds = [kind for kind in ("w4t_bf16_kernel", "w4_bf16_kernel", "w6_bf16_kernel")
+            f"{t('dense_bf16') / t('w4_bf16'):.2f} | "
+            f"{t('w6t_bf16') * 1e6:.0f} | {gbs('w6t_bf16'):.1f} | {t('dense_bf16') / t('w6t_bf16'):.2f} | "
+            f"{t('dense_bf16') / t('w6_bf16'):.2f} | "
+            f"{t('dense_f32') / t('w4t_f32'):.2f} | {t('dense_f32') / t('w4_f32'):.2f} | "
+            f"{t('dense_f32') / t('w6t_f32'):.2f} | {t('dense_f32') / t('w6_f32'):.2f} |")
+    kernel_kinds = [kind for kind in ("w4t_bf16_kernel", "w4_bf16_kernel", "w6t_bf16_kernel", "w6_bf16_kernel")
                     if any(kind in kinds for kinds in cases.values())]
     kernel_rows = [(key, kinds) for key, kinds in cases.items() if any(kind in kinds for kind in kernel_kinds)]
     if kernel_rows:
-        label = {"w4t_bf16_kernel": "W4T", "w4_bf16_kernel": "W4", "w6_bf16_kernel": "W6"}
+        label = {"w4t_bf16_kernel": "W4T", "w4_bf16_kernel": "W4", "w6t_bf16_kernel": "W6T", "w6_bf16_kernel": "W6"}
         header = " | ".join(f"{label[kind]} {col}" for kind in kernel_kinds for col in ("us", "GB/s", "% bw", "x bf16"))
         out += ["", "GEMV kernel alone (compiled function called on raw pointers: no op dispatch, no argument "
                 "checks), 1 row, bfloat16 activations:", "",

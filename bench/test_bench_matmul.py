@@ -25,16 +25,22 @@ SHAPES = {"q": QWEN3_0_6B_LINEAR_SHAPES["q_proj"], "kv": QWEN3_0_6B_LINEAR_SHAPE
           "o": QWEN3_0_6B_LINEAR_SHAPES["o_proj"], "gate_up": QWEN3_0_6B_LINEAR_SHAPES["gate_proj"],
           "down": QWEN3_0_6B_LINEAR_SHAPES["down_proj"]}
 ROWS = [1, 8, 512]
-# (name, activation dtype, bits or None for dense); "w4t" is 4-bit in the TILE16 layout that
-# QuantLinear uses on AVX-512 CPUs, "w4" the row-major layout (docs/FORMAT.md).
+# (name, activation dtype, bits or None for dense); "w4t"/"w6t" are in the TILE16 layout that
+# QuantLinear uses on AVX-512 CPUs, "w4"/"w6" in the row-major layout (docs/FORMAT.md).
 KINDS = [("dense_f32", torch.float32, None), ("dense_bf16", torch.bfloat16, None),
-         ("w4t_bf16", torch.bfloat16, 4), ("w4_bf16", torch.bfloat16, 4), ("w6_bf16", torch.bfloat16, 6),
-         ("w4t_f32", torch.float32, 4), ("w4_f32", torch.float32, 4), ("w6_f32", torch.float32, 6)]
+         ("w4t_bf16", torch.bfloat16, 4), ("w4_bf16", torch.bfloat16, 4),
+         ("w6t_bf16", torch.bfloat16, 6), ("w6_bf16", torch.bfloat16, 6),
+         ("w4t_f32", torch.float32, 4), ("w4_f32", torch.float32, 4),
+         ("w6t_f32", torch.float32, 6), ("w6_f32", torch.float32, 6)]
 # The GEMV kernel alone (the compiled function on raw pointers, no op dispatch or checks).
 KERNEL_KINDS = [("w4t_bf16_kernel", torch.bfloat16, 4), ("w4_bf16_kernel", torch.bfloat16, 4),
-                ("w6_bf16_kernel", torch.bfloat16, 6)]
+                ("w6t_bf16_kernel", torch.bfloat16, 6), ("w6_bf16_kernel", torch.bfloat16, 6)]
 
 _pool: dict = {}
+
+
+def _tiled(name: str) -> bool:
+    return name.split("_")[0].endswith("t")
 
 
 def _weights(shape_name, kind):
@@ -52,8 +58,8 @@ def _weights(shape_name, kind):
         else:
             per = layer_storage(n, k, bits, GROUP).total_bytes
             copies = random_packed_weights(n, k, bits, GROUP, max(2, -(-FOOTPRINT // per)), gen)
-            if name.startswith("w4t"):
-                copies = [to_tile16(p, s, z, k, GROUP) for p, s, z in copies]
+            if _tiled(name):
+                copies = [to_tile16(p, s, z, bits, GROUP, k) for p, s, z in copies]
             _pool[key] = (copies, per)
     return _pool[key]
 
@@ -84,16 +90,17 @@ def test_linear(benchmark, shape_name, kind, rows):
         def call():
             state["i"] += 1
             p, s, z = pointers[state["i"] % len(pointers)]
-            if name.startswith("w4t"):
-                kernels.tiled_gemv(x.data_ptr(), True, rows, k, p, s, z, 0, n, k, GROUP, y.data_ptr(), True, threads)
+            if _tiled(name):
+                kernels.tiled_gemv(x.data_ptr(), True, rows, k, p, s, z, 0, n, k, bits, GROUP, y.data_ptr(), True,
+                                   threads)
             else:
                 kernels.packed_gemv(x.data_ptr(), True, rows, k, p, s, z, 0, n, k, bits, GROUP, y.data_ptr(), True,
                                     threads)
-    elif name.startswith("w4t"):
+    elif _tiled(name):
         def call():
             state["i"] += 1
             packed, scale, zero = weights[state["i"] % len(weights)]
-            return ops.tile16_linear(x, packed, scale, zero, None, GROUP, k, n, weights_checked=True)
+            return ops.tile16_linear(x, packed, scale, zero, None, bits, GROUP, k, n, weights_checked=True)
     else:
         def call():
             state["i"] += 1

@@ -635,7 +635,7 @@ def _packed_linear_backward(dense_weight):
             grad_x = (grad.float() @ dense_weight(*ctx.saved_tensors, *ctx.layer)).to(ctx.x_dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, None, None, None, grad_bias, None, None, None
+        return (grad_x, None, None, None, grad_bias) + (None,) * len(ctx.layer)
     return backward
 
 
@@ -688,14 +688,14 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
 
 
 # ------------------------------------------------------------------------------------------------
-# packed matmul on 4-bit TILE16 weights (brecq_ext.layout; the AVX-512 CPU kernel's layout)
+# packed matmul on TILE16 weights (brecq_ext.layout; the AVX-512 CPU kernels' layout)
 # ------------------------------------------------------------------------------------------------
-def _check_tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features):
+def _check_tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features):
     op = "brecq.tile16_matmul"
     check_tensor(op, "x", x, FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"{op}: x must have shape [..., {in_features}] (in_features), got {tuple(x.shape)}")
-    check_tile16(op, packed, scale, zero, out_features, in_features, group_size)
+    check_tile16(op, packed, scale, zero, bits, group_size, in_features, out_features)
     if bias is not None:
         check_tensor(op, "bias", bias, FLOAT_DTYPES, 1)
         check_shape(op, "bias", bias, (out_features,), "[out_features]")
@@ -703,33 +703,34 @@ def _check_tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, 
 
 
 @torch.library.custom_op("brecq::tile16_matmul", mutates_args=())
-def tile16_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor],
+def tile16_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], bits: int,
                   group_size: int, in_features: int, out_features: int) -> Tensor:
-    """y ``[..., out_features]`` = x ``[..., in_features]`` . dequant(W)^T + bias for 4-bit W in the
-    TILE16 layout (packed uint8 ``[tiles, steps, 64]``, scale float16 and zero uint8
-    ``[tiles, groups, 16]``; brecq_ext.layout). Devices without a TILE16 kernel run the row-major
-    op on the weights rearranged back."""
-    _check_tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
-    rows, s, z = from_tile16(packed, scale, zero, out_features, in_features, group_size)
-    return packed_matmul(x, rows, s, z, bias, 4, group_size, in_features)
+    """y ``[..., out_features]`` = x ``[..., in_features]`` . dequant(W)^T + bias for 4- or 6-bit W in
+    the TILE16 layout (packed uint8 ``[tiles, steps, 64]`` or ``[tiles, steps / 2, 192]``, scale
+    float16 and zero uint8 ``[tiles, groups, 16]``; brecq_ext.layout). Devices without a TILE16
+    kernel run the row-major op on the weights rearranged back."""
+    _check_tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
+    rows, s, z = from_tile16(packed, scale, zero, bits, group_size, in_features, out_features)
+    return packed_matmul(x, rows, s, z, bias, bits, group_size, in_features)
 
 
-def _tile16_gemv_cpu(kernels, x, m, x_stride, packed, scale, zero, bias, group_size, in_features, out_features):
+def _tile16_gemv_cpu(kernels, x, m, x_stride, packed, scale, zero, bias, bits, group_size, in_features,
+                     out_features):
     """As _gemv_cpu, on validated contiguous TILE16 weights."""
     y = torch.empty(m, out_features, dtype=x.dtype)
     is_bf16 = x.dtype == torch.bfloat16
     kernels.tiled_gemv(x.data_ptr(), is_bf16, m, x_stride, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                       bias.data_ptr() if bias is not None else 0, out_features, in_features, group_size,
+                       bias.data_ptr() if bias is not None else 0, out_features, in_features, bits, group_size,
                        y.data_ptr(), is_bf16, _threads())
     return y
 
 
 @tile16_matmul.register_kernel("cpu")
-def _tile16_matmul_cpu(x, packed, scale, zero, bias, group_size, in_features, out_features):
-    _check_tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+def _tile16_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features, out_features):
+    _check_tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
     kernels = _cpu()
     if kernels is None:
-        return reference.tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+        return reference.tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
     if m == 0:
@@ -742,7 +743,7 @@ def _tile16_matmul_cpu(x, packed, scale, zero, bias, group_size, in_features, ou
         def dequantize_rows(start, stop, out):
             first = start // TILE_ROWS
             kernels.dequantize_tiled(p[first].data_ptr(), s[first].data_ptr(), z[first].data_ptr(), stop - start,
-                                     in_features, group_size, out.data_ptr(), out.dtype == torch.bfloat16,
+                                     in_features, bits, group_size, out.data_ptr(), out.dtype == torch.bfloat16,
                                      _threads())
 
         y = _gemm_tiled(x2, out_features, bias, in_features, dequantize_rows, row_align=TILE_ROWS)
@@ -753,30 +754,30 @@ def _tile16_matmul_cpu(x, packed, scale, zero, bias, group_size, in_features, ou
         x2 = x2.contiguous()
     b = bias.float().contiguous() if bias is not None else None
     y = _tile16_gemv_cpu(kernels, x2, m, x2.stride(0), packed.contiguous(), scale.contiguous(), zero.contiguous(),
-                         b, group_size, in_features, out_features)
+                         b, bits, group_size, in_features, out_features)
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 @tile16_matmul.register_fake
-def _(x, packed, scale, zero, bias, group_size, in_features, out_features):
-    _check_tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+def _(x, packed, scale, zero, bias, bits, group_size, in_features, out_features):
+    _check_tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _tile16_dense_weight(packed, scale, zero, group_size, in_features, out_features):
-    rows, s, z = from_tile16(packed, scale, zero, out_features, in_features, group_size)
-    return dequantize_packed(rows, s, z, 4, group_size, in_features, torch.float32)
+def _tile16_dense_weight(packed, scale, zero, bits, group_size, in_features, out_features):
+    rows, s, z = from_tile16(packed, scale, zero, bits, group_size, in_features, out_features)
+    return dequantize_packed(rows, s, z, bits, group_size, in_features, torch.float32)
 
 
 tile16_matmul.register_autograd(_packed_linear_backward(_tile16_dense_weight), setup_context=_packed_linear_setup)
 
 
-def tile16_linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], group_size: int,
-                  in_features: int, out_features: int, weights_checked: bool = False) -> Tensor:
+def tile16_linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], bits: int,
+                  group_size: int, in_features: int, out_features: int, weights_checked: bool = False) -> Tensor:
     """tile16_matmul for module forwards, calling the CPU kernel directly in eager inference (as
     ``linear`` does for row-major weights)."""
     if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-        return tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+        return tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
     if x.is_cpu:
         kernels = _cpu()
         if (weights_checked and kernels is not None and x.dtype in _CPU_GEMV_DTYPES and x.dim() >= 1
@@ -784,10 +785,10 @@ def tile16_linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: 
                 and 0 < x.numel() <= GEMV_MAX_ROWS * in_features
                 and (bias is None or bias.dtype == torch.float32)):
             y = _tile16_gemv_cpu(kernels, x, x.numel() // in_features, in_features, packed, scale, zero, bias,
-                                 group_size, in_features, out_features)
+                                 bits, group_size, in_features, out_features)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
-        return _tile16_matmul_cpu(x, packed, scale, zero, bias, group_size, in_features, out_features)
-    return tile16_matmul(x, packed, scale, zero, bias, group_size, in_features, out_features)
+        return _tile16_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
+    return tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
 
 
 # ------------------------------------------------------------------------------------------------

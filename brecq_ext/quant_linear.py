@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import ops
 from ._checks import check_bits, check_group_size
 from .format import FORMAT_VERSION, LayerStorage, layer_storage, num_groups, packed_row_bytes
-from .layout import TILE16_BITS, Layout, from_tile16, preferred_layout, tile16_shapes, to_tile16
+from .layout import Layout, from_tile16, preferred_layout, tile16_shapes, tile16_supports, to_tile16
 
 log = logging.getLogger("brecq_ext")
 
@@ -24,8 +24,9 @@ class QuantLinear(nn.Module):
 
     * ``Layout.ROWS``: ``packed`` ``[out_features, packed_row_bytes]``, ``scale`` and ``zero``
       ``[out_features, groups]``, the format's row-major form;
-    * ``Layout.TILE16`` (4-bit, CPU): ``packed`` ``[tiles, steps, 64]``, ``scale`` and ``zero``
-      ``[tiles, groups, 16]``, for the AVX-512 kernel.
+    * ``Layout.TILE16`` (4- and 6-bit, CPU): ``packed`` ``[tiles, steps, 64]`` (4 bits) or
+      ``[tiles, steps / 2, 192]`` (6 bits), ``scale`` and ``zero`` ``[tiles, groups, 16]``, for the
+      AVX-512 kernels.
 
     ``layout=None`` (the default) picks the faster one for the device the buffers are on, and picks
     again whenever the module moves (``.to()``); an explicit layout is kept, except that TILE16
@@ -61,12 +62,12 @@ class QuantLinear(nn.Module):
     # -- layout --------------------------------------------------------------------------------
     def _chosen_layout(self, layout: Layout | None) -> Layout:
         if layout is None:
-            return preferred_layout(self.packed.device, self.bits)
+            return preferred_layout(self.packed.device, self.bits, self.group_size)
         if not isinstance(layout, Layout):
             raise TypeError(f"QuantLinear: layout must be a brecq_ext.layout.Layout or None, got {layout!r}")
-        if layout is Layout.TILE16 and self.bits != TILE16_BITS:
-            raise ValueError(f"QuantLinear: Layout.TILE16 holds {TILE16_BITS}-bit weights only, this layer has "
-                             f"bits={self.bits}")
+        if layout is Layout.TILE16 and not tile16_supports(self.bits, self.group_size):
+            raise ValueError(f"QuantLinear: Layout.TILE16 holds 4-bit weights and 6-bit weights with group sizes "
+                             f"a multiple of 16, this layer has bits={self.bits}, group_size={self.group_size}")
         return layout
 
     def _set_layout(self, layout: Layout) -> None:
@@ -74,7 +75,7 @@ class QuantLinear(nn.Module):
             return
         packed, scale, zero = self.row_major_weights()
         if layout is Layout.TILE16:
-            packed, scale, zero = to_tile16(packed, scale, zero, self.in_features, self.group_size)
+            packed, scale, zero = to_tile16(packed, scale, zero, self.bits, self.group_size, self.in_features)
         self._buffers["packed"], self._buffers["scale"], self._buffers["zero"] = packed, scale, zero
         self.layout = layout
         self._checked_buffers = None
@@ -93,8 +94,8 @@ class QuantLinear(nn.Module):
         """``packed``, ``scale`` and ``zero`` in the row-major form of docs/FORMAT.md (the
         buffers themselves in Layout.ROWS, a rearranged copy in Layout.TILE16)."""
         if self.layout is Layout.TILE16:
-            return from_tile16(self.packed, self.scale, self.zero, self.out_features, self.in_features,
-                               self.group_size)
+            return from_tile16(self.packed, self.scale, self.zero, self.bits, self.group_size, self.in_features,
+                               self.out_features)
         return self.packed, self.scale, self.zero
 
     # -- construction ------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class QuantLinear(nn.Module):
         self._checked_buffers = None  # never keep the buffers of the old device alive
         result = super()._apply(keep_dtype, recurse)
         if self._auto_layout:
-            self._set_layout(preferred_layout(self.packed.device, self.bits))
+            self._set_layout(preferred_layout(self.packed.device, self.bits, self.group_size))
         elif self.layout is Layout.TILE16 and self.packed.device.type != "cpu":
             self._set_layout(Layout.ROWS)  # no other device has a TILE16 kernel
         return result
@@ -155,7 +156,7 @@ class QuantLinear(nn.Module):
             given = [state_dict[key] for key in keys]
             expected = (self._row_shapes[0], self._row_shapes[1], self._row_shapes[1])
             if all(tuple(t.shape) == tuple(shape) for t, shape in zip(given, expected)):
-                tiled = to_tile16(*given, self.in_features, self.group_size)
+                tiled = to_tile16(*given, self.bits, self.group_size, self.in_features)
                 state_dict = dict(state_dict)  # the caller's dict stays as it was
                 state_dict.update(zip(keys, tiled))
             else:
@@ -183,14 +184,14 @@ class QuantLinear(nn.Module):
         if not valid and self._buffers_valid(packed, scale, zero, bias):
             self._checked_buffers, valid = (packed, scale, zero, bias), True
         if self.layout is Layout.TILE16:
-            return ops.tile16_linear(x, packed, scale, zero, bias, self.group_size, self.in_features,
+            return ops.tile16_linear(x, packed, scale, zero, bias, self.bits, self.group_size, self.in_features,
                                      self.out_features, weights_checked=valid)
         return ops.linear(x, packed, scale, zero, bias, self.bits, self.group_size, self.in_features,
                           weights_checked=valid)
 
     def _expected_shapes(self) -> tuple[torch.Size, torch.Size]:
         if self.layout is Layout.TILE16:
-            codes, params = tile16_shapes(self.out_features, self.in_features, self.group_size)
+            codes, params = tile16_shapes(self.out_features, self.in_features, self.bits, self.group_size)
             return torch.Size(codes), torch.Size(params)
         return self._row_shapes
 

@@ -202,14 +202,29 @@ def packed_matmul(x, packed, scale, zero, bias, bits: int, group_size: int, in_f
     return y.to(x.dtype)
 
 
-def tile16_codes(packed, scale, zero, out_features: int, in_features: int):
+def tile16_codes(packed, scale, zero, bits: int, in_features: int, out_features: int):
     """Integer codes uint8 ``[N, K]`` and scale / zero ``[N, groups]`` of TILE16 weights, read
-    straight from the layout's definition (docs/FORMAT.md): byte 4r + b of step t of tile i holds
-    codes 8t + 2b (low nibble) and 8t + 2b + 1 (high nibble) of row 16i + r."""
-    tiles, steps, _ = packed.shape
-    lanes = packed.view(tiles, steps, 16, 4).to(torch.int32)
-    nibbles = torch.stack((lanes & 15, lanes >> 4), dim=-1).reshape(tiles, steps, 16, 8)
-    rows = nibbles.permute(0, 2, 1, 3).reshape(tiles * 16, steps * 8)
+    straight from the layout's definition (docs/FORMAT.md). 4 bits: byte 4r + b of step t of tile i
+    holds codes 8t + 2b (low nibble) and 8t + 2b + 1 (high nibble) of row 16i + r. 6 bits: pair u
+    holds its two steps' low nibbles so, then a vector whose lane r has the top two bits of code
+    16u + 8p + s at bit 2(4p + s) and of code 16u + 8p + s + 4 at bit 16 + 2(4p + s)."""
+    tiles = packed.shape[0]
+    bytes_ = packed.to(torch.int32)
+    if bits == 4:
+        steps = packed.shape[1]
+        lanes = bytes_.view(tiles, steps, 16, 4)
+        nibbles = torch.stack((lanes & 15, lanes >> 4), dim=-1).reshape(tiles, steps, 16, 8)
+        rows = nibbles.permute(0, 2, 1, 3).reshape(tiles * 16, steps * 8)
+    else:
+        pairs = packed.shape[1]
+        vectors = bytes_.view(tiles, pairs, 3, 16, 4)
+        low = torch.stack((vectors[:, :, :2] & 15, vectors[:, :, :2] >> 4), dim=-1)  # [t, u, p, r, 4, 2]
+        low = low.reshape(tiles, pairs, 2, 16, 8).permute(0, 3, 1, 2, 4).reshape(tiles, 16, pairs, 16)
+        high_lane = (vectors[:, :, 2] << torch.tensor([0, 8, 16, 24])).sum(-1)  # [t, u, r]
+        code = torch.arange(16)
+        bit = 2 * (4 * (code // 8) + code % 4) + 16 * ((code % 8) // 4)
+        high = (high_lane.unsqueeze(-1) >> bit) & 3  # [t, u, r, 16]
+        rows = (low | high.permute(0, 2, 1, 3) << 4).reshape(tiles * 16, pairs * 16)
 
     def per_row(params):
         return params.permute(0, 2, 1).reshape(tiles * 16, -1)[:out_features]
@@ -217,9 +232,9 @@ def tile16_codes(packed, scale, zero, out_features: int, in_features: int):
     return rows[:out_features, :in_features].to(torch.uint8), per_row(scale), per_row(zero)
 
 
-def tile16_matmul(x, packed, scale, zero, bias, group_size: int, in_features: int, out_features: int):
-    """y = x . dequant(W)^T + bias for 4-bit TILE16 weights, in float32, returned in x's dtype."""
-    q, s, z = tile16_codes(packed, scale, zero, out_features, in_features)
+def tile16_matmul(x, packed, scale, zero, bias, bits: int, group_size: int, in_features: int, out_features: int):
+    """y = x . dequant(W)^T + bias for TILE16 weights, in float32, returned in x's dtype."""
+    q, s, z = tile16_codes(packed, scale, zero, bits, in_features, out_features)
     y = x.float() @ dequantize(q, s, z, group_size).t()
     if bias is not None:
         y = y + bias.float()

@@ -216,7 +216,7 @@ def test_transformers_from_pretrained_loads_a_brecq_model_after_import(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
     assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantLinear)
     assert loaded.model.layers[1].mlp.up_proj.scale.dtype == torch.float16
-    assert loaded.model.layers[1].mlp.up_proj.layout is preferred_layout("cpu", 4)  # chosen after loading
+    assert loaded.model.layers[1].mlp.up_proj.layout is preferred_layout("cpu", 4, 64)  # chosen after loading
     ids = calibration(512, n=1, t=12, seed=9)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)

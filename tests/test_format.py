@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from brecq_ext import QuantLinear, format as fmt
+from brecq_ext import Layout, QuantLinear, format as fmt
 
 
 @pytest.mark.parametrize("bits,group_size,expected_bpw", [(4, 64, 4.375), (6, 64, 6.375), (4, 32, 4.75),
@@ -29,7 +29,7 @@ def test_padding_rule_for_in_features_not_multiple_of_group():
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_quant_linear_buffers_are_exactly_the_documented_bytes(bias):
-    layer = QuantLinear(172, 17, bits=6, group_size=64, bias=bias)
+    layer = QuantLinear(172, 17, bits=6, group_size=64, bias=bias, layout=Layout.ROWS)
     assert layer.memory_bytes() == layer.storage().total_bytes
     assert layer.packed.shape == (17, fmt.packed_row_bytes(172, 64, 6))
     assert layer.scale.dtype == torch.float16 and layer.scale.shape == (17, 3)

@@ -22,7 +22,8 @@ def _sample(device, bits=4, group_size=64, rows=5, in_features=172, out_features
 def _cases(device):
     s = _sample(device)
     s6 = _sample(device, bits=6, rows=1)
-    tiled = to_tile16(s["packed"], s["scale"], s["zero"], 172, 64)
+    tiled = to_tile16(s["packed"], s["scale"], s["zero"], 4, 64, 172)
+    tiled6 = to_tile16(s6["packed"], s6["scale"], s6["zero"], 6, 64, 172)
     return {
         "quant_params_minmax": (torch.ops.brecq.quant_params, (s["w"], 4, 64, 0)),
         "quant_params_mse": (torch.ops.brecq.quant_params, (s["w"], 4, 64, 20)),
@@ -53,11 +54,13 @@ def _cases(device):
                                      s["bias"].clone().requires_grad_(True), 4, 64, 172)),
         "tile16_matmul_gemv_grad": (torch.ops.brecq.tile16_matmul,
                                     (s["x"].requires_grad_(True), *tiled, s["bias"].clone().requires_grad_(True),
-                                     64, 172, 7)),
-        "tile16_matmul_gemv_bf16": (torch.ops.brecq.tile16_matmul,
-                                    (s["x"][:1].to(torch.bfloat16), *tiled, None, 64, 172, 7)),
+                                     4, 64, 172, 7)),
+        "tile16_matmul_gemv_bf16_w6": (torch.ops.brecq.tile16_matmul,
+                                       (s6["x"].to(torch.bfloat16), *tiled6, None, 6, 64, 172, 7)),
         "tile16_matmul_gemm": (torch.ops.brecq.tile16_matmul,
-                               (s["x"].repeat(4, 1), *tiled, s["bias"], 64, 172, 7)),
+                               (s["x"].repeat(4, 1), *tiled, s["bias"], 4, 64, 172, 7)),
+        "tile16_matmul_gemm_w6": (torch.ops.brecq.tile16_matmul,
+                                  (s6["x"].repeat(12, 1), *tiled6, s6["bias"], 6, 64, 172, 7)),
     }
 
 

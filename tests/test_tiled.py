@@ -1,5 +1,6 @@
-"""The TILE16 layout of 4-bit weights (brecq_ext.layout) and its matmul op: exact rearrangement,
-kernel against the float64 product on every CPU code path, and QuantLinear holding either layout."""
+"""The TILE16 layout of 4- and 6-bit weights (brecq_ext.layout) and its matmul op: exact
+rearrangement, kernels against the float64 product on every CPU code path, and QuantLinear holding
+either layout."""
 import pickle
 
 import pytest
@@ -12,120 +13,139 @@ from brecq_ext.layout import from_tile16, preferred_layout, tile16_shapes, to_ti
 from test_matmul import DTYPE_IDS, _layer, assert_matmul_close
 
 
-def _tiled_layer(out_features, in_features, group_size, seed):
-    packed, scale, zero, bias, w_deq = _layer(out_features, in_features, 4, group_size, seed)
-    return (*to_tile16(packed, scale, zero, in_features, group_size), bias, w_deq)
+BITS = [4, 6]
 
 
+def _tiled_layer(out_features, in_features, bits, group_size, seed):
+    packed, scale, zero, bias, w_deq = _layer(out_features, in_features, bits, group_size, seed)
+    return (*to_tile16(packed, scale, zero, bits, group_size, in_features), bias, w_deq)
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}")
 @pytest.mark.parametrize("out_features", [1, 16, 17, 33], ids=lambda n: f"n{n}")
 @pytest.mark.parametrize("in_features", [64, 96, 172, 1000], ids=lambda k: f"k{k}")
-@pytest.mark.parametrize("group_size", [32, 64, 128], ids=lambda g: f"g{g}")
-def test_rearrangement_is_exact_and_matches_the_layout_definition(out_features, in_features, group_size):
-    packed, scale, zero, _, _ = _layer(out_features, in_features, 4, group_size, seed=out_features)
-    tiled = to_tile16(packed, scale, zero, in_features, group_size)
-    code_shape, param_shape = tile16_shapes(out_features, in_features, group_size)
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128], ids=lambda g: f"g{g}")
+def test_rearrangement_is_exact_and_matches_the_layout_definition(bits, out_features, in_features, group_size):
+    packed, scale, zero, _, _ = _layer(out_features, in_features, bits, group_size, seed=out_features)
+    tiled = to_tile16(packed, scale, zero, bits, group_size, in_features)
+    code_shape, param_shape = tile16_shapes(out_features, in_features, bits, group_size)
     assert [tuple(t.shape) for t in tiled] == [code_shape, param_shape, param_shape]
-    back = from_tile16(*tiled, out_features, in_features, group_size)
+    back = from_tile16(*tiled, bits, group_size, in_features, out_features)
     assert all(torch.equal(a, b) for a, b in zip(back, (packed, scale, zero)))
     # The reference reads the layout from its written definition, independently of to_tile16.
-    codes, s, z = ref.tile16_codes(*tiled, out_features, in_features)
-    assert torch.equal(codes, ops.unpack(packed, 4, group_size, in_features))
+    codes, s, z = ref.tile16_codes(*tiled, bits, in_features, out_features)
+    assert torch.equal(codes, ops.unpack(packed, bits, group_size, in_features))
     assert torch.equal(s, scale) and torch.equal(z, zero)
     padding = tiled[1].transpose(1, 2).reshape(-1, param_shape[1])[out_features:]
     assert not padding.float().any()  # padded rows have scale 0: they add nothing
 
 
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}")
 @pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("group_size", [32, 64, 128], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 33], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("in_features", [172, 1000], ids=lambda k: f"k{k}")
 @pytest.mark.parametrize("out_features", [17, 40], ids=lambda n: f"n{n}")
-def test_every_code_path_against_the_exact_product(isa, dtype, group_size, rows, in_features, out_features):
-    codes, scale, zero, bias, w_deq = _tiled_layer(out_features, in_features, group_size, seed=rows + out_features)
+def test_every_code_path_against_the_exact_product(isa, bits, dtype, group_size, rows, in_features, out_features):
+    packed, scale, zero, bias, w_deq = _tiled_layer(out_features, in_features, bits, group_size,
+                                                    seed=rows + out_features)
     x = torch.randn(rows, in_features).to(dtype)
-    y = ops.tile16_matmul(x, codes, scale, zero, bias, group_size, in_features, out_features)
+    y = ops.tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
     assert y.dtype == dtype and y.shape == (rows, out_features)
     assert_matmul_close(y, x.float(), w_deq, bias)
-    y_ref = ref.tile16_matmul(x, codes, scale, zero, bias, group_size, in_features, out_features)
+    y_ref = ref.tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
     assert_matmul_close(y_ref, x.float(), w_deq, bias)
 
 
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}")
 @pytest.mark.parametrize("out_features", [1, 17, 1024], ids=lambda n: f"n{n}")
 @pytest.mark.parametrize("in_features", [64, 96, 172, 1000, 1024, 3072], ids=lambda k: f"k{k}")
 @pytest.mark.parametrize("rows", [1, 3, 7, 64, 511], ids=lambda m: f"m{m}")
-def test_shapes_bfloat16(rows, in_features, out_features):
-    codes, scale, zero, bias, w_deq = _tiled_layer(out_features, in_features, 64, seed=rows + in_features)
+def test_shapes_bfloat16(bits, rows, in_features, out_features):
+    packed, scale, zero, bias, w_deq = _tiled_layer(out_features, in_features, bits, 64, seed=rows + in_features)
     x = torch.randn(rows, in_features).to(torch.bfloat16)
-    y = ops.tile16_matmul(x, codes, scale, zero, bias, 64, in_features, out_features)
+    y = ops.tile16_matmul(x, packed, scale, zero, bias, bits, 64, in_features, out_features)
     assert y.shape == (rows, out_features) and y.dtype == torch.bfloat16
     assert_matmul_close(y, x.float(), w_deq, bias)
 
 
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}")
 @pytest.mark.parametrize("rows", [1, 6, 40], ids=lambda m: f"m{m}")
-def test_non_contiguous_and_batched_inputs(isa, rows):
-    codes, scale, zero, bias, w_deq = _tiled_layer(24, 172, 64, seed=3)
+def test_non_contiguous_and_batched_inputs(isa, bits, rows):
+    packed, scale, zero, bias, w_deq = _tiled_layer(24, 172, bits, 64, seed=3)
     x = torch.randn(172, rows).t()  # rows of x are strided
-    y = ops.tile16_matmul(x, codes, scale, zero, bias, 64, 172, 24)
+    y = ops.tile16_matmul(x, packed, scale, zero, bias, bits, 64, 172, 24)
     assert_matmul_close(y, x, w_deq, bias)
     batched = torch.randn(2, rows, 172)
-    yb = ops.tile16_matmul(batched, codes, scale, zero, None, 64, 172, 24)
+    yb = ops.tile16_matmul(batched, packed, scale, zero, None, bits, 64, 172, 24)
     assert yb.shape == (2, rows, 24)
     assert_matmul_close(yb.reshape(-1, 24), batched.reshape(-1, 172), w_deq, None)
 
 
-def test_gradient_matches_the_row_major_op():
-    packed, scale, zero, bias, _ = _layer(24, 172, 4, 64, seed=5)
-    tiled = to_tile16(packed, scale, zero, 172, 64)
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}")
+def test_gradient_matches_the_row_major_op(bits):
+    packed, scale, zero, bias, _ = _layer(24, 172, bits, 64, seed=5)
+    tiled = to_tile16(packed, scale, zero, bits, 64, 172)
     x = torch.randn(3, 172, requires_grad=True)
     b = bias.clone().requires_grad_(True)
-    ops.tile16_matmul(x, *tiled, b, 64, 172, 24).square().sum().backward()
+    ops.tile16_matmul(x, *tiled, b, bits, 64, 172, 24).square().sum().backward()
     x_rows, b_rows = x.detach().clone().requires_grad_(True), bias.clone().requires_grad_(True)
-    ops.packed_matmul(x_rows, packed, scale, zero, b_rows, 4, 64, 172).square().sum().backward()
+    ops.packed_matmul(x_rows, packed, scale, zero, b_rows, bits, 64, 172).square().sum().backward()
     torch.testing.assert_close(x.grad, x_rows.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad, b_rows.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input_names_the_argument():
-    codes, scale, zero, bias, _ = _tiled_layer(17, 172, 64, seed=1)
+    packed, scale, zero, bias, _ = _tiled_layer(17, 172, 4, 64, seed=1)
     x = torch.randn(2, 172)
     with pytest.raises(ValueError, match="packed must have shape"):
-        ops.tile16_matmul(x, codes[:1], scale, zero, bias, 64, 172, 17)
+        ops.tile16_matmul(x, packed[:1], scale, zero, bias, 4, 64, 172, 17)
     with pytest.raises(ValueError, match="scale must have shape"):
-        ops.tile16_matmul(x, codes, scale[:, :2], zero, bias, 64, 172, 17)
+        ops.tile16_matmul(x, packed, scale[:, :2], zero, bias, 4, 64, 172, 17)
     with pytest.raises(TypeError, match="zero must have dtype uint8"):
-        ops.tile16_matmul(x, codes, scale, zero.int(), bias, 64, 172, 17)
+        ops.tile16_matmul(x, packed, scale, zero.int(), bias, 4, 64, 172, 17)
     with pytest.raises(ValueError, match="packed must have shape"):  # 33 outputs need 3 tiles
-        ops.tile16_matmul(x, codes, scale, zero, None, 64, 172, 33)
+        ops.tile16_matmul(x, packed, scale, zero, None, 4, 64, 172, 33)
+    with pytest.raises(ValueError, match=r"packed must have shape \(2, 12, 192\)"):  # 4-bit data, 6-bit layout
+        ops.tile16_matmul(x, packed, scale, zero, None, 6, 64, 172, 17)
     with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 172\]"):
-        ops.tile16_matmul(torch.randn(2, 171), codes, scale, zero, bias, 64, 172, 17)
+        ops.tile16_matmul(torch.randn(2, 171), packed, scale, zero, bias, 4, 64, 172, 17)
     with pytest.raises(ValueError, match=r"bias must have shape \(17,\)"):
-        ops.tile16_matmul(x, codes, scale, zero, bias[:3], 64, 172, 17)
+        ops.tile16_matmul(x, packed, scale, zero, bias[:3], 4, 64, 172, 17)
     with pytest.raises(ValueError, match="group_size must be a multiple of 8"):
-        ops.tile16_matmul(x, codes, scale, zero, bias, 60, 172, 17)
+        ops.tile16_matmul(x, packed, scale, zero, bias, 4, 60, 172, 17)
+    with pytest.raises(ValueError, match="TILE16 holds 4-bit weights"):
+        ops.tile16_matmul(x, packed, scale, zero, bias, 5, 64, 172, 17)
+    packed6, scale6, zero6, _, _ = _layer(17, 172, 6, 8, seed=1)
+    with pytest.raises(ValueError, match="6-bit weights \\(group_size a multiple of 16\\)"):
+        to_tile16(packed6, scale6, zero6, 6, 8, 172)
     packed6, scale6, zero6, _, _ = _layer(17, 172, 6, 64, seed=1)
-    with pytest.raises(ValueError, match="packed must have shape"):  # 6-bit rows are too long for TILE16
-        to_tile16(packed6, scale6, zero6, 172, 64)
+    with pytest.raises(ValueError, match="packed must have shape"):  # 6-bit rows given as 4-bit
+        to_tile16(packed6, scale6, zero6, 4, 64, 172)
 
 
 # -- QuantLinear in either layout -------------------------------------------------------------------
-def _pair(out_features=37, in_features=1000, bias=True):
+def _pair(out_features=37, in_features=1000, bias=True, bits=4):
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     torch.nn.init.normal_(linear.weight, std=0.05)
-    return (QuantLinear.from_linear(linear, 4, 64, layout=Layout.TILE16),
-            QuantLinear.from_linear(linear, 4, 64, layout=Layout.ROWS))
+    return (QuantLinear.from_linear(linear, bits, 64, layout=Layout.TILE16),
+            QuantLinear.from_linear(linear, bits, 64, layout=Layout.ROWS))
 
 
 def test_default_layout_follows_the_cpu_kernels(isa):
-    layer = QuantLinear(172, 17, 4, 64)
-    assert layer.layout is (Layout.TILE16 if isa == "avx512" else Layout.ROWS)
-    assert QuantLinear(172, 17, 6, 64).layout is Layout.ROWS  # TILE16 is 4-bit only
-    assert preferred_layout("meta", 4) is Layout.ROWS
+    expected = Layout.TILE16 if isa == "avx512" else Layout.ROWS
+    assert QuantLinear(172, 17, 4, 64).layout is expected
+    assert QuantLinear(172, 17, 6, 64).layout is expected
+    assert QuantLinear(172, 17, 6, 8).layout is Layout.ROWS  # 6-bit TILE16 needs groups of whole step pairs
+    assert QuantLinear(172, 17, 3, 64).layout is Layout.ROWS
+    assert preferred_layout("meta", 4, 64) is Layout.ROWS
 
 
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}")
 @pytest.mark.parametrize("rows", [1, 5, 9], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_both_layouts_compute_the_same_layer(rows, dtype):
-    tiled, rows_layer = _pair()
+def test_both_layouts_compute_the_same_layer(bits, rows, dtype):
+    tiled, rows_layer = _pair(bits=bits)
     assert tiled.layout is Layout.TILE16 and rows_layer.layout is Layout.ROWS
     x = torch.randn(rows, 1000).to(dtype)
     with torch.inference_mode():
@@ -134,19 +154,20 @@ def test_both_layouts_compute_the_same_layer(rows, dtype):
     assert torch.equal(tiled.dequantized_weight(), rows_layer.dequantized_weight())
 
 
-def test_state_dict_is_row_major_in_both_layouts_and_loads_into_either():
-    tiled, rows_layer = _pair()
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}")
+def test_state_dict_is_row_major_in_both_layouts_and_loads_into_either(bits):
+    tiled, rows_layer = _pair(bits=bits)
     saved = tiled.state_dict()
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in
                                                               rows_layer.state_dict().items()}
     assert all(torch.equal(saved[k], v) for k, v in rows_layer.state_dict().items())
     for layout in (Layout.TILE16, Layout.ROWS):
-        fresh = QuantLinear(1000, 37, 4, 64, bias=True, layout=layout)
+        fresh = QuantLinear(1000, 37, bits, 64, bias=True, layout=layout)
         fresh.load_state_dict(saved)
         assert fresh.layout is layout
         assert all(torch.equal(a, b) for a, b in zip(fresh.row_major_weights(), rows_layer.row_major_weights()))
     given = dict(saved)
-    QuantLinear(1000, 37, 4, 64, bias=True, layout=Layout.TILE16).load_state_dict(given)
+    QuantLinear(1000, 37, bits, 64, bias=True, layout=Layout.TILE16).load_state_dict(given)
     assert given["packed"] is saved["packed"]  # the caller's dict is left as it was
 
 
@@ -161,14 +182,14 @@ def test_loading_wrong_shapes_into_the_tiled_layout_names_the_expected_ones():
 def test_layout_choice_on_moves_and_explicit_requests():
     tiled, _ = _pair()
     assert tiled.to("meta").layout is Layout.ROWS  # no kernel for TILE16 off the CPU
-    with pytest.raises(ValueError, match="TILE16 holds 4-bit weights only"):
-        QuantLinear(172, 17, 6, 64, layout=Layout.TILE16)
+    with pytest.raises(ValueError, match="TILE16 holds 4-bit weights and 6-bit weights"):
+        QuantLinear(172, 17, 5, 64, layout=Layout.TILE16)
     with pytest.raises(ValueError, match="TILE16 is a CPU layout"):
         QuantLinear(172, 17, 4, 64, device="meta").use_layout(Layout.TILE16)
     automatic = QuantLinear(172, 17, 4, 64, device="meta")
     assert automatic.layout is Layout.ROWS
     automatic.to_empty(device="cpu")
-    assert automatic.layout is preferred_layout("cpu", 4)  # chosen again on the move
+    assert automatic.layout is preferred_layout("cpu", 4, 64)  # chosen again on the move
     pinned = QuantLinear(172, 17, 4, 64, layout=Layout.ROWS).to("cpu")
     assert pinned.layout is Layout.ROWS
 

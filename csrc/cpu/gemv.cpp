@@ -136,10 +136,10 @@ void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, con
 }
 
 void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* codes,
-                const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g,
-                void* y, bool y_is_bf16, int threads) {
+                const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k, int bits,
+                int64_t g, void* y, bool y_is_bf16, int threads) {
   const detail::GemvProblem p =
-      prepare(x, x_is_bf16, m, x_stride, codes, scale, zero, bias, n, k, 4, g, y, y_is_bf16, threads);
+      prepare(x, x_is_bf16, m, x_stride, codes, scale, zero, bias, n, k, bits, g, y, y_is_bf16, threads);
   if (active_isa() == Isa::kAvx512 && detail::tiled_gemv_avx512(p)) return;
   detail::tiled_gemv_scalar(p);
 }

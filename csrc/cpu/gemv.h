@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "brecq/format.h"
+
 namespace brecq {
 namespace detail {
 
@@ -69,7 +71,24 @@ bool dequantize_packed_avx512(const uint8_t* packed, const uint16_t* scale, cons
 bool tiled_gemv_avx512(const GemvProblem& p);
 void tiled_gemv_scalar(const GemvProblem& p);
 bool dequantize_tiled_avx512(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,
-                             int64_t k, int64_t g, void* out, bool out_bf16, int threads);
+                             int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads);
+
+// Code i of lane (row) `lane` of a TILE16 tile whose codes start at tile_codes (format.h), read
+// from the layout's definition: the portable kernels' decoder.
+inline int tile16_code(const uint8_t* tile_codes, int bits, int64_t lane, int64_t i) {
+  const int64_t step = i / kTileStepCodes, c = i % kTileStepCodes;
+  if (bits == 4) {
+    const uint8_t byte = tile_codes[step * kTileStepBytes + 4 * lane + c / 2];
+    return (byte >> (4 * (c % 2))) & 0xf;
+  }
+  const uint8_t* pair = tile_codes + (step / 2) * kTile6PairBytes;
+  const uint8_t low = (pair[(step % 2) * kTileStepBytes + 4 * lane + c / 2] >> (4 * (c % 2))) & 0xf;
+  const uint8_t* high_lane = pair + 2 * kTileStepBytes + 4 * lane;
+  const uint32_t high_bits = static_cast<uint32_t>(high_lane[0]) | static_cast<uint32_t>(high_lane[1]) << 8 |
+                             static_cast<uint32_t>(high_lane[2]) << 16 | static_cast<uint32_t>(high_lane[3]) << 24;
+  const int64_t field = 4 * (step % 2) + c % 4, bit = 2 * field + 16 * (c / 4);
+  return low | static_cast<int>((high_bits >> bit) & 3u) << 4;
+}
 
 // Rows of x processed together per pass over a weight row (the weight row stays in L1).
 constexpr int kRowsPerPass = 4;

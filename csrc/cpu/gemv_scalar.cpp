@@ -37,23 +37,19 @@ void gemv_scalar(const GemvProblem& p) {
 }
 
 void tiled_gemv_scalar(const GemvProblem& p) {
-  const int64_t steps = p.k_padded / kTileStepCodes, per_group = p.g / kTileStepCodes;
+  const int64_t tile_bytes = tile_code_bytes(p.k, p.g, p.bits);
 #pragma omp parallel for schedule(static) num_threads(p.threads)
   for (int64_t row = 0; row < p.n; ++row) {
     const int64_t tile = row / kTileRows, lane = row % kTileRows;
+    const uint8_t* tile_codes = p.packed + tile * tile_bytes;
     for (int64_t r = 0; r < p.m; ++r) {
       const float* x = p.x + r * p.k_padded;
       float total = 0.0f, correction = 0.0f;
       for (int64_t grp = 0; grp < p.groups; ++grp) {
         const int64_t param = (tile * p.groups + grp) * kTileRows + lane;
         float acc = 0.0f;
-        for (int64_t step = grp * per_group; step < grp * per_group + per_group; ++step) {
-          const uint8_t* lane_bytes = p.packed + (tile * steps + step) * kTileStepBytes + 4 * lane;
-          for (int64_t i = 0; i < kTileStepCodes; ++i) {
-            const int code = (lane_bytes[i / 2] >> (4 * (i % 2))) & 0xf;
-            acc += x[kTileStepCodes * step + i] * static_cast<float>(code);
-          }
-        }
+        for (int64_t i = grp * p.g; i < grp * p.g + p.g; ++i)
+          acc += x[i] * static_cast<float>(tile16_code(tile_codes, p.bits, lane, i));
         const float s = numeric::f16_to_f32(p.scale[param]);
         total += s * acc;
         correction += s * static_cast<float>(p.zero[param]) * p.xsum[r * p.groups + grp];

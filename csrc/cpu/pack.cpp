@@ -108,17 +108,17 @@ void dequantize_packed(const uint8_t* packed, const uint16_t* scale, const uint8
 }
 
 void dequantize_tiled(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
-                      int64_t g, void* out, bool out_bf16, int threads) {
-  if (active_isa() == Isa::kAvx512 && detail::dequantize_tiled_avx512(codes, scale, zero, n, k, g, out, out_bf16, threads))
+                      int bits, int64_t g, void* out, bool out_bf16, int threads) {
+  if (active_isa() == Isa::kAvx512 &&
+      detail::dequantize_tiled_avx512(codes, scale, zero, n, k, bits, g, out, out_bf16, threads))
     return;
-  const int64_t steps = tile_steps(k, g), groups = num_groups(k, g);
+  const int64_t tile_bytes = tile_code_bytes(k, g, bits), groups = num_groups(k, g);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < n; ++row) {
     const int64_t tile = row / kTileRows, lane = row % kTileRows;
     for (int64_t i = 0; i < k; ++i) {
       const int64_t param = (tile * groups + i / g) * kTileRows + lane;
-      const uint8_t byte = codes[(tile * steps + i / kTileStepCodes) * kTileStepBytes + 4 * lane + (i % 8) / 2];
-      const float q = static_cast<float>((byte >> (4 * (i % 2))) & 0xf);
+      const float q = static_cast<float>(detail::tile16_code(codes + tile * tile_bytes, bits, lane, i));
       const float value = (q - static_cast<float>(zero[param])) * numeric::f16_to_f32(scale[param]);
       if (out_bf16)
         static_cast<uint16_t*>(out)[row * k + i] = numeric::f32_to_bf16(value);

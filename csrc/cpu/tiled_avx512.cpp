@@ -9,6 +9,8 @@
 // also pays a scale permute and a multiply-add per 128 codes and a reduction per row (1.3-1.5x
 // faster from cache, one thread, on the Qwen3-0.6B shapes; bench/README.md).
 // float32 activations: eight (lane >> 4i) & 0xf -> float32, multiply-added with broadcast x.
+// 6 bits: the same, with each decoded pair's top two bits ORed in from the pair of steps' vector of
+// high bits, shifted so that the field of codes s and s + 4 lands on bits 4-5 and 20-21 of the lane.
 #include <cstdint>
 #include <immintrin.h>
 
@@ -127,6 +129,118 @@ void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, _
   for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
 }
 
+// The top bits of codes s and s + 4 of step p of a 6-bit pair, at bits 4-5 and 20-21 of each lane
+// (field f = 4p + s sits at bits 2f and 16 + 2f of the pair's high-bit vector).
+template <int Field>
+BRECQ_ALWAYS_INLINE __m512i high_bits_at_4(__m512i high) {
+  if constexpr (Field < 2) return _mm512_slli_epi32(high, 4 - 2 * Field);
+  else if constexpr (Field == 2) return high;
+  else return _mm512_srli_epi32(high, 2 * Field - 4);
+}
+
+// Codes s and s + 4 of a 6-bit step as bfloat16 pairs 128 + q.
+template <int P, int S>
+BRECQ_ALWAYS_INLINE __m512i six_bit_pair(__m512i nibble_lanes, __m512i high) {
+  const __m512i low = _mm512_ternarylogic_epi32(S == 0 ? nibble_lanes : _mm512_srli_epi32(nibble_lanes, 4 * S),
+                                                _mm512_set1_epi32(0x000f000f), _mm512_set1_epi32(0x43004300), 0xEA);
+  return _mm512_ternarylogic_epi32(high_bits_at_4<4 * P + S>(high), _mm512_set1_epi32(0x00300030), low, 0xEA);
+}
+
+template <int MR>
+void tile6_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t tile, __m512* out) {
+  constexpr int kAcc = MR == 1 ? 4 : 2;
+  const int64_t per_group = p.g / kTileStepCodes, pair_row = p.k_padded / 2;
+  const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, 6);
+  const __m512 offset = _mm512_set1_ps(128.0f);
+  __m512 total[MR], correction[MR];
+  for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m512 acc[MR][kAcc];
+    for (int r = 0; r < MR; ++r)
+      for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm512_setzero_ps();
+    for (int64_t t = grp * per_group; t < grp * per_group + per_group; t += 2) {
+      const uint8_t* pair = w + (t / 2) * kTile6PairBytes;
+      for (int line = 0; line < 3; ++line) __builtin_prefetch(pair + kPrefetchBytes + 64 * line, 0, 3);
+      const __m512i high = _mm512_loadu_si512(pair + 2 * kTileStepBytes);
+      const __m512i first = _mm512_loadu_si512(pair), second = _mm512_loadu_si512(pair + kTileStepBytes);
+      const __m512i v[8] = {six_bit_pair<0, 0>(first, high), six_bit_pair<0, 1>(first, high),
+                            six_bit_pair<0, 2>(first, high), six_bit_pair<0, 3>(first, high),
+                            six_bit_pair<1, 0>(second, high), six_bit_pair<1, 1>(second, high),
+                            six_bit_pair<1, 2>(second, high), six_bit_pair<1, 3>(second, high)};
+      for (int r = 0; r < MR; ++r) {
+        const uint32_t* x = pairs + (r0 + r) * pair_row + 4 * t;  // the pair's two steps: 8 dwords
+        for (int j = 0; j < 8; ++j)
+          acc[r][j % kAcc] = _mm512_dpbf16_ps(acc[r][j % kAcc], (__m512bh)v[j],
+                                              (__m512bh)_mm512_set1_epi32(static_cast<int>(x[j])));
+      }
+    }
+    __m512 scaled_zero;
+    const __m512 s = group_scale(p, tile, grp, offset, &scaled_zero);
+    for (int r = 0; r < MR; ++r) {
+      __m512 dot = acc[r][0];
+      for (int a = 1; a < kAcc; ++a) dot = _mm512_add_ps(dot, acc[r][a]);
+      total[r] = _mm512_fmadd_ps(dot, s, total[r]);
+      correction[r] = _mm512_fmadd_ps(scaled_zero, _mm512_set1_ps(p.xsum[(r0 + r) * p.groups + grp]), correction[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
+}
+
+// Code c of step P of a 6-bit pair as float32.
+template <int P, int C>
+BRECQ_ALWAYS_INLINE __m512 six_bit_code_f32(__m512i nibble_lanes, __m512i high) {
+  const __m512i low = _mm512_and_si512(_mm512_srli_epi32(nibble_lanes, 4 * C), _mm512_set1_epi32(0xf));
+  const __m512i top = C < 4 ? high_bits_at_4<4 * P + C % 4>(high) : _mm512_srli_epi32(high_bits_at_4<4 * P + C % 4>(high), 16);
+  return _mm512_cvtepi32_ps(_mm512_ternarylogic_epi32(top, _mm512_set1_epi32(0x30), low, 0xEA));
+}
+
+template <int P, int C, int MR>
+BRECQ_ALWAYS_INLINE void six_bit_f32_code(const GemvProblem& p, int64_t r0, int64_t at, __m512i lanes, __m512i high,
+                                          __m512 (&acc)[MR][2]) {
+  const __m512 q = six_bit_code_f32<P, C>(lanes, high);
+  for (int r = 0; r < MR; ++r)
+    acc[r][C % 2] = _mm512_fmadd_ps(q, _mm512_set1_ps(p.x[(r0 + r) * p.k_padded + at + C]), acc[r][C % 2]);
+}
+
+template <int P, int MR>
+BRECQ_ALWAYS_INLINE void six_bit_f32_step(const GemvProblem& p, int64_t r0, int64_t at, __m512i lanes, __m512i high,
+                                          __m512 (&acc)[MR][2]) {
+  six_bit_f32_code<P, 0>(p, r0, at, lanes, high, acc);
+  six_bit_f32_code<P, 1>(p, r0, at, lanes, high, acc);
+  six_bit_f32_code<P, 2>(p, r0, at, lanes, high, acc);
+  six_bit_f32_code<P, 3>(p, r0, at, lanes, high, acc);
+  six_bit_f32_code<P, 4>(p, r0, at, lanes, high, acc);
+  six_bit_f32_code<P, 5>(p, r0, at, lanes, high, acc);
+  six_bit_f32_code<P, 6>(p, r0, at, lanes, high, acc);
+  six_bit_f32_code<P, 7>(p, r0, at, lanes, high, acc);
+}
+
+template <int MR>
+void tile6_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, __m512* out) {
+  const int64_t per_group = p.g / kTileStepCodes;
+  const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, 6);
+  __m512 total[MR], correction[MR];
+  for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m512 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t t = grp * per_group; t < grp * per_group + per_group; t += 2) {
+      const uint8_t* pair = w + (t / 2) * kTile6PairBytes;
+      for (int line = 0; line < 3; ++line) __builtin_prefetch(pair + kPrefetchBytes + 64 * line, 0, 3);
+      const __m512i high = _mm512_loadu_si512(pair + 2 * kTileStepBytes);
+      six_bit_f32_step<0>(p, r0, kTileStepCodes * t, _mm512_loadu_si512(pair), high, acc);
+      six_bit_f32_step<1>(p, r0, kTileStepCodes * (t + 1), _mm512_loadu_si512(pair + kTileStepBytes), high, acc);
+    }
+    __m512 scaled_zero;
+    const __m512 s = group_scale(p, tile, grp, _mm512_setzero_ps(), &scaled_zero);
+    for (int r = 0; r < MR; ++r) {
+      total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][0], acc[r][1]), s, total[r]);
+      correction[r] = _mm512_fmadd_ps(scaled_zero, _mm512_set1_ps(p.xsum[(r0 + r) * p.groups + grp]), correction[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
+}
+
 using TileFn = void (*)(const GemvProblem&, const uint32_t*, int64_t, int64_t, __m512*);
 
 template <TileFn Tile1, TileFn Tile2, TileFn Tile3, TileFn Tile4>
@@ -203,23 +317,95 @@ void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t
   }
 }
 
+// 6 bits: per pair of steps, the 16 codes of each row come out as 16 column vectors (lanes = rows),
+// dequantized, then turned into 16 row vectors by a 16x16 transpose in registers.
+BRECQ_ALWAYS_INLINE void transpose16(__m512 (&v)[16]) {
+  __m512 t[16], u[16], w[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 4; ++j) {
+      w[8 * h + j] = _mm512_shuffle_f32x4(u[8 * h + j], u[8 * h + 4 + j], 0x88);
+      w[8 * h + 4 + j] = _mm512_shuffle_f32x4(u[8 * h + j], u[8 * h + 4 + j], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    v[j] = _mm512_shuffle_f32x4(w[j], w[8 + j], 0x88);
+    v[8 + j] = _mm512_shuffle_f32x4(w[j], w[8 + j], 0xDD);
+  }
+}
+
+// (q - z) * s of code C of a 6-bit pair for the 16 rows, the row-major kernel's arithmetic.
+template <int C>
+BRECQ_ALWAYS_INLINE void six_bit_columns(__m512 (&v)[16], __m512i first, __m512i second, __m512i high, __m512 s,
+                                         __m512 z) {
+  v[C] = _mm512_mul_ps(_mm512_sub_ps(six_bit_code_f32<C / 8, C % 8>(C < 8 ? first : second, high), z), s);
+  if constexpr (C + 1 < 16) six_bit_columns<C + 1>(v, first, second, high, s, z);
+}
+
+void dequantize_tiles6(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+                       int64_t g, void* out, bool out_bf16, int threads) {
+  const int64_t tile_bytes = tile_code_bytes(k, g, 6), groups = num_groups(k, g);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t tile = 0; tile < tile_count(n); ++tile) {
+    const uint8_t* w = codes + tile * tile_bytes;
+    const int64_t rows_here = n - tile * kTileRows < kTileRows ? n - tile * kTileRows : kTileRows;
+    for (int64_t c0 = 0; c0 < k; c0 += 2 * kTileStepCodes) {  // g % 16 == 0: a pair lies in one group
+      const int64_t at = (tile * groups + c0 / g) * kTileRows;
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + at)));
+      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + at))));
+      const uint8_t* pair = w + (c0 / 16) * kTile6PairBytes;
+      __m512 v[16];
+      six_bit_columns<0>(v, _mm512_loadu_si512(pair), _mm512_loadu_si512(pair + kTileStepBytes),
+                         _mm512_loadu_si512(pair + 2 * kTileStepBytes), s, z);
+      transpose16(v);
+      const int64_t left = k - c0;
+      const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+      for (int64_t r = 0; r < rows_here; ++r) {
+        const int64_t at_out = (tile * kTileRows + r) * k + c0;
+        if (out_bf16)
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at_out, mask, (__m256i)_mm512_cvtneps_pbh(v[r]));
+        else
+          _mm512_mask_storeu_ps(static_cast<float*>(out) + at_out, mask, v[r]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 bool dequantize_tiled_avx512(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,
-                             int64_t k, int64_t g, void* out, bool out_bf16, int threads) {
-  if (g % 32 != 0) return false;
+                             int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads) {
+  if (bits == 6 && tile16_supports(bits, g)) {
+    dequantize_tiles6(codes, scale, zero, n, k, g, out, out_bf16, threads);
+    return true;
+  }
+  if (bits != 4 || g % 32 != 0) return false;
   dequantize_tiles(codes, scale, zero, n, k, g, out, out_bf16, threads);
   return true;
 }
 
 bool tiled_gemv_avx512(const GemvProblem& p) {
   static_assert(kRowsPerPass == 4, "tile dispatch below handles up to 4 rows per pass");
+  if (!tile16_supports(p.bits, p.g)) return false;
   if (p.x_bf16) {
     uint32_t* pairs = reinterpret_cast<uint32_t*>(p.scratch);  // m * k_padded / 2 dwords fit
     for (int64_t r = 0; r < p.m; ++r) pair_activations(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded / 2);
-    run_tiles<tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>>(p, pairs);
-  } else {
+    if (p.bits == 4)
+      run_tiles<tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>>(p, pairs);
+    else
+      run_tiles<tile6_bf16<1>, tile6_bf16<2>, tile6_bf16<3>, tile6_bf16<4>>(p, pairs);
+  } else if (p.bits == 4) {
     run_tiles<tile_f32<1>, tile_f32<2>, tile_f32<3>, tile_f32<4>>(p, nullptr);
+  } else {
+    run_tiles<tile6_f32<1>, tile6_f32<2>, tile6_f32<3>, tile6_f32<4>>(p, nullptr);
   }
   return true;
 }
@@ -232,8 +418,8 @@ bool tiled_gemv_avx512(const GemvProblem& p) {
 namespace brecq {
 namespace detail {
 bool tiled_gemv_avx512(const GemvProblem&) { return false; }
-bool dequantize_tiled_avx512(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int64_t, void*, bool,
-                             int) {
+bool dequantize_tiled_avx512(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int, int64_t, void*,
+                             bool, int) {
   return false;
 }
 }  // namespace detail

@@ -100,15 +100,16 @@ PYBIND11_MODULE(_C, m) {
                        threads);
   }, nogil);
   m.def("dequantize_tiled", [](std::uintptr_t codes, std::uintptr_t scale, std::uintptr_t zero, int64_t n,
-                               int64_t k, int64_t g, std::uintptr_t out, bool out_bf16, int threads) {
+                               int64_t k, int bits, int64_t g, std::uintptr_t out, bool out_bf16, int threads) {
     brecq::dequantize_tiled(ptr<const uint8_t>(codes), ptr<const uint16_t>(scale), ptr<const uint8_t>(zero), n, k,
-                            g, ptr<void>(out), out_bf16, threads);
+                            bits, g, ptr<void>(out), out_bf16, threads);
   }, nogil);
   m.def("tiled_gemv", [](std::uintptr_t x, bool x_is_bf16, int64_t m_rows, int64_t x_stride,
                          std::uintptr_t codes, std::uintptr_t scale, std::uintptr_t zero, std::uintptr_t bias,
-                         int64_t n, int64_t k, int64_t g, std::uintptr_t y, bool y_is_bf16, int threads) {
+                         int64_t n, int64_t k, int bits, int64_t g, std::uintptr_t y, bool y_is_bf16,
+                         int threads) {
     brecq::tiled_gemv(ptr<const void>(x), x_is_bf16, m_rows, x_stride, ptr<const uint8_t>(codes),
                       ptr<const uint16_t>(scale), ptr<const uint8_t>(zero), bias ? ptr<const float>(bias) : nullptr,
-                      n, k, g, ptr<void>(y), y_is_bf16, threads);
+                      n, k, bits, g, ptr<void>(y), y_is_bf16, threads);
   }, nogil);
 }

@@ -1,7 +1,7 @@
 // Standalone GEMV timing for profiling the kernel without Python (perf, valgrind):
 //   brecq_gemv_bench [bits=4] [n=3072] [k=1024] [rows=1] [bf16=1] [threads=2] [reps=200] [footprint_mib=256]
 //                    [tiled=0]
-// tiled=1 times the 4-bit TILE16 kernel (format.h) instead of the row-major one; n must be a
+// tiled=1 times the TILE16 kernel (format.h, 4 or 6 bits) instead of the row-major one; n must be a
 // multiple of 16 (the same bytes, read as TILE16: speed does not depend on the values).
 // Weights (codes, scales and zeros) are cycled through 256 MiB of distinct copies, as in a real
 // model; a footprint that fits in cache (e.g. 0) times the kernel's compute alone.
@@ -29,8 +29,8 @@ int main(int argc, char** argv) {
   const int reps = static_cast<int>(arg(7, 200));
   const int64_t footprint = static_cast<int64_t>(arg(8, 256)) << 20;
   const bool tiled = arg(9, 0) != 0;
-  if (tiled && (bits != 4 || n % kTileRows != 0)) {
-    std::fprintf(stderr, "tiled=1 needs bits=4 and n a multiple of %lld\n", static_cast<long long>(kTileRows));
+  if (tiled && (!tile16_supports(bits, g) || n % kTileRows != 0 || k % g != 0)) {
+    std::fprintf(stderr, "tiled=1 needs bits 4 or 6, and n a multiple of %lld\n", static_cast<long long>(kTileRows));
     return 2;
   }
   // At least two copies, so that the read and the GEMV never share one.
@@ -44,7 +44,8 @@ int main(int argc, char** argv) {
     auto start = std::chrono::steady_clock::now();
     const void* xp = bf16 ? static_cast<const void*>(x.data()) : xf.data();
     if (tiled)
-      tiled_gemv(xp, bf16, m, k, pool.packed(i), pool.scale(i), pool.zero(i), nullptr, n, k, g, y.data(), false, threads);
+      tiled_gemv(xp, bf16, m, k, pool.packed(i), pool.scale(i), pool.zero(i), nullptr, n, k, bits, g, y.data(), false,
+                 threads);
     else
       packed_gemv(xp, bf16, m, k, pool.packed(i), pool.scale(i), pool.zero(i), nullptr, n, k, bits, g, y.data(), false,
                   threads);

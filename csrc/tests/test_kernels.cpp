@@ -93,24 +93,36 @@ void test_gemv(Isa isa) {
   }
 }
 
-// TILE16 rearrangement of row-major 4-bit weights (format.h), written out from its definition.
-void tile_up(const std::vector<uint8_t>& packed, const std::vector<uint16_t>& scale, const std::vector<uint8_t>& zero,
-             int64_t n, int64_t k, int64_t g, std::vector<uint8_t>& codes, std::vector<uint16_t>& tiled_scale,
+// TILE16 arrangement of integer codes [n, k] and their scales and zeros (format.h), written out
+// from the layout's definition.
+void tile_up(const std::vector<uint8_t>& codes, const std::vector<uint16_t>& scale, const std::vector<uint8_t>& zero,
+             int64_t n, int64_t k, int bits, int64_t g, std::vector<uint8_t>& tiled, std::vector<uint16_t>& tiled_scale,
              std::vector<uint8_t>& tiled_zero) {
   const int64_t tiles = tile_count(n), steps = tile_steps(k, g), groups = num_groups(k, g);
-  codes.assign(tiles * steps * kTileStepBytes, 0);
+  const int64_t tile_bytes = tile_code_bytes(k, g, bits);
+  tiled.assign(tiles * tile_bytes, 0);
   tiled_scale.assign(tiles * groups * kTileRows, 0);
   tiled_zero.assign(tiles * groups * kTileRows, 0);
   for (int64_t row = 0; row < n; ++row) {
     const int64_t tile = row / kTileRows, lane = row % kTileRows;
-    for (int64_t t = 0; t < steps; ++t)
-      for (int b = 0; b < 4; ++b)
-        codes[(tile * steps + t) * kTileStepBytes + 4 * lane + b] = packed[row * packed_row_bytes(k, g, 4) + 4 * t + b];
+    uint8_t* base = tiled.data() + tile * tile_bytes;
+    for (int64_t i = 0; i < k; ++i) {
+      const int code = codes[row * k + i], step = static_cast<int>(i / 8), c = static_cast<int>(i % 8);
+      if (bits == 4) {
+        base[step * 64 + 4 * lane + c / 2] |= static_cast<uint8_t>(code << (4 * (c % 2)));
+      } else {
+        uint8_t* pair = base + (step / 2) * 192;
+        pair[(step % 2) * 64 + 4 * lane + c / 2] |= static_cast<uint8_t>((code & 15) << (4 * (c % 2)));
+        const int bit = 2 * (4 * (step % 2) + c % 4) + 16 * (c / 4);
+        pair[128 + 4 * lane + bit / 8] |= static_cast<uint8_t>((code >> 4) << (bit % 8));
+      }
+    }
     for (int64_t grp = 0; grp < groups; ++grp) {
       tiled_scale[(tile * groups + grp) * kTileRows + lane] = scale[row * groups + grp];
       tiled_zero[(tile * groups + grp) * kTileRows + lane] = zero[row * groups + grp];
     }
   }
+  (void)steps;
 }
 
 // The TILE16 GEMV on data whose every product and sum is exact in float32 (small integer
@@ -120,29 +132,29 @@ void tile_up(const std::vector<uint8_t>& packed, const std::vector<uint16_t>& sc
 void test_tiled_gemv(Isa isa) {
   set_isa(isa);
   std::mt19937 rng(11);
-  for (int64_t g : {32, 64, 128}) {
+  for (int bits : {4, 6})
+  for (int64_t g : {16, 32, 64, 128}) {
     for (int64_t n : {13, 33}) {
       for (int64_t m : {1, 4, 5}) {
         for (bool bf16 : {false, true}) {
           const int64_t k = 200, groups = num_groups(k, g);
-          std::vector<uint8_t> codes(n * k), zero(n * groups), packed(n * packed_row_bytes(k, g, 4)), tiled, tiled_zero;
+          std::vector<uint8_t> codes(n * k), zero(n * groups), tiled, tiled_zero;
           std::vector<uint16_t> scale(n * groups), tiled_scale, x_bf16(m * k);
           std::vector<float> x(m * k), bias(n), y(m * n);
-          for (auto& c : codes) c = static_cast<uint8_t>(rng() & 15);
-          for (auto& z : zero) z = static_cast<uint8_t>(rng() & 15);
+          for (auto& c : codes) c = static_cast<uint8_t>(rng() & max_code(bits));
+          for (auto& z : zero) z = static_cast<uint8_t>(rng() & max_code(bits));
           for (auto& sc : scale) sc = numeric::f32_to_f16(std::ldexp(1.0f, -static_cast<int>(rng() % 8)));
           for (auto& b : bias) b = static_cast<float>(static_cast<int>(rng() % 64) - 32) / 4.0f;
           for (int64_t i = 0; i < m * k; ++i) {
             x[i] = static_cast<float>(static_cast<int>(rng() % 17) - 8);
             x_bf16[i] = numeric::f32_to_bf16(x[i]);
           }
-          pack(codes.data(), n, k, 4, g, packed.data(), 1);
-          tile_up(packed, scale, zero, n, k, g, tiled, tiled_scale, tiled_zero);
+          tile_up(codes, scale, zero, n, k, bits, g, tiled, tiled_scale, tiled_zero);
           const void* xp = bf16 ? static_cast<const void*>(x_bf16.data()) : x.data();
-          tiled_gemv(xp, bf16, m, k, tiled.data(), tiled_scale.data(), tiled_zero.data(), bias.data(), n, k, g,
+          tiled_gemv(xp, bf16, m, k, tiled.data(), tiled_scale.data(), tiled_zero.data(), bias.data(), n, k, bits, g,
                      y.data(), false, 2);
           std::vector<uint16_t> y_bf16(m * n);
-          tiled_gemv(xp, bf16, m, k, tiled.data(), tiled_scale.data(), tiled_zero.data(), bias.data(), n, k, g,
+          tiled_gemv(xp, bf16, m, k, tiled.data(), tiled_scale.data(), tiled_zero.data(), bias.data(), n, k, bits, g,
                      y_bf16.data(), true, 2);
           for (int64_t r = 0; r < m; ++r)
             for (int64_t o = 0; o < n; ++o) {
@@ -151,8 +163,8 @@ void test_tiled_gemv(Isa isa) {
                 exact += static_cast<double>(x[r * k + i]) * numeric::f16_to_f32(scale[o * groups + i / g]) *
                          (static_cast<int>(codes[o * k + i]) - static_cast<int>(zero[o * groups + i / g]));
               const float got = y[r * n + o];
-              CHECK(got == exact, "tiled %s g=%lld n=%lld m=%lld bf16=%d out %lld,%lld: %g vs %g", isa_name(isa),
-                    static_cast<long long>(g), static_cast<long long>(n), static_cast<long long>(m), bf16,
+              CHECK(got == exact, "tiled W%d %s g=%lld n=%lld m=%lld bf16=%d out %lld,%lld: %g vs %g", bits,
+                    isa_name(isa), static_cast<long long>(g), static_cast<long long>(n), static_cast<long long>(m), bf16,
                     static_cast<long long>(r), static_cast<long long>(o), got, exact);
               CHECK(y_bf16[r * n + o] == numeric::f32_to_bf16(got), "tiled %s bfloat16 output: 0x%04x vs %g",
                     isa_name(isa), y_bf16[r * n + o], got);
@@ -168,27 +180,29 @@ void test_tiled_gemv(Isa isa) {
 void test_dequantize_tiled(Isa isa) {
   set_isa(isa);
   std::mt19937 rng(5);
-  for (int64_t g : {8, 32, 64, 128}) {
+  for (int bits : {4, 6})
+  for (int64_t g : {16, 32, 64, 128}) {
+    if (!tile16_supports(bits, g)) continue;
     for (int64_t n : {13, 33}) {
       for (bool bf16 : {false, true}) {
         const int64_t k = 200, groups = num_groups(k, g), width = bf16 ? 2 : 4;
-        std::vector<uint8_t> codes(n * k), zero(n * groups), packed(n * packed_row_bytes(k, g, 4)), tiled, tiled_zero;
+        std::vector<uint8_t> codes(n * k), zero(n * groups), packed(n * packed_row_bytes(k, g, bits)), tiled, tiled_zero;
         std::vector<uint16_t> scale(n * groups), tiled_scale;
-        for (auto& c : codes) c = static_cast<uint8_t>(rng() & 15);
-        for (auto& z : zero) z = static_cast<uint8_t>(rng() & 15);
+        for (auto& c : codes) c = static_cast<uint8_t>(rng() & max_code(bits));
+        for (auto& z : zero) z = static_cast<uint8_t>(rng() & max_code(bits));
         for (auto& sc : scale) sc = numeric::f32_to_f16(std::uniform_real_distribution<float>(1e-3f, 1.0f)(rng));
-        pack(codes.data(), n, k, 4, g, packed.data(), 1);
-        tile_up(packed, scale, zero, n, k, g, tiled, tiled_scale, tiled_zero);
+        pack(codes.data(), n, k, bits, g, packed.data(), 1);
+        tile_up(codes, scale, zero, n, k, bits, g, tiled, tiled_scale, tiled_zero);
         std::vector<uint8_t> rows(n * k * width), from_tiles(n * k * width, 0xAB);
-        dequantize_packed(packed.data(), scale.data(), zero.data(), n, k, 4, g, rows.data(), bf16, 2);
-        dequantize_tiled(tiled.data(), tiled_scale.data(), tiled_zero.data(), n, k, g, from_tiles.data(), bf16, 2);
-        CHECK(rows == from_tiles, "dequantize_tiled %s g=%lld n=%lld bf16=%d", isa_name(isa), static_cast<long long>(g),
-              static_cast<long long>(n), bf16);
+        dequantize_packed(packed.data(), scale.data(), zero.data(), n, k, bits, g, rows.data(), bf16, 2);
+        dequantize_tiled(tiled.data(), tiled_scale.data(), tiled_zero.data(), n, k, bits, g, from_tiles.data(), bf16, 2);
+        CHECK(rows == from_tiles, "dequantize_tiled W%d %s g=%lld n=%lld bf16=%d", bits, isa_name(isa),
+              static_cast<long long>(g), static_cast<long long>(n), bf16);
         if (n <= kTileRows) continue;
         // Rows 16.. only, from the second tile on: the GEMM path's ranges.
         std::vector<uint8_t> tail((n - 16) * k * width, 0xAB);
-        dequantize_tiled(tiled.data() + tile_steps(k, g) * kTileStepBytes, tiled_scale.data() + groups * kTileRows,
-                         tiled_zero.data() + groups * kTileRows, n - 16, k, g, tail.data(), bf16, 2);
+        dequantize_tiled(tiled.data() + tile_code_bytes(k, g, bits), tiled_scale.data() + groups * kTileRows,
+                         tiled_zero.data() + groups * kTileRows, n - 16, k, bits, g, tail.data(), bf16, 2);
         CHECK(std::equal(tail.begin(), tail.end(), rows.begin() + 16 * k * width),
               "dequantize_tiled from tile 1 %s g=%lld n=%lld bf16=%d", isa_name(isa), static_cast<long long>(g),
               static_cast<long long>(n), bf16);

@@ -48,26 +48,44 @@ static_assert(group_code_bytes(64, 6) + 2 + 1 == 51, "W6 g64 group must be 51 by
 static_assert(packed_row_bytes(172, 64, 4) == 96, "172 inputs pad to 192 = 3 groups of 64");
 static_assert(packed_row_bytes(1000, 32, 6) == 768, "1000 inputs pad to 1024 = 32 groups of 32 (6-bit)");
 
-// ---- TILE16: the CPU execution layout of 4-bit layers (docs/FORMAT.md, "Tiled layout") ---------
+// ---- TILE16: the CPU execution layout of 4- and 6-bit layers (docs/FORMAT.md, "Tiled layout") --
 // Held in memory only, never saved: the same codes, scales and zeros as above, rearranged so that
-// one 64-byte vector holds 8 consecutive codes of each of 16 consecutive output rows.
-//   codes : uint8   [tiles, steps, 64]  byte 4*r + b of step t of tile i = byte 4*t + b of the
-//                                       row-major packed row 16*i + r (codes 8t..8t+7 of that row)
+// a 64-byte vector holds 8 consecutive codes of each of 16 consecutive output rows, one row per
+// 32-bit lane. A step is 8 codes of every row of a tile: steps = padded_in_features / 8.
+//   4 bits: codes uint8 [tiles, steps, 64]: byte 4*r + b of step t of tile i = byte 4*t + b of the
+//           row-major packed row 16*i + r (codes 8t..8t+7 of that row, code 8t + c in bits
+//           [4c, 4c+4) of lane r).
+//   6 bits: codes uint8 [tiles, steps / 2, 192]: steps in pairs (group sizes a multiple of 16). Pair
+//           u holds the low nibbles of its two steps, each laid out as a 4-bit step (bytes 0..63,
+//           64..127), then one vector of the codes' top two bits (bytes 128..191): in lane r, field
+//           f = 4*p + s (step p of the pair, s = 0..3) holds the top bits of code 16u + 8p + s at
+//           bits [2f, 2f+2) and of code 16u + 8p + s + 4 at bits [16+2f, 18+2f).
 //   scale : float16 [tiles, groups, 16] scale[16*i + r, group]
 //   zero  : uint8   [tiles, groups, 16] zero[16*i + r, group]
 // tiles = ceil(out_features / 16); rows past out_features are zero codes with scale 0 and zero 0.
-// A 16-row x 64-input group: 512 code bytes + 32 scale bytes + 16 zero bytes = 4.375 bits/weight,
-// as in the row-major layout.
+// A 16-row x 64-input group: 512 (W4) or 768 (W6) code bytes + 32 scale bytes + 16 zero bytes,
+// 4.375 or 6.375 bits/weight, as in the row-major layout.
 constexpr int64_t kTileRows = 16;
-constexpr int64_t kTileStepCodes = 8;  // codes of one row in one step: one 32-bit lane
+constexpr int64_t kTileStepCodes = 8;  // codes of one row in one step: one 32-bit lane of nibbles
 constexpr int64_t kTileStepBytes = kTileRows * kTileStepCodes * 4 / 8;
-static_assert(kTileStepBytes == 64, "a TILE16 step is one 64-byte vector");
+constexpr int64_t kTile6PairBytes = 2 * kTileStepBytes + kTileRows * 2 * kTileStepCodes * 2 / 8;
+static_assert(kTileStepBytes == 64, "a TILE16 step of nibbles is one 64-byte vector");
+static_assert(kTile6PairBytes == 3 * 64, "a 6-bit TILE16 step pair is three 64-byte vectors");
 static_assert(kGroupSizeMultiple % kTileStepCodes == 0, "every group is a whole number of steps");
 static_assert((kTileRows * 64 * 4 / 8 + kTileRows * 2 + kTileRows) * 8 * 1000 / (kTileRows * 64) == 4375,
               "TILE16 W4 g64 costs 4.375 bits/weight, like the row-major layout");
+static_assert((64 / 16 * kTile6PairBytes + kTileRows * 2 + kTileRows) * 8 * 1000 / (kTileRows * 64) == 6375,
+              "TILE16 W6 g64 costs 6.375 bits/weight, like the row-major layout");
 constexpr int64_t tile_count(int64_t out_features) { return (out_features + kTileRows - 1) / kTileRows; }
 constexpr int64_t tile_steps(int64_t in_features, int64_t group_size) {
   return padded_in_features(in_features, group_size) / kTileStepCodes;
+}
+// Code bytes of one tile, and whether TILE16 holds this bit width and group size.
+constexpr int64_t tile_code_bytes(int64_t in_features, int64_t group_size, int bits) {
+  return tile_steps(in_features, group_size) * kTileRows * kTileStepCodes * bits / 8;
+}
+constexpr bool tile16_supports(int bits, int64_t group_size) {
+  return (bits == 4 && group_size % kTileStepCodes == 0) || (bits == 6 && group_size % (2 * kTileStepCodes) == 0);
 }
 
 }  // namespace brecq

@@ -68,18 +68,19 @@ void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, con
                  const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                  int bits, int64_t g, void* y, bool y_is_bf16, int threads);
 
-// y = x . dequant(W)^T + bias for 4-bit weights in the TILE16 layout (format.h): codes uint8
-// [tile_count(n), tile_steps(k, g), 64], scale float16 bits and zero uint8 [tile_count(n), groups, 16].
-// Arguments otherwise as packed_gemv; meant for m <= 8 rows (each row re-reads a tile from cache).
+// y = x . dequant(W)^T + bias for 4- or 6-bit weights in the TILE16 layout (format.h; the caller
+// checks tile16_supports(bits, g)): codes uint8, tile_code_bytes(k, g, bits) per tile, scale float16
+// bits and zero uint8 [tile_count(n), groups, 16]. Arguments otherwise as packed_gemv; meant for
+// m <= 8 rows (each pass of 4 rows re-reads a tile from cache).
 void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* codes,
-                const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g,
-                void* y, bool y_is_bf16, int threads);
+                const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k, int bits,
+                int64_t g, void* y, bool y_is_bf16, int threads);
 
-// Dense rows [0, n) of 4-bit TILE16 weights whose first tile starts at codes / scale / zero (pass
-// the tile holding a range's first row to dequantize a range whose start is a multiple of 16):
-// out [n, k] float32, or bfloat16 bits when out_bf16; the same values as dequantize_packed on the
+// Dense rows [0, n) of TILE16 weights whose first tile starts at codes / scale / zero (pass the
+// tile holding a range's first row to dequantize a range whose start is a multiple of 16): out
+// [n, k] float32, or bfloat16 bits when out_bf16; the same values as dequantize_packed on the
 // row-major weights, bit for bit.
 void dequantize_tiled(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
-                      int64_t g, void* out, bool out_bf16, int threads);
+                      int bits, int64_t g, void* out, bool out_bf16, int threads);
 
 }  // namespace brecq
