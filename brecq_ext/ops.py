@@ -649,6 +649,13 @@ packed_matmul.register_autograd(_packed_linear_backward(_row_major_dense_weight)
 _CPU_GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _cpu_gemv_ready(x: Tensor, bias: Optional[Tensor], in_features: int) -> bool:
+    """x and bias can go to a CPU GEMV kernel as they are: a contiguous decode-sized float32 or
+    bfloat16 input with in_features columns, and a float32 bias or none."""
+    return (x.dtype in _CPU_GEMV_DTYPES and x.dim() >= 1 and x.shape[-1] == in_features and x.is_contiguous()
+            and 0 < x.numel() <= GEMV_MAX_ROWS * in_features and (bias is None or bias.dtype == torch.float32))
+
+
 def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], bits: int,
            group_size: int, in_features: int, weights_checked: bool = False) -> Tensor:
     """packed_matmul for module forwards. In eager inference (no autograd, not compiling) it calls
@@ -662,10 +669,7 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
         return packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
     if x.is_cpu:
         kernels = _cpu()
-        if (weights_checked and kernels is not None and x.dtype in _CPU_GEMV_DTYPES and x.dim() >= 1
-                and x.shape[-1] == in_features and x.is_contiguous()
-                and 0 < x.numel() <= GEMV_MAX_ROWS * in_features
-                and (bias is None or bias.dtype == torch.float32)):
+        if weights_checked and kernels is not None and _cpu_gemv_ready(x, bias, in_features):
             y = _gemv_cpu(kernels, x, x.numel() // in_features, in_features, packed, scale, zero, bias, bits,
                           group_size, in_features)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], packed.shape[0])
@@ -780,10 +784,7 @@ def tile16_linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: 
         return tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
     if x.is_cpu:
         kernels = _cpu()
-        if (weights_checked and kernels is not None and x.dtype in _CPU_GEMV_DTYPES and x.dim() >= 1
-                and x.shape[-1] == in_features and x.is_contiguous()
-                and 0 < x.numel() <= GEMV_MAX_ROWS * in_features
-                and (bias is None or bias.dtype == torch.float32)):
+        if weights_checked and kernels is not None and _cpu_gemv_ready(x, bias, in_features):
             y = _tile16_gemv_cpu(kernels, x, x.numel() // in_features, in_features, packed, scale, zero, bias,
                                  bits, group_size, in_features, out_features)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)

@@ -54,6 +54,21 @@ BRECQ_ALWAYS_INLINE __m512 group_scale(const GemvProblem& p, int64_t tile, int64
   return s;
 }
 
+// The end of a group: its dot products scaled into the totals, and its share of the zero-point
+// correction.
+template <int MR, int kAcc>
+BRECQ_ALWAYS_INLINE void close_group(const GemvProblem& p, int64_t r0, int64_t tile, int64_t grp, __m512 offset,
+                                     const __m512 (&acc)[MR][kAcc], __m512 (&total)[MR], __m512 (&correction)[MR]) {
+  __m512 scaled_zero;
+  const __m512 s = group_scale(p, tile, grp, offset, &scaled_zero);
+  for (int r = 0; r < MR; ++r) {
+    __m512 dot = acc[r][0];
+    for (int a = 1; a < kAcc; ++a) dot = _mm512_add_ps(dot, acc[r][a]);
+    total[r] = _mm512_fmadd_ps(dot, s, total[r]);
+    correction[r] = _mm512_fmadd_ps(scaled_zero, _mm512_set1_ps(p.xsum[(r0 + r) * p.groups + grp]), correction[r]);
+  }
+}
+
 // One tile against MR activation rows; out[r] lane i = output row 16 * tile + i, before bias.
 // One activation row keeps four accumulators so that the dot products' latency stays hidden;
 // with more rows, their chains interleave and two each suffice (registers run short at four).
@@ -86,14 +101,7 @@ void tile_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t 
                                               (__m512bh)_mm512_set1_epi32(static_cast<int>(x[s])));
       }
     }
-    __m512 scaled_zero;
-    const __m512 s = group_scale(p, tile, grp, offset, &scaled_zero);
-    for (int r = 0; r < MR; ++r) {
-      __m512 dot = acc[r][0];
-      for (int a = 1; a < kAcc; ++a) dot = _mm512_add_ps(dot, acc[r][a]);
-      total[r] = _mm512_fmadd_ps(dot, s, total[r]);
-      correction[r] = _mm512_fmadd_ps(scaled_zero, _mm512_set1_ps(p.xsum[(r0 + r) * p.groups + grp]), correction[r]);
-    }
+    close_group<MR, kAcc>(p, r0, tile, grp, offset, acc, total, correction);
   }
   for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
 }
@@ -119,12 +127,7 @@ void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, _
                                           acc[r][i % 2]);
       }
     }
-    __m512 scaled_zero;
-    const __m512 s = group_scale(p, tile, grp, _mm512_setzero_ps(), &scaled_zero);
-    for (int r = 0; r < MR; ++r) {
-      total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][0], acc[r][1]), s, total[r]);
-      correction[r] = _mm512_fmadd_ps(scaled_zero, _mm512_set1_ps(p.xsum[(r0 + r) * p.groups + grp]), correction[r]);
-    }
+    close_group<MR, 2>(p, r0, tile, grp, _mm512_setzero_ps(), acc, total, correction);
   }
   for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
 }
@@ -174,14 +177,7 @@ void tile6_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t
                                               (__m512bh)_mm512_set1_epi32(static_cast<int>(x[j])));
       }
     }
-    __m512 scaled_zero;
-    const __m512 s = group_scale(p, tile, grp, offset, &scaled_zero);
-    for (int r = 0; r < MR; ++r) {
-      __m512 dot = acc[r][0];
-      for (int a = 1; a < kAcc; ++a) dot = _mm512_add_ps(dot, acc[r][a]);
-      total[r] = _mm512_fmadd_ps(dot, s, total[r]);
-      correction[r] = _mm512_fmadd_ps(scaled_zero, _mm512_set1_ps(p.xsum[(r0 + r) * p.groups + grp]), correction[r]);
-    }
+    close_group<MR, kAcc>(p, r0, tile, grp, offset, acc, total, correction);
   }
   for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
 }
@@ -231,12 +227,7 @@ void tile6_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, 
       six_bit_f32_step<0>(p, r0, kTileStepCodes * t, _mm512_loadu_si512(pair), high, acc);
       six_bit_f32_step<1>(p, r0, kTileStepCodes * (t + 1), _mm512_loadu_si512(pair + kTileStepBytes), high, acc);
     }
-    __m512 scaled_zero;
-    const __m512 s = group_scale(p, tile, grp, _mm512_setzero_ps(), &scaled_zero);
-    for (int r = 0; r < MR; ++r) {
-      total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][0], acc[r][1]), s, total[r]);
-      correction[r] = _mm512_fmadd_ps(scaled_zero, _mm512_set1_ps(p.xsum[(r0 + r) * p.groups + grp]), correction[r]);
-    }
+    close_group<MR, 2>(p, r0, tile, grp, _mm512_setzero_ps(), acc, total, correction);
   }
   for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
 }
