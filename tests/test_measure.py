@@ -78,3 +78,14 @@ def test_paired_latency_times_every_model_on_the_same_steps():
     for report in reports.values():
         assert report.decode_ms_per_token_median > 0 and report.prefill_ms > 0
         assert report.decode_tokens == 3 and report.repeats == 2
+
+
+def test_speed_table_times_the_layout_quantlinear_uses():
+    from brecq_ext.layout import preferred_layout
+
+    from brecq.speed import time_linear_shapes
+
+    timings = time_linear_shapes({"tiny": (128, 48)}, rows=1, footprint_bytes=1 << 16, repeats=3)
+    (timing,) = timings
+    assert timing.layouts == {bits: preferred_layout("cpu", bits, 64) for bits in (4, 6)}
+    assert timing.dense_bf16_us > 0 and all(us > 0 for us in timing.packed_us.values())

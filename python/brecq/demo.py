@@ -91,7 +91,9 @@ def format_demo(result: DemoResult) -> str:
         f"fidelity vs float32 on random tokens: top-1 agreement {100 * result.top1_agreement:.1f} %, "
         f"mean KL {result.mean_kl:.4f} nats (random weights: indicative only)",
         "",
-        "1-row bfloat16 matmul, median us (weights cycled so they come from memory):",
+        "1-row bfloat16 matmul, median us (weights cycled so they come from memory; packed layouts as "
+        "QuantLinear holds them here: "
+        + ", ".join(f"W{bits} {layout.value}" for bits, layout in result.timings[0].layouts.items()) + "):",
         "| layer | in -> out | dense bf16 | W4 g64 | W6 g64 | W4 speed-up | W6 speed-up |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from brecq_ext import ops
+from brecq_ext import Layout, ops
 from brecq_ext.format import layer_storage, num_groups, packed_row_bytes
+from brecq_ext.layout import preferred_layout, to_tile16
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class MatmulTiming:
     rows: int
     dense_bf16_us: float
     packed_us: dict  # bits -> median microseconds
+    layouts: dict  # bits -> the Layout timed: the one QuantLinear holds on this machine
 
     def speedup(self, bits: int) -> float:
         return self.dense_bf16_us / self.packed_us[bits]
@@ -53,7 +55,9 @@ def random_packed_weights(out_features: int, in_features: int, bits: int, group_
 def time_linear_shapes(shapes: dict, rows: int = 1, bits_list=(4, 6), group_size: int = 64,
                        footprint_bytes: int = 64 << 20, repeats: int = 50, seed: int = 0):
     """Median time of one bfloat16 matmul per shape, dense vs packed, cycling through enough
-    distinct weights (``footprint_bytes`` per variant) that they do not stay in cache."""
+    distinct weights (``footprint_bytes`` per variant) that they do not stay in cache. Packed
+    weights are timed in the layout a CPU QuantLinear holds them in on this machine, through the
+    call its forward makes."""
     generator = torch.Generator().manual_seed(seed)
     results = []
     for name, (k, n) in shapes.items():
@@ -62,11 +66,17 @@ def time_linear_shapes(shapes: dict, rows: int = 1, bits_list=(4, 6), group_size
         dense = [torch.randn(n, k, generator=generator).to(torch.bfloat16) for _ in range(dense_copies)]
         dense_us = _median_us(lambda w: F.linear(x, w), dense, repeats)
         del dense
-        packed_us = {}
+        packed_us, layouts = {}, {}
         for bits in bits_list:
             copies = max(2, footprint_bytes // layer_storage(n, k, bits, group_size).total_bytes)
             weights = random_packed_weights(n, k, bits, group_size, copies, generator)
-            packed_us[bits] = _median_us(
-                lambda w: ops.linear(x, w[0], w[1], w[2], None, bits, group_size, k), weights, repeats)
-        results.append(MatmulTiming(name, k, n, rows, dense_us, packed_us))
+            layouts[bits] = preferred_layout("cpu", bits, group_size)
+            if layouts[bits] is Layout.TILE16:
+                weights = [to_tile16(*w, bits, group_size, k) for w in weights]
+                packed_us[bits] = _median_us(lambda w: ops.tile16_linear(
+                    x, *w, None, bits, group_size, k, n, weights_checked=True), weights, repeats)
+            else:
+                packed_us[bits] = _median_us(lambda w: ops.linear(
+                    x, *w, None, bits, group_size, k, weights_checked=True), weights, repeats)
+        results.append(MatmulTiming(name, k, n, rows, dense_us, packed_us, layouts))
     return results
