@@ -34,6 +34,11 @@ def test_missing_compiled_module_falls_back_with_one_warning(tmp_path):
         "loss = ops.adaround_forward(w, v, s, z, 4, 64).sum() + ops.rounding_loss(v, 4.0)\n"
         "loss.backward()\n"
         "assert v.grad is not None and bool(v.grad.abs().sum() > 0)\n"
+        "from brecq_ext.layout import to_tile16\n"
+        "assert brecq_ext.QuantLinear(64, 8, 4, 64).layout is brecq_ext.Layout.ROWS  # no TILE16 kernel\n"
+        "x = torch.randn(2, 64)\n"
+        "yt = ops.tile16_matmul(x, *to_tile16(p, s, z, 4, 64, 64), None, 4, 64, 64, 8)\n"
+        "assert torch.allclose(yt, ops.packed_matmul(x, p, s, z, None, 4, 64, 64), atol=1e-5)\n"
         "print(brecq_ext.cpu_isa(), tuple(y.shape))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
