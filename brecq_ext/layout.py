@@ -1,10 +1,11 @@
 """In-memory layouts of packed weights (docs/FORMAT.md, "Tiled layout"; csrc/include/brecq/format.h).
 
 * ``Layout.ROWS``: the row-major format of docs/FORMAT.md, the only form that is ever saved.
-* ``Layout.TILE16``: 4- and 6-bit weights rearranged for the AVX-512 CPU kernels: a 64-byte vector
-  holds eight consecutive codes of each of 16 consecutive output rows, so that a tile's outputs
-  fill the lanes of one vector. The same codes, scales and zeros, moved (rows padded to a multiple
-  of 16). 6-bit codes keep their low nibbles as 4-bit steps and their top two bits in a third
+* ``Layout.TILE16``: 4-, 6- and 8-bit weights rearranged for the AVX-512 CPU kernels: a 64-byte
+  vector holds consecutive codes of each of 16 consecutive output rows (8 codes at 4 and 6 bits, 4
+  at 8 bits), so that a tile's outputs fill the lanes of one vector. The same codes, scales and
+  zeros, moved (rows padded to a multiple of 16). 4- and 8-bit rows are transposed in 4-byte
+  units; 6-bit codes keep their low nibbles as 4-bit steps and their top two bits in a third
   vector per pair of steps.
 
 ``to_tile16`` and ``from_tile16`` are exact inverses, written in torch so that they run on any
@@ -24,14 +25,14 @@ TILE_ROWS = 16  # output rows per tile: the 16 float32 lanes of a 512-bit vector
 STEP_CODES = 8  # consecutive codes of one row in one step: one 32-bit lane of nibbles
 STEP_BYTES = TILE_ROWS * STEP_CODES // 2  # a step of nibbles: 64 bytes
 SIX_BIT_PAIR_BYTES = 3 * STEP_BYTES  # two steps of nibbles and one vector of top bits
-TILE16_BITS = (4, 6)
+TILE16_BITS = (4, 6, 8)
 
 
 class Layout(enum.Enum):
     """How a QuantLinear holds its packed weights in memory."""
 
     ROWS = "rows"  # docs/FORMAT.md, row-major: every device, every bit width; the saved form
-    TILE16 = "tile16"  # 4 and 6 bits, CPU: the AVX-512 kernels' interleaving of 16 rows
+    TILE16 = "tile16"  # 4, 6 and 8 bits, CPU: the AVX-512 kernels' interleaving of 16 rows
 
 
 def tile_count(out_features: int) -> int:
@@ -44,13 +45,17 @@ def tile_steps(in_features: int, group_size: int) -> int:
 
 def tile16_supports(bits: int, group_size: int) -> bool:
     """Whether TILE16 holds this bit width and group size (6 bits: steps go in pairs)."""
-    return (bits == 4 and group_size % STEP_CODES == 0) or (bits == 6 and group_size % (2 * STEP_CODES) == 0)
+    return ((bits in (4, 8) and group_size % STEP_CODES == 0)
+            or (bits == 6 and group_size % (2 * STEP_CODES) == 0))
 
 
 def tile16_shapes(out_features: int, in_features: int, bits: int, group_size: int) -> tuple[tuple, tuple]:
     """Shapes of the TILE16 codes (uint8) and of its scale (float16) and zero (uint8)."""
     tiles, steps = tile_count(out_features), tile_steps(in_features, group_size)
-    codes = (tiles, steps, STEP_BYTES) if bits == 4 else (tiles, steps // 2, SIX_BIT_PAIR_BYTES)
+    if bits == 6:
+        codes = (tiles, steps // 2, SIX_BIT_PAIR_BYTES)
+    else:  # 4-byte units of the packed rows: 8 codes a unit at 4 bits, 4 at 8 bits
+        codes = (tiles, steps * bits // 4, STEP_BYTES)
     return codes, (tiles, num_groups(in_features, group_size), TILE_ROWS)
 
 
@@ -67,8 +72,8 @@ def _check_tile16_bits(op: str, bits: int, group_size: int) -> None:
     check_bits(op, bits)
     check_group_size(op, group_size, packed=True)
     if not tile16_supports(bits, group_size):
-        raise ValueError(f"{op}: TILE16 holds 4-bit weights (group_size a multiple of {STEP_CODES}) and 6-bit "
-                         f"weights (group_size a multiple of {2 * STEP_CODES}), got bits={bits}, "
+        raise ValueError(f"{op}: TILE16 holds 4- and 8-bit weights (group_size a multiple of {STEP_CODES}) and "
+                         f"6-bit weights (group_size a multiple of {2 * STEP_CODES}), got bits={bits}, "
                          f"group_size={group_size}")
 
 
@@ -80,7 +85,7 @@ def check_tile16(op: str, packed, scale, zero, bits: int, group_size: int, in_fe
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{op}: {name} must be a positive integer, got {value!r}")
     code_shape, param_shape = tile16_shapes(out_features, in_features, bits, group_size)
-    unit = "steps, 64" if bits == 4 else "step pairs, 192"
+    unit = "step pairs, 192" if bits == 6 else "4-byte units, 64"
     meaning = (f"TILE16 layout of {out_features}x{in_features} {bits}-bit weights at group_size={group_size}: "
                f"packed [tiles, {unit}], scale and zero [tiles, groups, 16]")
     check_tensor(op, "packed", packed, (torch.uint8,), 3)
@@ -124,9 +129,9 @@ def _nibble_lanes(low: Tensor) -> Tensor:
 def to_tile16(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
               in_features: int) -> tuple[Tensor, Tensor, Tensor]:
     """Row-major weights (``packed`` uint8 ``[n, packed_row_bytes]``, ``scale`` float16 and ``zero``
-    uint8 ``[n, groups]``) in the TILE16 layout: codes uint8 ``[tiles, steps, 64]`` (4 bits) or
-    ``[tiles, steps / 2, 192]`` (6 bits), scale and zero ``[tiles, groups, 16]``; rows past n are
-    zero (scale 0, so they add nothing)."""
+    uint8 ``[n, groups]``) in the TILE16 layout: codes uint8 ``[tiles, row_bytes / 4, 64]`` (4 and 8
+    bits) or ``[tiles, steps / 2, 192]`` (6 bits), scale and zero ``[tiles, groups, 16]``; rows past
+    n are zero (scale 0, so they add nothing)."""
     op = "brecq_ext.layout.to_tile16"
     _check_tile16_bits(op, bits, group_size)
     check_packed(op, packed, None, in_features, bits, group_size)
@@ -135,11 +140,11 @@ def to_tile16(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size
     tiles, steps = tile_count(n), tile_steps(in_features, group_size)
     tiled_scale = _rows_to_tiles(scale, tiles).transpose(1, 2).contiguous()
     tiled_zero = _rows_to_tiles(zero, tiles).transpose(1, 2).contiguous()
-    if bits == 4:
-        # A row's 4-byte lane of step t is bytes 4t..4t+3 of its packed row: a transpose of
-        # 4-byte units, moved as int32 (4x faster than as bytes).
+    if bits != 6:
+        # A row's lane in unit u is bytes 4u..4u+3 of its packed row: a transpose of 4-byte units,
+        # moved as int32 (4x faster than as bytes).
         lanes = _rows_to_tiles(packed.contiguous().view(torch.int32), tiles).transpose(1, 2)
-        return lanes.contiguous().view(torch.uint8).view(tiles, steps, STEP_BYTES), tiled_scale, tiled_zero
+        return lanes.contiguous().view(torch.uint8).view(tiles, -1, STEP_BYTES), tiled_scale, tiled_zero
     from .ops import unpack  # late: ops imports this module
 
     codes = torch.zeros(tiles * TILE_ROWS, steps * STEP_CODES, dtype=torch.int32, device=packed.device)
@@ -158,8 +163,8 @@ def from_tile16(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_si
     """The row-major ``packed``, ``scale`` and ``zero`` of TILE16 weights (inverse of to_tile16)."""
     check_tile16("brecq_ext.layout.from_tile16", packed, scale, zero, bits, group_size, in_features, out_features)
     params = (_untiled_rows(scale.transpose(1, 2), out_features), _untiled_rows(zero.transpose(1, 2), out_features))
-    if bits == 4:
-        lanes = packed.contiguous().view(torch.int32)  # [tiles, steps, 16]: lane r of step t
+    if bits != 6:
+        lanes = packed.contiguous().view(torch.int32)  # [tiles, units, 16]: lane r of unit u
         return (_untiled_rows(lanes.transpose(1, 2), out_features).view(torch.uint8), *params)
     from .ops import pack  # late: ops imports this module
 

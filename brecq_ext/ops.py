@@ -709,10 +709,11 @@ def _check_tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_feat
 @torch.library.custom_op("brecq::tile16_matmul", mutates_args=())
 def tile16_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], bits: int,
                   group_size: int, in_features: int, out_features: int) -> Tensor:
-    """y ``[..., out_features]`` = x ``[..., in_features]`` . dequant(W)^T + bias for 4- or 6-bit W in
-    the TILE16 layout (packed uint8 ``[tiles, steps, 64]`` or ``[tiles, steps / 2, 192]``, scale
-    float16 and zero uint8 ``[tiles, groups, 16]``; brecq_ext.layout). Devices without a TILE16
-    kernel run the row-major op on the weights rearranged back."""
+    """y ``[..., out_features]`` = x ``[..., in_features]`` . dequant(W)^T + bias for 4-, 6- or 8-bit W
+    in the TILE16 layout (packed uint8 ``[tiles, row_bytes / 4, 64]`` at 4 and 8 bits or
+    ``[tiles, steps / 2, 192]`` at 6, scale float16 and zero uint8 ``[tiles, groups, 16]``;
+    brecq_ext.layout). Devices without a TILE16 kernel run the row-major op on the weights
+    rearranged back."""
     _check_tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
     rows, s, z = from_tile16(packed, scale, zero, bits, group_size, in_features, out_features)
     return packed_matmul(x, rows, s, z, bias, bits, group_size, in_features)

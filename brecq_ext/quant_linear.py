@@ -24,9 +24,9 @@ class QuantLinear(nn.Module):
 
     * ``Layout.ROWS``: ``packed`` ``[out_features, packed_row_bytes]``, ``scale`` and ``zero``
       ``[out_features, groups]``, the format's row-major form;
-    * ``Layout.TILE16`` (4- and 6-bit, CPU): ``packed`` ``[tiles, steps, 64]`` (4 bits) or
-      ``[tiles, steps / 2, 192]`` (6 bits), ``scale`` and ``zero`` ``[tiles, groups, 16]``, for the
-      AVX-512 kernels.
+    * ``Layout.TILE16`` (4-, 6- and 8-bit, CPU): ``packed`` ``[tiles, row_bytes / 4, 64]`` (4 and 8
+      bits) or ``[tiles, steps / 2, 192]`` (6 bits), ``scale`` and ``zero`` ``[tiles, groups, 16]``,
+      for the AVX-512 kernels.
 
     ``layout=None`` (the default) picks the faster one for the device the buffers are on, and picks
     again whenever the module moves (``.to()``); an explicit layout is kept, except that TILE16
@@ -66,8 +66,8 @@ class QuantLinear(nn.Module):
         if not isinstance(layout, Layout):
             raise TypeError(f"QuantLinear: layout must be a brecq_ext.layout.Layout or None, got {layout!r}")
         if layout is Layout.TILE16 and not tile16_supports(self.bits, self.group_size):
-            raise ValueError(f"QuantLinear: Layout.TILE16 holds 4-bit weights and 6-bit weights with group sizes "
-                             f"a multiple of 16, this layer has bits={self.bits}, group_size={self.group_size}")
+            raise ValueError(f"QuantLinear: Layout.TILE16 holds 4- and 8-bit weights, and 6-bit weights with group "
+                             f"sizes a multiple of 16; this layer has bits={self.bits}, group_size={self.group_size}")
         return layout
 
     def _set_layout(self, layout: Layout) -> None:

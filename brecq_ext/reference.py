@@ -207,10 +207,14 @@ def tile16_codes(packed, scale, zero, bits: int, in_features: int, out_features:
     straight from the layout's definition (docs/FORMAT.md). 4 bits: byte 4r + b of step t of tile i
     holds codes 8t + 2b (low nibble) and 8t + 2b + 1 (high nibble) of row 16i + r. 6 bits: pair u
     holds its two steps' low nibbles so, then a vector whose lane r has the top two bits of code
-    16u + 8p + s at bit 2(4p + s) and of code 16u + 8p + s + 4 at bit 16 + 2(4p + s)."""
+    16u + 8p + s at bit 2(4p + s) and of code 16u + 8p + s + 4 at bit 16 + 2(4p + s). 8 bits:
+    byte 4r + b of unit u of tile i is code 4u + b of row 16i + r."""
     tiles = packed.shape[0]
     bytes_ = packed.to(torch.int32)
-    if bits == 4:
+    if bits == 8:
+        units = packed.shape[1]
+        rows = bytes_.view(tiles, units, 16, 4).permute(0, 2, 1, 3).reshape(tiles * 16, units * 4)
+    elif bits == 4:
         steps = packed.shape[1]
         lanes = bytes_.view(tiles, steps, 16, 4)
         nibbles = torch.stack((lanes & 15, lanes >> 4), dim=-1).reshape(tiles, steps, 16, 8)

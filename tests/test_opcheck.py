@@ -24,6 +24,8 @@ def _cases(device):
     s6 = _sample(device, bits=6, rows=1)
     tiled = to_tile16(s["packed"], s["scale"], s["zero"], 4, 64, 172)
     tiled6 = to_tile16(s6["packed"], s6["scale"], s6["zero"], 6, 64, 172)
+    s8 = _sample(device, bits=8, rows=2)
+    tiled8 = to_tile16(s8["packed"], s8["scale"], s8["zero"], 8, 64, 172)
     return {
         "quant_params_minmax": (torch.ops.brecq.quant_params, (s["w"], 4, 64, 0)),
         "quant_params_mse": (torch.ops.brecq.quant_params, (s["w"], 4, 64, 20)),
@@ -59,6 +61,8 @@ def _cases(device):
                                        (s6["x"].to(torch.bfloat16), *tiled6, None, 6, 64, 172, 7)),
         "tile16_matmul_gemm": (torch.ops.brecq.tile16_matmul,
                                (s["x"].repeat(4, 1), *tiled, s["bias"], 4, 64, 172, 7)),
+        "tile16_matmul_gemv_w8": (torch.ops.brecq.tile16_matmul,
+                                  (s8["x"].to(torch.bfloat16), *tiled8, s8["bias"], 8, 64, 172, 7)),
         "tile16_matmul_gemm_w6": (torch.ops.brecq.tile16_matmul,
                                   (s6["x"].repeat(12, 1), *tiled6, s6["bias"], 6, 64, 172, 7)),
     }

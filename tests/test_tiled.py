@@ -13,7 +13,7 @@ from brecq_ext.layout import from_tile16, preferred_layout, tile16_shapes, tile1
 from test_matmul import DTYPE_IDS, _layer, assert_matmul_close
 
 
-BITS = [4, 6]
+BITS = [4, 6, 8]
 # Every (bits, group size) TILE16 holds among the sizes tested: 6 bits need multiples of 16.
 BITS_GROUPS = [(bits, group) for bits in BITS for group in (8, 16, 32, 64, 128) if tile16_supports(bits, group)]
 BITS_GROUPS_IDS = [f"w{bits}-g{group}" for bits, group in BITS_GROUPS]
@@ -115,7 +115,7 @@ def test_bad_input_names_the_argument():
         ops.tile16_matmul(x, packed, scale, zero, bias[:3], 4, 64, 172, 17)
     with pytest.raises(ValueError, match="group_size must be a multiple of 8"):
         ops.tile16_matmul(x, packed, scale, zero, bias, 4, 60, 172, 17)
-    with pytest.raises(ValueError, match="TILE16 holds 4-bit weights"):
+    with pytest.raises(ValueError, match="TILE16 holds 4- and 8-bit weights"):
         ops.tile16_matmul(x, packed, scale, zero, bias, 5, 64, 172, 17)
     packed6, scale6, zero6, _, _ = _layer(17, 172, 6, 8, seed=1)
     with pytest.raises(ValueError, match="6-bit weights \\(group_size a multiple of 16\\)"):
@@ -138,6 +138,7 @@ def test_default_layout_follows_the_cpu_kernels(isa):
     assert QuantLinear(172, 17, 4, 64).layout is expected
     assert QuantLinear(172, 17, 6, 64).layout is expected
     assert QuantLinear(172, 17, 6, 8).layout is Layout.ROWS  # 6-bit TILE16 needs groups of whole step pairs
+    assert QuantLinear(172, 17, 8, 64).layout is expected
     assert QuantLinear(172, 17, 3, 64).layout is Layout.ROWS
     assert preferred_layout("meta", 4, 64) is Layout.ROWS
 
@@ -183,7 +184,7 @@ def test_loading_wrong_shapes_into_the_tiled_layout_names_the_expected_ones():
 def test_layout_choice_on_moves_and_explicit_requests():
     tiled, _ = _pair()
     assert tiled.to("meta").layout is Layout.ROWS  # no kernel for TILE16 off the CPU
-    with pytest.raises(ValueError, match="TILE16 holds 4-bit weights and 6-bit weights"):
+    with pytest.raises(ValueError, match="TILE16 holds 4- and 8-bit weights"):
         QuantLinear(172, 17, 5, 64, layout=Layout.TILE16)
     with pytest.raises(ValueError, match="TILE16 is a CPU layout"):
         QuantLinear(172, 17, 4, 64, device="meta").use_layout(Layout.TILE16)

@@ -81,6 +81,7 @@ inline int tile16_code(const uint8_t* tile_codes, int bits, int64_t lane, int64_
     const uint8_t byte = tile_codes[step * kTileStepBytes + 4 * lane + c / 2];
     return (byte >> (4 * (c % 2))) & 0xf;
   }
+  if (bits == 8) return tile_codes[(i / 4) * kTileStepBytes + 4 * lane + i % 4];
   const uint8_t* pair = tile_codes + (step / 2) * kTile6PairBytes;
   const uint8_t low = (pair[(step % 2) * kTileStepBytes + 4 * lane + c / 2] >> (4 * (c % 2))) & 0xf;
   const uint8_t* high_lane = pair + 2 * kTileStepBytes + 4 * lane;

@@ -11,6 +11,9 @@
 // float32 activations: eight (lane >> 4i) & 0xf -> float32, multiply-added with broadcast x.
 // 6 bits: the same, with each decoded pair's top two bits ORed in from the pair of steps' vector of
 // high bits, shifted so that the field of codes s and s + 4 lands on bits 4-5 and 20-21 of the lane.
+// 8 bits: a lane holds 4 codes; the same four decodes give the low and the high nibbles of codes
+// (0, 2) and (1, 3), and the high nibbles meet activations scaled by 16 (exact in bfloat16):
+// sum x (128 + lo) + 16 x (128 + hi) = sum x q + 2176 sum x.
 #include <cstdint>
 #include <immintrin.h>
 
@@ -35,6 +38,25 @@ void pair_activations(const uint16_t* x, int64_t k_padded, uint32_t* out) {
   for (int64_t t = 0; t < k_padded / kTileStepCodes; ++t)
     for (int s = 0; s < 4; ++s)
       out[4 * t + s] = static_cast<uint32_t>(x[8 * t + s]) | static_cast<uint32_t>(x[8 * t + s + 4]) << 16;
+}
+
+// 8 bits: dwords 4u..4u+3 = (x0, x2), 16 (x0, x2), (x1, x3), 16 (x1, x3) of codes 4u..4u+3.
+inline uint32_t times16_bf16(uint16_t x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float value;
+  __builtin_memcpy(&value, &bits, 4);
+  value *= 16.0f;  // exact: a power of two
+  __builtin_memcpy(&bits, &value, 4);
+  return bits >> 16;
+}
+void pair_activations8(const uint16_t* x, int64_t k_padded, uint32_t* out) {
+  for (int64_t u = 0; u < k_padded / 4; ++u) {
+    const uint16_t* c = x + 4 * u;
+    out[4 * u] = static_cast<uint32_t>(c[0]) | static_cast<uint32_t>(c[2]) << 16;
+    out[4 * u + 1] = times16_bf16(c[0]) | times16_bf16(c[2]) << 16;
+    out[4 * u + 2] = static_cast<uint32_t>(c[1]) | static_cast<uint32_t>(c[3]) << 16;
+    out[4 * u + 3] = times16_bf16(c[1]) | times16_bf16(c[3]) << 16;
+  }
 }
 
 // The next tile's scales and zeros (a stream of their own, small enough to fetch whole).
@@ -72,13 +94,16 @@ BRECQ_ALWAYS_INLINE void close_group(const GemvProblem& p, int64_t r0, int64_t t
 // One tile against MR activation rows; out[r] lane i = output row 16 * tile + i, before bias.
 // One activation row keeps four accumulators so that the dot products' latency stays hidden;
 // with more rows, their chains interleave and two each suffice (registers run short at four).
-template <int MR>
+// Bits = 4: a 64-byte step is 8 codes a row; Bits = 8: 4 codes a row (pair_activations8).
+template <int MR, int Bits>
 void tile_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t tile, __m512* out) {
   constexpr int kAcc = MR == 1 ? 4 : 2;
-  const int64_t steps = p.k_padded / kTileStepCodes, per_group = p.g / kTileStepCodes, pair_row = p.k_padded / 2;
-  const uint8_t* w = p.packed + tile * steps * kTileStepBytes;
+  constexpr int64_t kCodes = Bits == 4 ? kTileStepCodes : 4;  // codes of a row per 64-byte step
+  const int64_t per_group = p.g / kCodes, pair_row = 4 * (p.k_padded / kCodes);
+  const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
   const __m512i nibbles = _mm512_set1_epi32(0x000f000f), bias128 = _mm512_set1_epi32(0x43004300);
-  const __m512 offset = _mm512_set1_ps(128.0f);  // the decoded values are 128 + q
+  // The decoded values are 128 + q (4 bits), or 128 + lo and 16 (128 + hi) (8 bits).
+  const __m512 offset = _mm512_set1_ps(Bits == 4 ? 128.0f : 128.0f * 17.0f);
   __m512 total[MR], correction[MR];
   for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
@@ -106,11 +131,12 @@ void tile_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t 
   for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
 }
 
-template <int MR>
+template <int MR, int Bits>
 void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, __m512* out) {
-  const int64_t steps = p.k_padded / kTileStepCodes, per_group = p.g / kTileStepCodes;
-  const uint8_t* w = p.packed + tile * steps * kTileStepBytes;
-  const __m512i nibble = _mm512_set1_epi32(0xf);
+  constexpr int64_t kCodes = Bits == 4 ? kTileStepCodes : 4;  // codes of a row per 64-byte step
+  const int64_t per_group = p.g / kCodes;
+  const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
+  const __m512i mask = _mm512_set1_epi32((1 << Bits) - 1);
   __m512 total[MR], correction[MR];
   for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
@@ -120,10 +146,10 @@ void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, _
       const uint8_t* step = w + t * kTileStepBytes;
       __builtin_prefetch(step + kPrefetchBytes, 0, 3);
       const __m512i lanes = _mm512_loadu_si512(step);
-      for (int i = 0; i < kTileStepCodes; ++i) {
-        const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lanes, 4 * i), nibble));
+      for (int i = 0; i < kCodes; ++i) {
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lanes, Bits * i), mask));
         for (int r = 0; r < MR; ++r)
-          acc[r][i % 2] = _mm512_fmadd_ps(q, _mm512_set1_ps(p.x[(r0 + r) * p.k_padded + kTileStepCodes * t + i]),
+          acc[r][i % 2] = _mm512_fmadd_ps(q, _mm512_set1_ps(p.x[(r0 + r) * p.k_padded + kCodes * t + i]),
                                           acc[r][i % 2]);
       }
     }
@@ -265,34 +291,43 @@ void run_tiles(const GemvProblem& p, const uint32_t* pairs) {
 }
 
 // ---- dequantization into dense rows (the GEMM path's workspace) -----------------------------
-// Four steps of a tile hold 32 codes of each of its 16 rows, one dword per row and step. A 4x4
-// transpose of dwords inside each 128-bit lane gathers each row's 16 bytes, which are then exactly
-// a row-major run of 32 codes, decoded and stored as the row-major kernel does.
-template <int Lane>
+// 4 and 8 bits: four 64-byte steps of a tile hold 16 bytes of each of its 16 rows, one dword per
+// row and step. A 4x4 transpose of dwords inside each 128-bit lane gathers each row's 16 bytes,
+// which are then exactly a row-major run of 32 (4-bit) or 16 (8-bit) codes, decoded and stored as
+// the row-major kernel does.
+template <int Lane, int Bits>
 BRECQ_ALWAYS_INLINE void dequantize_lane_rows(const __m512i (&by_row)[4], const uint16_t* scale, const uint8_t* zero,
                                               int64_t rows_here, int64_t left, char* out, int64_t row_stride,
                                               bool out_bf16) {
   for (int j = 0; j < 4; ++j) {
     const int64_t r = 4 * Lane + j;  // lane Lane of by_row[j] holds row 4 * Lane + j
     if (r >= rows_here) return;
+    const __m128i bytes = _mm512_extracti32x4_epi32(by_row[j], Lane);
     __m512 first, second;
-    nibbles_to_f32(_mm512_extracti32x4_epi32(by_row[j], Lane), first, second);
+    if constexpr (Bits == 4) {
+      nibbles_to_f32(bytes, first, second);
+    } else {
+      first = second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+      left = left < 16 ? left : 16;  // 16 codes: second is never stored
+    }
     store_dequantized(first, second, _mm512_set1_ps(_cvtsh_ss(scale[r])),
                       _mm512_set1_ps(static_cast<float>(zero[r])), left, out + r * row_stride, out_bf16);
   }
 }
 
+template <int Bits>
 void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                       int64_t g, void* out, bool out_bf16, int threads) {
-  const int64_t steps = tile_steps(k, g), groups = num_groups(k, g), out_bytes = out_bf16 ? 2 : 4;
+  constexpr int64_t kCodes = Bits == 4 ? kTileStepCodes : 4;  // codes of a row per 64-byte step
+  const int64_t groups = num_groups(k, g), out_bytes = out_bf16 ? 2 : 4, tile_bytes = tile_code_bytes(k, g, Bits);
   const int64_t row_stride = k * out_bytes;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t tile = 0; tile < tile_count(n); ++tile) {
-    const uint8_t* w = codes + tile * steps * kTileStepBytes;
+    const uint8_t* w = codes + tile * tile_bytes;
     const int64_t rows_here = n - tile * kTileRows < kTileRows ? n - tile * kTileRows : kTileRows;
     char* tile_out = static_cast<char*>(out) + tile * kTileRows * row_stride;
-    for (int64_t c = 0; c < k; c += 32) {  // g % 32 == 0: four steps never straddle a group
-      const int64_t t = c / kTileStepCodes, at = (tile * groups + c / g) * kTileRows;
+    for (int64_t c = 0; c < k; c += 4 * kCodes) {  // g a multiple of 4 * kCodes: four steps lie in one group
+      const int64_t t = c / kCodes, at = (tile * groups + c / g) * kTileRows;
       const __m512i s0 = _mm512_loadu_si512(w + t * kTileStepBytes), s1 = _mm512_loadu_si512(w + (t + 1) * kTileStepBytes);
       const __m512i s2 = _mm512_loadu_si512(w + (t + 2) * kTileStepBytes), s3 = _mm512_loadu_si512(w + (t + 3) * kTileStepBytes);
       const __m512i a = _mm512_unpacklo_epi32(s0, s1), b = _mm512_unpackhi_epi32(s0, s1);
@@ -300,10 +335,10 @@ void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t
       const __m512i by_row[4] = {_mm512_unpacklo_epi64(a, d), _mm512_unpackhi_epi64(a, d),
                                  _mm512_unpacklo_epi64(b, e), _mm512_unpackhi_epi64(b, e)};
       char* at_c = tile_out + c * out_bytes;
-      dequantize_lane_rows<0>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
-      dequantize_lane_rows<1>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
-      dequantize_lane_rows<2>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
-      dequantize_lane_rows<3>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
+      dequantize_lane_rows<0, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
+      dequantize_lane_rows<1, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
+      dequantize_lane_rows<2, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
+      dequantize_lane_rows<3, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
     }
   }
 }
@@ -378,23 +413,36 @@ bool dequantize_tiled_avx512(const uint8_t* codes, const uint16_t* scale, const 
     dequantize_tiles6(codes, scale, zero, n, k, g, out, out_bf16, threads);
     return true;
   }
-  if (bits != 4 || g % 32 != 0) return false;
-  dequantize_tiles(codes, scale, zero, n, k, g, out, out_bf16, threads);
-  return true;
+  if (bits == 4 && g % 32 == 0) {
+    dequantize_tiles<4>(codes, scale, zero, n, k, g, out, out_bf16, threads);
+    return true;
+  }
+  if (bits == 8 && g % 16 == 0) {
+    dequantize_tiles<8>(codes, scale, zero, n, k, g, out, out_bf16, threads);
+    return true;
+  }
+  return false;
 }
 
 bool tiled_gemv_avx512(const GemvProblem& p) {
   static_assert(kRowsPerPass == 4, "tile dispatch below handles up to 4 rows per pass");
   if (!tile16_supports(p.bits, p.g)) return false;
   if (p.x_bf16) {
-    uint32_t* pairs = reinterpret_cast<uint32_t*>(p.scratch);  // m * k_padded / 2 dwords fit
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(p.scratch);  // m * k_padded dwords fit
+    if (p.bits == 8) {
+      for (int64_t r = 0; r < p.m; ++r) pair_activations8(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded);
+      run_tiles<tile_bf16<1, 8>, tile_bf16<2, 8>, tile_bf16<3, 8>, tile_bf16<4, 8>>(p, pairs);
+      return true;
+    }
     for (int64_t r = 0; r < p.m; ++r) pair_activations(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded / 2);
     if (p.bits == 4)
-      run_tiles<tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>>(p, pairs);
+      run_tiles<tile_bf16<1, 4>, tile_bf16<2, 4>, tile_bf16<3, 4>, tile_bf16<4, 4>>(p, pairs);
     else
       run_tiles<tile6_bf16<1>, tile6_bf16<2>, tile6_bf16<3>, tile6_bf16<4>>(p, pairs);
   } else if (p.bits == 4) {
-    run_tiles<tile_f32<1>, tile_f32<2>, tile_f32<3>, tile_f32<4>>(p, nullptr);
+    run_tiles<tile_f32<1, 4>, tile_f32<2, 4>, tile_f32<3, 4>, tile_f32<4, 4>>(p, nullptr);
+  } else if (p.bits == 8) {
+    run_tiles<tile_f32<1, 8>, tile_f32<2, 8>, tile_f32<3, 8>, tile_f32<4, 8>>(p, nullptr);
   } else {
     run_tiles<tile6_f32<1>, tile6_f32<2>, tile6_f32<3>, tile6_f32<4>>(p, nullptr);
   }

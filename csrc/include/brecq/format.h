@@ -48,7 +48,7 @@ static_assert(group_code_bytes(64, 6) + 2 + 1 == 51, "W6 g64 group must be 51 by
 static_assert(packed_row_bytes(172, 64, 4) == 96, "172 inputs pad to 192 = 3 groups of 64");
 static_assert(packed_row_bytes(1000, 32, 6) == 768, "1000 inputs pad to 1024 = 32 groups of 32 (6-bit)");
 
-// ---- TILE16: the CPU execution layout of 4- and 6-bit layers (docs/FORMAT.md, "Tiled layout") --
+// ---- TILE16: the CPU execution layout of 4-, 6- and 8-bit layers (docs/FORMAT.md, "Tiled layout")
 // Held in memory only, never saved: the same codes, scales and zeros as above, rearranged so that
 // a 64-byte vector holds 8 consecutive codes of each of 16 consecutive output rows, one row per
 // 32-bit lane. A step is 8 codes of every row of a tile: steps = padded_in_features / 8.
@@ -60,6 +60,8 @@ static_assert(packed_row_bytes(1000, 32, 6) == 768, "1000 inputs pad to 1024 = 3
 //           64..127), then one vector of the codes' top two bits (bytes 128..191): in lane r, field
 //           f = 4*p + s (step p of the pair, s = 0..3) holds the top bits of code 16u + 8p + s at
 //           bits [2f, 2f+2) and of code 16u + 8p + s + 4 at bits [16+2f, 18+2f).
+//   8 bits: codes uint8 [tiles, padded_in_features / 4, 64]: as 4 bits, 4-byte units of the packed
+//           rows transposed: lane r of unit u holds codes 4u..4u+3 of row 16*i + r.
 //   scale : float16 [tiles, groups, 16] scale[16*i + r, group]
 //   zero  : uint8   [tiles, groups, 16] zero[16*i + r, group]
 // tiles = ceil(out_features / 16); rows past out_features are zero codes with scale 0 and zero 0.
@@ -85,7 +87,8 @@ constexpr int64_t tile_code_bytes(int64_t in_features, int64_t group_size, int b
   return tile_steps(in_features, group_size) * kTileRows * kTileStepCodes * bits / 8;
 }
 constexpr bool tile16_supports(int bits, int64_t group_size) {
-  return (bits == 4 && group_size % kTileStepCodes == 0) || (bits == 6 && group_size % (2 * kTileStepCodes) == 0);
+  return ((bits == 4 || bits == 8) && group_size % kTileStepCodes == 0) ||
+         (bits == 6 && group_size % (2 * kTileStepCodes) == 0);
 }
 
 }  // namespace brecq
