@@ -65,8 +65,8 @@ static_assert(packed_row_bytes(1000, 32, 6) == 768, "1000 inputs pad to 1024 = 3
 //   scale : float16 [tiles, groups, 16] scale[16*i + r, group]
 //   zero  : uint8   [tiles, groups, 16] zero[16*i + r, group]
 // tiles = ceil(out_features / 16); rows past out_features are zero codes with scale 0 and zero 0.
-// A 16-row x 64-input group: 512 (W4) or 768 (W6) code bytes + 32 scale bytes + 16 zero bytes,
-// 4.375 or 6.375 bits/weight, as in the row-major layout.
+// A 16-row x 64-input group: 512 (W4), 768 (W6) or 1024 (W8) code bytes + 32 scale bytes + 16 zero
+// bytes, 4.375, 6.375 or 8.375 bits/weight, as in the row-major layout.
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kTileStepCodes = 8;  // codes of one row in one step: one 32-bit lane of nibbles
 constexpr int64_t kTileStepBytes = kTileRows * kTileStepCodes * 4 / 8;
@@ -82,6 +82,9 @@ constexpr int64_t tile_count(int64_t out_features) { return (out_features + kTil
 constexpr int64_t tile_steps(int64_t in_features, int64_t group_size) {
   return padded_in_features(in_features, group_size) / kTileStepCodes;
 }
+static_assert((tile_steps(64, 64) * kTileRows * kTileStepCodes * 8 / 8 + kTileRows * 2 + kTileRows) * 8 * 1000 /
+                      (kTileRows * 64) == 8375,
+              "TILE16 W8 g64 costs 8.375 bits/weight, like the row-major layout");
 // Code bytes of one tile, and whether TILE16 holds this bit width and group size.
 constexpr int64_t tile_code_bytes(int64_t in_features, int64_t group_size, int bits) {
   return tile_steps(in_features, group_size) * kTileRows * kTileStepCodes * bits / 8;
