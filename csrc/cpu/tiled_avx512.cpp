@@ -91,46 +91,6 @@ BRECQ_ALWAYS_INLINE void close_group(const GemvProblem& p, int64_t r0, int64_t t
   }
 }
 
-// One tile against MR activation rows; out[r] lane i = output row 16 * tile + i, before bias.
-// One activation row keeps four accumulators so that the dot products' latency stays hidden;
-// with more rows, their chains interleave and two each suffice (registers run short at four).
-// Bits = 4: a 64-byte step is 8 codes a row; Bits = 8: 4 codes a row (pair_activations8).
-template <int MR, int Bits>
-void tile_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t tile, __m512* out) {
-  constexpr int kAcc = MR == 1 ? 4 : 2;
-  constexpr int64_t kCodes = Bits == 4 ? kTileStepCodes : 4;  // codes of a row per 64-byte step
-  const int64_t per_group = p.g / kCodes, pair_row = 4 * (p.k_padded / kCodes);
-  const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
-  const __m512i nibbles = _mm512_set1_epi32(0x000f000f), bias128 = _mm512_set1_epi32(0x43004300);
-  // The decoded values are 128 + q (4 bits), or 128 + lo and 16 (128 + hi) (8 bits).
-  const __m512 offset = _mm512_set1_ps(Bits == 4 ? 128.0f : 128.0f * 17.0f);
-  __m512 total[MR], correction[MR];
-  for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
-  for (int64_t grp = 0; grp < p.groups; ++grp) {
-    __m512 acc[MR][kAcc];
-    for (int r = 0; r < MR; ++r)
-      for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm512_setzero_ps();
-    for (int64_t t = grp * per_group; t < grp * per_group + per_group; ++t) {
-      const uint8_t* step = w + t * kTileStepBytes;
-      __builtin_prefetch(step + kPrefetchBytes, 0, 3);
-      const __m512i lanes = _mm512_loadu_si512(step);
-      const __m512i v[4] = {
-          _mm512_ternarylogic_epi32(lanes, nibbles, bias128, 0xEA),  // (A & B) | C
-          _mm512_ternarylogic_epi32(_mm512_srli_epi32(lanes, 4), nibbles, bias128, 0xEA),
-          _mm512_ternarylogic_epi32(_mm512_srli_epi32(lanes, 8), nibbles, bias128, 0xEA),
-          _mm512_ternarylogic_epi32(_mm512_srli_epi32(lanes, 12), nibbles, bias128, 0xEA)};
-      for (int r = 0; r < MR; ++r) {
-        const uint32_t* x = pairs + (r0 + r) * pair_row + 4 * t;
-        for (int s = 0; s < 4; ++s)
-          acc[r][s % kAcc] = _mm512_dpbf16_ps(acc[r][s % kAcc], (__m512bh)v[s],
-                                              (__m512bh)_mm512_set1_epi32(static_cast<int>(x[s])));
-      }
-    }
-    close_group<MR, kAcc>(p, r0, tile, grp, offset, acc, total, correction);
-  }
-  for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
-}
-
 template <int MR, int Bits>
 void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, __m512* out) {
   constexpr int64_t kCodes = Bits == 4 ? kTileStepCodes : 4;  // codes of a row per 64-byte step
@@ -175,6 +135,63 @@ BRECQ_ALWAYS_INLINE __m512i six_bit_pair(__m512i nibble_lanes, __m512i high) {
   return _mm512_ternarylogic_epi32(high_bits_at_4<4 * P + S>(high), _mm512_set1_epi32(0x00300030), low, 0xEA);
 }
 
+// ---- bfloat16 activations: step decoders and the kernel they plug into ---------------------
+// A decoder turns kBytes of a tile into kVectors vectors of bfloat16 code pairs; vector j meets
+// activation pair dword j of the call (pair_activations*). Constructors are written out: GCC
+// compiles implicit ones without the target pragma.
+struct NibbleStep {  // 4 bits (8 codes a row) and 8 bits (4 codes a row, as low and high nibbles)
+  static constexpr int kVectors = 4;
+  static constexpr int64_t kBytes = kTileStepBytes;
+  __m512i nibbles, bias128;
+  NibbleStep() : nibbles(_mm512_set1_epi32(0x000f000f)), bias128(_mm512_set1_epi32(0x43004300)) {}
+  BRECQ_ALWAYS_INLINE void operator()(const uint8_t* step, __m512i (&v)[kVectors]) const {
+    const __m512i lanes = _mm512_loadu_si512(step);
+    v[0] = _mm512_ternarylogic_epi32(lanes, nibbles, bias128, 0xEA);  // (A & B) | C
+    v[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(lanes, 4), nibbles, bias128, 0xEA);
+    v[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(lanes, 8), nibbles, bias128, 0xEA);
+    v[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(lanes, 12), nibbles, bias128, 0xEA);
+  }
+};
+// One tile against MR activation rows; out[r] lane i = output row 16 * tile + i, before bias.
+// One activation row keeps four accumulators so that the dot products' latency stays hidden;
+// with more rows, their chains interleave and two each suffice (registers run short at four).
+// Bits (4 or 8) sets the codes per decoder call and the offset the decoded values carry: 128 + q,
+// or for 8 bits 128 + lo and 16 (128 + hi).
+template <int MR, int Bits, class Decode>
+void tile_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t tile, __m512* out) {
+  constexpr int kAcc = MR == 1 ? 4 : 2;
+  constexpr int kVectors = Decode::kVectors;
+  constexpr int64_t kCodes = Bits == 8 ? 4 : kTileStepCodes;  // codes of a row per decoder call
+  const int64_t calls_per_group = p.g / kCodes, pair_row = kVectors * (p.k_padded / kCodes);
+  const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
+  const __m512 offset = _mm512_set1_ps(Bits == 8 ? 128.0f * 17.0f : 128.0f);
+  const Decode decode;
+  __m512 total[MR], correction[MR];
+  for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m512 acc[MR][kAcc];
+    for (int r = 0; r < MR; ++r)
+      for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm512_setzero_ps();
+    for (int64_t u = grp * calls_per_group; u < grp * calls_per_group + calls_per_group; ++u) {
+      const uint8_t* bytes = w + u * Decode::kBytes;
+      for (int64_t line = 0; line < Decode::kBytes; line += 64) __builtin_prefetch(bytes + kPrefetchBytes + line, 0, 3);
+      __m512i v[kVectors];
+      decode(bytes, v);
+      for (int r = 0; r < MR; ++r) {
+        const uint32_t* x = pairs + (r0 + r) * pair_row + kVectors * u;
+        for (int j = 0; j < kVectors; ++j)
+          acc[r][j % kAcc] = _mm512_dpbf16_ps(acc[r][j % kAcc], (__m512bh)v[j],
+                                              (__m512bh)_mm512_set1_epi32(static_cast<int>(x[j])));
+      }
+    }
+    close_group<MR, kAcc>(p, r0, tile, grp, offset, acc, total, correction);
+  }
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_sub_ps(total[r], correction[r]);
+}
+
+// 6 bits: the same loop over pairs of steps, written out. Run through tile_bf16 with a decoder
+// struct it measured 1.3x slower (brecq_gemv_bench 6 1024 3072 1 1 1 2000 0 1: 21.7 against
+// 29.9 GB/s) for machine code that differs only in its scaffolding.
 template <int MR>
 void tile6_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t tile, __m512* out) {
   constexpr int kAcc = MR == 1 ? 4 : 2;
@@ -431,12 +448,14 @@ bool tiled_gemv_avx512(const GemvProblem& p) {
     uint32_t* pairs = reinterpret_cast<uint32_t*>(p.scratch);  // m * k_padded dwords fit
     if (p.bits == 8) {
       for (int64_t r = 0; r < p.m; ++r) pair_activations8(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded);
-      run_tiles<tile_bf16<1, 8>, tile_bf16<2, 8>, tile_bf16<3, 8>, tile_bf16<4, 8>>(p, pairs);
+      run_tiles<tile_bf16<1, 8, NibbleStep>, tile_bf16<2, 8, NibbleStep>, tile_bf16<3, 8, NibbleStep>,
+                tile_bf16<4, 8, NibbleStep>>(p, pairs);
       return true;
     }
     for (int64_t r = 0; r < p.m; ++r) pair_activations(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded / 2);
     if (p.bits == 4)
-      run_tiles<tile_bf16<1, 4>, tile_bf16<2, 4>, tile_bf16<3, 4>, tile_bf16<4, 4>>(p, pairs);
+      run_tiles<tile_bf16<1, 4, NibbleStep>, tile_bf16<2, 4, NibbleStep>, tile_bf16<3, 4, NibbleStep>,
+                tile_bf16<4, 4, NibbleStep>>(p, pairs);
     else
       run_tiles<tile6_bf16<1>, tile6_bf16<2>, tile6_bf16<3>, tile6_bf16<4>>(p, pairs);
   } else if (p.bits == 4) {
