@@ -216,3 +216,16 @@ def test_forward_uses_the_tiled_kernel_and_compiles():
     with torch.no_grad():
         assert_matmul_close(compiled(x), x.float(), rows_layer.dequantized_weight(), rows_layer.bias)
     assert "layout=tile16" in repr(tiled) and brecq_ext.Layout is Layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}")
+def test_gemm_path_in_several_workspace_tiles(monkeypatch, bits, dtype):
+    # Workspace tiles of a few rows: TILE16 ranges must start on whole tiles of 16 rows, and the
+    # row-major path must stitch its tiles too.
+    monkeypatch.setattr(ops, "GEMM_TILE_ELEMENTS", 20 * 172)
+    packed, scale, zero, bias, w_deq = _layer(45, 172, bits, 64, seed=bits)
+    x = torch.randn(33, 172).to(dtype)
+    tiled = to_tile16(packed, scale, zero, bits, 64, 172)
+    assert_matmul_close(ops.tile16_matmul(x, *tiled, bias, bits, 64, 172, 45), x.float(), w_deq, bias)
+    assert_matmul_close(ops.packed_matmul(x, packed, scale, zero, bias, bits, 64, 172), x.float(), w_deq, bias)
