@@ -1,12 +1,13 @@
-// AVX-512 GEMV on 4-bit TILE16 weights (format.h): each 32-bit lane of a 64-byte step holds eight
-// codes of one of 16 output rows, so a tile's outputs build up lane by lane with no horizontal
-// sums, a group's scales are one vector load, and the codes decode without shuffles.
+// AVX-512 GEMV and dequantization on 4-, 6- and 8-bit TILE16 weights (format.h): each 32-bit lane
+// of a 64-byte step holds codes of one of 16 output rows, so a tile's outputs build up lane by
+// lane with no horizontal sums, a group's scales are one vector load, and the codes decode without
+// shuffles.
 //
-// bfloat16 activations: (lane >> 4s) & 0x000f000f | 0x43004300 puts codes s and s + 4 of every
+// 4 bits, bfloat16 activations: (lane >> 4s) & 0x000f000f | 0x43004300 puts codes s and s + 4 of every
 // row into a pair of bfloat16 values 128 + q (see gemv_avx512.cpp), which one VDPBF16PS multiplies
 // with the broadcast pair (x[8t + s], x[8t + s + 4]). Four such products cover a step: 128 weights
 // in 4 dot-product instructions and 7 integer ones, against 4 + 10 in the row-major kernel, which
-// also pays a scale permute and a multiply-add per 128 codes and a reduction per row (1.3-1.5x
+// also pays a scale permute and a multiply-add per 128 codes and a reduction per row (1.35-1.6x
 // faster from cache, one thread, on the Qwen3-0.6B shapes; bench/README.md).
 // float32 activations: eight (lane >> 4i) & 0xf -> float32, multiply-added with broadcast x.
 // 6 bits: the same, with each decoded pair's top two bits ORed in from the pair of steps' vector of
