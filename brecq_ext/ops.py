@@ -575,16 +575,27 @@ def packed_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: 
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
-def _gemv_cpu(kernels, x, m, x_stride, packed, scale, zero, bias, bits, group_size, in_features):
+def _gemv_cpu(kernel, x, m, x_stride, packed, scale, zero, bias, n, bits, group_size, in_features):
     """y [m, n] in x's dtype from m rows of x (float32 or bfloat16, unit inner stride, rows
-    ``x_stride`` elements apart) on validated, contiguous packed/scale/zero and float32 bias (or None)."""
-    n = packed.shape[0]
+    ``x_stride`` elements apart) on validated, contiguous packed/scale/zero and float32 bias (or None),
+    by ``kernel``: the compiled ``packed_gemv`` (row-major weights) or ``tiled_gemv`` (TILE16), which
+    take the same arguments."""
     y = torch.empty(m, n, dtype=x.dtype)
     is_bf16 = x.dtype == torch.bfloat16
-    kernels.packed_gemv(x.data_ptr(), is_bf16, m, x_stride, packed.data_ptr(), scale.data_ptr(),
-                        zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n, in_features, bits,
-                        group_size, y.data_ptr(), is_bf16, _threads())
+    kernel(x.data_ptr(), is_bf16, m, x_stride, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+           bias.data_ptr() if bias is not None else 0, n, in_features, bits, group_size, y.data_ptr(), is_bf16,
+           _threads())
     return y
+
+
+def _gemv_operands(x2, bias):
+    """x2 ``[m, K]`` and bias as the CPU GEMV kernels take them: float32 or bfloat16 rows with unit
+    inner stride, a contiguous float32 bias (or None)."""
+    if x2.dtype == torch.float16:
+        x2 = x2.float()
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()
+    return x2, bias.float().contiguous() if bias is not None else None
 
 
 @packed_matmul.register_kernel("cpu")
@@ -600,12 +611,8 @@ def _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_featur
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
     if m <= GEMV_MAX_ROWS:
-        if x2.dtype == torch.float16:
-            x2 = x2.float()
-        if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
-            x2 = x2.contiguous()
-        b = bias.float().contiguous() if bias is not None else None
-        y = _gemv_cpu(kernels, x2, m, x2.stride(0), p, s, z, b, bits, group_size, in_features)
+        x2, b = _gemv_operands(x2, bias)
+        y = _gemv_cpu(kernels.packed_gemv, x2, m, x2.stride(0), p, s, z, b, n, bits, group_size, in_features)
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
     def dequantize_rows(start, stop, out):
@@ -673,8 +680,8 @@ def linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Optiona
     if x.is_cpu:
         kernels = _cpu()
         if weights_checked and kernels is not None and _cpu_gemv_ready(x, bias, in_features):
-            y = _gemv_cpu(kernels, x, x.numel() // in_features, in_features, packed, scale, zero, bias, bits,
-                          group_size, in_features)
+            y = _gemv_cpu(kernels.packed_gemv, x, x.numel() // in_features, in_features, packed, scale, zero, bias,
+                          packed.shape[0], bits, group_size, in_features)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], packed.shape[0])
         return _packed_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features)
     if x.is_cuda:
@@ -722,17 +729,6 @@ def tile16_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: 
     return packed_matmul(x, rows, s, z, bias, bits, group_size, in_features)
 
 
-def _tile16_gemv_cpu(kernels, x, m, x_stride, packed, scale, zero, bias, bits, group_size, in_features,
-                     out_features):
-    """As _gemv_cpu, on validated contiguous TILE16 weights."""
-    y = torch.empty(m, out_features, dtype=x.dtype)
-    is_bf16 = x.dtype == torch.bfloat16
-    kernels.tiled_gemv(x.data_ptr(), is_bf16, m, x_stride, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                       bias.data_ptr() if bias is not None else 0, out_features, in_features, bits, group_size,
-                       y.data_ptr(), is_bf16, _threads())
-    return y
-
-
 @tile16_matmul.register_kernel("cpu")
 def _tile16_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features, out_features):
     _check_tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
@@ -756,13 +752,9 @@ def _tile16_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_featur
 
         y = _gemm_tiled(x2, out_features, bias, in_features, dequantize_rows, row_align=TILE_ROWS)
         return y.reshape(*x.shape[:-1], out_features)
-    if x2.dtype == torch.float16:
-        x2 = x2.float()
-    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < in_features):
-        x2 = x2.contiguous()
-    b = bias.float().contiguous() if bias is not None else None
-    y = _tile16_gemv_cpu(kernels, x2, m, x2.stride(0), packed.contiguous(), scale.contiguous(), zero.contiguous(),
-                         b, bits, group_size, in_features, out_features)
+    x2, b = _gemv_operands(x2, bias)
+    y = _gemv_cpu(kernels.tiled_gemv, x2, m, x2.stride(0), packed.contiguous(), scale.contiguous(), zero.contiguous(),
+                  b, out_features, bits, group_size, in_features)
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
@@ -789,8 +781,8 @@ def tile16_linear(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: 
     if x.is_cpu:
         kernels = _cpu()
         if weights_checked and kernels is not None and _cpu_gemv_ready(x, bias, in_features):
-            y = _tile16_gemv_cpu(kernels, x, x.numel() // in_features, in_features, packed, scale, zero, bias,
-                                 bits, group_size, in_features, out_features)
+            y = _gemv_cpu(kernels.tiled_gemv, x, x.numel() // in_features, in_features, packed, scale, zero, bias,
+                          out_features, bits, group_size, in_features)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
         return _tile16_matmul_cpu(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
     return tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
