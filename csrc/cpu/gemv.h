@@ -14,7 +14,7 @@ struct GemvProblem {
   float* scratch;          // >= m * k_padded floats: the kernel's own arrangement of x
   int64_t m, n, k, k_padded, groups, g, row_bytes;
   int bits;
-  const uint8_t* packed;   // [n, row_bytes], or TILE16 codes [tile_count(n), tile_steps, 64]
+  const uint8_t* packed;   // [n, row_bytes], or TILE16 codes, tile_code_bytes(k, g, bits) per tile
   const uint16_t* scale;   // [n, groups] float16 bits, or TILE16 [tile_count(n), groups, 16]
   const uint8_t* zero;     // [n, groups], or TILE16 [tile_count(n), groups, 16]
   const float* bias;       // [n] or null
@@ -66,8 +66,9 @@ void gemv_scalar(const GemvProblem& p);
 bool dequantize_packed_avx512(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n,
                               int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads);
 
-// The same product on TILE16 weights (4-bit, format.h). The AVX-512 kernel declines (false) only
-// when there is no AVX-512 build; the portable one handles everything.
+// The same product on TILE16 weights (4, 6 or 8 bits, format.h). The AVX-512 kernel declines
+// (false) only for a width or group size TILE16 does not hold, or without an AVX-512 build; the
+// portable one handles everything.
 bool tiled_gemv_avx512(const GemvProblem& p);
 void tiled_gemv_scalar(const GemvProblem& p);
 bool dequantize_tiled_avx512(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,

@@ -1,5 +1,5 @@
 // Portable GEMV for every bit width and group size (unpack one weight row, then dot products), and
-// for 4-bit TILE16 weights.
+// for TILE16 weights (4, 6 and 8 bits).
 #include <algorithm>
 #include <vector>
 

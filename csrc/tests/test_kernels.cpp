@@ -98,7 +98,7 @@ void test_gemv(Isa isa) {
 void tile_up(const std::vector<uint8_t>& codes, const std::vector<uint16_t>& scale, const std::vector<uint8_t>& zero,
              int64_t n, int64_t k, int bits, int64_t g, std::vector<uint8_t>& tiled, std::vector<uint16_t>& tiled_scale,
              std::vector<uint8_t>& tiled_zero) {
-  const int64_t tiles = tile_count(n), steps = tile_steps(k, g), groups = num_groups(k, g);
+  const int64_t tiles = tile_count(n), groups = num_groups(k, g);
   const int64_t tile_bytes = tile_code_bytes(k, g, bits);
   tiled.assign(tiles * tile_bytes, 0);
   tiled_scale.assign(tiles * groups * kTileRows, 0);
@@ -124,7 +124,6 @@ void tile_up(const std::vector<uint8_t>& codes, const std::vector<uint16_t>& sca
       tiled_zero[(tile * groups + grp) * kTileRows + lane] = zero[row * groups + grp];
     }
   }
-  (void)steps;
 }
 
 // The TILE16 GEMV on data whose every product and sum is exact in float32 (activations in -4..4,
