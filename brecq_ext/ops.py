@@ -29,8 +29,8 @@ from .layout import TILE_ROWS, check_tile16, from_tile16
 GEMV_MAX_ROWS = 8
 # Elements of the dense workspace tile of the GEMM path on the CPU (16 MiB in float32, 8 MiB in
 # bfloat16): every Qwen3-0.6B linear but the lm_head in one tile, so one dequantization and one
-# product, which at 512 rows ran 3-7 % faster in bfloat16 than tiles of 1 Mi elements (a scratch
-# round-robin loop over the five shapes, not kept; float32 within -3..+6 %).
+# product, which at 512 rows ran 0-8 % faster in bfloat16 than tiles of 1 Mi elements (a scratch
+# round-robin loop over the five shapes, not kept; float32 within -3..+7 %).
 GEMM_TILE_ELEMENTS = 1 << 22
 # On CUDA one launch of the dequantization kernel and one matmul beat many small ones: up to 64 Mi
 # elements (128 MiB in bfloat16) of workspace per call.
