@@ -12,6 +12,20 @@ import torch
 from brecq_ext import ops
 
 
+def each_gemv_kernel(x, packed, scale, zero, bits, group_size) -> None:
+    """The decode kernels the op does not pick by default, called by name (brecq::cuda::GemvKernel)."""
+    cuda = ops.cuda_kernels()
+    dtype = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
+    m, k, n = x.shape[0], x.shape[1], packed.shape[0]
+    y = torch.empty(m, n, device="cuda", dtype=x.dtype)
+    for kernel in (1, 2, 3):
+        if cuda.packed_gemv_supported(x.data_ptr(), packed.data_ptr(), dtype, bits, group_size, m, k, x.stride(0),
+                                      kernel):
+            cuda.packed_gemv(x.data_ptr(), dtype, m, x.stride(0), packed.data_ptr(), scale.data_ptr(),
+                             zero.data_ptr(), 0, n, k, bits, group_size, y.data_ptr(),
+                             torch.cuda.current_stream().cuda_stream, kernel)
+
+
 def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for bits, group_size, n, k in [(4, 64, 13, 172), (6, 64, 9, 1000), (3, 32, 5, 96), (8, 128, 3, 300)]:
@@ -24,9 +38,10 @@ def main() -> None:
         assert torch.equal(ops.unpack(packed, bits, group_size, k), codes)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             ops.dequantize_packed(packed, scale, zero, bits, group_size, k, dtype)
-            for rows in (1, 3, 16, 17):
+            for rows in (1, 3, 9, 16, 17):
                 x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
                 ops.packed_matmul(x, packed, scale, zero, None, bits, group_size, k)
+                each_gemv_kernel(x, packed, scale, zero, bits, group_size)
         v = torch.randn(n, k, generator=gen).cuda()
         ops.adaround_forward(w, v, scale, zero, bits, group_size)
         ops.adaround_backward(torch.randn_like(w), w, v, scale, zero, bits, group_size)

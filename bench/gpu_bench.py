@@ -109,6 +109,23 @@ def random_packed(n: int, k: int, bits: int, copies: int, gen: torch.Generator):
     return out
 
 
+# brecq::cuda::GemvKernel values of the tensor-core decode kernels, timed side by side.
+GEMV_KERNELS = {"mma8": 2, "mma16": 3}
+
+
+def kernel_calls(copies: list, x: torch.Tensor, n: int, k: int, bits: int, kernel: int) -> list:
+    """One call per weight copy of the CUDA module's GEMV with a named kernel (not the op's choice)."""
+    cuda = ops.cuda_kernels()
+    cuda.use_device(x.device.index or 0)
+    y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+
+    def call(p, s, z):
+        cuda.packed_gemv(x.data_ptr(), 1, x.shape[0], x.stride(0), p.data_ptr(), s.data_ptr(), z.data_ptr(), 0, n, k,
+                         bits, 64, y.data_ptr(), torch.cuda.current_stream().cuda_stream, kernel)
+
+    return [lambda p=p, s=s, z=z: call(p, s, z) for p, s, z in copies]
+
+
 def bench_matmul(result: dict) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     copy_gbs = result["copy_bandwidth_gbs"]
@@ -136,6 +153,10 @@ def bench_matmul(result: dict) -> None:
                 row[f"w{bits}_gbs"] = nbytes / (ms * 1e-3) / 1e9
                 row[f"w{bits}_fraction_of_copy"] = row[f"w{bits}_gbs"] / copy_gbs
                 row[f"w{bits}_speedup_vs_bf16"] = row["dense_bf16_ms"] / ms
+            if rows <= 16:
+                for bits in (4, 6):
+                    row[f"w{bits}_kernel_ms"] = {name: graph_ms_per_call(kernel_calls(packed[bits], x, n, k, bits, kernel))
+                                                 for name, kernel in GEMV_KERNELS.items()}
             result["matmul"].append(row)
             log.info("%s", json.dumps(row))
         del dense, packed

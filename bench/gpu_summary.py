@@ -20,6 +20,20 @@ def main(path: str) -> None:
               f"{r['w4_ms'] * 1e3:.1f} | {r['w4_gbs']:.0f} | {100 * r['w4_fraction_of_copy']:.0f}% | "
               f"{r['w4_speedup_vs_bf16']:.2f}x | {r['w6_ms'] * 1e3:.1f} | {r['w6_gbs']:.0f} | "
               f"{r['w6_speedup_vs_bf16']:.2f}x |")
+    kernel_rows = [r for r in data.get("matmul", []) if "w4_kernel_ms" in r]
+    if kernel_rows:
+        names = list(kernel_rows[0]["w4_kernel_ms"])
+        print("\nEach tensor-core GEMV kernel on its own (us per call; bf16 dense for reference):\n")
+        print("| layer | rows | bf16 | " + " | ".join(f"W{b} {name}" for b in (4, 6) for name in names)
+              + " | W4 best of copy |")
+        print("|---|---|---|" + "---|" * (2 * len(names) + 1))
+        for r in kernel_rows:
+            cells = [f"{r[f'w{b}_kernel_ms'][name] * 1e3:.1f}" for b in (4, 6) for name in names]
+            w4_bytes = r["w4_gbs"] * r["w4_ms"] * 1e6  # bytes one W4 call reads
+            best = min(r["w4_kernel_ms"].values())
+            fraction = w4_bytes / (best * 1e-3) / 1e9 / data["copy_bandwidth_gbs"]
+            print(f"| {r['shape']} | {r['rows']} | {r['dense_bf16_ms'] * 1e3:.1f} | " + " | ".join(cells)
+                  + f" | {100 * fraction:.0f}% |")
     if "eager_call_us_gate_proj_1row" in data:
         print("\neager call, gate_proj, 1 row (us):", json.dumps(data["eager_call_us_gate_proj_1row"]))
     decode = data.get("decode", {})

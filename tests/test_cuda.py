@@ -2,6 +2,8 @@
 for bit where the formulas allow it, the decode GEMV is right at the real Qwen3-0.6B shapes, and
 the ops work under CUDA graph capture and torch.compile. The CPU half of the compile test runs
 everywhere."""
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -68,6 +70,50 @@ def test_tensor_core_gemv_on_odd_shapes_and_strided_rows(dtype, bits, rows, shap
     y = ops.packed_matmul(x, packed, scale, zero, bias, bits, group_size, in_features)
     assert y.shape == (rows, out_features) and y.dtype == dtype
     assert_matmul_close(y.cpu(), x.cpu().float(), w_deq.cpu(), bias.cpu())
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_cuda_layer(out_features, in_features, bits, group_size):
+    return _layer(out_features, in_features, bits, group_size, seed=out_features + bits, device="cuda")
+
+
+# brecq::cuda::GemvKernel: each decode kernel checked on its own, not only the one `auto` picks.
+GEMV_KERNELS = {"simt": 1, "mma8": 2, "mma16": 3}
+OUTPUT_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", list(GEMV_KERNELS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
+@pytest.mark.parametrize("bits", [4, 6], ids=lambda b: f"w{b}")
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("shape", [(13, 172, 64), (40, 1000, 128), (7, 256, 64), (1030, 3072, 64), (40001, 1000, 64)],
+                         ids=lambda s: f"n{s[0]}k{s[1]}g{s[2]}")
+def test_each_gemv_kernel_matches_the_exact_product(kernel, dtype, bits, rows, shape):
+    # Shapes: partial last tiles (n not a multiple of 16), tails of in_features that are not
+    # multiples of 64 (zero-filled), warps that split K and run several rounds of K blocks
+    # (k = 3072), and a layer with tiles enough that warps stop splitting K (n = 40001).
+    cuda = cuda_kernels()
+    out_features, in_features, group_size = shape
+    packed, scale, zero, bias, w_deq = _cached_cuda_layer(out_features, in_features, bits, group_size)
+    x = torch.randn(rows, in_features, device="cuda").to(dtype)
+    supported = cuda.packed_gemv_supported(x.data_ptr(), packed.data_ptr(), OUTPUT_TYPE[dtype], bits, group_size,
+                                           rows, in_features, x.stride(0), GEMV_KERNELS[kernel])
+    assert supported == (kernel == "simt" or dtype != torch.float32), "support rules changed"
+    if not supported:
+        return
+    y = torch.full((rows, out_features), float("nan"), device="cuda", dtype=dtype)
+    cuda.packed_gemv(x.data_ptr(), OUTPUT_TYPE[dtype], rows, x.stride(0), packed.data_ptr(), scale.data_ptr(),
+                     zero.data_ptr(), bias.float().data_ptr(), out_features, in_features, bits, group_size,
+                     y.data_ptr(), torch.cuda.current_stream().cuda_stream, GEMV_KERNELS[kernel])
+    assert_matmul_close(y.cpu(), x.cpu().float(), w_deq.cpu(), bias.cpu())
+
+
+@needs_cuda
+def test_gemv_kernel_choice_is_checked():
+    cuda = cuda_kernels()
+    with pytest.raises(ValueError, match="kernel must be"):
+        cuda.packed_gemv_supported(0, 0, 1, 4, 64, 1, 64, 64, 7)
 
 
 def _quant_model(device, dtype):

@@ -15,6 +15,13 @@ template <typename T>
 T* ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
 cudaStream_t stream_of(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
+brecq::cuda::GemvKernel gemv_kernel(int kernel) {
+  if (kernel < 0 || kernel > 3)
+    throw std::invalid_argument("kernel must be 0 (auto), 1 (simt), 2 (mma8) or 3 (mma16), got " +
+                                std::to_string(kernel));
+  return static_cast<brecq::cuda::GemvKernel>(kernel);
+}
+
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess)
     throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(status));
@@ -74,22 +81,28 @@ PYBIND11_MODULE(_cuda, m) {
               static_cast<brecq::cuda::OutputType>(out_type), reinterpret_cast<cudaStream_t>(stream)),
           "brecq dequantize_packed (CUDA)");
   }, py::call_guard<py::gil_scoped_release>());
+  // kernel: 0 picks the fastest that applies; 1 SIMT, 2 tensor cores with 8 features per MMA, 3 with 16
+  // (brecq::cuda::GemvKernel). Tests and benchmarks name one to check or time each kernel.
   m.def("packed_gemv_supported", [](std::uintptr_t x, std::uintptr_t packed, int dtype, int bits, int64_t g,
-                                    int m_rows, int64_t k, int64_t x_stride) {
+                                    int m_rows, int64_t k, int64_t x_stride, int kernel) {
     return brecq::cuda::packed_gemv_supported(reinterpret_cast<const void*>(x), ptr<const uint8_t>(packed),
                                               static_cast<brecq::cuda::OutputType>(dtype), bits, g, m_rows, k,
-                                              x_stride);
-  });
+                                              x_stride, gemv_kernel(kernel));
+  }, py::arg("x"), py::arg("packed"), py::arg("dtype"), py::arg("bits"), py::arg("g"), py::arg("m"), py::arg("k"),
+     py::arg("x_stride"), py::arg("kernel") = 0);
   m.def("packed_gemv", [](std::uintptr_t x, int dtype, int m_rows, int64_t x_stride, std::uintptr_t packed,
                           std::uintptr_t scale, std::uintptr_t zero, std::uintptr_t bias, int64_t n, int64_t k,
-                          int bits, int64_t g, std::uintptr_t y, std::uintptr_t stream) {
+                          int bits, int64_t g, std::uintptr_t y, std::uintptr_t stream, int kernel) {
     check(brecq::cuda::packed_gemv(reinterpret_cast<const void*>(x), static_cast<brecq::cuda::OutputType>(dtype),
                                    m_rows, x_stride, reinterpret_cast<const uint8_t*>(packed),
                                    reinterpret_cast<const uint16_t*>(scale), reinterpret_cast<const uint8_t*>(zero),
                                    bias ? reinterpret_cast<const float*>(bias) : nullptr, n, k, bits, g,
-                                   reinterpret_cast<void*>(y), reinterpret_cast<cudaStream_t>(stream)),
+                                   reinterpret_cast<void*>(y), reinterpret_cast<cudaStream_t>(stream),
+                                   gemv_kernel(kernel)),
           "brecq packed_gemv (CUDA)");
-  }, py::call_guard<py::gil_scoped_release>());
+  }, py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("x_stride"), py::arg("packed"), py::arg("scale"),
+     py::arg("zero"), py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("g"), py::arg("y"),
+     py::arg("stream"), py::arg("kernel") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("adaround_forward", [](std::uintptr_t w, std::uintptr_t v, std::uintptr_t scale, std::uintptr_t zero,
                                int64_t n, int64_t k, int bits, int64_t g, std::uintptr_t out, std::uintptr_t stream) {
     check(brecq::cuda::adaround_forward(reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(v),

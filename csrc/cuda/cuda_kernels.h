@@ -31,21 +31,28 @@ cudaError_t dequantize_packed(const uint8_t* packed, const uint16_t* scale, cons
                               OutputType out_type, cudaStream_t stream);
 
 // y[m, n] = x[m, k] . dequant(W)^T + bias for 1..16 rows of x (dtype of x and y alike, rows
-// x_stride elements apart), W packed at 4 or 6 bits. bfloat16/float16 activations with a group size
-// that is a multiple of 64 (and x 16-byte aligned, x_stride a multiple of 8, packed 8-byte
-// aligned) take the tensor-core kernel (gemv_mma.cu); the rest, float32 included, the SIMT kernel
-// (gemv.cu: group sizes that are multiples of 32, packed 16-byte aligned, activations staged in
-// shared memory). Callers use the GEMM path where neither applies.
+// x_stride elements apart), W packed at 4 or 6 bits. Three kernels:
+// * kMma16 (gemv_mma16.cu): tensor cores, weights as the A operand, 16 features per MMA;
+// * kMma8 (gemv_mma.cu): tensor cores, activations as the A operand, 8 features per MMA;
+// * kSimt (gemv.cu): CUDA cores, activations staged in shared memory as float32.
+// The tensor-core kernels need bfloat16/float16 activations, a group size that is a multiple of 64,
+// x 16-byte aligned, x_stride a multiple of 8 and packed 8-byte aligned; the SIMT kernel takes
+// float32 too and group sizes that are multiples of 32, with packed 16-byte aligned. kAuto picks
+// the fastest that applies. Callers use the GEMM path where none applies.
+enum class GemvKernel : int { kAuto = 0, kSimt = 1, kMma8 = 2, kMma16 = 3 };
 bool packed_gemv_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
-                           int64_t k, int64_t x_stride);
+                           int64_t k, int64_t x_stride, GemvKernel kernel = GemvKernel::kAuto);
 cudaError_t packed_gemv(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                         const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
-                        int bits, int64_t g, void* y, cudaStream_t stream);
+                        int bits, int64_t g, void* y, cudaStream_t stream, GemvKernel kernel = GemvKernel::kAuto);
 bool packed_gemv_mma_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
                                int64_t x_stride);
 cudaError_t packed_gemv_mma(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                             const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                             int bits, int64_t g, void* y, cudaStream_t stream);
+cudaError_t packed_gemv_mma16(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
+                              const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
+                              int bits, int64_t g, void* y, cudaStream_t stream);
 
 // AdaRound (csrc/cpu/adaround.cpp has the formulas); all pointers float32 except scale/zero.
 cudaError_t adaround_forward(const float* w, const float* v, const uint16_t* scale, const uint8_t* zero,

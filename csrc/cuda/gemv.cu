@@ -236,16 +236,26 @@ bool simt_supported(const uint8_t* packed, int bits, int64_t g, int m, int64_t k
 }  // namespace
 
 bool packed_gemv_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
-                           int64_t k, int64_t x_stride) {
-  return packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride) || simt_supported(packed, bits, g, m, k);
+                           int64_t k, int64_t x_stride, GemvKernel kernel) {
+  const bool tensor_cores = packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride);
+  switch (kernel) {
+    case GemvKernel::kSimt: return simt_supported(packed, bits, g, m, k);
+    case GemvKernel::kMma8:
+    case GemvKernel::kMma16: return tensor_cores;
+    default: return tensor_cores || simt_supported(packed, bits, g, m, k);
+  }
 }
 
 cudaError_t packed_gemv(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                         const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
-                        int bits, int64_t g, void* y, cudaStream_t stream) {
-  if (packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride))
+                        int bits, int64_t g, void* y, cudaStream_t stream, GemvKernel kernel) {
+  if (!packed_gemv_supported(x, packed, dtype, bits, g, m, k, x_stride, kernel)) return cudaErrorInvalidValue;
+  if (kernel == GemvKernel::kAuto)
+    kernel = packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride) ? GemvKernel::kMma16 : GemvKernel::kSimt;
+  if (kernel == GemvKernel::kMma16)
+    return packed_gemv_mma16(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
+  if (kernel == GemvKernel::kMma8)
     return packed_gemv_mma(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
-  if (!simt_supported(packed, bits, g, m, k)) return cudaErrorInvalidValue;
   return bits == 4 ? dispatch_dtype<4>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
                    : dispatch_dtype<6>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
 }

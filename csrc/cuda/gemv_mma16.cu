@@ -1,0 +1,331 @@
+// Packed W4/W6 matmul for 1..16 rows of bfloat16/float16 activations on tensor cores, with the
+// weights as the A operand of mma.sync m16n8k16 (sm_80+): 16 output features per MMA instead of
+// the 8 of gemv_mma.cu, whose A operand is the activations.
+//
+// Why a second tensor-core kernel: at decode sizes the layer is read once, so the kernel must keep
+// enough bytes in flight to cover DRAM latency and spend few instructions per code.
+// * A warp issues the code loads of kRound K blocks (8 at 4 bits: 128 bytes per lane) before it
+//   multiplies any of them.
+// * Codes become MMA operands without integer-to-float conversions: a 4- or 6-bit code OR-ed into
+//   the mantissa of 128.0 (bfloat16, 0x4300) or 1024.0 (float16, 0x6400) is that number plus the
+//   code, exactly; one packed subtraction of (magic + zero) leaves code - zero, exactly, for two
+//   codes at a time.
+// * The lane that feeds rows g and g + 8 of A also holds the accumulators of those two output
+//   features, so each lane loads the scales and zero points of its own two rows only.
+//
+// K order inside a 64-code block: a lane (g, t) loads codes 16t .. 16t+15 of its rows (8 bytes at
+// 4 bits, 12 at 6). MMA step s (0..3) takes codes 16t + s and 16t + s + 4 as A columns 2t, 2t+1 and
+// codes 16t + 8 + s and 16t + 12 + s as columns 2t+8, 2t+9: at 4 bits, the two codes of a pair sit
+// 16 bits apart in one 32-bit word, so one shift and one AND extract both. The B operand
+// (activations) takes the same positions, rearranged with byte permutes. A dot product does not
+// depend on the order of its terms. tests/test_mma_layout.py models this lane by lane.
+//
+// The only roundings are float32 accumulation (inside the MMA, then per group after the scale) and
+// the final conversion, as in the other GEMV kernels.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "brecq/format.h"
+#include "cuda_kernels.h"
+
+namespace brecq {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 8;      // warps per block
+constexpr int kTile = 16;      // output features per tile: the MMA's m
+constexpr int kBlockK = 64;    // codes per K block (four k16 MMA steps), inside one group
+constexpr int kLaneCodes = 16; // codes of one row one lane loads per K block
+
+template <int Bits> struct Round;
+template <> struct Round<4> { static constexpr int kBlocks = 6; };  // 96 bytes of codes per lane
+template <> struct Round<6> { static constexpr int kBlocks = 4; };  // 96 bytes
+
+template <int Bits> struct RowCodes;
+template <> struct RowCodes<4> { uint32_t w[2]; };  // 8 bytes: codes 0..7 in w[0], 8..15 in w[1]
+template <> struct RowCodes<6> { uint32_t w[3]; };  // 12 bytes: code j at bits 6j of the 96
+
+template <int Bits>
+__device__ inline RowCodes<Bits> load_row_codes(const uint8_t* p);
+template <>
+__device__ inline RowCodes<4> load_row_codes<4>(const uint8_t* p) {
+  const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));  // 8-byte aligned: rows are 32-byte multiples
+  return {{v.x, v.y}};
+}
+template <>
+__device__ inline RowCodes<6> load_row_codes<6>(const uint8_t* p) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(p);  // 4-byte aligned: 12-byte runs of 48-byte rows
+  return {{__ldg(w), __ldg(w + 1), __ldg(w + 2)}};
+}
+
+// Code j (0..15) of a lane's run, in the low bits.
+template <int Bits, int J>
+__device__ inline uint32_t code_at(const RowCodes<Bits>& c) {
+  constexpr int bit = Bits * J, word = bit / 32, offset = bit % 32;
+  constexpr uint32_t mask = (1u << Bits) - 1u;
+  if constexpr (offset + Bits <= 32) {
+    return (c.w[word] >> offset) & mask;
+  } else {
+    return ((c.w[word] >> offset) | (c.w[word + 1] << (32 - offset))) & mask;
+  }
+}
+
+// Codes J and J + 4 as two 16-bit fields, code J in the low one.
+template <int Bits, int J>
+__device__ inline uint32_t code_pair(const RowCodes<Bits>& c) {
+  if constexpr (Bits == 4) {
+    return (c.w[J / 8] >> (4 * (J % 8))) & 0x000f000fu;
+  } else {
+    return code_at<Bits, J>(c) | (code_at<Bits, J + 4>(c) << 16);
+  }
+}
+
+template <typename T> struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x4300u;  // 128.0: 128 + q is exact for q < 128
+  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
+    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Mma<__half> {
+  static constexpr uint32_t kMagic = 0x6400u;  // 1024.0: 1024 + q is exact for q < 1024
+  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+
+// A-operand register: codes (J, J + 4) of one row minus its zero point, as two exact 16-bit floats.
+// zz holds magic + zero in both halves.
+template <int Bits, int J, typename T>
+__device__ inline uint32_t weight_pair(const RowCodes<Bits>& c, uint32_t zz) {
+  return Mma<T>::sub2(code_pair<Bits, J>(c) | (Mma<T>::kMagic * 0x00010001u), zz);
+}
+
+// 16 consecutive 16-bit activations from position col of one token's row, as 8 words (word i holds
+// positions 2i, 2i+1), zero beyond k or when the token does not exist.
+__device__ inline void load_activations(uint32_t (&regs)[8], bool valid, const uint16_t* row, int64_t col,
+                                        int64_t k) {
+  if (!valid) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) regs[i] = 0u;
+    return;
+  }
+  if (col + kLaneCodes <= k) {  // 16-byte aligned: the host checks x and its row stride
+    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(row + col));
+    const uint4 hi = __ldg(reinterpret_cast<const uint4*>(row + col + 8));
+    regs[0] = lo.x; regs[1] = lo.y; regs[2] = lo.z; regs[3] = lo.w;
+    regs[4] = hi.x; regs[5] = hi.y; regs[6] = hi.z; regs[7] = hi.w;
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t a = col + 2 * i < k ? row[col + 2 * i] : 0u;
+    const uint32_t b = col + 2 * i + 1 < k ? row[col + 2 * i + 1] : 0u;
+    regs[i] = a | (b << 16);
+  }
+}
+
+// B-operand registers of step S from the 8 activation words: positions (S, S + 4) and
+// (8 + S, 12 + S) of the lane's 16, the lower position in the low half.
+template <int S>
+__device__ inline void activation_pairs(const uint32_t (&xw)[8], uint32_t& b0, uint32_t& b1) {
+  constexpr uint32_t select = (S & 1) ? 0x7632u : 0x5410u;  // high or low halves of both words
+  b0 = __byte_perm(xw[S / 2], xw[S / 2 + 2], select);
+  b1 = __byte_perm(xw[4 + S / 2], xw[6 + S / 2], select);
+}
+
+// The four MMA steps of one K block for one group of 8 tokens: c += A(16 features x 64) . B.
+template <int Bits, typename T, int S = 0>
+__device__ inline void block_mma(float (&c)[4], const RowCodes<Bits>& lo, const RowCodes<Bits>& hi, uint32_t zz_lo,
+                                 uint32_t zz_hi, const uint32_t (&xw)[8]) {
+  if constexpr (S < 4) {
+    uint32_t b0, b1;
+    activation_pairs<S>(xw, b0, b1);
+    Mma<T>::run(c, weight_pair<Bits, S, T>(lo, zz_lo), weight_pair<Bits, S, T>(hi, zz_hi),
+                weight_pair<Bits, 8 + S, T>(lo, zz_lo), weight_pair<Bits, 8 + S, T>(hi, zz_hi), b0, b1);
+    block_mma<Bits, T, S + 1>(c, lo, hi, zz_lo, zz_hi, xw);
+  }
+}
+
+template <int Bits, typename T, bool kHighTokens>
+__global__ void __launch_bounds__(kWarps * 32, 2) gemv_mma16_kernel(
+    const uint16_t* __restrict__ x, int m, int64_t x_stride, const uint8_t* __restrict__ packed,
+    const uint16_t* __restrict__ scale, const uint8_t* __restrict__ zero, const float* __restrict__ bias,
+    int64_t n, int64_t k, int64_t g, int64_t groups, int64_t row_bytes, int64_t k_blocks, int split,
+    T* __restrict__ y) {
+  constexpr int kRound = Round<Bits>::kBlocks;
+  constexpr int kBlockBytes = kBlockK * Bits / 8, kLaneBytes = kLaneCodes * Bits / 8;
+  constexpr int kAcc = kHighTokens ? 8 : 4;
+  __shared__ float partial[kWarps][32][kAcc];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gid = lane / 4, tig = lane % 4;
+  const int tiles_per_block = kWarps / split;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * tiles_per_block + warp / split) * kTile;
+  const int64_t row_lo = row0 + gid, row_hi = row0 + gid + 8;  // this lane's A rows and output features
+  const bool lo_valid = row_lo < n, hi_valid = row_hi < n;
+  const uint8_t* codes_lo = packed + (lo_valid ? row_lo : 0) * row_bytes + tig * kLaneBytes;
+  const uint8_t* codes_hi = packed + (hi_valid ? row_hi : 0) * row_bytes + tig * kLaneBytes;
+  const uint16_t* scale_lo = scale + (lo_valid ? row_lo : 0) * groups;
+  const uint16_t* scale_hi = scale + (hi_valid ? row_hi : 0) * groups;
+  const uint8_t* zero_lo = zero + (lo_valid ? row_lo : 0) * groups;
+  const uint8_t* zero_hi = zero + (hi_valid ? row_hi : 0) * groups;
+  const uint16_t* x_token = x + static_cast<int64_t>(gid) * x_stride;  // B column gid: tokens gid, gid + 8
+  const bool token_valid = gid < m;
+  const bool high_token_valid = kHighTokens && gid + 8 < m;
+
+  float acc[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+  for (int64_t kb0 = warp % split; kb0 < k_blocks; kb0 += static_cast<int64_t>(split) * kRound) {
+    RowCodes<Bits> lo[kRound], hi[kRound];
+    uint32_t z_lo[kRound], z_hi[kRound];
+    uint16_t s_lo[kRound], s_hi[kRound];
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) {
+      const int64_t kb = kb0 + static_cast<int64_t>(u) * split;
+      const bool live = kb < k_blocks;
+      const int64_t grp = kb * kBlockK / g;  // g is a multiple of 64: a K block lies in one group
+      lo[u] = live && lo_valid ? load_row_codes<Bits>(codes_lo + kb * kBlockBytes) : RowCodes<Bits>{};
+      hi[u] = live && hi_valid ? load_row_codes<Bits>(codes_hi + kb * kBlockBytes) : RowCodes<Bits>{};
+      z_lo[u] = live && lo_valid ? __ldg(zero_lo + grp) : 0u;
+      z_hi[u] = live && hi_valid ? __ldg(zero_hi + grp) : 0u;
+      s_lo[u] = live && lo_valid ? __ldg(scale_lo + grp) : 0;
+      s_hi[u] = live && hi_valid ? __ldg(scale_hi + grp) : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) {
+      const int64_t kb = kb0 + static_cast<int64_t>(u) * split;
+      if (kb >= k_blocks) break;
+      const int64_t col = kb * kBlockK + tig * kLaneCodes;
+      const uint32_t zz_lo = (Mma<T>::kMagic + z_lo[u]) * 0x00010001u;  // magic + zero, exact
+      const uint32_t zz_hi = (Mma<T>::kMagic + z_hi[u]) * 0x00010001u;
+      const float sc_lo = __half2float(__ushort_as_half(s_lo[u]));
+      const float sc_hi = __half2float(__ushort_as_half(s_hi[u]));
+      uint32_t xw[8];
+      load_activations(xw, token_valid, x_token, col, k);
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      block_mma<Bits, T>(c, lo[u], hi[u], zz_lo, zz_hi, xw);
+      acc[0] += c[0] * sc_lo;  // feature row_lo, token 2t
+      acc[1] += c[1] * sc_lo;  // feature row_lo, token 2t + 1
+      acc[2] += c[2] * sc_hi;  // feature row_hi, token 2t
+      acc[3] += c[3] * sc_hi;  // feature row_hi, token 2t + 1
+      if constexpr (kHighTokens) {
+        load_activations(xw, high_token_valid, x_token + 8 * x_stride, col, k);
+        float ch[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        block_mma<Bits, T>(ch, lo[u], hi[u], zz_lo, zz_hi, xw);
+        acc[4] += ch[0] * sc_lo;  // tokens 8 + 2t, 8 + 2t + 1
+        acc[5] += ch[1] * sc_lo;
+        acc[6] += ch[2] * sc_hi;
+        acc[7] += ch[3] * sc_hi;
+      }
+    }
+  }
+  if (split > 1) {  // uniform across the block: every warp reaches the barrier
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) partial[warp][lane][i] = acc[i];
+    __syncthreads();
+    if (warp % split != 0) return;
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+    for (int w = warp; w < warp + split; ++w)
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) acc[i] += partial[w][lane][i];
+  }
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) {
+    const int token = 2 * tig + (i & 1) + (i >= 4 ? 8 : 0);
+    const int64_t feature = (i & 2) ? row_hi : row_lo;
+    if (token < m && feature < n)
+      y[static_cast<int64_t>(token) * n + feature] = Mma<T>::from_float(acc[i] + (bias ? bias[feature] : 0.0f));
+  }
+}
+
+int sm_count() {
+  static std::atomic<int> cache[64];
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
+    return sms;
+  }
+  sms = cache[device].load(std::memory_order_relaxed);
+  if (sms <= 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+      cudaGetLastError();
+      sms = 132;
+    }
+    cache[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
+// Warps sharing one tile (splitting K): enough warps for one full wave (16 resident per SM at this
+// kernel's register use), but never more warps per tile than the tile has K blocks.
+int split_for(int64_t tiles, int64_t k_blocks) {
+  const int64_t target = static_cast<int64_t>(sm_count()) * 16;
+  int split = 1;
+  while (split < kWarps && tiles * split < target && 2 * split <= k_blocks) split *= 2;
+  return split;
+}
+
+template <int Bits, typename T>
+cudaError_t launch(const void* x, int m, int64_t x_stride, const uint8_t* packed, const uint16_t* scale,
+                   const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g, void* y,
+                   cudaStream_t stream) {
+  const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int split = split_for(tiles, k_blocks);
+  const int64_t tiles_per_block = kWarps / split;
+  const unsigned blocks = static_cast<unsigned>((tiles + tiles_per_block - 1) / tiles_per_block);
+  const auto* xs = static_cast<const uint16_t*>(x);
+  const int64_t groups = num_groups(k, g), row_bytes = packed_row_bytes(k, g, Bits);
+  if (m > 8)
+    gemv_mma16_kernel<Bits, T, true><<<blocks, kWarps * 32, 0, stream>>>(
+        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, split, static_cast<T*>(y));
+  else
+    gemv_mma16_kernel<Bits, T, false><<<blocks, kWarps * 32, 0, stream>>>(
+        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, split, static_cast<T*>(y));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t packed_gemv_mma16(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
+                              const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
+                              int bits, int64_t g, void* y, cudaStream_t stream) {
+  if (!packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride)) return cudaErrorInvalidValue;
+  if (dtype == OutputType::kBFloat16)
+    return bits == 4 ? launch<4, __nv_bfloat16>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
+                     : launch<6, __nv_bfloat16>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
+  return bits == 4 ? launch<4, __half>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
+                   : launch<6, __half>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
+}
+
+}  // namespace cuda
+}  // namespace brecq
