@@ -6,9 +6,9 @@
 # limit and a failing stage does not stop the next; all but the last (compiled decode) took about
 # 3.5 minutes on an H100.
 #   bash bench/gpu_check.sh
-#   STAGES="build tests bench memcheck" bash bench/gpu_check.sh   # a subset (default: all six)
+#   STAGES="build tests bench memcheck" bash bench/gpu_check.sh   # a subset (default: all seven)
 set -uo pipefail
-STAGES=${STAGES:-build tests bench brecq memcheck compiled}
+STAGES=${STAGES:-build tests bench brecq memcheck profile compiled}
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
@@ -34,10 +34,15 @@ cd "$SCRATCH/tests"
 stage tests 150 python3 -m pytest -q -p no:cacheprovider -n 4 -k "cuda" .
 cd "$REPO"
 cd "$SCRATCH"
-stage bench 150 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json"
+stage bench 150 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" ${BENCH_SECTIONS:+--sections $BENCH_SECTIONS}
 python3 "$REPO/bench/gpu_summary.py" "$OUT/gpu_bench.json"
 stage brecq 120 python3 "$REPO/bench/brecq_speed_qwen3.py" --blocks 2 --iters 100 --samples 32 --device cuda
 stage memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$REPO/bench/cuda_memcheck.py"
+# Nsight Compute's view of the two tensor-core kernels on the W4 lm_head at 1 row (warm-up calls
+# skipped): where the 16-feature kernel stalls short of the copy bandwidth.
+stage profile 90 ncu --kernel-name regex:gemv_mma --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+  --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+  --section SourceCounters python3 "$REPO/bench/ncu_gemv.py" --out 151936 --in 1024 --bits 4 --rows 1
 # Last, as it may take minutes of compilation: decode with a torch.compile'd step (8 files in $OUT
 # in all, the most the device tool brings back).
 stage compiled 240 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" --merge --sections decode_compiled

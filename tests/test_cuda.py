@@ -96,7 +96,9 @@ def test_each_gemv_kernel_matches_the_exact_product(kernel, dtype, bits, rows, s
     cuda = cuda_kernels()
     out_features, in_features, group_size = shape
     packed, scale, zero, bias, w_deq = _cached_cuda_layer(out_features, in_features, bits, group_size)
-    x = torch.randn(rows, in_features, device="cuda").to(dtype)
+    # Rows a multiple of 8 elements apart, as the tensor-core kernels need (k = 172 is not).
+    width = -(-in_features // 8) * 8
+    x = torch.randn(rows, width, device="cuda").to(dtype)[:, :in_features]
     supported = cuda.packed_gemv_supported(x.data_ptr(), packed.data_ptr(), OUTPUT_TYPE[dtype], bits, group_size,
                                            rows, in_features, x.stride(0), GEMV_KERNELS[kernel])
     assert supported == (kernel == "simt" or dtype != torch.float32), "support rules changed"
@@ -114,6 +116,12 @@ def test_gemv_kernel_choice_is_checked():
     cuda = cuda_kernels()
     with pytest.raises(ValueError, match="kernel must be"):
         cuda.packed_gemv_supported(0, 0, 1, 4, 64, 1, 64, 64, 7)
+    # Rows that are not 8 elements apart rule out the tensor-core kernels, never the SIMT one.
+    packed, *_ = _layer(16, 172, 4, 64, seed=0, device="cuda")
+    x = torch.randn(3, 172, device="cuda", dtype=torch.bfloat16)
+    supported = [cuda.packed_gemv_supported(x.data_ptr(), packed.data_ptr(), 1, 4, 64, 3, 172, 172, kernel)
+                 for kernel in GEMV_KERNELS.values()]
+    assert supported == [True, False, False]
 
 
 def _quant_model(device, dtype):
