@@ -18,12 +18,12 @@ def each_gemv_kernel(x, packed, scale, zero, bits, group_size) -> None:
     dtype = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
     m, k, n = x.shape[0], x.shape[1], packed.shape[0]
     y = torch.empty(m, n, device="cuda", dtype=x.dtype)
-    for kernel in (1, 2, 3):
+    for kernel, tuning in ((1, 0), (2, 0), (3, 0), (3, 1), (3, 2), (3, 3)):  # each tuning of mma16 too
         if cuda.packed_gemv_supported(x.data_ptr(), packed.data_ptr(), dtype, bits, group_size, m, k, x.stride(0),
                                       kernel):
             cuda.packed_gemv(x.data_ptr(), dtype, m, x.stride(0), packed.data_ptr(), scale.data_ptr(),
                              zero.data_ptr(), 0, n, k, bits, group_size, y.data_ptr(),
-                             torch.cuda.current_stream().cuda_stream, kernel)
+                             torch.cuda.current_stream().cuda_stream, kernel, tuning)
 
 
 def main() -> None:

@@ -109,11 +109,11 @@ def random_packed(n: int, k: int, bits: int, copies: int, gen: torch.Generator):
     return out
 
 
-# brecq::cuda::GemvKernel values of the tensor-core decode kernels, timed side by side.
-GEMV_KERNELS = {"mma8": 2, "mma16": 3}
+# The tensor-core decode kernels, timed side by side: (brecq::cuda::GemvKernel, tuning of mma16).
+GEMV_KERNELS = {"mma8": (2, 0), **{f"mma16t{t}": (3, t) for t in range(4)}}
 
 
-def kernel_calls(copies: list, x: torch.Tensor, n: int, k: int, bits: int, kernel: int) -> list:
+def kernel_calls(copies: list, x: torch.Tensor, n: int, k: int, bits: int, kernel: tuple) -> list:
     """One call per weight copy of the CUDA module's GEMV with a named kernel (not the op's choice)."""
     cuda = ops.cuda_kernels()
     cuda.use_device(x.device.index or 0)
@@ -121,7 +121,7 @@ def kernel_calls(copies: list, x: torch.Tensor, n: int, k: int, bits: int, kerne
 
     def call(p, s, z):
         cuda.packed_gemv(x.data_ptr(), 1, x.shape[0], x.stride(0), p.data_ptr(), s.data_ptr(), z.data_ptr(), 0, n, k,
-                         bits, 64, y.data_ptr(), torch.cuda.current_stream().cuda_stream, kernel)
+                         bits, 64, y.data_ptr(), torch.cuda.current_stream().cuda_stream, *kernel)
 
     return [lambda p=p, s=s, z=z: call(p, s, z) for p, s, z in copies]
 

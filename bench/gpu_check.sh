@@ -31,7 +31,7 @@ stage build 150 env BRECQ_CUDA=1 BRECQ_CUDA_ARCHS=90 python3 -m pip install -v -
 # The installed package, not the source tree: run the tests from a scratch copy.
 SCRATCH=$(mktemp -d) && cp -r "$REPO/tests" "$SCRATCH/"
 cd "$SCRATCH/tests"
-stage tests 150 python3 -m pytest -q -p no:cacheprovider -n 4 -k "cuda" .
+stage tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 -k "cuda" .
 cd "$REPO"
 cd "$SCRATCH"
 stage bench 150 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" ${BENCH_SECTIONS:+--sections $BENCH_SECTIONS}
@@ -40,9 +40,9 @@ stage brecq 120 python3 "$REPO/bench/brecq_speed_qwen3.py" --blocks 2 --iters 10
 stage memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$REPO/bench/cuda_memcheck.py"
 # Nsight Compute's view of the two tensor-core kernels on the W4 lm_head at 1 row (warm-up calls
 # skipped): where the 16-feature kernel stalls short of the copy bandwidth.
-stage profile 90 ncu --kernel-name regex:gemv_mma --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+stage profile 90 ncu --kernel-name regex:gemv_mma --launch-skip 5 --launch-count 5 --section SpeedOfLight \
   --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
-  --section SourceCounters python3 "$REPO/bench/ncu_gemv.py" --out 151936 --in 1024 --bits 4 --rows 1
+  python3 "$REPO/bench/ncu_gemv.py" --out 151936 --in 1024 --bits 4 --rows 1
 # Last, as it may take minutes of compilation: decode with a torch.compile'd step (8 files in $OUT
 # in all, the most the device tool brings back).
 stage compiled 240 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" --merge --sections decode_compiled

@@ -1,9 +1,9 @@
 """One call of each tensor-core GEMV kernel on one layer shape, for Nsight Compute:
 
     ncu --kernel-name regex:gemv_mma --section SpeedOfLight --section MemoryWorkloadAnalysis \\
-        --section WarpStateStats --section Occupancy --launch-skip 2 --launch-count 2 python3 bench/ncu_gemv.py --out 151936 --in 1024
+        --section WarpStateStats --section Occupancy --launch-skip 5 --launch-count 5 python3 bench/ncu_gemv.py --out 151936 --in 1024
 
-The script calls each kernel twice, all warm-up calls first: --launch-skip 2 --launch-count 2 reads
+The script calls each kernel twice, all warm-up calls first: --launch-skip 5 --launch-count 5 reads
 the second call of each.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from brecq_ext import ops
 from brecq_ext.format import num_groups, packed_row_bytes
 
-KERNELS = {"mma8": 2, "mma16": 3}  # brecq::cuda::GemvKernel
+KERNELS = {"mma8": (2, 0), **{f"mma16t{t}": (3, t) for t in range(4)}}  # (GemvKernel, mma16 tuning)
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     for kernel in [*KERNELS.values(), *KERNELS.values()]:  # warm-up calls, then the ones to read
         cuda.packed_gemv(x.data_ptr(), 1, args.rows, x.stride(0), packed.data_ptr(), scale.data_ptr(),
                          zero.data_ptr(), 0, n, k, bits, 64, y.data_ptr(), torch.cuda.current_stream().cuda_stream,
-                         kernel)
+                         *kernel)
     torch.cuda.synchronize()
 
 

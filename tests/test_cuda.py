@@ -77,13 +77,15 @@ def _cached_cuda_layer(out_features, in_features, bits, group_size):
     return _layer(out_features, in_features, bits, group_size, seed=out_features + bits, device="cuda")
 
 
-# brecq::cuda::GemvKernel: each decode kernel checked on its own, not only the one `auto` picks.
+# brecq::cuda::GemvKernel: each decode kernel checked on its own, not only the one `auto` picks,
+# and each tuning of the 16-feature kernel (gemv_mma16.cu's Tuning<>).
 GEMV_KERNELS = {"simt": 1, "mma8": 2, "mma16": 3}
+GEMV_VARIANTS = {"simt": (1, 0), "mma8": (2, 0), **{f"mma16t{t}": (3, t) for t in range(4)}}
 OUTPUT_TYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @needs_cuda
-@pytest.mark.parametrize("kernel", list(GEMV_KERNELS))
+@pytest.mark.parametrize("kernel", list(GEMV_VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
 @pytest.mark.parametrize("bits", [4, 6], ids=lambda b: f"w{b}")
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16], ids=lambda m: f"m{m}")
@@ -99,15 +101,16 @@ def test_each_gemv_kernel_matches_the_exact_product(kernel, dtype, bits, rows, s
     # Rows a multiple of 8 elements apart, as the tensor-core kernels need (k = 172 is not).
     width = -(-in_features // 8) * 8
     x = torch.randn(rows, width, device="cuda").to(dtype)[:, :in_features]
+    kernel_id, tuning = GEMV_VARIANTS[kernel]
     supported = cuda.packed_gemv_supported(x.data_ptr(), packed.data_ptr(), OUTPUT_TYPE[dtype], bits, group_size,
-                                           rows, in_features, x.stride(0), GEMV_KERNELS[kernel])
+                                           rows, in_features, x.stride(0), kernel_id)
     assert supported == (kernel == "simt" or dtype != torch.float32), "support rules changed"
     if not supported:
         return
     y = torch.full((rows, out_features), float("nan"), device="cuda", dtype=dtype)
     cuda.packed_gemv(x.data_ptr(), OUTPUT_TYPE[dtype], rows, x.stride(0), packed.data_ptr(), scale.data_ptr(),
                      zero.data_ptr(), bias.float().data_ptr(), out_features, in_features, bits, group_size,
-                     y.data_ptr(), torch.cuda.current_stream().cuda_stream, GEMV_KERNELS[kernel])
+                     y.data_ptr(), torch.cuda.current_stream().cuda_stream, kernel_id, tuning)
     assert_matmul_close(y.cpu(), x.cpu().float(), w_deq.cpu(), bias.cpu())
 
 
@@ -122,6 +125,8 @@ def test_gemv_kernel_choice_is_checked():
     supported = [cuda.packed_gemv_supported(x.data_ptr(), packed.data_ptr(), 1, 4, 64, 3, 172, 172, kernel)
                  for kernel in GEMV_KERNELS.values()]
     assert supported == [True, False, False]
+    with pytest.raises(ValueError, match="tuning applies to kernel 3"):
+        cuda.packed_gemv(0, 1, 1, 64, 0, 0, 0, 0, 16, 64, 4, 64, 0, 0, 2, 1)
 
 
 def _quant_model(device, dtype):

@@ -82,7 +82,8 @@ PYBIND11_MODULE(_cuda, m) {
           "brecq dequantize_packed (CUDA)");
   }, py::call_guard<py::gil_scoped_release>());
   // kernel: 0 picks the fastest that applies; 1 SIMT, 2 tensor cores with 8 features per MMA, 3 with 16
-  // (brecq::cuda::GemvKernel). Tests and benchmarks name one to check or time each kernel.
+  // (brecq::cuda::GemvKernel). Tests and benchmarks name one to check or time each kernel, and
+  // `tuning` (packed_gemv only) one of the 16-feature kernel's Tuning<> variants.
   m.def("packed_gemv_supported", [](std::uintptr_t x, std::uintptr_t packed, int dtype, int bits, int64_t g,
                                     int m_rows, int64_t k, int64_t x_stride, int kernel) {
     return brecq::cuda::packed_gemv_supported(reinterpret_cast<const void*>(x), ptr<const uint8_t>(packed),
@@ -92,7 +93,18 @@ PYBIND11_MODULE(_cuda, m) {
      py::arg("x_stride"), py::arg("kernel") = 0);
   m.def("packed_gemv", [](std::uintptr_t x, int dtype, int m_rows, int64_t x_stride, std::uintptr_t packed,
                           std::uintptr_t scale, std::uintptr_t zero, std::uintptr_t bias, int64_t n, int64_t k,
-                          int bits, int64_t g, std::uintptr_t y, std::uintptr_t stream, int kernel) {
+                          int bits, int64_t g, std::uintptr_t y, std::uintptr_t stream, int kernel, int tuning) {
+    if (tuning != 0) {  // a tuning of the 16-feature kernel other than its default: for measurements
+      if (gemv_kernel(kernel) != brecq::cuda::GemvKernel::kMma16)
+        throw std::invalid_argument("tuning applies to kernel 3 (mma16) only");
+      check(brecq::cuda::packed_gemv_mma16(
+                reinterpret_cast<const void*>(x), static_cast<brecq::cuda::OutputType>(dtype), m_rows, x_stride,
+                reinterpret_cast<const uint8_t*>(packed), reinterpret_cast<const uint16_t*>(scale),
+                reinterpret_cast<const uint8_t*>(zero), bias ? reinterpret_cast<const float*>(bias) : nullptr, n, k,
+                bits, g, reinterpret_cast<void*>(y), reinterpret_cast<cudaStream_t>(stream), tuning),
+            "brecq packed_gemv (CUDA, mma16 tuning)");
+      return;
+    }
     check(brecq::cuda::packed_gemv(reinterpret_cast<const void*>(x), static_cast<brecq::cuda::OutputType>(dtype),
                                    m_rows, x_stride, reinterpret_cast<const uint8_t*>(packed),
                                    reinterpret_cast<const uint16_t*>(scale), reinterpret_cast<const uint8_t*>(zero),
@@ -102,7 +114,7 @@ PYBIND11_MODULE(_cuda, m) {
           "brecq packed_gemv (CUDA)");
   }, py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("x_stride"), py::arg("packed"), py::arg("scale"),
      py::arg("zero"), py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("g"), py::arg("y"),
-     py::arg("stream"), py::arg("kernel") = 0, py::call_guard<py::gil_scoped_release>());
+     py::arg("stream"), py::arg("kernel") = 0, py::arg("tuning") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("adaround_forward", [](std::uintptr_t w, std::uintptr_t v, std::uintptr_t scale, std::uintptr_t zero,
                                int64_t n, int64_t k, int bits, int64_t g, std::uintptr_t out, std::uintptr_t stream) {
     check(brecq::cuda::adaround_forward(reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(v),

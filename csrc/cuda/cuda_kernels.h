@@ -50,9 +50,10 @@ bool packed_gemv_mma_supported(const void* x, const uint8_t* packed, OutputType 
 cudaError_t packed_gemv_mma(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                             const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                             int bits, int64_t g, void* y, cudaStream_t stream);
+// tuning: one of gemv_mma16.cu's Tuning<> (0..3); 0 is what kMma16 runs.
 cudaError_t packed_gemv_mma16(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                               const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
-                              int bits, int64_t g, void* y, cudaStream_t stream);
+                              int bits, int64_t g, void* y, cudaStream_t stream, int tuning = 0);
 
 // AdaRound (csrc/cpu/adaround.cpp has the formulas); all pointers float32 except scale/zero.
 cudaError_t adaround_forward(const float* w, const float* v, const uint16_t* scale, const uint8_t* zero,

@@ -4,8 +4,8 @@
 //
 // Why a second tensor-core kernel: at decode sizes the layer is read once, so the kernel must keep
 // enough bytes in flight to cover DRAM latency and spend few instructions per code.
-// * A warp issues the code loads of kRound K blocks (8 at 4 bits: 128 bytes per lane) before it
-//   multiplies any of them.
+// * A warp issues the code loads of a round of K blocks (6 at 4 bits: 96 bytes per lane, in the
+//   default tuning) before it multiplies any of them.
 // * Codes become MMA operands without integer-to-float conversions: a 4- or 6-bit code OR-ed into
 //   the mantissa of 128.0 (bfloat16, 0x4300) or 1024.0 (float16, 0x6400) is that number plus the
 //   code, exactly; one packed subtraction of (magic + zero) leaves code - zero, exactly, for two
@@ -41,9 +41,28 @@ constexpr int kTile = 16;      // output features per tile: the MMA's m
 constexpr int kBlockK = 64;    // codes per K block (four k16 MMA steps), inside one group
 constexpr int kLaneCodes = 16; // codes of one row one lane loads per K block
 
-template <int Bits> struct Round;
-template <> struct Round<4> { static constexpr int kBlocks = 6; };  // 96 bytes of codes per lane
-template <> struct Round<6> { static constexpr int kBlocks = 4; };  // 96 bytes
+// Tunings of the kernel, measured side by side on an H100 (bench/gpu_bench.py): how many K blocks a
+// warp loads per round (4-bit, 6-bit), how many blocks of 8 warps an SM must hold (which caps the
+// registers a thread may use), and whether a round's activations are loaded with its codes or
+// block by block as they are multiplied.
+template <int V> struct Tuning;
+template <> struct Tuning<0> {  // 96 bytes of codes a lane in flight, 16 warps an SM
+  static constexpr int kRound4 = 6, kRound6 = 4, kMinBlocks = 2;
+  static constexpr bool kHoistX = false;
+};
+template <> struct Tuning<1> {  // 48 bytes, 32 warps
+  static constexpr int kRound4 = 3, kRound6 = 2, kMinBlocks = 4;
+  static constexpr bool kHoistX = false;
+};
+template <> struct Tuning<2> {  // 64-72 bytes, 16 warps, activations loaded with the codes
+  static constexpr int kRound4 = 4, kRound6 = 3, kMinBlocks = 2;
+  static constexpr bool kHoistX = true;
+};
+template <> struct Tuning<3> {  // 32-48 bytes, 24 warps, activations loaded with the codes
+  static constexpr int kRound4 = 2, kRound6 = 2, kMinBlocks = 3;
+  static constexpr bool kHoistX = true;
+};
+constexpr int kTunings = 4;
 
 template <int Bits> struct RowCodes;
 template <> struct RowCodes<4> { uint32_t w[2]; };  // 8 bytes: codes 0..7 in w[0], 8..15 in w[1]
@@ -174,13 +193,14 @@ __device__ inline void block_mma(float (&c)[4], const RowCodes<Bits>& lo, const 
   }
 }
 
-template <int Bits, typename T, bool kHighTokens>
-__global__ void __launch_bounds__(kWarps * 32, 2) gemv_mma16_kernel(
+template <int Bits, typename T, bool kHighTokens, int V>
+__global__ void __launch_bounds__(kWarps * 32, Tuning<V>::kMinBlocks) gemv_mma16_kernel(
     const uint16_t* __restrict__ x, int m, int64_t x_stride, const uint8_t* __restrict__ packed,
     const uint16_t* __restrict__ scale, const uint8_t* __restrict__ zero, const float* __restrict__ bias,
     int64_t n, int64_t k, int64_t g, int64_t groups, int64_t row_bytes, int64_t k_blocks, int split,
     T* __restrict__ y) {
-  constexpr int kRound = Round<Bits>::kBlocks;
+  constexpr int kRound = Bits == 4 ? Tuning<V>::kRound4 : Tuning<V>::kRound6;
+  constexpr bool kHoistX = Tuning<V>::kHoistX;
   constexpr int kBlockBytes = kBlockK * Bits / 8, kLaneBytes = kLaneCodes * Bits / 8;
   constexpr int kAcc = kHighTokens ? 8 : 4;
   __shared__ float partial[kWarps][32][kAcc];
@@ -207,6 +227,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) gemv_mma16_kernel(
     RowCodes<Bits> lo[kRound], hi[kRound];
     uint32_t z_lo[kRound], z_hi[kRound];
     uint16_t s_lo[kRound], s_hi[kRound];
+    uint32_t x_round[kHoistX ? kRound : 1][8];
 #pragma unroll
     for (int u = 0; u < kRound; ++u) {
       const int64_t kb = kb0 + static_cast<int64_t>(u) * split;
@@ -218,6 +239,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) gemv_mma16_kernel(
       z_hi[u] = live && hi_valid ? __ldg(zero_hi + grp) : 0u;
       s_lo[u] = live && lo_valid ? __ldg(scale_lo + grp) : 0;
       s_hi[u] = live && hi_valid ? __ldg(scale_hi + grp) : 0;
+      if constexpr (kHoistX)
+        load_activations(x_round[u], live && token_valid, x_token, kb * kBlockK + tig * kLaneCodes, k);
     }
 #pragma unroll
     for (int u = 0; u < kRound; ++u) {
@@ -229,7 +252,12 @@ __global__ void __launch_bounds__(kWarps * 32, 2) gemv_mma16_kernel(
       const float sc_lo = __half2float(__ushort_as_half(s_lo[u]));
       const float sc_hi = __half2float(__ushort_as_half(s_hi[u]));
       uint32_t xw[8];
-      load_activations(xw, token_valid, x_token, col, k);
+      if constexpr (kHoistX) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xw[i] = x_round[u][i];
+      } else {
+        load_activations(xw, token_valid, x_token, col, k);
+      }
       float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       block_mma<Bits, T>(c, lo[u], hi[u], zz_lo, zz_hi, xw);
       acc[0] += c[0] * sc_lo;  // feature row_lo, token 2t
@@ -285,46 +313,59 @@ int sm_count() {
   return sms;
 }
 
-// Warps sharing one tile (splitting K): enough warps for one full wave (16 resident per SM at this
-// kernel's register use), but never more warps per tile than the tile has K blocks.
-int split_for(int64_t tiles, int64_t k_blocks) {
-  const int64_t target = static_cast<int64_t>(sm_count()) * 16;
+// Warps sharing one tile (splitting K): enough warps for one full wave (`warps_per_sm` resident),
+// but never more warps per tile than the tile has K blocks.
+int split_for(int64_t tiles, int64_t k_blocks, int warps_per_sm) {
+  const int64_t target = static_cast<int64_t>(sm_count()) * warps_per_sm;
   int split = 1;
   while (split < kWarps && tiles * split < target && 2 * split <= k_blocks) split *= 2;
   return split;
 }
 
-template <int Bits, typename T>
+template <int Bits, typename T, int V>
 cudaError_t launch(const void* x, int m, int64_t x_stride, const uint8_t* packed, const uint16_t* scale,
                    const uint8_t* zero, const float* bias, int64_t n, int64_t k, int64_t g, void* y,
                    cudaStream_t stream) {
   const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  const int split = split_for(tiles, k_blocks);
+  const int split = split_for(tiles, k_blocks, kWarps * Tuning<V>::kMinBlocks);
   const int64_t tiles_per_block = kWarps / split;
   const unsigned blocks = static_cast<unsigned>((tiles + tiles_per_block - 1) / tiles_per_block);
   const auto* xs = static_cast<const uint16_t*>(x);
   const int64_t groups = num_groups(k, g), row_bytes = packed_row_bytes(k, g, Bits);
   if (m > 8)
-    gemv_mma16_kernel<Bits, T, true><<<blocks, kWarps * 32, 0, stream>>>(
+    gemv_mma16_kernel<Bits, T, true, V><<<blocks, kWarps * 32, 0, stream>>>(
         xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, split, static_cast<T*>(y));
   else
-    gemv_mma16_kernel<Bits, T, false><<<blocks, kWarps * 32, 0, stream>>>(
+    gemv_mma16_kernel<Bits, T, false, V><<<blocks, kWarps * 32, 0, stream>>>(
         xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, split, static_cast<T*>(y));
   return cudaGetLastError();
+}
+
+template <int V>
+cudaError_t launch_tuned(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
+                         const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
+                         int bits, int64_t g, void* y, cudaStream_t stream) {
+  if (dtype == OutputType::kBFloat16)
+    return bits == 4 ? launch<4, __nv_bfloat16, V>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
+                     : launch<6, __nv_bfloat16, V>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
+  return bits == 4 ? launch<4, __half, V>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
+                   : launch<6, __half, V>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
 }
 
 }  // namespace
 
 cudaError_t packed_gemv_mma16(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                               const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
-                              int bits, int64_t g, void* y, cudaStream_t stream) {
-  if (!packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride)) return cudaErrorInvalidValue;
-  if (dtype == OutputType::kBFloat16)
-    return bits == 4 ? launch<4, __nv_bfloat16>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
-                     : launch<6, __nv_bfloat16>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
-  return bits == 4 ? launch<4, __half>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
-                   : launch<6, __half>(x, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
+                              int bits, int64_t g, void* y, cudaStream_t stream, int tuning) {
+  if (!packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride) || tuning < 0 || tuning >= kTunings)
+    return cudaErrorInvalidValue;
+  switch (tuning) {
+    case 1: return launch_tuned<1>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
+    case 2: return launch_tuned<2>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
+    case 3: return launch_tuned<3>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
+    default: return launch_tuned<0>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
+  }
 }
 
 }  // namespace cuda
