@@ -50,6 +50,11 @@ bool packed_gemv_mma_supported(const void* x, const uint8_t* packed, OutputType 
 cudaError_t packed_gemv_mma(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                             const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                             int bits, int64_t g, void* y, cudaStream_t stream);
+// kMma16 also needs a group size of 64 times a power of two and a layer whose codes, scales and
+// activations each take under 2^31 elements (32-bit offsets); packed_gemv_supported, which is not
+// told n, checks the rest, and kAuto falls back to kMma8 for larger layers.
+bool packed_gemv_mma16_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
+                                 int64_t n, int64_t k, int64_t x_stride);
 // tuning: one of gemv_mma16.cu's Tuning<> (0..3); 0 is what kMma16 runs.
 cudaError_t packed_gemv_mma16(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                               const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,

@@ -240,8 +240,8 @@ bool packed_gemv_supported(const void* x, const uint8_t* packed, OutputType dtyp
   const bool tensor_cores = packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride);
   switch (kernel) {
     case GemvKernel::kSimt: return simt_supported(packed, bits, g, m, k);
-    case GemvKernel::kMma8:
-    case GemvKernel::kMma16: return tensor_cores;
+    case GemvKernel::kMma8: return tensor_cores;
+    case GemvKernel::kMma16: return packed_gemv_mma16_supported(x, packed, dtype, bits, g, m, 1, k, x_stride);
     default: return tensor_cores || simt_supported(packed, bits, g, m, k);
   }
 }
@@ -256,7 +256,9 @@ cudaError_t packed_gemv(const void* x, OutputType dtype, int m, int64_t x_stride
     // there; from 3072 features on (gate/up, the lm_head) the 16-feature kernel is faster, by
     // 1.5x on the lm_head.
     if (!packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride)) kernel = GemvKernel::kSimt;
-    else kernel = n >= 3072 ? GemvKernel::kMma16 : GemvKernel::kMma8;
+    else if (n >= 3072 && packed_gemv_mma16_supported(x, packed, dtype, bits, g, m, n, k, x_stride))
+      kernel = GemvKernel::kMma16;
+    else kernel = GemvKernel::kMma8;
   }
   if (kernel == GemvKernel::kMma16)
     return packed_gemv_mma16(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);

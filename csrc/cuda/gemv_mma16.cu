@@ -4,8 +4,11 @@
 //
 // Why a second tensor-core kernel: at decode sizes the layer is read once, so the kernel must keep
 // enough bytes in flight to cover DRAM latency and spend few instructions per code.
-// * A warp issues the code loads of a round of K blocks (6 at 4 bits: 96 bytes per lane, in the
-//   default tuning) before it multiplies any of them.
+// * A warp issues all loads of a round of K blocks (codes, zero points, scales and activations)
+//   before it multiplies any of them, and many warps share an SM (Tuning below).
+// * Index arithmetic is 32-bit and loop-invariant offsets are kept in registers: the kernel is
+//   close to issue-bound, and 64-bit address math with a division per K block once took more
+//   instructions than the dequantization and the MMAs together.
 // * Codes become MMA operands without integer-to-float conversions: a 4- or 6-bit code OR-ed into
 //   the mantissa of 128.0 (bfloat16, 0x4300) or 1024.0 (float16, 0x6400) is that number plus the
 //   code, exactly; one packed subtraction of (magic + zero) leaves code - zero, exactly, for two
@@ -42,25 +45,23 @@ constexpr int kBlockK = 64;    // codes per K block (four k16 MMA steps), inside
 constexpr int kLaneCodes = 16; // codes of one row one lane loads per K block
 
 // Tunings of the kernel, measured side by side on an H100 (bench/gpu_bench.py): how many K blocks a
-// warp loads per round (4-bit, 6-bit), how many blocks of 8 warps an SM must hold (which caps the
-// registers a thread may use), and whether a round's activations are loaded with its codes or
-// block by block as they are multiplied.
+// warp loads per round (4-bit, 6-bit) and how many blocks of 8 warps an SM must hold, which caps the
+// registers a thread may use. More warps with shorter rounds won on the first measurements: the
+// kernel issues about one instruction a cycle per scheduler, so latency is better hidden by other
+// warps than by longer rounds.
+// kMinBlocksHigh applies to 9..16 tokens, whose second set of activations takes registers.
 template <int V> struct Tuning;
-template <> struct Tuning<0> {  // 96 bytes of codes a lane in flight, 16 warps an SM
-  static constexpr int kRound4 = 6, kRound6 = 4, kMinBlocks = 2;
-  static constexpr bool kHoistX = false;
+template <> struct Tuning<0> {  // 32 warps an SM (24 for 9..16 tokens)
+  static constexpr int kRound4 = 2, kRound6 = 2, kMinBlocks = 4, kMinBlocksHigh = 3;
 };
-template <> struct Tuning<1> {  // 48 bytes, 32 warps
-  static constexpr int kRound4 = 3, kRound6 = 2, kMinBlocks = 4;
-  static constexpr bool kHoistX = false;
+template <> struct Tuning<1> {  // 24 warps (16)
+  static constexpr int kRound4 = 3, kRound6 = 2, kMinBlocks = 3, kMinBlocksHigh = 2;
 };
-template <> struct Tuning<2> {  // 64-72 bytes, 16 warps, activations loaded with the codes
-  static constexpr int kRound4 = 4, kRound6 = 3, kMinBlocks = 2;
-  static constexpr bool kHoistX = true;
+template <> struct Tuning<2> {  // 16 warps
+  static constexpr int kRound4 = 4, kRound6 = 3, kMinBlocks = 2, kMinBlocksHigh = 2;
 };
-template <> struct Tuning<3> {  // 32-48 bytes, 24 warps, activations loaded with the codes
-  static constexpr int kRound4 = 2, kRound6 = 2, kMinBlocks = 3;
-  static constexpr bool kHoistX = true;
+template <> struct Tuning<3> {  // 40 warps (24)
+  static constexpr int kRound4 = 1, kRound6 = 1, kMinBlocks = 5, kMinBlocksHigh = 3;
 };
 constexpr int kTunings = 4;
 
@@ -140,17 +141,37 @@ struct Mma<__half> {
   __device__ static __half from_float(float v) { return __float2half_rn(v); }
 };
 
+// v, which the compiler can no longer recompute from the kernel's parameters: under a tight register
+// limit it otherwise re-derives loop-invariant offsets (row clamps, 64-bit compares and all) on
+// every round instead of keeping one register each.
+__device__ inline uint32_t opaque(uint32_t v) {
+  asm volatile("mov.b32 %0, %0;" : "+r"(v));
+  return v;
+}
+
+// (a & mask) | bits in one LOP3: the compiler emits an AND and an OR for it, as a LOP3 instruction
+// takes only one immediate operand.
+__device__ inline uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(mask), "r"(bits));
+  return d;
+}
+
 // A-operand register: codes (J, J + 4) of one row minus its zero point, as two exact 16-bit floats.
 // zz holds magic + zero in both halves.
 template <int Bits, int J, typename T>
 __device__ inline uint32_t weight_pair(const RowCodes<Bits>& c, uint32_t zz) {
-  return Mma<T>::sub2(code_pair<Bits, J>(c) | (Mma<T>::kMagic * 0x00010001u), zz);
+  constexpr uint32_t magic = Mma<T>::kMagic * 0x00010001u;
+  if constexpr (Bits == 4) {
+    return Mma<T>::sub2(and_or(c.w[J / 8] >> (4 * (J % 8)), 0x000f000fu, magic), zz);
+  } else {
+    return Mma<T>::sub2(code_pair<Bits, J>(c) | magic, zz);
+  }
 }
 
 // 16 consecutive 16-bit activations from position col of one token's row, as 8 words (word i holds
 // positions 2i, 2i+1), zero beyond k or when the token does not exist.
-__device__ inline void load_activations(uint32_t (&regs)[8], bool valid, const uint16_t* row, int64_t col,
-                                        int64_t k) {
+__device__ inline void load_activations(uint32_t (&regs)[8], bool valid, const uint16_t* row, int col, int k) {
   if (!valid) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) regs[i] = 0u;
@@ -194,84 +215,76 @@ __device__ inline void block_mma(float (&c)[4], const RowCodes<Bits>& lo, const 
 }
 
 template <int Bits, typename T, bool kHighTokens, int V>
-__global__ void __launch_bounds__(kWarps * 32, Tuning<V>::kMinBlocks) gemv_mma16_kernel(
+__global__ void __launch_bounds__(kWarps * 32, kHighTokens ? Tuning<V>::kMinBlocksHigh : Tuning<V>::kMinBlocks)
+    gemv_mma16_kernel(
     const uint16_t* __restrict__ x, int m, int64_t x_stride, const uint8_t* __restrict__ packed,
     const uint16_t* __restrict__ scale, const uint8_t* __restrict__ zero, const float* __restrict__ bias,
-    int64_t n, int64_t k, int64_t g, int64_t groups, int64_t row_bytes, int64_t k_blocks, int split,
+    int64_t n, int k, int group_shift, int64_t groups, int64_t row_bytes, int k_blocks, int split,
     T* __restrict__ y) {
   constexpr int kRound = Bits == 4 ? Tuning<V>::kRound4 : Tuning<V>::kRound6;
-  constexpr bool kHoistX = Tuning<V>::kHoistX;
   constexpr int kBlockBytes = kBlockK * Bits / 8, kLaneBytes = kLaneCodes * Bits / 8;
   constexpr int kAcc = kHighTokens ? 8 : 4;
+  constexpr int kTokenGroups = kHighTokens ? 2 : 1;
   __shared__ float partial[kWarps][32][kAcc];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gid = lane / 4, tig = lane % 4;
   const int tiles_per_block = kWarps / split;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * tiles_per_block + warp / split) * kTile;
   const int64_t row_lo = row0 + gid, row_hi = row0 + gid + 8;  // this lane's A rows and output features
-  const bool lo_valid = row_lo < n, hi_valid = row_hi < n;
-  const uint8_t* codes_lo = packed + (lo_valid ? row_lo : 0) * row_bytes + tig * kLaneBytes;
-  const uint8_t* codes_hi = packed + (hi_valid ? row_hi : 0) * row_bytes + tig * kLaneBytes;
-  const uint16_t* scale_lo = scale + (lo_valid ? row_lo : 0) * groups;
-  const uint16_t* scale_hi = scale + (hi_valid ? row_hi : 0) * groups;
-  const uint8_t* zero_lo = zero + (lo_valid ? row_lo : 0) * groups;
-  const uint8_t* zero_hi = zero + (hi_valid ? row_hi : 0) * groups;
-  const uint16_t* x_token = x + static_cast<int64_t>(gid) * x_stride;  // B column gid: tokens gid, gid + 8
-  const bool token_valid = gid < m;
-  const bool high_token_valid = kHighTokens && gid + 8 < m;
+  // Rows past the end read the last row instead: their products are never written, and the loads
+  // need no predicate. Offsets are 32-bit (host-checked) so that they stay in registers: 64-bit row
+  // addresses were recomputed, multiplications and all, on every round.
+  const int read_lo = static_cast<int>(row_lo < n ? row_lo : n - 1);
+  const int read_hi = static_cast<int>(row_hi < n ? row_hi : n - 1);
+  const uint32_t codes_lo = opaque(static_cast<uint32_t>(read_lo) * static_cast<uint32_t>(row_bytes) + tig * kLaneBytes);
+  const uint32_t codes_hi = opaque(static_cast<uint32_t>(read_hi) * static_cast<uint32_t>(row_bytes) + tig * kLaneBytes);
+  const uint32_t meta_lo = opaque(static_cast<uint32_t>(read_lo) * static_cast<uint32_t>(groups));  // scale, zero
+  const uint32_t meta_hi = opaque(static_cast<uint32_t>(read_hi) * static_cast<uint32_t>(groups));
+  const uint32_t x_token = opaque(static_cast<uint32_t>(gid) * static_cast<uint32_t>(x_stride));  // B column gid
+  const uint32_t x_high = 8u * static_cast<uint32_t>(x_stride);  // tokens gid + 8
+  const bool token_valid[2] = {gid < m, kHighTokens && gid + 8 < m};
 
   float acc[kAcc];
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
-  for (int64_t kb0 = warp % split; kb0 < k_blocks; kb0 += static_cast<int64_t>(split) * kRound) {
+  for (int kb0 = warp % split; kb0 < k_blocks; kb0 += split * kRound) {
+    // The round's loads, all issued before any is used: codes, zero points, scales, activations.
     RowCodes<Bits> lo[kRound], hi[kRound];
     uint32_t z_lo[kRound], z_hi[kRound];
     uint16_t s_lo[kRound], s_hi[kRound];
-    uint32_t x_round[kHoistX ? kRound : 1][8];
+    uint32_t xw[kRound][kTokenGroups][8];
 #pragma unroll
     for (int u = 0; u < kRound; ++u) {
-      const int64_t kb = kb0 + static_cast<int64_t>(u) * split;
+      const int kb = kb0 + u * split;
       const bool live = kb < k_blocks;
-      const int64_t grp = kb * kBlockK / g;  // g is a multiple of 64: a K block lies in one group
-      lo[u] = live && lo_valid ? load_row_codes<Bits>(codes_lo + kb * kBlockBytes) : RowCodes<Bits>{};
-      hi[u] = live && hi_valid ? load_row_codes<Bits>(codes_hi + kb * kBlockBytes) : RowCodes<Bits>{};
-      z_lo[u] = live && lo_valid ? __ldg(zero_lo + grp) : 0u;
-      z_hi[u] = live && hi_valid ? __ldg(zero_hi + grp) : 0u;
-      s_lo[u] = live && lo_valid ? __ldg(scale_lo + grp) : 0;
-      s_hi[u] = live && hi_valid ? __ldg(scale_hi + grp) : 0;
-      if constexpr (kHoistX)
-        load_activations(x_round[u], live && token_valid, x_token, kb * kBlockK + tig * kLaneCodes, k);
+      const uint32_t grp = static_cast<uint32_t>(kb) >> group_shift;  // g / 64 K blocks a group (a power of two)
+      const uint32_t block_bytes = static_cast<uint32_t>(kb) * kBlockBytes;
+      lo[u] = live ? load_row_codes<Bits>(packed + (codes_lo + block_bytes)) : RowCodes<Bits>{};
+      hi[u] = live ? load_row_codes<Bits>(packed + (codes_hi + block_bytes)) : RowCodes<Bits>{};
+      z_lo[u] = live ? __ldg(zero + (meta_lo + grp)) : 0u;
+      z_hi[u] = live ? __ldg(zero + (meta_hi + grp)) : 0u;
+      s_lo[u] = live ? __ldg(scale + (meta_lo + grp)) : 0;
+      s_hi[u] = live ? __ldg(scale + (meta_hi + grp)) : 0;
+#pragma unroll
+      for (int t = 0; t < kTokenGroups; ++t)
+        load_activations(xw[u][t], live && token_valid[t], x + (x_token + t * x_high), kb * kBlockK + tig * kLaneCodes,
+                         k);
     }
 #pragma unroll
     for (int u = 0; u < kRound; ++u) {
-      const int64_t kb = kb0 + static_cast<int64_t>(u) * split;
-      if (kb >= k_blocks) break;
-      const int64_t col = kb * kBlockK + tig * kLaneCodes;
+      if (kb0 + u * split >= k_blocks) break;
       const uint32_t zz_lo = (Mma<T>::kMagic + z_lo[u]) * 0x00010001u;  // magic + zero, exact
       const uint32_t zz_hi = (Mma<T>::kMagic + z_hi[u]) * 0x00010001u;
       const float sc_lo = __half2float(__ushort_as_half(s_lo[u]));
       const float sc_hi = __half2float(__ushort_as_half(s_hi[u]));
-      uint32_t xw[8];
-      if constexpr (kHoistX) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) xw[i] = x_round[u][i];
-      } else {
-        load_activations(xw, token_valid, x_token, col, k);
-      }
-      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      block_mma<Bits, T>(c, lo[u], hi[u], zz_lo, zz_hi, xw);
-      acc[0] += c[0] * sc_lo;  // feature row_lo, token 2t
-      acc[1] += c[1] * sc_lo;  // feature row_lo, token 2t + 1
-      acc[2] += c[2] * sc_hi;  // feature row_hi, token 2t
-      acc[3] += c[3] * sc_hi;  // feature row_hi, token 2t + 1
-      if constexpr (kHighTokens) {
-        load_activations(xw, high_token_valid, x_token + 8 * x_stride, col, k);
-        float ch[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        block_mma<Bits, T>(ch, lo[u], hi[u], zz_lo, zz_hi, xw);
-        acc[4] += ch[0] * sc_lo;  // tokens 8 + 2t, 8 + 2t + 1
-        acc[5] += ch[1] * sc_lo;
-        acc[6] += ch[2] * sc_hi;
-        acc[7] += ch[3] * sc_hi;
+      for (int t = 0; t < kTokenGroups; ++t) {
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        block_mma<Bits, T>(c, lo[u], hi[u], zz_lo, zz_hi, xw[u][t]);
+        acc[4 * t + 0] += c[0] * sc_lo;  // feature row_lo, token 8t + 2 tig
+        acc[4 * t + 1] += c[1] * sc_lo;  // feature row_lo, token 8t + 2 tig + 1
+        acc[4 * t + 2] += c[2] * sc_hi;  // feature row_hi, token 8t + 2 tig
+        acc[4 * t + 3] += c[3] * sc_hi;  // feature row_hi, token 8t + 2 tig + 1
       }
     }
   }
@@ -293,6 +306,16 @@ __global__ void __launch_bounds__(kWarps * 32, Tuning<V>::kMinBlocks) gemv_mma16
     if (token < m && feature < n)
       y[static_cast<int64_t>(token) * n + feature] = Mma<T>::from_float(acc[i] + (bias ? bias[feature] : 0.0f));
   }
+}
+
+// log2(g / 64), or -1 when g is not 64 times a power of two.
+int group_shift(int64_t g) {
+  if (g < kBlockK || g % kBlockK != 0) return -1;
+  const int64_t blocks = g / kBlockK;
+  if ((blocks & (blocks - 1)) != 0) return -1;
+  int shift = 0;
+  while ((int64_t{1} << shift) < blocks) ++shift;
+  return shift;
 }
 
 int sm_count() {
@@ -328,17 +351,20 @@ cudaError_t launch(const void* x, int m, int64_t x_stride, const uint8_t* packed
                    cudaStream_t stream) {
   const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  const int split = split_for(tiles, k_blocks, kWarps * Tuning<V>::kMinBlocks);
+  const int split = split_for(tiles, k_blocks, kWarps * (m > 8 ? Tuning<V>::kMinBlocksHigh : Tuning<V>::kMinBlocks));
   const int64_t tiles_per_block = kWarps / split;
   const unsigned blocks = static_cast<unsigned>((tiles + tiles_per_block - 1) / tiles_per_block);
   const auto* xs = static_cast<const uint16_t*>(x);
   const int64_t groups = num_groups(k, g), row_bytes = packed_row_bytes(k, g, Bits);
+  const int shift = group_shift(g);
   if (m > 8)
     gemv_mma16_kernel<Bits, T, true, V><<<blocks, kWarps * 32, 0, stream>>>(
-        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, split, static_cast<T*>(y));
+        xs, m, x_stride, packed, scale, zero, bias, n, static_cast<int>(k), shift, groups, row_bytes,
+        static_cast<int>(k_blocks), split, static_cast<T*>(y));
   else
     gemv_mma16_kernel<Bits, T, false, V><<<blocks, kWarps * 32, 0, stream>>>(
-        xs, m, x_stride, packed, scale, zero, bias, n, k, g, groups, row_bytes, k_blocks, split, static_cast<T*>(y));
+        xs, m, x_stride, packed, scale, zero, bias, n, static_cast<int>(k), shift, groups, row_bytes,
+        static_cast<int>(k_blocks), split, static_cast<T*>(y));
   return cudaGetLastError();
 }
 
@@ -355,10 +381,27 @@ cudaError_t launch_tuned(const void* x, OutputType dtype, int m, int64_t x_strid
 
 }  // namespace
 
+namespace {
+// The kernel's 32-bit offsets: codes, scales and activations of the whole layer below 2^31.
+bool fits_32_bit_offsets(int m, int64_t x_stride, int64_t n, int64_t k, int bits, int64_t g) {
+  constexpr int64_t kLimit = int64_t{1} << 31;
+  return n * packed_row_bytes(k, g, bits) < kLimit && n * num_groups(k, g) < kLimit &&
+         static_cast<int64_t>(m) * x_stride + k < kLimit && padded_in_features(k, g) < kLimit / 2;
+}
+}  // namespace
+
+bool packed_gemv_mma16_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
+                                 int64_t n, int64_t k, int64_t x_stride) {
+  // A group of 64 times a power of two codes: a shift finds a K block's group.
+  return packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride) && group_shift(g) >= 0 &&
+         fits_32_bit_offsets(m, x_stride, n, k, bits, g);
+}
+
 cudaError_t packed_gemv_mma16(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                               const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                               int bits, int64_t g, void* y, cudaStream_t stream, int tuning) {
-  if (!packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride) || tuning < 0 || tuning >= kTunings)
+  if (!packed_gemv_mma16_supported(x, packed, dtype, bits, g, m, n, k, x_stride) || tuning < 0 ||
+      tuning >= kTunings || n <= 0)
     return cudaErrorInvalidValue;
   switch (tuning) {
     case 1: return launch_tuned<1>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
