@@ -89,6 +89,14 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+def headers(*folders):
+    """Every header under the given csrc/ folders: setuptools relinks an extension only when a file
+    in its sources or `depends` is newer than the built module, so an in-tree rebuild after editing
+    only a header (or, for _cuda, only a .cu file, which BuildExt compiles itself) would otherwise
+    install the old module."""
+    return sorted(str(p.relative_to(ROOT)) for folder in folders for p in (ROOT / CSRC / folder).rglob("*.h"))
+
+
 def extensions():
     include = [str(Path(CSRC) / "include"), str(Path(CSRC) / "cpu")]
     cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "cpu").glob("*.cpp"))
@@ -99,21 +107,23 @@ def extensions():
             include_dirs=include,
             extra_compile_args=cpu_flags(),
             extra_link_args=["-fopenmp", "-s"],
+            depends=headers("include", "cpu"),
             cxx_std=17,
         )
     ]
     nvcc = find_nvcc()
     if nvcc is not None:
         cuda_home = Path(nvcc).resolve().parent.parent
+        cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "cuda").glob("*.cu"))
         cuda_ext = Pybind11Extension(
             "brecq_ext._cuda",
-            [str(Path(CSRC) / "cuda" / "bindings.cpp")]
-            + sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "cuda").glob("*.cu")),
+            [str(Path(CSRC) / "cuda" / "bindings.cpp")] + cu_sources,
             include_dirs=include + [str(cuda_home / "include")],
             library_dirs=[str(cuda_home / "lib64")],
             libraries=["cudart_static", "dl", "rt", "pthread"],
             extra_compile_args=["-O3", "-g0", "-fvisibility=hidden"],
             extra_link_args=["-s"],
+            depends=cu_sources + headers("include", "cuda"),
             cxx_std=17,
         )
         cuda_ext.nvcc = nvcc

@@ -129,6 +129,34 @@ def test_gemv_kernel_choice_is_checked():
         cuda.packed_gemv(0, 1, 1, 64, 0, 0, 0, 0, 16, 64, 4, 64, 0, 0, 2, 1)
 
 
+# kAuto's choice at the Qwen3-0.6B shapes on an H100 (132 SMs), as measured in bench/README.md:
+# the 16-feature kernel's longest rounds (tuning 2) wherever a layer cannot fill the GPU, the 8-feature
+# kernel where its warps need fewer trips to DRAM (W6 o_proj: 4 K blocks a warp, one round of 4
+# against rounds of 3), and the most warps (tuning 0) on the lm_head, which streams.
+AUTO_CHOICE_H100 = {
+    # (in, out): {(bits, rows): (kernel, tuning)}
+    (1024, 2048): {(4, 1): ("mma16", 2), (6, 1): ("mma16", 2), (4, 16): ("mma16", 2), (6, 16): ("mma16", 2)},
+    (1024, 1024): {(4, 1): ("mma16", 2), (6, 1): ("mma16", 2), (4, 16): ("mma16", 2), (6, 16): ("mma16", 2)},
+    (2048, 1024): {(4, 1): ("mma16", 2), (6, 1): ("mma8", 0), (4, 16): ("mma16", 2), (6, 16): ("mma8", 0)},
+    (1024, 3072): {(4, 1): ("mma16", 2), (6, 1): ("mma16", 2), (4, 16): ("mma16", 2), (6, 16): ("mma16", 2)},
+    (3072, 1024): {(4, 1): ("mma16", 2), (6, 1): ("mma16", 2), (4, 16): ("mma16", 2), (6, 16): ("mma16", 2)},
+    (1024, 151936): {(4, 1): ("mma16", 0), (6, 1): ("mma16", 0), (4, 16): ("mma16", 0), (6, 16): ("mma16", 0)},
+}
+
+
+@pytest.mark.skipif(cuda_kernels() is None, reason="built without nvcc")
+@pytest.mark.parametrize("shape", list(AUTO_CHOICE_H100), ids=lambda s: f"{s[0]}to{s[1]}")
+def test_auto_gemv_choice_at_qwen3_shapes(shape):
+    # Pure host logic: runs without a GPU wherever the CUDA module was compiled (CI builds it).
+    names = {value: name for name, value in GEMV_KERNELS.items()}
+    in_features, out_features = shape
+    for (bits, rows), expected in AUTO_CHOICE_H100[shape].items():
+        kernel, tuning = cuda_kernels().gemv_choice(out_features, in_features, 64, bits, rows, 132)
+        assert (names[kernel], tuning) == expected, (bits, rows)
+    # Without the 16-feature kernel (a group size that is not 64 times a power of two), the 8-feature one.
+    assert cuda_kernels().gemv_choice(out_features, in_features, 192, 4, 1, 132, False) == (GEMV_KERNELS["mma8"], 0)
+
+
 def _quant_model(device, dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(192, 256), nn.GELU(), nn.Linear(256, 96))

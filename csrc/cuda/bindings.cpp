@@ -115,6 +115,14 @@ PYBIND11_MODULE(_cuda, m) {
   }, py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("x_stride"), py::arg("packed"), py::arg("scale"),
      py::arg("zero"), py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("g"), py::arg("y"),
      py::arg("stream"), py::arg("kernel") = 0, py::arg("tuning") = 0, py::call_guard<py::gil_scoped_release>());
+  // The kernel and tuning kAuto takes for a layer on a GPU with `sms` multiprocessors, where the
+  // tensor-core kernels apply: pure host logic, checked by tests without a GPU.
+  m.def("gemv_choice", [](int64_t n, int64_t k, int64_t g, int bits, int m_rows, int sms, bool mma16_supported) {
+    const brecq::cuda::GemvChoice choice =
+        brecq::cuda::choose_tensor_core_gemv(n, k, g, bits, m_rows, sms, mma16_supported);
+    return py::make_tuple(static_cast<int>(choice.kernel), choice.tuning);
+  }, py::arg("n"), py::arg("k"), py::arg("g"), py::arg("bits"), py::arg("m"), py::arg("sms"),
+     py::arg("mma16_supported") = true);
   m.def("adaround_forward", [](std::uintptr_t w, std::uintptr_t v, std::uintptr_t scale, std::uintptr_t zero,
                                int64_t n, int64_t k, int bits, int64_t g, std::uintptr_t out, std::uintptr_t stream) {
     check(brecq::cuda::adaround_forward(reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(v),

@@ -55,10 +55,23 @@ cudaError_t packed_gemv_mma(const void* x, OutputType dtype, int m, int64_t x_st
 // told n, checks the rest, and kAuto falls back to kMma8 for larger layers.
 bool packed_gemv_mma16_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
                                  int64_t n, int64_t k, int64_t x_stride);
-// tuning: one of gemv_mma16.cu's Tuning<> (0..3); 0 is what kMma16 runs.
+// tuning: one of gemv_mma16.cu's Tuning<> (0..3); a call naming kMma16 runs 0, kAuto picks one.
 cudaError_t packed_gemv_mma16(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                               const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                               int bits, int64_t g, void* y, cudaStream_t stream, int tuning = 0);
+
+// How kAuto picks between the tensor-core kernels (gemv_mma16.cu has the reasons), as a pure
+// function of the layer and the SM count so that it can be checked without a GPU; mma16_supported
+// says whether kMma16 applies at all.
+struct GemvChoice {
+  GemvKernel kernel;
+  int tuning;
+};
+GemvChoice choose_tensor_core_gemv(int64_t n, int64_t k, int64_t g, int bits, int m, int sms, bool mma16_supported);
+// Rounds of loads (trips to DRAM, one after another) a warp of the 8-feature kernel makes.
+int packed_gemv_mma_rounds(int64_t n, int64_t k, int64_t g, int sms);
+// Multiprocessors of the current device, cached per device; 132 (an H100's) when it cannot be read.
+int multiprocessor_count();
 
 // AdaRound (csrc/cpu/adaround.cpp has the formulas); all pointers float32 except scale/zero.
 cudaError_t adaround_forward(const float* w, const float* v, const uint16_t* scale, const uint8_t* zero,

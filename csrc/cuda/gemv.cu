@@ -183,6 +183,28 @@ size_t max_shared_bytes() {
   return static_cast<size_t>(bytes);
 }
 
+}  // namespace
+
+int multiprocessor_count() {
+  static std::atomic<int> cache[64];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
+    return 132;
+  }
+  int sms = cache[device].load(std::memory_order_relaxed);
+  if (sms <= 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+      cudaGetLastError();
+      return 132;
+    }
+    cache[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
+namespace {
+
 size_t shared_bytes(int m, int64_t k, int64_t g) {
   return static_cast<size_t>(m) * padded_stride(padded_in_features(k, g)) * sizeof(float);
 }
@@ -250,18 +272,19 @@ cudaError_t packed_gemv(const void* x, OutputType dtype, int m, int64_t x_stride
                         const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                         int bits, int64_t g, void* y, cudaStream_t stream, GemvKernel kernel) {
   if (!packed_gemv_supported(x, packed, dtype, bits, g, m, k, x_stride, kernel)) return cudaErrorInvalidValue;
+  int tuning = 0;
   if (kernel == GemvKernel::kAuto) {
-    // Measured on an H100 (bench/README.md): with 16 features a warp, layers of fewer than 3072
-    // features leave too few warps to hide latency, and the 8-feature kernel is 10-40 % faster
-    // there; from 3072 features on (gate/up, the lm_head) the 16-feature kernel is faster, by
-    // 1.5x on the lm_head.
-    if (!packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride)) kernel = GemvKernel::kSimt;
-    else if (n >= 3072 && packed_gemv_mma16_supported(x, packed, dtype, bits, g, m, n, k, x_stride))
-      kernel = GemvKernel::kMma16;
-    else kernel = GemvKernel::kMma8;
+    if (!packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride)) {
+      kernel = GemvKernel::kSimt;
+    } else {
+      const GemvChoice choice = choose_tensor_core_gemv(
+          n, k, g, bits, m, multiprocessor_count(), packed_gemv_mma16_supported(x, packed, dtype, bits, g, m, n, k, x_stride));
+      kernel = choice.kernel;
+      tuning = choice.tuning;
+    }
   }
   if (kernel == GemvKernel::kMma16)
-    return packed_gemv_mma16(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
+    return packed_gemv_mma16(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream, tuning);
   if (kernel == GemvKernel::kMma8)
     return packed_gemv_mma(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
   return bits == 4 ? dispatch_dtype<4>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)

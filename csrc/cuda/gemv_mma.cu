@@ -216,19 +216,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kHighRows ? 2 : 3) gemv_mma_ke
 
 // Warps sharing one tile: enough warps in all to fill every SM (about 24 resident warps each at
 // this kernel's register use), without splitting K when the layer has tiles enough.
-int split_for(int64_t tiles) {
-  static std::atomic<int> sm_count[64];
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < 64) {
-    sms = sm_count[device].load(std::memory_order_relaxed);
-    if (sms <= 0) {
-      if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
-        cudaGetLastError();
-        sms = 132;
-      }
-      sm_count[device].store(sms, std::memory_order_relaxed);
-    }
-  }
+int split_for(int64_t tiles, int sms) {
   const int64_t target = static_cast<int64_t>(sms) * 24;
   int split = 1;
   while (split < kMmaWarps && tiles * split < target) split *= 2;
@@ -241,7 +229,7 @@ cudaError_t launch_mma(const void* x, int m, int64_t x_stride, const uint8_t* pa
                        cudaStream_t stream) {
   const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
-  const int split = split_for(tiles);
+  const int split = split_for(tiles, multiprocessor_count());
   const int64_t tiles_per_block = kMmaWarps / split;
   const unsigned blocks = static_cast<unsigned>((tiles + tiles_per_block - 1) / tiles_per_block);
   const auto* xs = static_cast<const uint16_t*>(x);
@@ -256,6 +244,13 @@ cudaError_t launch_mma(const void* x, int m, int64_t x_stride, const uint8_t* pa
 }
 
 }  // namespace
+
+int packed_gemv_mma_rounds(int64_t n, int64_t k, int64_t g, int sms) {
+  const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
+  const int64_t split = split_for((n + kTileRows - 1) / kTileRows, sms);
+  const int64_t per_warp = (k_blocks + split - 1) / split;  // warps sharing a tile take K blocks in turn
+  return static_cast<int>((per_warp + kUnroll - 1) / kUnroll);
+}
 
 bool packed_gemv_mma_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
                                int64_t x_stride) {

@@ -318,31 +318,25 @@ int group_shift(int64_t g) {
   return shift;
 }
 
-int sm_count() {
-  static std::atomic<int> cache[64];
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
-    cudaGetLastError();
-    return sms;
-  }
-  sms = cache[device].load(std::memory_order_relaxed);
-  if (sms <= 0) {
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
-      cudaGetLastError();
-      sms = 132;
-    }
-    cache[device].store(sms, std::memory_order_relaxed);
-  }
-  return sms;
-}
-
 // Warps sharing one tile (splitting K): enough warps for one full wave (`warps_per_sm` resident),
 // but never more warps per tile than the tile has K blocks.
-int split_for(int64_t tiles, int64_t k_blocks, int warps_per_sm) {
-  const int64_t target = static_cast<int64_t>(sm_count()) * warps_per_sm;
+int split_for(int64_t tiles, int64_t k_blocks, int64_t wave) {
   int split = 1;
-  while (split < kWarps && tiles * split < target && 2 * split <= k_blocks) split *= 2;
+  while (split < kWarps && tiles * split < wave && 2 * split <= k_blocks) split *= 2;
   return split;
+}
+
+template <int V>
+int64_t wave_warps(int m, int sms) {
+  return static_cast<int64_t>(sms) * kWarps * (m > 8 ? Tuning<V>::kMinBlocksHigh : Tuning<V>::kMinBlocks);
+}
+
+template <int V>
+int rounds_per_warp(int64_t n, int64_t k_blocks, int bits, int m, int sms) {
+  const int64_t split = split_for((n + kTile - 1) / kTile, k_blocks, wave_warps<V>(m, sms));
+  const int64_t per_warp = (k_blocks + split - 1) / split;
+  const int round = bits == 4 ? Tuning<V>::kRound4 : Tuning<V>::kRound6;
+  return static_cast<int>((per_warp + round - 1) / round);
 }
 
 template <int Bits, typename T, int V>
@@ -351,7 +345,7 @@ cudaError_t launch(const void* x, int m, int64_t x_stride, const uint8_t* packed
                    cudaStream_t stream) {
   const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  const int split = split_for(tiles, k_blocks, kWarps * (m > 8 ? Tuning<V>::kMinBlocksHigh : Tuning<V>::kMinBlocks));
+  const int split = split_for(tiles, k_blocks, wave_warps<V>(m, multiprocessor_count()));
   const int64_t tiles_per_block = kWarps / split;
   const unsigned blocks = static_cast<unsigned>((tiles + tiles_per_block - 1) / tiles_per_block);
   const auto* xs = static_cast<const uint16_t*>(x);
@@ -389,6 +383,18 @@ bool fits_32_bit_offsets(int m, int64_t x_stride, int64_t n, int64_t k, int bits
          static_cast<int64_t>(m) * x_stride + k < kLimit && padded_in_features(k, g) < kLimit / 2;
 }
 }  // namespace
+
+GemvChoice choose_tensor_core_gemv(int64_t n, int64_t k, int64_t g, int bits, int m, int sms, bool mma16_supported) {
+  if (!mma16_supported) return {GemvKernel::kMma8, 0};
+  const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
+  // A layer with tiles for a full wave of the most-warps tuning streams: more warps hide more latency.
+  if ((n + kTile - 1) / kTile >= wave_warps<0>(m, sms)) return {GemvKernel::kMma16, 0};
+  // A smaller layer is latency-bound: each round of loads is one trip to DRAM, so take the kernel
+  // whose warps need the fewest rounds, the 16-feature one (tuning 2, the longest rounds) on a tie.
+  if (packed_gemv_mma_rounds(n, k, g, sms) < rounds_per_warp<2>(n, k_blocks, bits, m, sms))
+    return {GemvKernel::kMma8, 0};
+  return {GemvKernel::kMma16, 2};
+}
 
 bool packed_gemv_mma16_supported(const void* x, const uint8_t* packed, OutputType dtype, int bits, int64_t g, int m,
                                  int64_t n, int64_t k, int64_t x_stride) {
