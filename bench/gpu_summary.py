@@ -8,6 +8,35 @@ import json
 import sys
 
 
+def auto_choice_table(data: dict, kernel_rows: list, sms: int = 132) -> None:
+    """The per-kernel timings of the kernel that the CUDA module's automatic choice takes for each
+    layer (brecq_ext._cuda.gemv_choice, for a GPU of `sms` multiprocessors: 132 on an H100 or H200)."""
+    try:
+        from brecq_ext import _cuda
+    except ImportError:
+        return
+    names = {2: "mma8", 3: "mma16"}
+    timed = set(kernel_rows[0]["w4_kernel_ms"]) if kernel_rows else set()
+    if not {"mma8", "mma16t0", "mma16t2"} <= timed:
+        return  # a file from before the tunings were timed one by one
+    print(f"\nThe kernel the automatic choice takes ({sms} SMs), from the per-kernel timings above:\n")
+    print("| layer | rows | bf16 us | W4 kernel | W4 us | W4 of copy | W4 vs bf16 | W6 kernel | W6 us | W6 of copy | "
+          "W6 vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in kernel_rows:
+        cells = []
+        for bits in (4, 6):
+            kernel, tuning = _cuda.gemv_choice(r["out"], r["in"], 64, bits, r["rows"], sms)
+            name = names[kernel] + (f"t{tuning}" if kernel == 3 else "")
+            ms = r[f"w{bits}_kernel_ms"][name]
+            nbytes = r[f"w{bits}_gbs"] * r[f"w{bits}_ms"] * 1e6
+            fraction = nbytes / (ms * 1e-3) / 1e9 / data["copy_bandwidth_gbs"]
+            cells.append((name, ms, fraction, r["dense_bf16_ms"] / ms))
+        (n4, ms4, f4, s4), (n6, ms6, f6, s6) = cells
+        print(f"| {r['shape']} {r['in']}->{r['out']} | {r['rows']} | {r['dense_bf16_ms'] * 1e3:.1f} | {n4} | "
+              f"{ms4 * 1e3:.1f} | {100 * f4:.0f}% | {s4:.2f}x | {n6} | {ms6 * 1e3:.1f} | {100 * f6:.0f}% | {s6:.2f}x |")
+
+
 def main(path: str) -> None:
     data = json.load(open(path))
     env = data["environment"]
@@ -34,6 +63,7 @@ def main(path: str) -> None:
             fraction = w4_bytes / (best * 1e-3) / 1e9 / data["copy_bandwidth_gbs"]
             print(f"| {r['shape']} | {r['rows']} | {r['dense_bf16_ms'] * 1e3:.1f} | " + " | ".join(cells)
                   + f" | {100 * fraction:.0f}% |")
+    auto_choice_table(data, kernel_rows)
     if "eager_call_us_gate_proj_1row" in data:
         print("\neager call, gate_proj, 1 row (us):", json.dumps(data["eager_call_us_gate_proj_1row"]))
     decode = data.get("decode", {})
