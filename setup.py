@@ -90,11 +90,12 @@ class BuildExt(build_ext):
 
 
 def headers(*folders):
-    """Every header under the given csrc/ folders: setuptools relinks an extension only when a file
-    in its sources or `depends` is newer than the built module, so an in-tree rebuild after editing
-    only a header (or, for _cuda, only a .cu file, which BuildExt compiles itself) would otherwise
-    install the old module."""
-    return sorted(str(p.relative_to(ROOT)) for folder in folders for p in (ROOT / CSRC / folder).rglob("*.h"))
+    """Every header (.h, .cuh) under the given csrc/ folders. setuptools relinks an extension only
+    when a file in its sources or `depends` is newer than the built module, so an in-tree rebuild
+    after editing only a header (or, for _cuda, only a .cu file, which BuildExt compiles itself)
+    would otherwise install the old module."""
+    return sorted(str(p.relative_to(ROOT)) for folder in folders for p in (ROOT / CSRC / folder).rglob("*")
+                  if p.suffix in (".h", ".cuh"))
 
 
 def extensions():

@@ -28,6 +28,7 @@
 
 #include "brecq/format.h"
 #include "cuda_kernels.h"
+#include "mma_operands.cuh"
 
 namespace brecq {
 namespace cuda {
@@ -36,102 +37,32 @@ namespace {
 constexpr int kMmaWarps = 8;   // warps per block
 constexpr int kTileRows = 8;   // output features per tile (one warp's, or shared by `split` warps)
 constexpr int kBlockK = 64;    // codes per K block (four MMA steps of 16)
-constexpr int kLaneCodes = 16; // codes one lane feeds per K block
+constexpr int kLaneCodes = mma::kRunCodes;  // codes one lane feeds per K block
 constexpr int kUnroll = 4;     // K blocks a warp loads before it multiplies
 
-template <int Bits> struct LaneCodes;
-template <> struct LaneCodes<4> { uint32_t w0, w1; };      // 8 bytes
-template <> struct LaneCodes<6> { uint32_t w0, w1, w2; };  // 12 bytes
+using mma::CodeRun;
+using mma::load_activations;
+using mma::load_code_run;
+using mma::Mma;
 
 template <int Bits>
-__device__ inline LaneCodes<Bits> load_lane_codes(const uint8_t* p);
+__device__ inline void decode16(const CodeRun<Bits>& c, float (&q)[kLaneCodes]);
 template <>
-__device__ inline LaneCodes<4> load_lane_codes<4>(const uint8_t* p) {
-  const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));  // 8-byte aligned: rows are 32-byte multiples
-  return {v.x, v.y};
-}
-template <>
-__device__ inline LaneCodes<6> load_lane_codes<6>(const uint8_t* p) {
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(p);  // 4-byte aligned: 12-byte runs from 48-byte rows
-  return {__ldg(w), __ldg(w + 1), __ldg(w + 2)};
-}
-
-template <int Bits>
-__device__ inline void decode16(const LaneCodes<Bits>& c, float (&q)[kLaneCodes]);
-template <>
-__device__ inline void decode16<4>(const LaneCodes<4>& c, float (&q)[kLaneCodes]) {
+__device__ inline void decode16<4>(const CodeRun<4>& c, float (&q)[kLaneCodes]) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    q[j] = static_cast<float>((c.w0 >> (4 * j)) & 0xfu);
-    q[8 + j] = static_cast<float>((c.w1 >> (4 * j)) & 0xfu);
+    q[j] = static_cast<float>((c.w[0] >> (4 * j)) & 0xfu);
+    q[8 + j] = static_cast<float>((c.w[1] >> (4 * j)) & 0xfu);
   }
 }
 template <>
-__device__ inline void decode16<6>(const LaneCodes<6>& c, float (&q)[kLaneCodes]) {
-  const uint64_t lo = static_cast<uint64_t>(c.w0) | (static_cast<uint64_t>(c.w1) << 32);
+__device__ inline void decode16<6>(const CodeRun<6>& c, float (&q)[kLaneCodes]) {
+  const uint64_t lo = static_cast<uint64_t>(c.w[0]) | (static_cast<uint64_t>(c.w[1]) << 32);
 #pragma unroll
   for (int j = 0; j < 10; ++j) q[j] = static_cast<float>((lo >> (6 * j)) & 0x3fu);
-  q[10] = static_cast<float>(((lo >> 60) | (static_cast<uint64_t>(c.w2) << 4)) & 0x3fu);  // bits 60..65
+  q[10] = static_cast<float>(((lo >> 60) | (static_cast<uint64_t>(c.w[2]) << 4)) & 0x3fu);  // bits 60..65
 #pragma unroll
-  for (int j = 11; j < 16; ++j) q[j] = static_cast<float>((c.w2 >> (6 * j - 64)) & 0x3fu);
-}
-
-template <typename T> struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
-  __device__ static uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  __device__ static void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct Mma<__half> {
-  __device__ static uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  __device__ static void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-};
-
-// 16 consecutive 16-bit activations from position col of one row as 8 pairs (lower position in the
-// low half), zero beyond k or when the row does not exist.
-__device__ inline void load_activations(uint32_t (&regs)[8], bool valid, const uint16_t* row, int64_t col,
-                                        int64_t k) {
-  if (!valid) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) regs[i] = 0u;
-    return;
-  }
-  if (col + kLaneCodes <= k) {  // 16-byte aligned: the host checks x and its row stride
-    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(row + col));
-    const uint4 hi = __ldg(reinterpret_cast<const uint4*>(row + col + 8));
-    regs[0] = lo.x; regs[1] = lo.y; regs[2] = lo.z; regs[3] = lo.w;
-    regs[4] = hi.x; regs[5] = hi.y; regs[6] = hi.z; regs[7] = hi.w;
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t a = col + 2 * i < k ? row[col + 2 * i] : 0u;
-    const uint32_t b = col + 2 * i + 1 < k ? row[col + 2 * i + 1] : 0u;
-    regs[i] = a | (b << 16);
-  }
+  for (int j = 11; j < 16; ++j) q[j] = static_cast<float>((c.w[2] >> (6 * j - 64)) & 0x3fu);
 }
 
 template <int Bits, typename T, bool kHighRows>
@@ -156,7 +87,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kHighRows ? 2 : 3) gemv_mma_ke
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t kb0 = warp % split; kb0 < k_blocks; kb0 += static_cast<int64_t>(split) * kUnroll) {
-    LaneCodes<Bits> codes[kUnroll];
+    CodeRun<Bits> codes[kUnroll];
     uint8_t zp[kUnroll];
     uint16_t s0[kUnroll], s1[kUnroll];
     uint32_t xa[kUnroll][8], xb[kUnroll][8];
@@ -165,7 +96,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kHighRows ? 2 : 3) gemv_mma_ke
       const int64_t kb = kb0 + static_cast<int64_t>(u) * split;
       const bool live = kb < k_blocks;
       const int64_t grp = kb * kBlockK / g;  // g is a multiple of 64: a K block lies in one group
-      codes[u] = live && b_valid ? load_lane_codes<Bits>(codes_row + kb * kBlockBytes) : LaneCodes<Bits>{};
+      codes[u] = live && b_valid ? load_code_run<Bits>(codes_row + kb * kBlockBytes) : CodeRun<Bits>{};
       zp[u] = live && b_valid ? __ldg(zero + b_row * groups + grp) : 0;
       s0[u] = live && c_row < n ? __ldg(scale + c_row * groups + grp) : 0;
       s1[u] = live && c_row + 1 < n ? __ldg(scale + (c_row + 1) * groups + grp) : 0;

@@ -34,6 +34,7 @@
 
 #include "brecq/format.h"
 #include "cuda_kernels.h"
+#include "mma_operands.cuh"
 
 namespace brecq {
 namespace cuda {
@@ -42,7 +43,7 @@ namespace {
 constexpr int kWarps = 8;      // warps per block
 constexpr int kTile = 16;      // output features per tile: the MMA's m
 constexpr int kBlockK = 64;    // codes per K block (four k16 MMA steps), inside one group
-constexpr int kLaneCodes = 16; // codes of one row one lane loads per K block
+constexpr int kLaneCodes = mma::kRunCodes;  // codes of one row one lane loads per K block
 
 // Tunings of the kernel, measured side by side on an H100 (bench/gpu_bench.py): how many K blocks a
 // warp loads per round (4-bit, 6-bit) and how many blocks of 8 warps an SM must hold, which caps the
@@ -65,22 +66,11 @@ template <> struct Tuning<3> {  // 40 warps (24)
 };
 constexpr int kTunings = 4;
 
-template <int Bits> struct RowCodes;
-template <> struct RowCodes<4> { uint32_t w[2]; };  // 8 bytes: codes 0..7 in w[0], 8..15 in w[1]
-template <> struct RowCodes<6> { uint32_t w[3]; };  // 12 bytes: code j at bits 6j of the 96
-
+using mma::load_activations;
+using mma::Mma;
 template <int Bits>
-__device__ inline RowCodes<Bits> load_row_codes(const uint8_t* p);
-template <>
-__device__ inline RowCodes<4> load_row_codes<4>(const uint8_t* p) {
-  const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));  // 8-byte aligned: rows are 32-byte multiples
-  return {{v.x, v.y}};
-}
-template <>
-__device__ inline RowCodes<6> load_row_codes<6>(const uint8_t* p) {
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(p);  // 4-byte aligned: 12-byte runs of 48-byte rows
-  return {{__ldg(w), __ldg(w + 1), __ldg(w + 2)}};
-}
+using RowCodes = mma::CodeRun<Bits>;  // 16 codes of one weight row
+using mma::load_code_run;
 
 // Code j (0..15) of a lane's run, in the low bits.
 template <int Bits, int J>
@@ -103,43 +93,6 @@ __device__ inline uint32_t code_pair(const RowCodes<Bits>& c) {
     return code_at<Bits, J>(c) | (code_at<Bits, J + 4>(c) << 16);
   }
 }
-
-template <typename T> struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
-  static constexpr uint32_t kMagic = 0x4300u;  // 128.0: 128 + q is exact for q < 128
-  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
-    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a),
-                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-  __device__ static void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct Mma<__half> {
-  static constexpr uint32_t kMagic = 0x6400u;  // 1024.0: 1024 + q is exact for q < 1024
-  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-  __device__ static void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-};
 
 // v, which the compiler can no longer recompute from the kernel's parameters: under a tight register
 // limit it otherwise re-derives loop-invariant offsets (row clamps, 64-bit compares and all) on
@@ -166,29 +119,6 @@ __device__ inline uint32_t weight_pair(const RowCodes<Bits>& c, uint32_t zz) {
     return Mma<T>::sub2(and_or(c.w[J / 8] >> (4 * (J % 8)), 0x000f000fu, magic), zz);
   } else {
     return Mma<T>::sub2(code_pair<Bits, J>(c) | magic, zz);
-  }
-}
-
-// 16 consecutive 16-bit activations from position col of one token's row, as 8 words (word i holds
-// positions 2i, 2i+1), zero beyond k or when the token does not exist.
-__device__ inline void load_activations(uint32_t (&regs)[8], bool valid, const uint16_t* row, int col, int k) {
-  if (!valid) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) regs[i] = 0u;
-    return;
-  }
-  if (col + kLaneCodes <= k) {  // 16-byte aligned: the host checks x and its row stride
-    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(row + col));
-    const uint4 hi = __ldg(reinterpret_cast<const uint4*>(row + col + 8));
-    regs[0] = lo.x; regs[1] = lo.y; regs[2] = lo.z; regs[3] = lo.w;
-    regs[4] = hi.x; regs[5] = hi.y; regs[6] = hi.z; regs[7] = hi.w;
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t a = col + 2 * i < k ? row[col + 2 * i] : 0u;
-    const uint32_t b = col + 2 * i + 1 < k ? row[col + 2 * i + 1] : 0u;
-    regs[i] = a | (b << 16);
   }
 }
 
@@ -259,8 +189,8 @@ __global__ void __launch_bounds__(kWarps * 32, kHighTokens ? Tuning<V>::kMinBloc
       const bool live = kb < k_blocks;
       const uint32_t grp = static_cast<uint32_t>(kb) >> group_shift;  // g / 64 K blocks a group (a power of two)
       const uint32_t block_bytes = static_cast<uint32_t>(kb) * kBlockBytes;
-      lo[u] = live ? load_row_codes<Bits>(packed + (codes_lo + block_bytes)) : RowCodes<Bits>{};
-      hi[u] = live ? load_row_codes<Bits>(packed + (codes_hi + block_bytes)) : RowCodes<Bits>{};
+      lo[u] = live ? load_code_run<Bits>(packed + (codes_lo + block_bytes)) : RowCodes<Bits>{};
+      hi[u] = live ? load_code_run<Bits>(packed + (codes_hi + block_bytes)) : RowCodes<Bits>{};
       z_lo[u] = live ? __ldg(zero + (meta_lo + grp)) : 0u;
       z_hi[u] = live ? __ldg(zero + (meta_hi + grp)) : 0u;
       s_lo[u] = live ? __ldg(scale + (meta_lo + grp)) : 0;
