@@ -115,18 +115,28 @@ def test_each_gemv_kernel_matches_the_exact_product(kernel, dtype, bits, rows, s
 
 
 @needs_cuda
-def test_gemv_kernel_choice_is_checked():
-    cuda = cuda_kernels()
-    with pytest.raises(ValueError, match="kernel must be"):
-        cuda.packed_gemv_supported(0, 0, 1, 4, 64, 1, 64, 64, 7)
+def test_gemv_support_rules_for_strided_rows():
     # Rows that are not 8 elements apart rule out the tensor-core kernels, never the SIMT one.
+    cuda = cuda_kernels()
     packed, *_ = _layer(16, 172, 4, 64, seed=0, device="cuda")
     x = torch.randn(3, 172, device="cuda", dtype=torch.bfloat16)
     supported = [cuda.packed_gemv_supported(x.data_ptr(), packed.data_ptr(), 1, 4, 64, 3, 172, 172, kernel)
                  for kernel in GEMV_KERNELS.values()]
     assert supported == [True, False, False]
+
+
+@pytest.mark.skipif(cuda_kernels() is None, reason="built without nvcc")
+def test_gemv_kernel_and_tuning_arguments_are_checked():
+    # Checked before anything reaches the GPU, so this runs wherever the module was compiled.
+    cuda = cuda_kernels()
+    with pytest.raises(ValueError, match="kernel must be"):
+        cuda.packed_gemv_supported(0, 0, 1, 4, 64, 1, 64, 64, 7)
+    with pytest.raises(ValueError, match="kernel must be"):
+        cuda.packed_gemv(0, 1, 1, 64, 0, 0, 0, 0, 16, 64, 4, 64, 0, 0, -1)
     with pytest.raises(ValueError, match="tuning applies to kernel 3"):
         cuda.packed_gemv(0, 1, 1, 64, 0, 0, 0, 0, 16, 64, 4, 64, 0, 0, 2, 1)
+    with pytest.raises(ValueError, match="tuning must be 0..3"):
+        cuda.packed_gemv(0, 1, 1, 64, 0, 0, 0, 0, 16, 64, 4, 64, 0, 0, 3, 4)
 
 
 # kAuto's choice at the Qwen3-0.6B shapes on an H100 (132 SMs), as measured in bench/README.md:

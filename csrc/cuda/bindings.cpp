@@ -97,6 +97,8 @@ PYBIND11_MODULE(_cuda, m) {
     if (tuning != 0) {  // a tuning of the 16-feature kernel other than its default: for measurements
       if (gemv_kernel(kernel) != brecq::cuda::GemvKernel::kMma16)
         throw std::invalid_argument("tuning applies to kernel 3 (mma16) only");
+      if (tuning < 0 || tuning > 3)
+        throw std::invalid_argument("tuning must be 0..3 (gemv_mma16.cu's Tuning<>), got " + std::to_string(tuning));
       check(brecq::cuda::packed_gemv_mma16(
                 reinterpret_cast<const void*>(x), static_cast<brecq::cuda::OutputType>(dtype), m_rows, x_stride,
                 reinterpret_cast<const uint8_t*>(packed), reinterpret_cast<const uint16_t*>(scale),
