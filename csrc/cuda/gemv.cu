@@ -271,22 +271,23 @@ bool packed_gemv_supported(const void* x, const uint8_t* packed, OutputType dtyp
 cudaError_t packed_gemv(const void* x, OutputType dtype, int m, int64_t x_stride, const uint8_t* packed,
                         const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
                         int bits, int64_t g, void* y, cudaStream_t stream, GemvKernel kernel) {
-  if (!packed_gemv_supported(x, packed, dtype, bits, g, m, k, x_stride, kernel)) return cudaErrorInvalidValue;
+  // Each launcher checks its own limits, so the choice is made once here and not checked again.
   int tuning = 0;
   if (kernel == GemvKernel::kAuto) {
-    if (!packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride)) {
-      kernel = GemvKernel::kSimt;
-    } else {
+    if (packed_gemv_mma_supported(x, packed, dtype, bits, g, m, x_stride)) {
       const GemvChoice choice = choose_tensor_core_gemv(
           n, k, g, bits, m, multiprocessor_count(), packed_gemv_mma16_supported(x, packed, dtype, bits, g, m, n, k, x_stride));
       kernel = choice.kernel;
       tuning = choice.tuning;
+    } else {
+      kernel = GemvKernel::kSimt;
     }
   }
   if (kernel == GemvKernel::kMma16)
     return packed_gemv_mma16(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream, tuning);
   if (kernel == GemvKernel::kMma8)
     return packed_gemv_mma(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, stream);
+  if (!simt_supported(packed, bits, g, m, k)) return cudaErrorInvalidValue;
   return bits == 4 ? dispatch_dtype<4>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream)
                    : dispatch_dtype<6>(x, dtype, m, x_stride, packed, scale, zero, bias, n, k, g, y, stream);
 }
