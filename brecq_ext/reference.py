@@ -202,6 +202,35 @@ def packed_matmul(x, packed, scale, zero, bias, bits: int, group_size: int, in_f
     return y.to(x.dtype)
 
 
+DIGIT_BITS = 14
+DIGIT_EXPONENT_RANGE = 100
+# Largest group whose integer sums of code x digit products stay below 2^31, by code width.
+DIGIT_MAX_GROUP = {4: 4096, 8: 256}
+
+
+def digit_rounded_activations(x: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """x ``[M, K]`` as the AVX-512 TILE16 GEMV multiplies bfloat16 activations with ``bits``-wide
+    weights (docs/CPU.md): each group of ``group_size`` inputs of a row rounded, half to even, to a
+    multiple of 2^(E - 14), where 2^E is the smallest power of two above the group's largest
+    magnitude; exact for every bfloat16 within a factor 2^7 of that magnitude. float32 ``[M, K]``;
+    unchanged where the kernel keeps floats for the call instead: 6-bit weights, a group larger than
+    ``DIGIT_MAX_GROUP[bits]``, a non-finite value, or a nonzero group magnitude outside 2^+-100."""
+    xf = x.float()
+    if group_size > DIGIT_MAX_GROUP.get(bits, 0):
+        return xf
+    rows, k = xf.shape
+    grouped = _grouped(xf, group_size)
+    if not torch.isfinite(grouped).all():
+        return xf
+    largest = grouped.abs().amax(-1)
+    _, exponent = torch.frexp(largest)  # largest = f 2^E, 0.5 <= f < 1
+    nonzero = largest > 0
+    if ((exponent.abs() > DIGIT_EXPONENT_RANGE) & nonzero).any():
+        return xf
+    quantum = torch.ldexp(torch.ones_like(largest), torch.where(nonzero, exponent, 0) - DIGIT_BITS).unsqueeze(-1)
+    return (torch.round(grouped / quantum) * quantum).reshape(rows, -1)[:, :k]
+
+
 def tile16_codes(packed, scale, zero, bits: int, in_features: int, out_features: int):
     """Integer codes uint8 ``[N, K]`` and scale / zero ``[N, groups]`` of TILE16 weights, read
     straight from the layout's definition (docs/FORMAT.md). 4 bits: byte 4r + b of step t of tile i

@@ -8,6 +8,7 @@ import torch
 
 import brecq_ext
 from brecq_ext import Layout, QuantLinear, ops, reference as ref
+from brecq_ext._extension import cpu_kernels
 from brecq_ext.layout import from_tile16, preferred_layout, tile16_shapes, tile16_supports, to_tile16
 
 from test_matmul import DTYPE_IDS, _layer, assert_matmul_close
@@ -229,3 +230,85 @@ def test_gemm_path_in_several_workspace_tiles(monkeypatch, bits, dtype):
     tiled = to_tile16(packed, scale, zero, bits, 64, 172)
     assert_matmul_close(ops.tile16_matmul(x, *tiled, bias, bits, 64, 172, 45), x.float(), w_deq, bias)
     assert_matmul_close(ops.packed_matmul(x, packed, scale, zero, bias, bits, 64, 172), x.float(), w_deq, bias)
+
+
+# ---- the AVX-512 4- and 8-bit kernels' integer activations (reference.digit_rounded_activations) ----
+
+def _tiled_gemv_float32_out(x_bf16, packed, scale, zero, bits, group_size, in_features, out_features):
+    """The compiled TILE16 GEMV with a float32 output, which a bfloat16 op result would round away."""
+    y = torch.empty(x_bf16.shape[0], out_features)
+    cpu_kernels().tiled_gemv(x_bf16.data_ptr(), True, x_bf16.shape[0], in_features, packed.data_ptr(),
+                             scale.data_ptr(), zero.data_ptr(), 0, out_features, in_features, bits, group_size,
+                             y.data_ptr(), False, torch.get_num_threads())
+    return y
+
+
+def _wide_range_rows(rows, in_features, group_size, seed):
+    """bfloat16 rows whose groups each hold one input of magnitude 2^7 among inputs near 2^-6: the
+    quantum 2^(8 - 14) of such a group rounds the small ones coarsely."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=gen) * 2.0 ** -6
+    x[:, ::group_size] = 128.0 * torch.sign(torch.randn(rows, (in_features + group_size - 1) // group_size,
+                                                        generator=gen))
+    return x.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 8), (4, 64), (4, 128), (8, 8), (8, 64), (8, 256), (4, 8192), (8, 512)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("rows", [1, 5, 8], ids=lambda m: f"m{m}")
+def test_avx512_bfloat16_activations_are_rounded_as_documented(isa, bits, group_size, rows):
+    """The AVX-512 4- and 8-bit kernels multiply bfloat16 activations rounded as
+    reference.digit_rounded_activations says, groups too large for int32 sums excepted (those
+    keep floats, and the model says so)."""
+    if isa != "avx512":
+        pytest.skip("the integer-activation kernels are the AVX-512 ones")
+    in_features, out_features = 1000, 40
+    packed, scale, zero, _, w_deq = _layer(out_features, in_features, bits, group_size, seed=rows)
+    tiled = to_tile16(packed, scale, zero, bits, group_size, in_features)
+    x = _wide_range_rows(rows, in_features, group_size, seed=rows)
+    y = _tiled_gemv_float32_out(x, *tiled, bits, group_size, in_features, out_features).double()
+
+    rounded = ref.digit_rounded_activations(x, group_size, bits).double()
+    modelled, exact = rounded @ w_deq.double().t(), x.double() @ w_deq.double().t()
+    # float32 sums: the kernel adds s q x and s z x separately, then subtracts; 4 units of 2^-24 of
+    # their magnitudes (measured: at most 1.1 units here). The float kernels, which groups too large
+    # for int32 sums keep, add offset * s x to both (a bfloat16 code holds 128 + q; 2176 at 8 bits,
+    # docs/CPU.md) and sum a whole 1000-input group in float32 (measured: up to 16 units).
+    keeps_floats = group_size > ref.DIGIT_MAX_GROUP[bits]
+    offset = (128 if bits == 4 else 2176) if keeps_floats else 0
+    s_z = (scale.double() * (zero.double() + offset)).repeat_interleave(group_size, 1)[:, :in_features]
+    units = 64 if keeps_floats else 4
+    float32_bound = units * 2.0 ** -24 * (x.double().abs() @ (w_deq.double().abs() + 2 * s_z).t())
+    assert ((y - modelled).abs() <= float32_bound).all()
+    if keeps_floats:
+        assert torch.equal(rounded, x.double())
+        return
+    assert ((modelled - exact).abs() > 10 * float32_bound).any()  # the case does round, visibly
+    # The documented bound: each input off by at most half its group's quantum 2^(8 - 14).
+    assert ((y - exact).abs() <= w_deq.double().abs().sum(1) * 2.0 ** -7 + float32_bound).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=lambda b: f"w{b}")
+def test_non_finite_and_extreme_activations_keep_floats(isa, bits):
+    """A call with Inf or NaN, or a group magnitude outside 2^+-100, runs the float kernel: other
+    rows stay exact, the row carries the non-finite value, and the model says the same."""
+    in_features, out_features, group_size = 200, 24, 64
+    packed, scale, zero, bias, w_deq = _tiled_layer(out_features, in_features, bits, group_size, seed=3)
+    base = torch.randn(3, in_features)
+    base[1, 64:128] = 0.0  # an all-zero group beside nonzero ones
+    for name, row, value in [("inf", 0, float("inf")), ("nan", 2, float("nan")), ("tiny", 0, 1e-33), ("huge", 1, 1e33)]:
+        x = base.clone()
+        if name in ("tiny", "huge"):
+            x[row] = x[row].sign() * value
+        else:
+            x[row, 70] = value
+        x = x.to(torch.bfloat16)
+        y = ops.tile16_matmul(x, packed, scale, zero, bias, bits, group_size, in_features, out_features)
+        others = [r for r in range(3) if r != row]
+        assert_matmul_close(y[others], x[others].float(), w_deq, bias)
+        if name in ("inf", "nan"):
+            assert not torch.isfinite(y[row]).any(), name
+        else:
+            assert_matmul_close(y[row:row + 1], x[row:row + 1].float(), w_deq, bias)
+        torch.testing.assert_close(ref.digit_rounded_activations(x, group_size, bits), x.float(), rtol=0, atol=0,
+                                   equal_nan=True, msg=name)
