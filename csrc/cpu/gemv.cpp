@@ -66,6 +66,18 @@ const char* isa_name(Isa isa) {
 
 namespace {
 
+// Sum of count floats in eight interleaved partial sums. One running sum is a chain of dependent
+// adds, 3-4 cycles each: about 1 us per 1024 inputs, a tenth of a decode-sized W4 call.
+float sum_floats(const float* v, int64_t count) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    for (int j = 0; j < 8; ++j) lanes[j] += v[i + j];
+  float tail = 0.0f;
+  for (; i < count; ++i) tail += v[i];
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
+}
+
 // The problem's shape and weights, with x copied into per-thread buffers: a natural-order,
 // zero-padded float32 copy (and bfloat16 copy when x is bfloat16), plus the per-group sums used
 // by the zero-point correction. Reused across calls: decode-sized calls are short enough for
@@ -110,11 +122,7 @@ detail::GemvProblem prepare(const void* x, bool x_is_bf16, int64_t m, int64_t x_
       const float* src = static_cast<const float*>(x) + r * x_stride;
       std::copy(src, src + k, dst);
     }
-    for (int64_t grp = 0; grp < p.groups; ++grp) {
-      float sum = 0.0f;
-      for (int64_t i = grp * g; i < grp * g + g; ++i) sum += dst[i];
-      xsum[r * p.groups + grp] = sum;
-    }
+    for (int64_t grp = 0; grp < p.groups; ++grp) xsum[r * p.groups + grp] = sum_floats(dst + grp * g, g);
   }
   p.x = x_f32.data();
   p.x_bf16 = x_is_bf16 ? x_bf16.data() : nullptr;
