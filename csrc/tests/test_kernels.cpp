@@ -213,6 +213,70 @@ void test_dequantize_tiled(Isa isa) {
   }
 }
 
+// The AVX-512 4- and 8-bit TILE16 GEMVs with bfloat16 activations round each group of inputs to a
+// multiple of 2^(E - 14), 2^E the smallest power of two above its largest magnitude (docs/CPU.md):
+// on groups spanning 2^13 the result must be the float64 product with the inputs so rounded (to
+// float32 rounding), which differs visibly from the exact one; an Inf input gives a NaN row and
+// leaves the other rows exact (the float kernels run the call).
+void test_tiled_integer_activations() {
+  if (detect_isa() != Isa::kAvx512) return;
+  set_isa(Isa::kAvx512);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f / 64);
+  for (int bits : {4, 8}) {
+    const int64_t n = 33, k = 200, g = 64, m = 3, groups = num_groups(k, g);
+    std::vector<uint8_t> codes(n * k), zero(n * groups), tiled, tiled_zero;
+    std::vector<uint16_t> scale(n * groups), tiled_scale, x_bf16(m * k);
+    std::vector<double> x(m * k), rounded(m * k);
+    for (auto& c : codes) c = static_cast<uint8_t>(rng() & max_code(bits));
+    for (auto& z : zero) z = static_cast<uint8_t>(rng() & max_code(bits));
+    for (auto& sc : scale) sc = numeric::f32_to_f16(0.01f + 0.001f * static_cast<float>(rng() % 16));
+    for (int64_t i = 0; i < m * k; ++i) {
+      x_bf16[i] = numeric::f32_to_bf16((i % k) % g == 0 ? 128.0f : normal(rng));  // each group's largest: 2^7, E = 8
+      x[i] = numeric::bf16_to_f32(x_bf16[i]);
+      rounded[i] = std::nearbyint(std::ldexp(x[i], 14 - 8)) * std::ldexp(1.0, 8 - 14);
+    }
+    tile_up(codes, scale, zero, n, k, bits, g, tiled, tiled_scale, tiled_zero);
+    std::vector<float> y(m * n);
+    tiled_gemv(x_bf16.data(), true, m, k, tiled.data(), tiled_scale.data(), tiled_zero.data(), nullptr, n, k, bits, g,
+               y.data(), false, 2);
+    double worst = 0.0, rounding = 0.0;
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t o = 0; o < n; ++o) {
+        double modelled = 0.0, exact = 0.0, magnitude = 0.0;
+        for (int64_t i = 0; i < k; ++i) {
+          const double s = numeric::f16_to_f32(scale[o * groups + i / g]);
+          const int q = codes[o * k + i], z = zero[o * groups + i / g];
+          modelled += rounded[r * k + i] * s * (q - z);
+          exact += x[r * k + i] * s * (q - z);
+          magnitude += std::fabs(x[r * k + i]) * s * (q + z);
+        }
+        worst = std::max(worst, std::fabs(y[r * n + o] - modelled) / (std::ldexp(4.0, -24) * magnitude));
+        rounding = std::max(rounding, std::fabs(modelled - exact) / (std::ldexp(4.0, -24) * magnitude));
+      }
+    CHECK(worst <= 1.0, "integer activations W%d: off the rounded product by %.2f of the float32 bound", bits, worst);
+    CHECK(rounding > 10.0, "integer activations W%d: the case must round visibly (%.2f)", bits, rounding);
+
+    std::vector<float> y_exact(m * n);
+    x_bf16[k + 5] = 0x7f80;  // +Inf in row 1
+    tiled_gemv(x_bf16.data(), true, m, k, tiled.data(), tiled_scale.data(), tiled_zero.data(), nullptr, n, k, bits, g,
+               y_exact.data(), false, 2);
+    const int offset = bits == 4 ? 128 : 2176;  // what the float kernels' codes carry (docs/CPU.md)
+    for (int64_t o = 0; o < n; ++o) {
+      CHECK(std::isnan(y_exact[n + o]), "W%d: an Inf input gives a NaN output, got %g", bits, y_exact[n + o]);
+      double exact = 0.0, magnitude = 0.0;
+      for (int64_t i = 0; i < k; ++i) {
+        const double s = numeric::f16_to_f32(scale[o * groups + i / g]);
+        const int q = codes[o * k + i], z = zero[o * groups + i / g];
+        exact += x[i] * s * (q - z);
+        magnitude += std::fabs(x[i]) * s * (q + z + 2 * offset);
+      }
+      CHECK(std::fabs(y_exact[o] - exact) <= std::ldexp(16.0, -24) * magnitude,
+            "W%d: row 0 beside an Inf row runs the float kernel: %g vs %g", bits, y_exact[o], exact);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -224,6 +288,7 @@ int main() {
     test_tiled_gemv(static_cast<Isa>(isa));
     test_dequantize_tiled(static_cast<Isa>(isa));
   }
+  test_tiled_integer_activations();
   set_isa(best);
   std::printf("%s: %d failed checks (ISA %s)\n", failures ? "FAILED" : "OK", failures, isa_name(best));
   return failures;
