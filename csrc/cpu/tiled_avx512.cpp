@@ -16,10 +16,11 @@
 // (0, 2) and (1, 3), and the high nibbles meet activations scaled by 16 (exact in bfloat16):
 // sum x (128 + lo) + 16 x (128 + hi) = sum x q + 2176 sum x.
 //
-// 4 bits, bfloat16 activations, the default: codes stay bytes and activations become integers
-// ("digits" below), so VPDPBUSD multiplies 64 byte pairs per instruction. Per step: one shift, two
-// masks and four VPDPBUSD, against three shifts, four ternary-logic ops and four VDPBF16PS above. On
-// Zen 4 all of these share the vector pipes, each 512-bit op holding one for two cycles: the step
+// 4 and 8 bits, bfloat16 activations, the default (the float paths above are the fallback): codes
+// stay bytes and activations become integers ("digits" below), so VPDPBUSD multiplies 64 byte
+// pairs per instruction. A 4-bit step takes one shift, two masks and four VPDPBUSD, against three
+// shifts, four ternary-logic ops and four VDPBF16PS above; 8-bit codes need no decoding. On Zen 4
+// all of these share the vector pipes, each 512-bit op holding one for two cycles: the 4-bit step
 // measured 4.6 cycles against 7.3 from L1 (a scratch loop of each, not kept).
 #include <cstdint>
 #include <immintrin.h>
