@@ -147,6 +147,13 @@ class QuantLinear(nn.Module):
         if self.layout is not Layout.ROWS:  # checkpoints hold the row-major format only
             for name, tensor in zip(("packed", "scale", "zero"), self.row_major_weights()):
                 destination[prefix + name] = tensor if keep_vars else tensor.detach()
+        if not keep_vars:
+            # Buffers in a shared region (brecq_ext.arena) go out as tensors of their own: a view of
+            # a model-sized region would carry all of it into torch.save, and safetensors refuses it.
+            for name in ("packed", "scale", "zero", "bias"):
+                tensor = destination.get(prefix + name)
+                if tensor is not None and tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                    destination[prefix + name] = tensor.clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

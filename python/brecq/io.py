@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from brecq_ext import FORMAT_VERSION, QuantLinear, quant_linear_layers
+from brecq_ext import FORMAT_VERSION, QuantLinear, gather_quantized_weights, quant_linear_layers
 
 from . import __version__
 from .blocks import set_submodule
@@ -133,9 +133,11 @@ def read_quantization_config(path) -> dict:
     return config
 
 
-def load_quantized(path, device="cpu", verify: bool = True) -> nn.Module:
+def load_quantized(path, device="cpu", verify: bool = True, gather_weights: bool = True) -> nn.Module:
     """A working model with QuantLinear layers from a directory written by :func:`save_quantized`.
-    Refuses a weights file whose checksum differs from the one recorded (truncated or edited)."""
+    Refuses a weights file whose checksum differs from the one recorded (truncated or edited).
+    On the CPU, ``gather_weights`` places the packed weights in one huge-page region
+    (``brecq_ext.gather_quantized_weights``), where decode reads them fastest."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -174,7 +176,10 @@ def load_quantized(path, device="cpu", verify: bool = True) -> nn.Module:
         raise CorruptCheckpoint(f"{weights}: tensors do not match the recorded layout "
                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()
-    return model.to(device)
+    model = model.to(device)
+    if gather_weights:
+        gather_quantized_weights(model)  # CPU layers only
+    return model
 
 
 def _reset_rotary(model: nn.Module) -> None:
