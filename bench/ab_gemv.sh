@@ -4,11 +4,12 @@
 #   bash bench/ab_gemv.sh HEAD~1                  # the Qwen3-0.6B shapes, 1 row, 2 threads
 #   bash bench/ab_gemv.sh HEAD~1 1024 3072 4 1 0  # one shape: n k rows threads footprint_mib
 #   bash bench/ab_gemv.sh HEAD~1 3072 1024 1 2 256 400 4 1   # ... rounds bits tiled: the TILE16 kernels
+#   bash bench/ab_gemv.sh HEAD~1 3072 1024 1 2 256 400 4 1 1 # ... huge_pages: weights on 2 MiB pages
 # BASE_COMMIT's csrc/ is compiled with -Dbrecq=brecq_base so both copies link into one binary
 # (bench/ab_gemv/ab_gemv.cpp); its packed_gemv (and, for tiled=1, tiled_gemv) signature must match
 # the working tree's.
 set -euo pipefail
-base=${1:?usage: bench/ab_gemv.sh BASE_COMMIT [n k rows threads footprint_mib rounds bits tiled]}
+base=${1:?usage: bench/ab_gemv.sh BASE_COMMIT [n k rows threads footprint_mib rounds bits tiled huge_pages]}
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)

@@ -2,9 +2,10 @@
 // tree's kernels (namespace brecq) against another commit's, compiled with -Dbrecq=brecq_base.
 // On a shared machine whose memory bandwidth moves from minute to minute, only timings taken in
 // the same seconds compare; see bench/ab_gemv.sh, which builds this.
-//   ab_gemv n k [rows=1] [threads=2] [footprint_mib=256] [rounds=400] [bits=4] [tiled=0]
+//   ab_gemv n k [rows=1] [threads=2] [footprint_mib=256] [rounds=400] [bits=4] [tiled=0] [huge_pages=0]
 // tiled=1 times the TILE16 kernels (tiled_gemv; both trees must have it) on the same bytes read as
-// TILE16 (speed does not depend on the values); n must then be a multiple of 16.
+// TILE16 (speed does not depend on the values); n must then be a multiple of 16. huge_pages=1 places
+// the weight copies on 2 MiB pages, as brecq_ext.arena places a model's.
 // Each round times a burst of 8 calls of each variant (order alternating by round) and a plain
 // read of the same number of bytes (the rate a buffer of a layer's size can be read at).
 #include <algorithm>
@@ -33,7 +34,8 @@ constexpr int kBurst = 8;
 int main(int argc, char** argv) {
   auto arg = [&](int i, long fallback) { return argc > i ? std::atol(argv[i]) : fallback; };
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s n k [rows=1] [threads=2] [footprint_mib=256] [rounds=400] [bits=4] [tiled=0]\n",
+    std::fprintf(stderr, "usage: %s n k [rows=1] [threads=2] [footprint_mib=256] [rounds=400] [bits=4] [tiled=0] "
+                 "[huge_pages=0]\n",
                  argv[0]);
     return 2;
   }
@@ -43,6 +45,7 @@ int main(int argc, char** argv) {
   const int rounds = static_cast<int>(arg(6, 400));
   const int bits = static_cast<int>(arg(7, 4));
   const bool tiled = arg(8, 0) != 0;
+  const bool huge_pages = arg(9, 0) != 0;
   if (tiled && (!brecq::tile16_supports(bits, g) || n % brecq::kTileRows != 0)) {
     std::fprintf(stderr, "tiled=1 needs 4, 6 or 8 bits and n a multiple of %lld\n",
                  static_cast<long long>(brecq::kTileRows));
@@ -51,7 +54,7 @@ int main(int argc, char** argv) {
   // Both trees' kernels behind one call shape: the row-major or the TILE16 GEMV.
   const auto base_gemv = tiled ? brecq_base::tiled_gemv : brecq_base::packed_gemv;
   const auto head_gemv = tiled ? brecq::tiled_gemv : brecq::packed_gemv;
-  const brecq_bench::WeightPool pool(n, k, bits, g, footprint, 3 * kBurst);
+  const brecq_bench::WeightPool pool(n, k, bits, g, footprint, 3 * kBurst, huge_pages);
   const int64_t layer_bytes = pool.layer_bytes();
   std::vector<uint16_t> x(m * k, 0x3f80);  // bfloat16 1.0
   std::vector<float> y_base(m * n), y_head(m * n);
@@ -87,9 +90,9 @@ int main(int argc, char** argv) {
   const double base = brecq_bench::median_of(times[0]), head = brecq_bench::median_of(times[1]),
                read = brecq_bench::median_of(times[2]);
   std::printf("W%d%s %lldx%lld rows=%lld threads=%d: base %.1f us, head %.1f us, head/base speed %.2fx; "
-              "plain read %.1f us (%.1f GB/s), head at %.0f%% of it; max |y_base - y_head| %.3g%s\n",
+              "plain read %.1f us (%.1f GB/s), head at %.0f%% of it; max |y_base - y_head| %.3g%s%s\n",
               bits, tiled ? " TILE16" : "", static_cast<long long>(n), static_cast<long long>(k), static_cast<long long>(m), threads,
               base * 1e6, head * 1e6, base / head, read * 1e6, layer_bytes / read / 1e9, 100.0 * read / head, worst,
-              sink == 42 ? " " : "");
+              pool.huge_pages() ? "; huge pages" : "", sink == 42 ? " " : "");
   return 0;
 }
