@@ -5,9 +5,12 @@ from minute to minute).
 
 Each round times, in a fresh random order, for one shape: dense float32 and bfloat16 ``F.linear``;
 W4 and W6 in the TILE16 layout through ``ops.tile16_linear`` (what ``QuantLinear`` runs on AVX-512
-CPUs) and the W4 one's kernel on raw pointers; W4 and W6 row-major through ``ops.linear``; and a
-read of 64 MiB of a 512 MiB buffer (the bandwidth the GEMV is compared with, measured in the same
-seconds). Weights cycle through >= 200 MiB of distinct copies per variant. Medians over rounds.
+CPUs) and the W4 one's kernel on raw pointers; the same TILE16 ops on copies placed back to back in
+one huge-page region (``brecq_ext.arena``, as ``gather_quantized_weights`` places a model's layers:
+"arena"); W4 and W6 row-major through ``ops.linear``; and reads of 64 MiB of a 512 MiB buffer on
+ordinary and on huge pages (the bandwidth the GEMV is compared with, measured in the same seconds;
+"of read" is against the faster of the two). Weights cycle through >= 200 MiB of distinct copies
+per variant. Medians over rounds.
 
 A variant's time is that of a burst of ``--burst`` back-to-back calls on distinct weight copies,
 divided by the burst, as a decoder's consecutive linears run. A single call timed right after
@@ -34,6 +37,7 @@ from brecq.models import QWEN3_0_6B_LINEAR_SHAPES
 from brecq.speed import random_packed_weights
 from brecq_ext import ops
 from brecq_ext._extension import cpu_kernels
+from brecq_ext.arena import place_tensors
 from brecq_ext.format import layer_storage
 from brecq_ext.layout import to_tile16
 
@@ -49,7 +53,13 @@ def copies(nbytes: int) -> int:
     return max(2, -(-FOOTPRINT // nbytes))
 
 
-def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: torch.Tensor,
+def in_arena(pool: list) -> list:
+    """The (packed, scale, zero) copies of ``pool`` placed back to back in one huge-page region."""
+    _, placed = place_tensors([t for triple in pool for t in triple])
+    return [tuple(placed[i:i + 3]) for i in range(0, len(placed), 3)]
+
+
+def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probes: dict,
                   gen: torch.Generator) -> dict:
     kernels = cpu_kernels()
     threads = torch.get_num_threads()
@@ -61,8 +71,9 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
     packed = {bits: random_packed_weights(n, k, bits, GROUP, copies(layer_storage(n, k, bits, GROUP).total_bytes),
                                           gen) for bits in (4, 6)}
     tiled = {bits: [to_tile16(p, s, z, bits, GROUP, k) for p, s, z in packed[bits]] for bits in (4, 6)}
+    arena = {bits: in_arena(tiled[bits]) for bits in (4, 6)}
     y = torch.empty(rows, n, dtype=torch.bfloat16)
-    probe_slices = probe.numel() * 4 // PROBE_BYTES
+    probe_slices = probes["read_64mib"].numel() * 4 // PROBE_BYTES
     state = {"i": 0}
 
     def pick(pool):
@@ -79,9 +90,12 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
         "dense_bf16": lambda: F.linear(x_bf16, pick(dense[torch.bfloat16])),
         "w4t_bf16": lambda: ops.tile16_linear(x_bf16, *pick(tiled[4]), None, 4, GROUP, k, n, weights_checked=True),
         "w6t_bf16": lambda: ops.tile16_linear(x_bf16, *pick(tiled[6]), None, 6, GROUP, k, n, weights_checked=True),
+        "w4t_arena": lambda: ops.tile16_linear(x_bf16, *pick(arena[4]), None, 4, GROUP, k, n, weights_checked=True),
+        "w6t_arena": lambda: ops.tile16_linear(x_bf16, *pick(arena[6]), None, 6, GROUP, k, n, weights_checked=True),
         "w4_bf16": lambda: ops.linear(x_bf16, *pick(packed[4]), None, 4, GROUP, k, weights_checked=True),
         "w6_bf16": lambda: ops.linear(x_bf16, *pick(packed[6]), None, 6, GROUP, k, weights_checked=True),
-        "read_64mib": lambda: probe.view(probe_slices, -1)[state["i"] % probe_slices].sum(),
+        "read_64mib": lambda: probes["read_64mib"].view(probe_slices, -1)[state["i"] % probe_slices].sum(),
+        "read_64mib_huge": lambda: probes["read_64mib_huge"].view(probe_slices, -1)[state["i"] % probe_slices].sum(),
     }
     if rows <= ops.GEMV_MAX_ROWS:
         variants["w4t_kernel"] = w4t_kernel
@@ -105,7 +119,7 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
             first = state["i"]
             for name in names:
                 fn = variants[name]
-                calls = 1 if name == "read_64mib" else burst
+                calls = 1 if name.startswith("read_") else burst
                 start = time.perf_counter()
                 for call in range(calls):
                     state["i"] = first + call
@@ -113,10 +127,13 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probe: tor
                 times[name].append((time.perf_counter() - start) / calls)
             state["i"] = first + burst
     med = {name: statistics.median(t) for name, t in times.items()}
-    read_gbs = PROBE_BYTES / med["read_64mib"] / 1e9
+    read_small_pages, read_huge_pages = (PROBE_BYTES / med[name] / 1e9 for name in ("read_64mib", "read_64mib_huge"))
+    read_gbs = max(read_small_pages, read_huge_pages)
     out = {"in": k, "out": n, "rows": rows, "burst": burst, "read_gbs": read_gbs,
-           "us": {name: 1e6 * t for name, t in med.items() if name != "read_64mib"}}
+           "read_gbs_small_pages": read_small_pages, "read_gbs_huge_pages": read_huge_pages,
+           "us": {name: 1e6 * t for name, t in med.items() if not name.startswith("read_")}}
     for bits, name in ((4, "w4t_bf16"), (4, "w4_bf16"), (6, "w6t_bf16"), (6, "w6_bf16"), (4, "w4t_kernel"),
+                       (4, "w4t_arena"), (6, "w6t_arena"),
                        (4, "w4t_f32"), (4, "w4_f32"), (6, "w6t_f32"), (6, "w6_f32")):
         if name in med:
             gbs = layer_storage(n, k, bits, GROUP).total_bytes / med[name] / 1e9
@@ -135,31 +152,34 @@ def main() -> None:
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     probe = torch.rand((512 << 20) // 4, generator=gen)
+    probes = {"read_64mib": probe, "read_64mib_huge": place_tensors([probe])[1][0]}
     results = []
     gemv = args.rows <= ops.GEMV_MAX_ROWS
     print(f"threads {torch.get_num_threads()}, kernels {brecq_ext.cpu_isa()}, torch {torch.__version__}, "
           f"{args.rounds} interleaved rounds, {args.rows} row(s), bursts of {args.burst} calls; medians\n")
     if gemv:
-        print("| shape | read GB/s | bf16 us | W4T us | W4T GB/s | W4T of read | W4T x bf16 | W4T kernel of read | "
-              "W4T kernel x bf16 | W4 rows us | W4 rows x bf16 | W6T us | W6T x bf16 | W6 rows us | W6 rows x bf16 |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| shape | read GB/s (4K / huge pages) | bf16 us | W4T us | W4T GB/s | W4T of read | W4T x bf16 | "
+              "W4T kernel of read | W4T arena us | W4T arena of read | W4T arena x bf16 | W4 rows x bf16 | "
+              "W6T us | W6T x bf16 | W6T arena x bf16 | W6 rows x bf16 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     else:
         print("| shape | f32 us | W4T f32 us | W4T x f32 | W4 rows x f32 | W6T f32 us | W6T x f32 | W6 rows x f32 | "
               "bf16 us | W4T bf16 us | W4T x bf16 | W4 rows x bf16 | W6T x bf16 | W6 rows x bf16 |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (k, n) in SHAPES.items():
-        r = measure_shape(k, n, args.rows, args.rounds, args.burst, probe, gen)
+        r = measure_shape(k, n, args.rows, args.rounds, args.burst, probes, gen)
         r["shape"] = name
         results.append(r)
         us = r["us"]
         if gemv:
-            print(f"| {name} ({k}->{n}) | {r['read_gbs']:.1f} | {us['dense_bf16']:.0f} | {us['w4t_bf16']:.0f} | "
+            print(f"| {name} ({k}->{n}) | {r['read_gbs_small_pages']:.1f} / {r['read_gbs_huge_pages']:.1f} | "
+                  f"{us['dense_bf16']:.0f} | {us['w4t_bf16']:.0f} | "
                   f"{r['w4t_bf16']['gbs']:.1f} | {100 * r['w4t_bf16']['fraction_of_read']:.0f}% | "
                   f"{r['w4t_bf16']['speedup_vs_bf16']:.2f} | {100 * r['w4t_kernel']['fraction_of_read']:.0f}% | "
-                  f"{r['w4t_kernel']['speedup_vs_bf16']:.2f} | {us['w4_bf16']:.0f} | "
-                  f"{r['w4_bf16']['speedup_vs_bf16']:.2f} | {us['w6t_bf16']:.0f} | "
-                  f"{r['w6t_bf16']['speedup_vs_bf16']:.2f} | {us['w6_bf16']:.0f} | "
-                  f"{r['w6_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
+                  f"{us['w4t_arena']:.0f} | {100 * r['w4t_arena']['fraction_of_read']:.0f}% | "
+                  f"{r['w4t_arena']['speedup_vs_bf16']:.2f} | {r['w4_bf16']['speedup_vs_bf16']:.2f} | "
+                  f"{us['w6t_bf16']:.0f} | {r['w6t_bf16']['speedup_vs_bf16']:.2f} | "
+                  f"{r['w6t_arena']['speedup_vs_bf16']:.2f} | {r['w6_bf16']['speedup_vs_bf16']:.2f} |", flush=True)
         else:
             print(f"| {name} ({k}->{n}) | {us['dense_f32']:.0f} | {us['w4t_f32']:.0f} | "
                   f"{r['w4t_f32']['speedup_vs_f32']:.2f} | {r['w4_f32']['speedup_vs_f32']:.2f} | "
