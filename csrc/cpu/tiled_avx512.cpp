@@ -37,9 +37,11 @@ namespace brecq {
 namespace detail {
 namespace {
 
-// Code bytes requested ahead of use: a tile is one sequential stream (8 KiB per tile at 1024
-// inputs), and 2 KiB ahead kept the GEMV at the rate of a plain read of its bytes.
-constexpr int64_t kPrefetchBytes = 2048;
+// Code bytes requested ahead of use: a thread's tiles are one sequential stream (8 KiB per tile at
+// 1024 inputs). When memory is slow any distance keeps up; when it is fast (a read of 50-60 GB/s on
+// 2 MiB pages, or weights in L3) 4 KiB beat 2 KiB by 3-11 % and longer distances lost at slow
+// minutes (scratch builds of this file with 0-12 KiB, timed round-robin in one process).
+constexpr int64_t kPrefetchBytes = 4096;
 
 // Activation pairs of the bfloat16 path: dword 4t + s = x[8t + s] | x[8t + s + 4] << 16.
 void pair_activations(const uint16_t* x, int64_t k_padded, uint32_t* out) {
