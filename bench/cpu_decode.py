@@ -3,7 +3,9 @@ against the study's recipe (W6 attention, W4 MLP, group 64, round to nearest; th
 bfloat16, tied to the embeddings) and against that recipe with an 8-bit lm_head (preset
 w4g64_mix_attn6_head8; the embedding table stays bfloat16 beside it). On AVX-512 CPUs the recipe
 also runs with its 4-bit layers held row-major ("w4w6_rows") beside the TILE16 layout that
-QuantLinear picks there (brecq_ext.layout). Timed side by side with
+QuantLinear picks there (brecq_ext.layout), and with its packed weights as separate allocations
+("w4w6_scattered") beside the one huge-page region that ``quantize`` gathers them into
+(brecq_ext.arena). Timed side by side with
 ``brecq.measure.paired_latency`` (steps of all models interleaved in random order, so the machine's
 drift falls on all alike). Writes JSON and prints a small table.
 
@@ -50,6 +52,10 @@ def main() -> None:
         quantize_s[label] = time.perf_counter() - started
         models[label] = model.to(torch.bfloat16).eval()  # norms, embeddings; QuantLinear buffers keep dtypes
     del base
+    models["w4w6_scattered"] = copy.deepcopy(models["w4w6"])
+    for _, layer in quant_linear_layers(models["w4w6_scattered"]):  # one allocation per buffer, as before
+        for name, buffer in list(layer.named_buffers(recurse=False)):
+            setattr(layer, name, buffer.clone())
     if any(layer.layout is Layout.TILE16 for _, layer in quant_linear_layers(models["w4w6"])):
         models["w4w6_rows"] = copy.deepcopy(models["w4w6"])
         for _, layer in quant_linear_layers(models["w4w6_rows"]):

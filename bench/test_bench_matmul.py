@@ -1,7 +1,10 @@
 """Packed GEMV/GEMM against dense torch at the Qwen3-0.6B linear shapes.
 
 Each variant cycles through distinct weight matrices totalling at least FOOTPRINT bytes, so that,
-as in a real model, weights come from memory and not from cache.
+as in a real model, weights come from memory and not from cache. Packed copies sit back to back in
+one huge-page region, as ``brecq.quantize`` and ``brecq.load_quantized`` place a model's layers
+(brecq_ext.arena); dense ones are torch's own allocations. The read bandwidth is measured on both
+kinds of pages, and bench/summarize.py compares against the faster.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 
 import brecq_ext
 from brecq_ext import ops
+from brecq_ext.arena import place_tensors
 from brecq_ext.format import layer_storage
 from brecq_ext.layout import to_tile16
 
@@ -60,7 +64,8 @@ def _weights(shape_name, kind):
             copies = random_packed_weights(n, k, bits, GROUP, max(2, -(-FOOTPRINT // per)), gen)
             if _tiled(name):
                 copies = [to_tile16(p, s, z, bits, GROUP, k) for p, s, z in copies]
-            _pool[key] = (copies, per)
+            _, placed = place_tensors([t for triple in copies for t in triple])
+            _pool[key] = ([tuple(placed[i:i + 3]) for i in range(0, len(placed), 3)], per)
     return _pool[key]
 
 
@@ -114,10 +119,14 @@ def test_linear(benchmark, shape_name, kind, rows):
         benchmark.pedantic(call, rounds=60 if rows <= 8 else 6, iterations=1, warmup_rounds=2)
 
 
-def test_read_bandwidth(benchmark):
-    """Reference: memory read bandwidth of this machine, as torch reads a large float32 tensor."""
-    data = torch.rand(FOOTPRINT // 4 * 2)  # twice the weight footprint, far beyond any cache
-    benchmark.extra_info.update(kind="read_bandwidth", weight_bytes=data.numel() * 4,
-                                threads=torch.get_num_threads())
+@pytest.mark.parametrize("huge_pages", [False, True], ids=["small_pages", "huge_pages"])
+def test_read_bandwidth(benchmark, huge_pages):
+    """Reference: memory read bandwidth of this machine, as torch reads a large float32 tensor
+    (twice the weight footprint, far beyond any cache) on torch's pages or on huge pages."""
+    data = torch.rand(FOOTPRINT // 4 * 2)
+    if huge_pages:
+        data = place_tensors([data])[1][0]
+    benchmark.extra_info.update(kind="read_bandwidth_huge_pages" if huge_pages else "read_bandwidth",
+                                weight_bytes=data.numel() * 4, threads=torch.get_num_threads())
     with torch.inference_mode():
         benchmark.pedantic(data.sum, rounds=10, iterations=1, warmup_rounds=1)
