@@ -1,11 +1,10 @@
 """One memory region, on 2 MiB pages where the OS allows, for the packed weights of a whole model.
 
 A decode step reads every layer's weights once, layer after layer, a few hundred KiB to a few MiB
-at a time. Read as separate allocations on 4 KiB pages, each page costs a TLB miss, and the
-hardware prefetchers start over at every page boundary; both weigh most when memory is fast. On
-the 2-core development VM, the TILE16 W4 kernel read a model's layer shapes 3-10 % faster (at
-30-34 GB/s) and once 23 % faster (at 44 GB/s) when the copies sat on transparent huge pages
-(``bench/interleaved_gemv.py``, whose ``W4T arena`` column times exactly this placement).
+at a time. Read as separate allocations on 4 KiB pages, each page costs a TLB miss (a two-level
+walk under a hypervisor), and the hardware prefetchers start over at every page boundary; both
+weigh most when memory is fast. What this gained on the development VM, and when it gained
+nothing, is in docs/CPU.md ("Memory: one region on huge pages").
 
 :func:`gather_quantized_weights` copies every CPU ``QuantLinear``'s buffers, in module order (a
 decoder's execution order), into one region and makes the layers' buffers views into it. The
