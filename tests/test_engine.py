@@ -222,6 +222,40 @@ def test_transformers_from_pretrained_loads_a_brecq_model_after_import(tmp_path)
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def _regions(model) -> set:
+    """The storages the packed buffers of a model's QuantLinear layers live in."""
+    return {t.untyped_storage().data_ptr() for _, layer in quant_linear_layers(model) for t in layer.buffers()}
+
+
+@pytest.mark.parametrize("loader", ["quantize", "load_quantized", "from_pretrained"])
+def test_quantized_and_loaded_models_hold_their_packed_weights_in_one_region(tmp_path, loader):
+    model = tiny_qwen()
+    quantize(model, get_recipe("w4g64_mix_attn6", Method.RTN), show_progress=False)
+    if loader == "quantize":
+        result = model
+    else:
+        save_quantized(model, tmp_path / "m", recipe=get_recipe("w4g64_mix_attn6").to_dict(), calibration=None)
+        if loader == "load_quantized":
+            result = load_quantized(tmp_path / "m")
+        else:
+            transformers = pytest.importorskip("transformers")
+            import brecq  # noqa: F401  (registers the quantization method)
+            result = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    assert len(list(quant_linear_layers(result))) == 14
+    assert len(_regions(result)) == 1
+    ids = calibration(512, n=1, t=12, seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, result(ids).logits)
+
+
+def test_load_quantized_can_leave_layers_in_their_own_allocations(tmp_path):
+    model = tiny_qwen()
+    quantize(model, get_recipe("w4g64", Method.RTN), show_progress=False)
+    save_quantized(model, tmp_path / "m", recipe=get_recipe("w4g64").to_dict(), calibration=None)
+    loaded = load_quantized(tmp_path / "m", gather_weights=False)
+    assert len(_regions(loaded)) == 3 * len(list(quant_linear_layers(loaded)))
+
+
 def test_memory_mapped_activations_give_the_same_weights(tmp_path):
     ids = calibration(512, n=8, t=32)
     in_memory, on_disk = tiny_qwen(), tiny_qwen()

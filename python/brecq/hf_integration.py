@@ -27,7 +27,7 @@ def register() -> bool:
         log.info("transformers offers no quantizer registration (%s); use brecq.load_quantized", exc)
         return False
 
-    from brecq_ext import Layout, QuantLinear, quant_linear_layers
+    from brecq_ext import Layout, QuantLinear, gather_quantized_weights, quant_linear_layers
 
     from .blocks import set_submodule
 
@@ -56,6 +56,7 @@ def register() -> bool:
         def _process_model_after_weight_loading(self, model, **kwargs):
             for _, layer in quant_linear_layers(model):
                 layer.use_layout(None)  # the faster layout for where the weights now are
+            gather_quantized_weights(model)  # CPU layers into one huge-page region, as load_quantized
             return model
 
         def param_needs_quantization(self, model, param_name, **kwargs):
