@@ -24,8 +24,8 @@ import ctypes.util
 import functools
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,13 +53,13 @@ class WeightArena:
     def nbytes(self) -> int:
         return self.region.numel()
 
-    def huge_page_bytes(self) -> Optional[int]:
+    def huge_page_bytes(self) -> int | None:
         """Bytes of the region the OS backs with huge pages now (``AnonHugePages`` of the
         mappings it spans, in /proc/self/smaps), or None where that is not readable."""
         return _huge_page_bytes(self.region.data_ptr(), self.nbytes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _madvise():
     if not sys.platform.startswith("linux"):
         return None
@@ -94,7 +94,7 @@ def _new_region(nbytes: int, huge_pages: bool) -> tuple[Tensor, bool]:
     return region, advised
 
 
-def _huge_page_bytes(start: int, nbytes: int) -> Optional[int]:
+def _huge_page_bytes(start: int, nbytes: int) -> int | None:
     try:
         with open("/proc/self/smaps") as smaps:
             lines = smaps.read().splitlines()
@@ -138,7 +138,7 @@ def place_tensors(tensors: Sequence[Tensor], huge_pages: bool = True) -> tuple[W
     return WeightArena(region, (), advised), [_copy_into(region, o, t) for t, o in zip(tensors, offsets)]
 
 
-def gather_quantized_weights(model: nn.Module, huge_pages: bool = True) -> Optional[WeightArena]:
+def gather_quantized_weights(model: nn.Module, huge_pages: bool = True) -> WeightArena | None:
     """Move the buffers of every ``QuantLinear`` of ``model`` on the CPU into one region (see the
     module docstring), in module order; returns it, or None when there is no such layer. Layers
     already in a region are moved into the new one. The old buffers are freed as each layer moves
@@ -169,4 +169,4 @@ def gather_quantized_weights(model: nn.Module, huge_pages: bool = True) -> Optio
     return arena
 
 
-__all__ = ["WeightArena", "place_tensors", "gather_quantized_weights", "HUGE_PAGE_BYTES", "TENSOR_ALIGNMENT"]
+__all__ = ["HUGE_PAGE_BYTES", "TENSOR_ALIGNMENT", "WeightArena", "gather_quantized_weights", "place_tensors"]

@@ -27,7 +27,8 @@ def register() -> bool:
         log.info("transformers offers no quantizer registration (%s); use brecq.load_quantized", exc)
         return False
 
-    from brecq_ext import Layout, QuantLinear, gather_quantized_weights, quant_linear_layers
+    from brecq_ext import Layout, QuantLinear, quant_linear_layers
+    from brecq_ext.arena import gather_quantized_weights
 
     from .blocks import set_submodule
 

@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from brecq_ext import FORMAT_VERSION, QuantLinear, gather_quantized_weights, quant_linear_layers
+from brecq_ext import FORMAT_VERSION, QuantLinear, quant_linear_layers
+from brecq_ext.arena import gather_quantized_weights
 
 from . import __version__
 from .blocks import set_submodule
