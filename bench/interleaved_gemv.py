@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import brecq_ext
 from brecq.models import QWEN3_0_6B_LINEAR_SHAPES
-from brecq.speed import random_packed_weights
+from brecq.speed import in_one_region, random_packed_weights
 from brecq_ext import ops
 from brecq_ext._extension import cpu_kernels
 from brecq_ext.arena import place_tensors
@@ -54,12 +54,6 @@ def copies(nbytes: int) -> int:
     return max(2, -(-FOOTPRINT // nbytes))
 
 
-def in_arena(pool: list) -> list:
-    """The (packed, scale, zero) copies of ``pool`` placed back to back in one huge-page region."""
-    _, placed = place_tensors([t for triple in pool for t in triple])
-    return [tuple(placed[i:i + 3]) for i in range(0, len(placed), 3)]
-
-
 def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probes: dict,
                   gen: torch.Generator) -> dict:
     kernels = cpu_kernels()
@@ -72,7 +66,7 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probes: di
     packed = {bits: random_packed_weights(n, k, bits, GROUP, copies(layer_storage(n, k, bits, GROUP).total_bytes),
                                           gen) for bits in (4, 6)}
     tiled = {bits: [to_tile16(p, s, z, bits, GROUP, k) for p, s, z in packed[bits]] for bits in (4, 6)}
-    arena = {bits: in_arena(tiled[bits]) for bits in (4, 6)}
+    arena = {bits: in_one_region(tiled[bits]) for bits in (4, 6)}
     y = torch.empty(rows, n, dtype=torch.bfloat16)
     probe_slices = probes["read_64mib"].numel() * 4 // PROBE_BYTES
     state = {"i": 0}

@@ -21,7 +21,7 @@ from brecq_ext.format import layer_storage
 from brecq_ext.layout import to_tile16
 
 from brecq.models import QWEN3_0_6B_LINEAR_SHAPES
-from brecq.speed import random_packed_weights
+from brecq.speed import in_one_region, random_packed_weights
 
 FOOTPRINT = int(os.environ.get("BRECQ_BENCH_FOOTPRINT_MB", "200")) << 20
 GROUP = 64
@@ -64,8 +64,7 @@ def _weights(shape_name, kind):
             copies = random_packed_weights(n, k, bits, GROUP, max(2, -(-FOOTPRINT // per)), gen)
             if _tiled(name):
                 copies = [to_tile16(p, s, z, bits, GROUP, k) for p, s, z in copies]
-            _, placed = place_tensors([t for triple in copies for t in triple])
-            _pool[key] = ([tuple(placed[i:i + 3]) for i in range(0, len(placed), 3)], per)
+            _pool[key] = (in_one_region(copies), per)
     return _pool[key]
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from brecq_ext import Layout, ops
+from brecq_ext.arena import place_tensors
 from brecq_ext.format import layer_storage, num_groups, packed_row_bytes
 from brecq_ext.layout import preferred_layout, to_tile16
 
@@ -52,12 +53,20 @@ def random_packed_weights(out_features: int, in_features: int, bits: int, group_
     return out
 
 
+def in_one_region(copies: list) -> list:
+    """Weight copies (tuples of tensors, e.g. packed, scale, zero) placed back to back in one
+    huge-page region, as ``brecq_ext.gather_quantized_weights`` places a quantized model's layers."""
+    width = len(copies[0])
+    _, placed = place_tensors([t for copy in copies for t in copy])
+    return [tuple(placed[i:i + width]) for i in range(0, len(placed), width)]
+
+
 def time_linear_shapes(shapes: dict, rows: int = 1, bits_list=(4, 6), group_size: int = 64,
                        footprint_bytes: int = 64 << 20, repeats: int = 50, seed: int = 0):
     """Median time of one bfloat16 matmul per shape, dense vs packed, cycling through enough
     distinct weights (``footprint_bytes`` per variant) that they do not stay in cache. Packed
-    weights are timed in the layout a CPU QuantLinear holds them in on this machine, through the
-    call its forward makes."""
+    weights are timed in the layout a CPU QuantLinear holds them in on this machine and placed as a
+    quantized model's are (one huge-page region), through the call its forward makes."""
     generator = torch.Generator().manual_seed(seed)
     results = []
     for name, (k, n) in shapes.items():
@@ -72,10 +81,11 @@ def time_linear_shapes(shapes: dict, rows: int = 1, bits_list=(4, 6), group_size
             weights = random_packed_weights(n, k, bits, group_size, copies, generator)
             layouts[bits] = preferred_layout("cpu", bits, group_size)
             if layouts[bits] is Layout.TILE16:
-                weights = [to_tile16(*w, bits, group_size, k) for w in weights]
+                weights = in_one_region([to_tile16(*w, bits, group_size, k) for w in weights])
                 packed_us[bits] = _median_us(lambda w: ops.tile16_linear(
                     x, *w, None, bits, group_size, k, n, weights_checked=True), weights, repeats)
             else:
+                weights = in_one_region(weights)
                 packed_us[bits] = _median_us(lambda w: ops.linear(
                     x, *w, None, bits, group_size, k, weights_checked=True), weights, repeats)
         results.append(MatmulTiming(name, k, n, rows, dense_us, packed_us, layouts))
