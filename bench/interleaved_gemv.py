@@ -5,13 +5,14 @@ from minute to minute).
 
 Each round times, in a fresh random order, for one shape: dense float32 and bfloat16 ``F.linear``;
 W4 and W6 in the TILE16 layout through ``ops.tile16_linear`` (what ``QuantLinear`` runs on AVX-512
-CPUs) and the W4 one's kernel on raw pointers; the same TILE16 ops on copies placed back to back in
-one huge-page region (``brecq_ext.arena``, as ``gather_quantized_weights`` places a model's layers:
-"arena"); W4 and W6 row-major through ``ops.linear``; and reads of 64 MiB of a 512 MiB buffer on
-ordinary and on huge pages (the bandwidth the GEMV is compared with, measured in the same seconds;
-"of read" is against the faster of the two; the "fast quarter" columns take, round by round, each
-variant's rate over that round's read, over the quarter of rounds whose read was fastest). Weights cycle through >= 200 MiB of distinct copies
-per variant. Medians over rounds.
+CPUs); the same TILE16 ops on copies placed back to back in one huge-page region
+(``brecq_ext.arena``, as ``gather_quantized_weights`` places a model's layers: "arena"), and the
+W4 one's kernel on raw pointers on those copies ("kernel"); W4 and W6 row-major through
+``ops.linear``; and reads of 64 MiB of a 512 MiB buffer on ordinary and on huge pages, a different
+slice each round (the bandwidth the GEMV is compared with, measured in the same seconds; "of read"
+is against the faster of the two; the "fast quarter" columns take, round by round, each variant's
+rate over that round's read, over the quarter of rounds whose read was fastest). Weights cycle
+through >= 200 MiB of distinct copies per variant. Medians over rounds.
 
 A variant's time is that of a burst of ``--burst`` back-to-back calls on distinct weight copies,
 divided by the burst, as a decoder's consecutive linears run. A single call timed right after
@@ -69,13 +70,16 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probes: di
     arena = {bits: in_one_region(tiled[bits]) for bits in (4, 6)}
     y = torch.empty(rows, n, dtype=torch.bfloat16)
     probe_slices = probes["read_64mib"].numel() * 4 // PROBE_BYTES
-    state = {"i": 0}
+    # "i" picks weight copies, "round" the probe's slice: the copies advance by a burst per round,
+    # and with 8 slices and bursts of 8 "i" would land on one slice every round, whose re-read
+    # partly hits L3 (a scratch comparison read one slice 1.2x faster than rotating ones).
+    state = {"i": 0, "round": 0}
 
     def pick(pool):
         return pool[state["i"] % len(pool)]
 
-    def w4t_kernel():  # half the pool away from the copy w4t_bf16 just read, so never from cache
-        pool = tiled[4]
+    def w4t_kernel():  # half the pool away from the copy w4t_arena just read, so never from cache
+        pool = arena[4]
         p, s, z = pool[(state["i"] + len(pool) // 2) % len(pool)]
         kernels.tiled_gemv(x_bf16.data_ptr(), True, rows, k, p.data_ptr(), s.data_ptr(), z.data_ptr(), 0, n, k,
                            4, GROUP, y.data_ptr(), True, threads)
@@ -89,8 +93,8 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probes: di
         "w6t_arena": lambda: ops.tile16_linear(x_bf16, *pick(arena[6]), None, 6, GROUP, k, n, weights_checked=True),
         "w4_bf16": lambda: ops.linear(x_bf16, *pick(packed[4]), None, 4, GROUP, k, weights_checked=True),
         "w6_bf16": lambda: ops.linear(x_bf16, *pick(packed[6]), None, 6, GROUP, k, weights_checked=True),
-        "read_64mib": lambda: probes["read_64mib"].view(probe_slices, -1)[state["i"] % probe_slices].sum(),
-        "read_64mib_huge": lambda: probes["read_64mib_huge"].view(probe_slices, -1)[state["i"] % probe_slices].sum(),
+        "read_64mib": lambda: probes["read_64mib"].view(probe_slices, -1)[state["round"] % probe_slices].sum(),
+        "read_64mib_huge": lambda: probes["read_64mib_huge"].view(probe_slices, -1)[state["round"] % probe_slices].sum(),
     }
     if rows <= ops.GEMV_MAX_ROWS:
         variants["w4t_kernel"] = w4t_kernel
@@ -121,6 +125,7 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, burst: int, probes: di
                     fn()
                 times[name].append((time.perf_counter() - start) / calls)
             state["i"] = first + burst
+            state["round"] += 1
     med = {name: statistics.median(t) for name, t in times.items()}
     read_small_pages, read_huge_pages = (PROBE_BYTES / med[name] / 1e9 for name in ("read_64mib", "read_64mib_huge"))
     read_gbs = max(read_small_pages, read_huge_pages)
