@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from brecq_ext import Clipping, LayerRule, Layout, QuantLinear, match_linear_layers, replace_linear_layers
+from brecq_ext import Clipping, LayerRule, Layout, QuantLinear, match_linear_layers, ops, replace_linear_layers
 
 from conftest import STORIES260K, require_shared
 
@@ -151,3 +151,25 @@ def test_forward_rechecks_buffers_that_were_replaced(layout, expected):
     layer.packed = torch.zeros(*layer.packed.shape[:-1], 32, dtype=torch.uint8)
     with pytest.raises(ValueError, match="packed must have shape " + expected):
         layer(x)
+
+
+@pytest.mark.parametrize("layout", [Layout.ROWS, Layout.TILE16], ids=["rows", "tile16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("shape", [(172,), (1, 172), (3, 172), (1, 1, 172), (2, 3, 172), (2, 1, 2, 172), (0, 172),
+                                   (40, 172)], ids=lambda s: "x".join(map(str, s)))
+def test_inference_forward_equals_the_op_for_every_input_shape(layout, dtype, shape):
+    # Decode-sized inference forwards skip the op and allocate their output in x's shape directly;
+    # whatever the rank, they must give the op's result bit for bit (the same kernel runs).
+    layer = QuantLinear.from_linear(nn.Linear(172, 24), 4, 64, layout=layout)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape))).to(dtype)
+    op = ops.tile16_matmul if layout is Layout.TILE16 else ops.packed_matmul
+    layer_arguments = (4, 64, 172, 24) if layout is Layout.TILE16 else (4, 64, 172)
+    expected = op(x, layer.packed, layer.scale, layer.zero, layer.bias, *layer_arguments)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.shape == (*shape[:-1], 24) and y.dtype == dtype and y.is_contiguous()
+    assert torch.equal(y, expected)
+    strided = torch.randn(*shape[:-1], 2 * 172).to(dtype)[..., ::2]  # rows the kernels cannot take as they are
+    with torch.inference_mode():
+        assert torch.equal(layer(strided), op(strided.contiguous(), layer.packed, layer.scale, layer.zero, layer.bias,
+                                              *layer_arguments))
