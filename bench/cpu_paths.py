@@ -2,7 +2,8 @@
 section timed round-robin in random order so that the machine's drift hits them alike):
 
 1. per-call cost of a tiny layer (8x64, W4): the compiled kernel on raw pointers, ``ops.linear``,
-   ``QuantLinear`` and dense bfloat16 ``F.linear``: the Python and dispatch overhead of each path;
+   ``QuantLinear`` (on ``[1, 64]`` and on transformers' ``[1, 1, 64]``) and dense bfloat16
+   ``F.linear``: the Python and dispatch overhead of each path;
 2. ``dequantize_packed`` of a 2048x1024 layer, W4/W6, to float32/bfloat16 (the GEMM path's
    workspace);
 3. a W4 layer through ``ops.linear`` against dense float32 at 32, 100 and 256 rows (prefill);
@@ -51,6 +52,7 @@ def main() -> None:
     with torch.inference_mode():
         # 1. per-call cost
         x = torch.randn(1, 64, generator=gen).bfloat16()
+        x3 = x.view(1, 1, 64)
         (p, s, z), = random_packed_weights(8, 64, 4, 64, 1, gen)
         y = torch.empty(1, 8, dtype=torch.bfloat16)
         dense = torch.randn(8, 64, generator=gen).bfloat16()
@@ -60,6 +62,7 @@ def main() -> None:
                                                     z.data_ptr(), 0, 8, 64, 4, 64, y.data_ptr(), True, threads),
             "ops.linear": lambda i: ops.linear(x, p, s, z, None, 4, 64, 64, weights_checked=True),
             "QuantLinear": lambda i: layer(x),
+            "QuantLinear [1, 1, 64]": lambda i: layer(x3),
             "F.linear bf16": lambda i: F.linear(x, dense),
         }, 2000))
 
