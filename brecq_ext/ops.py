@@ -579,8 +579,9 @@ def _gemv_cpu(kernel, x, m, x_stride, packed, scale, zero, bias, n, bits, group_
     """y [m, n] in x's dtype from m rows of x (float32 or bfloat16, unit inner stride, rows
     ``x_stride`` elements apart) on validated, contiguous packed/scale/zero and float32 bias (or None),
     by ``kernel``: the compiled ``packed_gemv`` (row-major weights) or ``tiled_gemv`` (TILE16), which
-    take the same arguments."""
-    dtype = x.dtype  # read once: this is the decode path, where each tensor attribute costs 60-130 ns
+    take the same arguments. The ops' path, for any row stride; module forwards in eager inference
+    take ``_eager_cpu_gemv``, which makes the same call inline for contiguous x."""
+    dtype = x.dtype
     y = torch.empty(m, n, dtype=dtype)
     is_bf16 = dtype is torch.bfloat16
     kernel(x.data_ptr(), is_bf16, m, x_stride, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
