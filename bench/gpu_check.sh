@@ -5,7 +5,8 @@
 # ./gpu-out). The device image has torch, transformers, pybind11, pytest and the rest, and no
 # network: install without isolation, dependencies or an index. Each stage has its own time limit
 # and a failing stage does not stop the next. On an H100 (2026-11-27): build 40 s, tests 2 min,
-# GEMV timings 15 s (the decode sections 40 s more), memcheck 10 s, ncu 10 s, compiled decode 2 min.
+# GEMV timings 15 s (the decode sections 40 s more with two models), memcheck 10 s, ncu 10 s,
+# compiled decode 2 min (two models; three since the W4 lm_head model was added).
 #   bash bench/gpu_check.sh
 #   STAGES="build tests bench memcheck" bash bench/gpu_check.sh   # a subset (default: all seven)
 set -uo pipefail
@@ -35,7 +36,7 @@ cd "$SCRATCH/tests"
 stage tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 -k "cuda" .
 cd "$REPO"
 cd "$SCRATCH"
-stage bench 150 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" ${BENCH_SECTIONS:+--sections $BENCH_SECTIONS}
+stage bench 200 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" ${BENCH_SECTIONS:+--sections $BENCH_SECTIONS}
 python3 "$REPO/bench/gpu_summary.py" "$OUT/gpu_bench.json"
 stage brecq 120 python3 "$REPO/bench/brecq_speed_qwen3.py" --blocks 2 --iters 100 --samples 32 --device cuda
 stage memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$REPO/bench/cuda_memcheck.py"
@@ -46,5 +47,5 @@ stage profile 90 ncu --kernel-name regex:gemv_mma --launch-skip 5 --launch-count
   python3 "$REPO/bench/ncu_gemv.py" --out 151936 --in 1024 --bits 4 --rows 1
 # Last, as it may take minutes of compilation: decode with a torch.compile'd step (8 files in $OUT
 # in all, the most the device tool brings back).
-stage compiled 240 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" --merge --sections decode_compiled
+stage compiled 300 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" --merge --sections decode_compiled
 python3 "$REPO/bench/gpu_summary.py" "$OUT/gpu_bench.json" | tail -n 4

@@ -68,13 +68,16 @@ def main(path: str) -> None:
         print("\neager call, gate_proj, 1 row (us):", json.dumps(data["eager_call_us_gate_proj_1row"]))
     decode = data.get("decode", {})
     if "w4w6" in decode and "eager" in decode["w4w6"]:
-        print("\n| decode (Qwen3-0.6B shape, 128-token prompt) | bf16 ms/token | W4/W6 ms/token | speed-up |")
-        print("|---|---|---|---|")
+        labels = [label for label in ("w4w6", "w4w6_head4") if label in decode]
+        names = {"w4w6": "W4/W6", "w4w6_head4": "W4/W6 + W4 lm_head"}
+        print("\n| decode (Qwen3-0.6B shape, 128-token prompt) | bf16 ms/token | "
+              + " | ".join(f"{names[label]} ms/token | speed-up" for label in labels) + " |")
+        print("|---|---|" + "---|---|" * len(labels))
         for mode in ("eager", "cuda_graph"):
             if mode in decode["w4w6"]:
                 a = decode["bf16"][mode]["decode_ms_per_token_median"]
-                b = decode["w4w6"][mode]["decode_ms_per_token_median"]
-                print(f"| {mode} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+                cells = [(decode[label][mode]["decode_ms_per_token_median"]) for label in labels if mode in decode[label]]
+                print(f"| {mode} | {a:.2f} | " + " | ".join(f"{b:.2f} | {a / b:.2f}x" for b in cells) + " |")
         for label, profile in decode.get("gpu_kernel_time", {}).items():
             print(f"\nGPU kernel time per eager decode step, {label}: {profile['us_per_step_total']:.0f} us; largest:")
             for item in profile["top"][:6]:
@@ -84,10 +87,13 @@ def main(path: str) -> None:
                   f"{decode['bf16']['eager_repeat']['decode_ms_per_token_median']:.2f} ms/token")
         compiled = data.get("decode_compiled", {})
         if "speedup" in compiled:
-            print(f"\ntorch.compile (inductor) + CUDA graph: bf16 {compiled['bf16']['decode_ms_per_token_median']:.2f}, "
-                  f"W4/W6 {compiled['w4w6']['decode_ms_per_token_median']:.2f} ms/token, {compiled['speedup']:.2f}x")
-        print(f"\nweight bytes: bf16 {decode['bf16']['weight_bytes'] / 2**20:.0f} MiB, "
-              f"W4/W6 {decode['w4w6']['weight_bytes'] / 2**20:.0f} MiB")
+            print(f"\ntorch.compile (inductor) + CUDA graph: bf16 {compiled['bf16']['decode_ms_per_token_median']:.3f}, "
+                  f"W4/W6 {compiled['w4w6']['decode_ms_per_token_median']:.3f} ms/token, {compiled['speedup']:.2f}x")
+            if "speedup_w4w6_head4" in compiled:
+                print(f"  W4/W6 + W4 lm_head {compiled['w4w6_head4']['decode_ms_per_token_median']:.3f} ms/token, "
+                      f"{compiled['speedup_w4w6_head4']:.2f}x")
+        print("\nweight bytes (MiB): " + ", ".join(f"{label} {decode[label]['weight_bytes'] / 2**20:.0f}"
+                                                   for label in ("bf16", *labels)))
     for name, error in data.get("errors", {}).items():
         print(f"\nsection {name} FAILED:\n{error[-1500:]}")
 
