@@ -7,8 +7,9 @@
    is timed as a CUDA graph of one call per copy, replayed: the GPU time per call that a decode
    step sees when layers run back to back, without Python or launch gaps.
 3. Decode of a Qwen3-0.6B-shaped model (seeded random weights), bfloat16 against the study's
-   W6 attention / W4 MLP recipe (round-to-nearest; the tied lm_head stays bfloat16), eagerly and
-   with a static KV cache replayed from a CUDA graph; optionally (section decode_compiled) with the step compiled by
+   W6 attention / W4 MLP recipe (round-to-nearest; the tied lm_head stays bfloat16) and its
+   variants (--models: a W4 lm_head, q/k/v and gate/up fused), eagerly and with a static KV cache
+   replayed from a CUDA graph; optionally (section decode_compiled) with the step compiled by
    torch.compile first.
 
 Every timing is a median. The JSON file is rewritten (atomically) after each section, so a run cut
@@ -16,6 +17,7 @@ short keeps what it measured; a section that fails records its error and the oth
 
     python bench/gpu_bench.py --out gpu.json [--sections matmul,eager,decode]
     python bench/gpu_bench.py --out gpu.json --merge --sections decode_compiled   # torch.compile'd step
+    python bench/gpu_bench.py --out gpu.json --sections decode --models bf16,w4w6,w4w6_fused
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from brecq.measure import _cache_keyword, _cache_of, environment, latency, stati
 from brecq.models import QWEN3_0_6B_LINEAR_SHAPES, build_model, qwen3_config
 from brecq.quantize import quantize
 from brecq.recipe import Method, Recipe, get_recipe
-from brecq_ext import LayerRule, ops
+from brecq_ext import LayerRule, fuse_projections_, ops
 from brecq_ext.format import layer_storage, num_groups, packed_row_bytes
 
 log = logging.getLogger("gpu_bench")
@@ -210,30 +212,42 @@ def kernel_time_profile(model, steps: int = 4) -> dict:
             "top": [{"kernel": name[:90], "us_per_step": t / steps} for name, t in kernels[:10]]}
 
 
-def decode_models() -> dict:
-    """bfloat16 and the quantized models of the decode sections, on the GPU, keyed by label.
+DECODE_MODELS = ("bf16", "w4w6", "w4w6_head4", "w4w6_fused", "w4w6_head4_fused")
+
+
+def decode_models(labels) -> dict:
+    """The decode sections' models on the GPU, keyed by label (``labels``, from DECODE_MODELS).
 
     ``w4w6`` is the study's recipe (the tied lm_head stays bfloat16). ``w4w6_head4`` adds a W4 g64
     lm_head: its 1024 -> 151936 call is the largest of a decode step, and the CUDA GEMV takes 4 and
-    6 bits only, so not the CPU benchmark's 8-bit head."""
+    6 bits only, so not the CPU benchmark's 8-bit head. ``_fused`` has q/k/v and gate/up fused
+    (brecq_ext.fuse_projections_): four packed matmuls per decoder layer instead of seven."""
+    unknown = set(labels) - set(DECODE_MODELS)
+    if unknown or "bf16" not in labels or "w4w6" not in labels:
+        raise ValueError(f"--models: bf16, w4w6 and any of {DECODE_MODELS[2:]}, got {labels}")
     study = get_recipe("w4g64_mix_attn6", Method.RTN)
     recipes = {"w4w6": study,
                "w4w6_head4": Recipe("w4g64_mix_attn6_head4", (*study.rules, LayerRule(r"^lm_head$", 4, 64)),
                                     method=Method.RTN)}
     base = build_model(qwen3_config("0.6b"), seed=0).to("cuda")  # float32 on the GPU: the quantizer's input
-    models = {"bf16": copy.deepcopy(base).to(torch.bfloat16).eval()}
-    for label, recipe in recipes.items():
+    models = {}
+    for label in labels:
+        if label == "bf16":
+            models[label] = copy.deepcopy(base).to(torch.bfloat16).eval()
+            continue
         model = copy.deepcopy(base)
-        quantize(model, recipe, show_progress=False)
+        quantize(model, recipes[label.removesuffix("_fused")], show_progress=False)
+        if label.endswith("_fused"):
+            fuse_projections_(model)
         models[label] = model.to(torch.bfloat16).eval()  # norms, embeddings; QuantLinear buffers keep dtypes
     del base
     torch.cuda.empty_cache()
     return models
 
 
-def bench_decode(result: dict, prompt: int, tokens: int) -> None:
+def bench_decode(result: dict, prompt: int, tokens: int, labels) -> None:
     started = time.perf_counter()
-    models = decode_models()
+    models = decode_models(labels)
     result["decode_models_build_and_rtn_s"] = time.perf_counter() - started
     dense = models["bf16"]
     decode = {}
@@ -260,10 +274,10 @@ def bench_decode(result: dict, prompt: int, tokens: int) -> None:
     decode["gpu_kernel_time"] = {label: kernel_time_profile(model) for label, model in models.items()}
 
 
-def bench_decode_compiled(result: dict, prompt: int, tokens: int) -> None:
+def bench_decode_compiled(result: dict, prompt: int, tokens: int, labels) -> None:
     """Decode with the step compiled by torch.compile (inductor: the model's element-wise and
     normalisation kernels fused) and replayed from a CUDA graph, bf16 against the quantized models."""
-    models = decode_models()
+    models = decode_models(labels)
     compiled = {}
     for label, model in models.items():
         started = time.perf_counter()
@@ -274,9 +288,11 @@ def bench_decode_compiled(result: dict, prompt: int, tokens: int) -> None:
         result["decode_compiled"] = compiled
         torch._dynamo.reset()  # each model compiles afresh; no recompile limit shared between them
     bf16 = compiled["bf16"]["decode_ms_per_token_median"]
-    compiled["speedup"] = bf16 / compiled["w4w6"]["decode_ms_per_token_median"]
-    compiled["speedup_w4w6_head4"] = bf16 / compiled["w4w6_head4"]["decode_ms_per_token_median"]
-    log.info("compiled decode speed-up %.2fx (W4 lm_head: %.2fx)", compiled["speedup"], compiled["speedup_w4w6_head4"])
+    for label in models:
+        if label != "bf16":
+            compiled["speedup" + ("" if label == "w4w6" else f"_{label}")] = (
+                bf16 / compiled[label]["decode_ms_per_token_median"])
+    log.info("compiled decode speed-up %.2fx", compiled["speedup"])
 
 
 def main() -> None:
@@ -285,6 +301,8 @@ def main() -> None:
     parser.add_argument("--sections", default="matmul,eager,decode")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--models", default="bf16,w4w6,w4w6_head4",
+                        help=f"decode sections' models, comma-separated, from {','.join(DECODE_MODELS)}")
     parser.add_argument("--merge", action="store_true", help="add to the results already in --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -298,9 +316,10 @@ def main() -> None:
                   "errors": {}}
     log.info("copy bandwidth %.0f GB/s", result["copy_bandwidth_gbs"])
     write_json(args.out, result)
+    models = args.models.split(",")
     sections = {"matmul": lambda: bench_matmul(result), "eager": lambda: eager_call_us(result),
-                "decode": lambda: bench_decode(result, args.prompt, args.tokens),
-                "decode_compiled": lambda: bench_decode_compiled(result, args.prompt, args.tokens)}
+                "decode": lambda: bench_decode(result, args.prompt, args.tokens, models),
+                "decode_compiled": lambda: bench_decode_compiled(result, args.prompt, args.tokens, models)}
     for name in args.sections.split(","):
         started = time.perf_counter()
         try:

@@ -9,6 +9,7 @@
 # compiled decode 2 min (two models; three since the W4 lm_head model was added).
 #   bash bench/gpu_check.sh
 #   STAGES="build tests bench memcheck" bash bench/gpu_check.sh   # a subset (default: all seven)
+#   TEST_FILTER=fusion BENCH_SECTIONS=decode BENCH_MODELS=bf16,w4w6,w4w6_fused bash bench/gpu_check.sh
 set -uo pipefail
 STAGES=${STAGES:-build tests bench brecq memcheck profile compiled}
 OUT=${OUT:-$PWD/gpu-out}
@@ -33,10 +34,11 @@ stage build 150 env BRECQ_CUDA=1 BRECQ_CUDA_ARCHS=90 python3 -m pip install -v -
 # The installed package, not the source tree: run the tests from a scratch copy.
 SCRATCH=$(mktemp -d) && cp -r "$REPO/tests" "$SCRATCH/"
 cd "$SCRATCH/tests"
-stage tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 -k "cuda" .
+stage tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 -k "${TEST_FILTER:-cuda}" .
 cd "$REPO"
 cd "$SCRATCH"
-stage bench 200 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" ${BENCH_SECTIONS:+--sections $BENCH_SECTIONS}
+stage bench 200 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" ${BENCH_SECTIONS:+--sections $BENCH_SECTIONS} \
+  ${BENCH_MODELS:+--models $BENCH_MODELS}
 python3 "$REPO/bench/gpu_summary.py" "$OUT/gpu_bench.json"
 stage brecq 120 python3 "$REPO/bench/brecq_speed_qwen3.py" --blocks 2 --iters 100 --samples 32 --device cuda
 stage memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$REPO/bench/cuda_memcheck.py"
@@ -47,5 +49,6 @@ stage profile 90 ncu --kernel-name regex:gemv_mma --launch-skip 5 --launch-count
   python3 "$REPO/bench/ncu_gemv.py" --out 151936 --in 1024 --bits 4 --rows 1
 # Last, as it may take minutes of compilation: decode with a torch.compile'd step (8 files in $OUT
 # in all, the most the device tool brings back).
-stage compiled 300 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" --merge --sections decode_compiled
+stage compiled 300 python3 "$REPO/bench/gpu_bench.py" --out "$OUT/gpu_bench.json" --merge --sections decode_compiled \
+  ${BENCH_MODELS:+--models $BENCH_MODELS}
 python3 "$REPO/bench/gpu_summary.py" "$OUT/gpu_bench.json" | tail -n 4

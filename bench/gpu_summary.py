@@ -68,10 +68,12 @@ def main(path: str) -> None:
         print("\neager call, gate_proj, 1 row (us):", json.dumps(data["eager_call_us_gate_proj_1row"]))
     decode = data.get("decode", {})
     if "w4w6" in decode and "eager" in decode["w4w6"]:
-        labels = [label for label in ("w4w6", "w4w6_head4") if label in decode]
-        names = {"w4w6": "W4/W6", "w4w6_head4": "W4/W6 + W4 lm_head"}
+        labels = [label for label, entry in decode.items() if label != "bf16" and isinstance(entry, dict)
+                  and "eager" in entry]
+        names = {"w4w6": "W4/W6", "w4w6_head4": "W4/W6 + W4 lm_head", "w4w6_fused": "W4/W6 fused",
+                 "w4w6_head4_fused": "W4/W6 + W4 lm_head, fused"}
         print("\n| decode (Qwen3-0.6B shape, 128-token prompt) | bf16 ms/token | "
-              + " | ".join(f"{names[label]} ms/token | speed-up" for label in labels) + " |")
+              + " | ".join(f"{names.get(label, label)} ms/token | speed-up" for label in labels) + " |")
         print("|---|---|" + "---|---|" * len(labels))
         for mode in ("eager", "cuda_graph"):
             if mode in decode["w4w6"]:
@@ -89,9 +91,10 @@ def main(path: str) -> None:
         if "speedup" in compiled:
             print(f"\ntorch.compile (inductor) + CUDA graph: bf16 {compiled['bf16']['decode_ms_per_token_median']:.3f}, "
                   f"W4/W6 {compiled['w4w6']['decode_ms_per_token_median']:.3f} ms/token, {compiled['speedup']:.2f}x")
-            if "speedup_w4w6_head4" in compiled:
-                print(f"  W4/W6 + W4 lm_head {compiled['w4w6_head4']['decode_ms_per_token_median']:.3f} ms/token, "
-                      f"{compiled['speedup_w4w6_head4']:.2f}x")
+            for label, entry in compiled.items():
+                if label not in ("bf16", "w4w6") and isinstance(entry, dict):
+                    print(f"  {names.get(label, label)} {entry['decode_ms_per_token_median']:.3f} ms/token, "
+                          f"{compiled['speedup_' + label]:.2f}x")
         print("\nweight bytes (MiB): " + ", ".join(f"{label} {decode[label]['weight_bytes'] / 2**20:.0f}"
                                                    for label in ("bf16", *labels)))
     for name, error in data.get("errors", {}).items():

@@ -8,6 +8,7 @@
 * :mod:`brecq_ext.layout` — in-memory layouts of packed weights (row-major; TILE16 for the AVX-512
   CPU kernel).
 * :class:`QuantLinear` — a drop-in ``nn.Linear`` with packed weights.
+* :func:`fuse_projections_` — one packed matmul for projections of one input (q/k/v, gate/up).
 * :mod:`brecq_ext.arena` — one region, on huge pages where the OS allows, for a model's packed
   weights (:func:`gather_quantized_weights`; faster CPU decode).
 """
@@ -15,6 +16,7 @@ from . import arena, format, layout, ops, reference
 from ._extension import cpu_isa, detected_cpu_isa, set_cpu_isa
 from .arena import WeightArena, gather_quantized_weights
 from .format import FORMAT_VERSION, LayerStorage, layer_storage
+from .fusion import FusedProjection, FusedQuantLinear, fuse_projections_
 from .layout import Layout
 from .ops import Clipping
 from .quant_linear import (LayerRule, QuantLinear, match_linear_layers, quant_linear_layers,
@@ -26,4 +28,5 @@ __all__ = [
     "ops", "reference", "format", "layout", "Layout", "QuantLinear", "LayerRule", "Clipping", "replace_linear_layers",
     "match_linear_layers", "quant_linear_layers", "layer_storage", "LayerStorage", "FORMAT_VERSION",
     "cpu_isa", "detected_cpu_isa", "set_cpu_isa", "arena", "WeightArena", "gather_quantized_weights",
+    "fuse_projections_", "FusedQuantLinear", "FusedProjection",
 ]

@@ -107,12 +107,17 @@ class QuantLinear(nn.Module):
         layer = cls(in_features, out_features, bits, group_size, bias=bias is not None,
                     device=codes.device, bias_dtype=bias.dtype if bias is not None else torch.float32,
                     layout=Layout.ROWS)
-        layer.packed.copy_(ops.pack(codes, bits, group_size))
-        layer.scale.copy_(scale)
-        layer.zero.copy_(zero)
+        return layer._fill_row_major(codes, scale, zero, bias).use_layout(layout)
+
+    @torch.no_grad()
+    def _fill_row_major(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> "QuantLinear":
+        # Only for a layer just made in Layout.ROWS: packs codes uint8 [out, in] into its buffers.
+        self.packed.copy_(ops.pack(codes, self.bits, self.group_size))
+        self.scale.copy_(scale)
+        self.zero.copy_(zero)
         if bias is not None:
-            layer.bias.copy_(bias.detach())
-        return layer.use_layout(layout)
+            self.bias.copy_(bias.detach())
+        return self
 
     @classmethod
     @torch.no_grad()
