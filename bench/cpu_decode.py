@@ -1,7 +1,8 @@
 """End-to-end decode on the CPU of a Qwen3-0.6B-shaped model (seeded random weights): bfloat16
 against the study's recipe (W6 attention, W4 MLP, group 64, round to nearest; the lm_head stays
 bfloat16, tied to the embeddings) and against that recipe with an 8-bit lm_head (preset
-w4g64_mix_attn6_head8; the embedding table stays bfloat16 beside it). On AVX-512 CPUs the recipe
+w4g64_mix_attn6_head8; the embedding table stays bfloat16 beside it), the latter also with q/k/v
+and gate/up fused ("w4w6_head8_fused", brecq_ext.fuse_projections_). On AVX-512 CPUs the recipe
 also runs with its 4-bit layers held row-major ("w4w6_rows") beside the TILE16 layout that
 QuantLinear picks there (brecq_ext.layout), and with its packed weights as separate allocations
 ("w4w6_scattered") beside the one huge-page region that ``quantize`` gathers them into
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from brecq_ext import Layout, quant_linear_layers
+from brecq_ext import Layout, fuse_projections_, quant_linear_layers
 
 from brecq.measure import environment, paired_latency, storage
 from brecq.models import build_model, qwen3_config
@@ -52,6 +53,8 @@ def main() -> None:
         quantize_s[label] = time.perf_counter() - started
         models[label] = model.to(torch.bfloat16).eval()  # norms, embeddings; QuantLinear buffers keep dtypes
     del base
+    models["w4w6_head8_fused"] = copy.deepcopy(models["w4w6_head8"])
+    fuse_projections_(models["w4w6_head8_fused"])  # q/k/v and gate/up: 4 calls per layer, not 7
     models["w4w6_scattered"] = copy.deepcopy(models["w4w6"])
     for _, layer in quant_linear_layers(models["w4w6_scattered"]):  # one allocation per buffer, as before
         for name, buffer in list(layer.named_buffers(recurse=False)):

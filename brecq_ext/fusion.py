@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .arena import gather_quantized_weights
 from .layout import Layout
 from .quant_linear import QuantLinear
 
@@ -129,8 +130,8 @@ class FusedProjection(nn.Module):
                 f"part {self.index} of {self.fused_name}")
 
 
-def fuse_projections_(model: nn.Module,
-                      groups: Sequence[tuple[Sequence[str], str]] = DEFAULT_GROUPS) -> list[str]:
+def fuse_projections_(model: nn.Module, groups: Sequence[tuple[Sequence[str], str]] = DEFAULT_GROUPS,
+                      regather: bool = True) -> list[str]:
     """Fuse, in place, each set of sibling :class:`QuantLinear` layers named in ``groups``.
 
     ``groups``: ``(member names, fused name)`` pairs; a module whose children include all the
@@ -140,8 +141,12 @@ def fuse_projections_(model: nn.Module,
     dense, mixed bit widths) are left as they are and logged. Returns the qualified names of the
     fused layers. The parent's forward must call the members on the same input tensor to gain
     anything; if it does not, each call still returns the right output, from a fused product of
-    its own."""
-    fused_names = []
+    its own.
+
+    ``regather``: when a fused member's buffers were in a shared region (``quantize`` and
+    ``load_quantized`` leave CPU models so; brecq_ext.arena), gather all CPU layers into a new one,
+    so that the fused layers are read from it too."""
+    fused_names, was_gathered = [], False
     for parent_name, parent in list(model.named_modules()):
         for member_names, fused_name in groups:
             members = [getattr(parent, name, None) for name in member_names]
@@ -158,13 +163,20 @@ def fuse_projections_(model: nn.Module,
             if hasattr(parent, fused_name):
                 raise ValueError(f"fuse_projections_: {parent_name or '<model>'} already has an attribute "
                                  f"{fused_name!r}; pass another fused name in groups")
+            was_gathered = was_gathered or any(_in_shared_region(m.packed) for m in members)
             fused = FusedQuantLinear.from_members(members)
             parent.add_module(fused_name, fused)
             for index, name in enumerate(member_names):
                 setattr(parent, name, FusedProjection(fused, index, fused_name))
             fused_names.append(f"{parent_name}.{fused_name}" if parent_name else fused_name)
     log.info("fuse_projections_: fused %d groups", len(fused_names))
+    if regather and was_gathered:
+        gather_quantized_weights(model)
     return fused_names
+
+
+def _in_shared_region(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
 
 def _mismatch(a: QuantLinear, b: QuantLinear) -> str | None:

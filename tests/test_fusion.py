@@ -164,3 +164,14 @@ def test_compiled_decode_step_runs_one_matmul_per_fused_group():
                if node.op == "call_function" and "brecq" in str(node.target)]
     # Per decoder layer: qkv, o, gate_up, down (the tied lm_head stays dense).
     assert len(graphs) == 1 and len(matmuls) == 4 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("regather", [True, False], ids=["regather", "keep"])
+def test_fused_cpu_layers_join_the_shared_region_of_the_others(regather):
+    model = _tiny_quantized_model()  # quantize gathers CPU layers into one region
+    fuse_projections_(model, regather=regather)
+    storages = {layer.packed.untyped_storage().data_ptr() for _, layer in quant_linear_layers(model)}
+    fused = model.model.layers[0].self_attn.qkv_proj
+    in_region = fused.packed.untyped_storage().nbytes() > fused.packed.numel()
+    assert in_region is regather
+    assert len(storages) == (1 if regather else 1 + 2 * model.config.num_hidden_layers)
