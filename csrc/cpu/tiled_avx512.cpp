@@ -40,7 +40,9 @@ namespace {
 // Code bytes requested ahead of use: a thread's tiles are one sequential stream (8 KiB per tile at
 // 1024 inputs). When memory is slow any distance keeps up; when it is fast (a read of 50-60 GB/s on
 // 2 MiB pages, or weights in L3) 4 KiB beat 2 KiB by 3-11 % and longer distances lost at slow
-// minutes (scratch builds of this file with 0-12 KiB, timed round-robin in one process).
+// minutes (scratch builds of this file with 0-12 KiB, timed round-robin in one process). A later
+// A/B through the Python op path, with 0, 1, 4 and 8 KiB, found no difference at fast or slow
+// periods (bench/README.md, "Where a decode-sized call's time goes"): a small lever either way.
 constexpr int64_t kPrefetchBytes = 4096;
 
 // Activation pairs of the bfloat16 path: dword 4t + s = x[8t + s] | x[8t + s + 4] << 16.
