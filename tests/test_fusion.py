@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from brecq_ext import (FusedProjection, FusedQuantLinear, Layout, QuantLinear, fuse_projections_,
-                       quant_linear_layers)
+from brecq_ext import FusedProjection, FusedQuantLinear, Layout, QuantLinear, fuse_projections_, quant_linear_layers
+
 from conftest import DEVICES
 
 
@@ -175,3 +175,19 @@ def test_fused_cpu_layers_join_the_shared_region_of_the_others(regather):
     in_region = fused.packed.untyped_storage().nbytes() > fused.packed.numel()
     assert in_region is regather
     assert len(storages) == (1 if regather else 1 + 2 * model.config.num_hidden_layers)
+
+
+def test_a_loaded_model_fuses_and_a_fused_one_is_not_saved(tmp_path):
+    from brecq.io import load_quantized, save_quantized
+    from brecq.recipe import get_recipe
+
+    model = _tiny_quantized_model()
+    out = save_quantized(model, tmp_path / "saved", recipe=get_recipe("w4g64_mix_attn6").to_dict(), calibration=None)
+    reference, loaded = load_quantized(out), load_quantized(out)
+    assert len(fuse_projections_(loaded)) == 2 * model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)
+    with pytest.raises(ValueError, match="save_quantized: model has fused projections"):
+        save_quantized(loaded, tmp_path / "fused", recipe={}, calibration=None)
+    assert not (tmp_path / "fused").exists()

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from brecq_ext import FORMAT_VERSION, QuantLinear, quant_linear_layers
+from brecq_ext import FORMAT_VERSION, FusedQuantLinear, QuantLinear, quant_linear_layers
 from brecq_ext.arena import gather_quantized_weights
 
 from . import __version__
@@ -85,6 +85,11 @@ def quantized_modules(model: nn.Module) -> dict[str, dict]:
 def save_quantized(model: nn.Module, out_dir, *, recipe: dict, calibration: dict | None, summary: str = "",
                    extra: dict | None = None, tokenizer=None, tokenizer_source=None) -> Path:
     """Write a quantized model (QuantLinear layers) to ``out_dir``; returns the directory."""
+    fused = [name for name, module in model.named_modules() if isinstance(module, FusedQuantLinear)]
+    if fused:
+        # Its state dict names the fused layers, which no loader maps back onto the model's own.
+        raise ValueError(f"save_quantized: model has fused projections ({fused[0]}, ... from "
+                         f"brecq_ext.fuse_projections_); save the model before fusing it")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
