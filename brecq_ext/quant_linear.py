@@ -110,7 +110,7 @@ class QuantLinear(nn.Module):
         return layer._fill_row_major(codes, scale, zero, bias).use_layout(layout)
 
     @torch.no_grad()
-    def _fill_row_major(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> "QuantLinear":
+    def _fill_row_major(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> QuantLinear:
         # Only for a layer just made in Layout.ROWS: packs codes uint8 [out, in] into its buffers.
         self.packed.copy_(ops.pack(codes, self.bits, self.group_size))
         self.scale.copy_(scale)
