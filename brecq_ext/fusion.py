@@ -10,9 +10,12 @@ call computes all three outputs in one matmul and the others take their share of
 
 The fused layer holds the separate layers' rows, codes, scales and zeros unchanged. On the CPU each
 output row is accumulated as before, so results are equal bit for bit; the CUDA GEMV picks its
-kernel and tuning by the layer's shape, so there they can differ in the last bits. It is an inference-time rearrangement: the fused
-model's ``state_dict`` names the fused layer (``self_attn.qkv_proj.packed`` ...), so fuse after
-loading a checkpoint, not before.
+kernel and tuning by the layer's shape, so there they can differ in the last bits.
+
+It is an inference-time rearrangement. The fused model's ``state_dict`` names the fused layer
+(``self_attn.qkv_proj.packed`` ...), so fuse after loading a checkpoint, not before
+(``brecq.save_quantized`` refuses a fused model). The hand-over between members is state of the
+fused layer, so one fused model must not run forwards from two threads at once.
 """
 from __future__ import annotations
 
@@ -51,6 +54,14 @@ class FusedQuantLinear(QuantLinear):
         self.split_sizes = split_sizes
         self._pending_input = None   # the input of the last fused product still being handed out
         self._pending_outputs = None  # its per-member views, [..., split_sizes[i]] each
+
+    @classmethod
+    def from_codes(cls, *args, **kwargs):
+        raise TypeError("FusedQuantLinear: build it from QuantLinear layers with from_members")
+
+    @classmethod
+    def from_linear(cls, *args, **kwargs):
+        raise TypeError("FusedQuantLinear: build it from QuantLinear layers with from_members")
 
     @classmethod
     @torch.no_grad()
@@ -189,4 +200,3 @@ def _mismatch(a: QuantLinear, b: QuantLinear) -> str | None:
     if a.bias is not None and b.bias is not None and a.bias.dtype != b.bias.dtype:
         return f"bias dtype ({a.bias.dtype} and {b.bias.dtype})"
     return None
-

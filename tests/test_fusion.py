@@ -140,6 +140,8 @@ def test_dense_members_stay_unfused_and_name_clashes_are_refused():
         fuse_projections_(block)
     with pytest.raises(ValueError, match="split_sizes must be two or more positive"):
         FusedQuantLinear(64, (16,), 4, 64)
+    with pytest.raises(TypeError, match="with from_members"):
+        FusedQuantLinear.from_linear(nn.Linear(64, 16), 4, 64)
 
 
 def test_compiled_decode_step_runs_one_matmul_per_fused_group():
