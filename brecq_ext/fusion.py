@@ -8,9 +8,11 @@ gate and up projections. :func:`fuse_projections_` stacks such siblings' rows in
 own forward is untouched: it still calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)``; the first
 call computes all three outputs in one matmul and the others take their share of it.
 
-The fused layer holds the separate layers' rows, codes, scales and zeros unchanged. On the CPU each
-output row is accumulated as before, so results are equal bit for bit; the CUDA GEMV picks its
-kernel and tuning by the layer's shape, so there they can differ in the last bits.
+The fused layer holds the separate layers' rows, codes, scales and zeros unchanged. The CPU GEMV
+(up to 8 rows) accumulates each output row as before, so decode results are equal bit for bit;
+larger inputs go through a dense matmul, whose blocking may depend on the layer's width (the
+tests find them equal on this project's CPU). The CUDA GEMV picks its kernel and tuning by the
+layer's shape, so there results can differ in the last bits.
 
 It is an inference-time rearrangement. The fused model's ``state_dict`` names the fused layer
 (``self_attn.qkv_proj.packed`` ...), so fuse after loading a checkpoint, not before
