@@ -317,6 +317,12 @@ bool fits_32_bit_offsets(int m, int64_t x_stride, int64_t n, int64_t k, int bits
 GemvChoice choose_tensor_core_gemv(int64_t n, int64_t k, int64_t g, int bits, int m, int sms, bool mma16_supported) {
   if (!mma16_supported) return {GemvKernel::kMma8, 0};
   const int64_t k_blocks = padded_in_features(k, g) / kBlockK;
+  // With 9-16 rows, wide layers run fastest with tuning 3 (one K block a round, 40 warps an SM).
+  // Per-kernel timings at 16 rows on an H100 and an H200 (bench/README.md): the 1024 -> 151936
+  // lm_head 7-10 % faster than with tuning 0, W6 1024 -> 3072 9 % faster than with tuning 2, and
+  // W4 1024 -> 3072 the same; 2048 outputs or fewer were slower with it.
+  constexpr int64_t kWideOutputs = 3072;
+  if (m > 8 && n >= kWideOutputs) return {GemvKernel::kMma16, 3};
   // A layer with tiles for a full wave of the most-warps tuning streams: more warps hide more latency.
   if ((n + kTile - 1) / kTile >= wave_warps<0>(m, sms)) return {GemvKernel::kMma16, 0};
   // A smaller layer is latency-bound: each round of loads is one trip to DRAM, so take the kernel
