@@ -185,8 +185,11 @@ def test_a_loaded_model_fuses_and_a_fused_one_is_not_saved(tmp_path):
 
     model = _tiny_quantized_model()
     out = save_quantized(model, tmp_path / "saved", recipe=get_recipe("w4g64_mix_attn6").to_dict(), calibration=None)
-    reference, loaded = load_quantized(out), load_quantized(out)
-    assert len(fuse_projections_(loaded)) == 2 * model.config.num_hidden_layers
+    reference, loaded = load_quantized(out), load_quantized(out, fuse_projections=True)
+    fused = [name for name, module in loaded.named_modules() if isinstance(module, FusedQuantLinear)]
+    assert len(fused) == 2 * model.config.num_hidden_layers
+    # Fused before the one gathering: every layer, fused or not, reads from one region.
+    assert len({layer.packed.untyped_storage().data_ptr() for _, layer in quant_linear_layers(loaded)}) == 1
     ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from brecq_ext import FORMAT_VERSION, FusedQuantLinear, QuantLinear, quant_linear_layers
+from brecq_ext import FORMAT_VERSION, FusedQuantLinear, QuantLinear, fuse_projections_, quant_linear_layers
 from brecq_ext.arena import gather_quantized_weights
 
 from . import __version__
@@ -139,11 +139,14 @@ def read_quantization_config(path) -> dict:
     return config
 
 
-def load_quantized(path, device="cpu", verify: bool = True, gather_weights: bool = True) -> nn.Module:
+def load_quantized(path, device="cpu", verify: bool = True, gather_weights: bool = True,
+                   fuse_projections: bool = False) -> nn.Module:
     """A working model with QuantLinear layers from a directory written by :func:`save_quantized`.
     Refuses a weights file whose checksum differs from the one recorded (truncated or edited).
     On the CPU, ``gather_weights`` places the packed weights in one huge-page region
-    (``brecq_ext.gather_quantized_weights``), where decode reads them fastest."""
+    (``brecq_ext.gather_quantized_weights``), where decode reads them fastest.
+    ``fuse_projections`` fuses q/k/v and gate/up for inference (``brecq_ext.fuse_projections_``:
+    fewer, larger calls per decode step; such a model cannot be saved again)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -183,6 +186,8 @@ def load_quantized(path, device="cpu", verify: bool = True, gather_weights: bool
                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()
     model = model.to(device)
+    if fuse_projections:
+        fuse_projections_(model, regather=False)  # gathered once, below
     if gather_weights:
         gather_quantized_weights(model)  # CPU layers only
     return model
