@@ -10,7 +10,11 @@ QuantLinear picks there (brecq_ext.layout), and with its packed weights as separ
 ``brecq.measure.paired_latency`` (steps of all models interleaved in random order, so the machine's
 drift falls on all alike). Writes JSON and prints a small table.
 
-    python bench/cpu_decode.py [--prompt 32] [--tokens 16] [--repeats 3] [--json bench/results/cpu_decode.json]
+With ``--static``, it then times bf16, w4w6_head8 and w4w6_head8_fused again with a static KV
+cache (``brecq.measure.StaticDecoder``), each eagerly and with the step compiled by torch.compile
+(inductor), all decoders taking turns by repeat.
+
+    python bench/cpu_decode.py [--prompt 32] [--tokens 16] [--repeats 3] [--static] [--json bench/results/cpu_decode.json]
 """
 from __future__ import annotations
 
@@ -18,13 +22,15 @@ import argparse
 import copy
 import json
 import logging
+import statistics
 import time
 
 import torch
 
 from brecq_ext import Layout, fuse_projections_, quant_linear_layers
 
-from brecq.measure import environment, paired_latency, storage
+from brecq.io import atomic_write_text
+from brecq.measure import StaticDecoder, environment, paired_latency, storage
 from brecq.models import build_model, qwen3_config
 from brecq.quantize import quantize
 from brecq.recipe import Method, get_recipe
@@ -37,6 +43,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens (prefill)")
     parser.add_argument("--tokens", type=int, default=16, help="decoded tokens per repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--static", action="store_true",
+                        help="also time static-cache decode, eager and torch.compile'd (minutes of compilation)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -83,9 +91,46 @@ def main() -> None:
         result["models"][label]["decode_speedup_vs_bf16"] = speedup
         print(f"| {label} | {mib:.0f} | {report.prefill_ms:.0f} | {report.decode_ms_per_token_median:.1f} | "
               f"{report.decode_ms_per_token_p90:.1f} | {report.tokens_per_second:.1f} | {speedup:.2f}x |")
+    if args.static:
+        labels = ("bf16", "w4w6_head8", "w4w6_head8_fused")
+        result["static_cache"] = static_cache_decode({k: models[k] for k in labels}, args.prompt, args.tokens,
+                                                     max(args.repeats, 6))
+        print("\n| model | static cache, eager: ms/token (median) | p90 | compiled (inductor): ms/token | p90 |")
+        print("|---|---:|---:|---:|---:|")
+        for label in labels:
+            eager, compiled = result["static_cache"][f"{label} eager"], result["static_cache"][f"{label} compiled"]
+            print(f"| {label} | {eager['median_ms']:.1f} | {eager['p90_ms']:.1f} | {compiled['median_ms']:.1f} | "
+                  f"{compiled['p90_ms']:.1f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
+
+
+@torch.no_grad()
+def static_cache_decode(models: dict, prompt: int, tokens: int, repeats: int) -> dict:
+    """Per-token decode time with a static KV cache, eager and compiled, for each model: all the
+    decoders are built (and compiled) first, then take turns, one prefill and ``tokens`` steps each
+    per repeat. Returns "<label> eager|compiled" -> median_ms, p90_ms, compile_s."""
+    ids = torch.randint(0, 1000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    decoders, compile_s = {}, {}
+    for label, model in models.items():
+        for mode, backend in (("eager", None), ("compiled", "inductor")):
+            name = f"{label} {mode}"
+            decoders[name] = StaticDecoder(model, prompt + tokens + 4, use_graph=False, compile_backend=backend)
+            started = time.perf_counter()
+            decoders[name].step(decoders[name].prefill(ids))  # compiles the compiled one
+            compile_s[name] = time.perf_counter() - started
+            log.info("%s ready in %.0f s", name, compile_s[name])
+    steps = {name: [] for name in decoders}
+    for _ in range(repeats):
+        for name, decoder in decoders.items():
+            token = decoder.prefill(ids)
+            for _ in range(tokens):
+                started = time.perf_counter()
+                token = decoder.step(token)
+                steps[name].append(time.perf_counter() - started)
+    return {name: {"median_ms": statistics.median(times) * 1e3,
+                   "p90_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3, "compile_s": compile_s[name]}
+            for name, times in steps.items()}
 
 
 if __name__ == "__main__":
