@@ -17,7 +17,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from brecq_ext import FORMAT_VERSION, FusedQuantLinear, QuantLinear, fuse_projections_, quant_linear_layers
+from brecq_ext import (
+    FORMAT_VERSION,
+    FusedQuantLinear,
+    QuantLinear,
+    fuse_projections_,
+    quant_linear_layers,
+)
 from brecq_ext.arena import gather_quantized_weights
 
 from . import __version__
