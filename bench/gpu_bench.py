@@ -222,9 +222,6 @@ def decode_models(labels) -> dict:
     lm_head: its 1024 -> 151936 call is the largest of a decode step, and the CUDA GEMV takes 4 and
     6 bits only, so not the CPU benchmark's 8-bit head. ``_fused`` has q/k/v and gate/up fused
     (brecq_ext.fuse_projections_): four packed matmuls per decoder layer instead of seven."""
-    unknown = set(labels) - set(DECODE_MODELS)
-    if unknown or "bf16" not in labels or "w4w6" not in labels:
-        raise ValueError(f"--models: bf16, w4w6 and any of {DECODE_MODELS[2:]}, got {labels}")
     study = get_recipe("w4g64_mix_attn6", Method.RTN)
     recipes = {"w4w6": study,
                "w4w6_head4": Recipe("w4g64_mix_attn6_head4", (*study.rules, LayerRule(r"^lm_head$", 4, 64)),
@@ -305,6 +302,9 @@ def main() -> None:
                         help=f"decode sections' models, comma-separated, from {','.join(DECODE_MODELS)}")
     parser.add_argument("--merge", action="store_true", help="add to the results already in --out")
     args = parser.parse_args()
+    models = args.models.split(",")
+    if set(models) - set(DECODE_MODELS) or not {"bf16", "w4w6"} <= set(models):
+        parser.error(f"--models: bf16, w4w6 and any of {','.join(DECODE_MODELS[2:])}, got {args.models}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device("cuda")
     if args.merge and os.path.exists(args.out):
@@ -316,7 +316,6 @@ def main() -> None:
                   "errors": {}}
     log.info("copy bandwidth %.0f GB/s", result["copy_bandwidth_gbs"])
     write_json(args.out, result)
-    models = args.models.split(",")
     sections = {"matmul": lambda: bench_matmul(result), "eager": lambda: eager_call_us(result),
                 "decode": lambda: bench_decode(result, args.prompt, args.tokens, models),
                 "decode_compiled": lambda: bench_decode_compiled(result, args.prompt, args.tokens, models)}
