@@ -178,14 +178,25 @@ def fuse_projections_(model: nn.Module, groups: Sequence[tuple[Sequence[str], st
                                  f"{fused_name!r}; pass another fused name in groups")
             was_gathered = was_gathered or any(_in_shared_region(m.packed) for m in members)
             fused = FusedQuantLinear.from_members(members)
-            parent.add_module(fused_name, fused)
             for index, name in enumerate(member_names):
                 setattr(parent, name, FusedProjection(fused, index, fused_name))
+            _insert_module_before(parent, fused_name, fused, member_names[0])
             fused_names.append(f"{parent_name}.{fused_name}" if parent_name else fused_name)
     log.info("fuse_projections_: fused %d groups", len(fused_names))
     if regather and was_gathered:
         gather_quantized_weights(model)
     return fused_names
+
+
+def _insert_module_before(parent: nn.Module, name: str, module: nn.Module, before: str) -> None:
+    # Module order is the order in which gather_quantized_weights lays layers out, and decode reads
+    # them in execution order: the fused layer takes its first member's place, not the end.
+    children = list(parent._modules.items())
+    parent._modules.clear()
+    for key, child in children:
+        if key == before:
+            parent._modules[name] = module
+        parent._modules[key] = child
 
 
 def _in_shared_region(t: Tensor) -> bool:

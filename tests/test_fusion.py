@@ -196,3 +196,17 @@ def test_a_loaded_model_fuses_and_a_fused_one_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match="save_quantized: model has fused projections"):
         save_quantized(loaded, tmp_path / "fused", recipe={}, calibration=None)
     assert not (tmp_path / "fused").exists()
+
+
+def test_the_fused_layer_takes_its_first_members_place_in_module_order():
+    model = _tiny_quantized_model()
+    fuse_projections_(model)
+    layer = model.model.layers[0]
+    assert list(layer.self_attn._modules)[:4] == ["qkv_proj", "q_proj", "k_proj", "v_proj"]
+    assert list(layer.mlp._modules)[:3] == ["gate_up_proj", "gate_proj", "up_proj"]
+    # So the shared region holds each layer's weights in the order a decode step reads them.
+    names = [name for name, _ in quant_linear_layers(model)][:4]
+    assert names == ["model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
+                     "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"]
+    addresses = [layer.packed.data_ptr() for _, layer in quant_linear_layers(model)]
+    assert addresses == sorted(addresses)
