@@ -12,6 +12,7 @@ Tensor layouts are those of docs/FORMAT.md: weights ``[out_features, in_features
 from __future__ import annotations
 
 import enum
+import threading
 from typing import Optional
 
 import torch
@@ -513,6 +514,28 @@ def _check_matmul(x, packed, scale, zero, bias, bits, group_size, in_features):
     check_same_device(op, x=x, packed=packed, scale=scale, zero=zero, bias=bias)
 
 
+_thread_workspaces = threading.local()
+
+
+def _cpu_workspace(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """A ``[rows, cols]`` tensor of ``dtype`` on the CPU, a view of a buffer this thread reuses.
+
+    The GEMM path's workspace is megabytes (up to GEMM_TILE_ELEMENTS elements). glibc serves an
+    allocation that large with a fresh mmap and unmaps it on free, so a new workspace per call
+    page-faults on every first touch: a fifth of a Qwen3-0.6B-shaped CPU prefill went there
+    (bench/README.md). One buffer per thread and dtype, grown as needed, avoids that; callers must
+    not return it or keep it past the call (no op result aliases it)."""
+    buffers = getattr(_thread_workspaces, "by_dtype", None)
+    if buffers is None:
+        buffers = _thread_workspaces.by_dtype = {}
+    need = rows * cols
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < need:
+        with torch.inference_mode(False):  # an inference tensor could not be written outside that mode
+            buffer = buffers[dtype] = torch.empty(need, dtype=dtype)
+    return buffer[:need].view(rows, cols)
+
+
 def _gemm_tiled(x2, n, bias, in_features, dequantize_rows, row_align=1):
     """y [M, N] = x2 [M, K] . dequant(W)^T + bias, one workspace tile of W rows at a time;
     ``dequantize_rows(start, stop, out)`` writes the dense rows [start, stop) of W into ``out``
@@ -527,7 +550,8 @@ def _gemm_tiled(x2, n, bias, in_features, dequantize_rows, row_align=1):
     tile = max(1, min(n, tile_elements // in_features))
     if tile < n:
         tile = max(row_align, tile - tile % row_align)
-    workspace = torch.empty(tile, in_features, dtype=compute, device=x2.device)
+    workspace = (_cpu_workspace(tile, in_features, compute) if x2.device.type == "cpu" else
+                 torch.empty(tile, in_features, dtype=compute, device=x2.device))
     # Which product form is fastest, measured side by side on the CPU (Zen 4, 2 threads; section 4
     # of bench/cpu_paths.py): for bfloat16, x . W^T (F.linear), 2.5x faster at 9 rows and 1.2x at
     # 512; for float32, W . x^T into a transposed output, 1.2x faster at 64 rows (0.75-0.9x at 9

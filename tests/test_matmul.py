@@ -113,3 +113,46 @@ def test_matmul_refuses_bad_arguments():
         ops.packed_matmul(torch.randn(2, 64), packed, scale, zero, bias[:4], 4, 64, 64)
     with pytest.raises(ValueError, match="bits must be an integer"):
         ops.packed_matmul(torch.randn(2, 64), packed, scale, zero, bias, 9, 64, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_gemm_workspace_is_reused_per_thread_and_never_leaks_into_results(dtype):
+    import threading
+
+    # A wide layer (a multi-megabyte workspace) and a small one, by turns, in and out of
+    # inference mode: the reused buffer must give every call the result of the first one.
+    layers = [_layer(3072, 1024, 4, 64, seed=1), _layer(100, 172, 6, 32, seed=2)]
+    inputs = [torch.randn(32, k, generator=torch.Generator().manual_seed(k)).to(dtype) for k in (1024, 172)]
+    group_sizes, bits = (64, 32), (4, 6)
+
+    def run(i):
+        packed, scale, zero, bias, _ = layers[i]
+        return ops.packed_matmul(inputs[i], packed, scale, zero, bias, bits[i], group_sizes[i], inputs[i].shape[1])
+
+    first = [run(0), run(1)]
+    for i, (layer, x) in enumerate(zip(layers, inputs)):
+        assert_matmul_close(first[i], x.float() if dtype == torch.float32 else x, layer[4], layer[3])
+    workspace = ops._thread_workspaces.by_dtype[dtype]
+    for round_ in range(3):
+        with torch.inference_mode(round_ % 2 == 0):
+            for i in (1, 0):
+                assert torch.equal(run(i), first[i])
+    assert ops._thread_workspaces.by_dtype[dtype] is workspace  # grown once, then reused
+    assert not any(y.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr() for y in first)
+
+    results, errors = {}, []
+
+    def worker(name, i):
+        try:
+            results[name] = [run(i) for _ in range(4)]
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"t{j}", j % 2)) for j in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for j in range(4):
+        assert all(torch.equal(y, first[j % 2]) for y in results[f"t{j}"])
