@@ -126,6 +126,11 @@ def _copy_into(region: Tensor, offset: int, t: Tensor) -> Tensor:
     return view
 
 
+def is_view_of_larger_storage(t: Tensor) -> bool:
+    """``t`` covers only part of its storage, as a layer's buffer in a shared region does."""
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
 def place_tensors(tensors: Sequence[Tensor], huge_pages: bool = True) -> tuple[WeightArena, list[Tensor]]:
     """Copies of CPU ``tensors`` (any dtypes; made contiguous), back to back in one new region,
     each on a 64-byte boundary. Returns the region and the copies, views into it, in order."""

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .arena import gather_quantized_weights
+from .arena import gather_quantized_weights, is_view_of_larger_storage
 from .layout import Layout
 from .quant_linear import QuantLinear
 
@@ -176,7 +176,8 @@ def fuse_projections_(model: nn.Module, groups: Sequence[tuple[Sequence[str], st
             if hasattr(parent, fused_name):
                 raise ValueError(f"fuse_projections_: {parent_name or '<model>'} already has an attribute "
                                  f"{fused_name!r}; pass another fused name in groups")
-            was_gathered = was_gathered or any(_in_shared_region(m.packed) for m in members)
+            was_gathered = was_gathered or any(m.packed.device.type == "cpu" and is_view_of_larger_storage(m.packed)
+                                               for m in members)
             fused = FusedQuantLinear.from_members(members)
             for index, name in enumerate(member_names):
                 setattr(parent, name, FusedProjection(fused, index, fused_name))
@@ -197,10 +198,6 @@ def _insert_module_before(parent: nn.Module, name: str, module: nn.Module, befor
         if key == before:
             parent._modules[name] = module
         parent._modules[key] = child
-
-
-def _in_shared_region(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
 
 def _mismatch(a: QuantLinear, b: QuantLinear) -> str | None:

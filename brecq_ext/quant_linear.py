@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._checks import check_bits, check_group_size
+from .arena import is_view_of_larger_storage
 from .format import FORMAT_VERSION, LayerStorage, layer_storage, num_groups, packed_row_bytes
 from .layout import Layout, from_tile16, preferred_layout, tile16_shapes, tile16_supports, to_tile16
 
@@ -157,7 +158,7 @@ class QuantLinear(nn.Module):
             # a model-sized region would carry all of it into torch.save, and safetensors refuses it.
             for name in ("packed", "scale", "zero", "bias"):
                 tensor = destination.get(prefix + name)
-                if tensor is not None and tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                if tensor is not None and is_view_of_larger_storage(tensor):
                     destination[prefix + name] = tensor.clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
