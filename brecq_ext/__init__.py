@@ -9,10 +9,12 @@
   CPU kernel).
 * :class:`QuantLinear` — a drop-in ``nn.Linear`` with packed weights.
 * :func:`fuse_projections_` — one packed matmul for projections of one input (q/k/v, gate/up).
+* :mod:`brecq_ext.attention` — attention of one query token over a key/value cache
+  (``torch.ops.brecq.decode_attention``; faster CPU decode).
 * :mod:`brecq_ext.arena` — one region, on huge pages where the OS allows, for a model's packed
   weights (:func:`gather_quantized_weights`; faster CPU decode).
 """
-from . import arena, format, layout, ops, reference
+from . import arena, attention, format, layout, ops, reference
 from ._extension import cpu_isa, detected_cpu_isa, set_cpu_isa
 from .arena import WeightArena, gather_quantized_weights
 from .format import FORMAT_VERSION, LayerStorage, layer_storage
@@ -25,8 +27,8 @@ from .quant_linear import (LayerRule, QuantLinear, match_linear_layers, quant_li
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "reference", "format", "layout", "Layout", "QuantLinear", "LayerRule", "Clipping", "replace_linear_layers",
-    "match_linear_layers", "quant_linear_layers", "layer_storage", "LayerStorage", "FORMAT_VERSION",
+    "ops", "attention", "reference", "format", "layout", "Layout", "QuantLinear", "LayerRule", "Clipping",
+    "replace_linear_layers", "match_linear_layers", "quant_linear_layers", "layer_storage", "LayerStorage", "FORMAT_VERSION",
     "cpu_isa", "detected_cpu_isa", "set_cpu_isa", "arena", "WeightArena", "gather_quantized_weights",
     "fuse_projections_", "FusedQuantLinear", "FusedProjection",
 ]

@@ -279,6 +279,26 @@ __all__ = [
     "rectified_sigmoid", "adaround_forward", "adaround_backward", "adaround_regularizer",
     "adaround_regularizer_grad", "adaround_init",
     "adaround_harden", "pack", "unpack", "dequantize_packed", "packed_matmul",
-    "tile16_codes", "tile16_matmul",
+    "tile16_codes", "tile16_matmul", "decode_attention",
     "num_groups", "packed_row_bytes",
 ]
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask, scale: float):
+    """Attention of one query token per sequence over its cache, in float32.
+
+    query ``[B, Hq, D]``; key and value ``[B, Hkv, L, D]`` with Hq a multiple of Hkv, query head h
+    reading key/value head ``h // (Hq // Hkv)`` (transformers' ``repeat_kv``); key_mask bool
+    ``[B, L]`` (False hides a key) or None. Returns ``[B, Hq, D]`` in query's dtype; a sequence with
+    no visible key gets zeros.
+    """
+    batch, q_heads, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.float().reshape(batch, kv_heads, q_heads // kv_heads, dim) * scale
+    scores = q @ key.float().transpose(-1, -2)  # [B, Hkv, group, L]
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if key_mask is not None:
+        probs = probs.masked_fill(~key_mask.any(dim=-1)[:, None, None, None], 0.0)
+    return (probs @ value.float()).reshape(batch, q_heads, dim).to(query.dtype)

@@ -65,7 +65,20 @@ def _cases(device):
                                   (s8["x"].to(torch.bfloat16), *tiled8, s8["bias"], 8, 64, 172, 7)),
         "tile16_matmul_gemm_w6": (torch.ops.brecq.tile16_matmul,
                                   (s6["x"].repeat(12, 1), *tiled6, s6["bias"], 6, 64, 172, 7)),
+        "decode_attention_gqa_bf16": (torch.ops.brecq.decode_attention,
+                                      (*_attention_sample(device, torch.bfloat16, 3, 6, 2, 11, 40), None, 0.125)),
+        "decode_attention_masked_f32": (torch.ops.brecq.decode_attention,
+                                        (*_attention_sample(device, torch.float32, 2, 4, 4, 9, 32),
+                                         (torch.arange(9) % 3 != 1).repeat(2, 1).to(device), 0.2)),
     }
+
+
+def _attention_sample(device, dtype, batch, q_heads, kv_heads, kv_len, head_dim):
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, q_heads, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 
 CASE_NAMES = list(_cases("cpu"))
@@ -80,5 +93,5 @@ def test_opcheck(case, device):
 def test_every_op_is_covered():
     declared = {name for name in dir(torch.ops.brecq) if not name.startswith("_")} - {"name"}
     covered = {str(op).split(".")[-1] for op, _ in _cases("cpu").values()}  # "brecq.pack" -> "pack"
-    assert len(declared) == 12
+    assert len(declared) == 13
     assert declared <= covered, f"ops without opcheck: {sorted(declared - covered)}"

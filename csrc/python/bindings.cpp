@@ -112,4 +112,15 @@ PYBIND11_MODULE(_C, m) {
                       ptr<const uint16_t>(scale), ptr<const uint8_t>(zero), bias ? ptr<const float>(bias) : nullptr,
                       n, k, bits, g, ptr<void>(y), y_is_bf16, threads);
   }, nogil);
+  m.def("decode_attention", [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t key_mask,
+                               bool bf16, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t kv_len,
+                               int64_t head_dim, int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_l,
+                               int64_t v_stride_b, int64_t v_stride_h, int64_t v_stride_l, int64_t mask_stride_b,
+                               float scale, std::uintptr_t out, int threads) {
+    brecq::decode_attention(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+                            key_mask ? ptr<const uint8_t>(key_mask) : nullptr, bf16, batch, q_heads, kv_heads,
+                            kv_len, head_dim, k_stride_b, k_stride_h, k_stride_l, v_stride_b, v_stride_h,
+                            v_stride_l, mask_stride_b, scale, ptr<void>(out), threads);
+  }, nogil);
+  m.attr("MAX_DECODE_GROUP") = brecq::kMaxDecodeGroup;
 }

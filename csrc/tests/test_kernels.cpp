@@ -277,6 +277,49 @@ void test_tiled_integer_activations() {
   }
 }
 
+void test_decode_attention() {
+  // Qwen3-like grouping (8 query heads on 2 kv heads), a masked batch row, head_dim off the vector width.
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t batch = 2, q_heads = 8, kv_heads = 2, kv_len = 37, d = 36, group = q_heads / kv_heads;
+  const float scale = 0.2f;
+  std::vector<float> q(batch * q_heads * d), k(batch * kv_heads * kv_len * d), v(k.size()), out(q.size());
+  for (auto* t : {&q, &k, &v})
+    for (auto& x : *t) x = normal(rng);
+  std::vector<uint8_t> mask(batch * kv_len, 1);
+  for (int64_t l = 0; l < kv_len; l += 3) mask[kv_len + l] = 0;  // row 1 hides every third key
+  decode_attention(q.data(), k.data(), v.data(), mask.data(), false, batch, q_heads, kv_heads, kv_len, d,
+                   kv_heads * kv_len * d, kv_len * d, d, kv_heads * kv_len * d, kv_len * d, d, kv_len, scale,
+                   out.data(), 2);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < q_heads; ++h) {
+      const int64_t kvh = h / group;
+      std::vector<double> weight(kv_len, 0.0);
+      double top = -INFINITY, sum = 0.0;
+      for (int64_t l = 0; l < kv_len; ++l) {
+        if (!mask[b * kv_len + l]) continue;
+        double dot = 0.0;
+        for (int64_t i = 0; i < d; ++i)
+          dot += double(q[(b * q_heads + h) * d + i]) * k[((b * kv_heads + kvh) * kv_len + l) * d + i];
+        weight[l] = dot * scale;
+        top = std::max(top, weight[l]);
+      }
+      for (int64_t l = 0; l < kv_len; ++l) {
+        weight[l] = mask[b * kv_len + l] ? std::exp(weight[l] - top) : 0.0;
+        sum += weight[l];
+      }
+      for (int64_t i = 0; i < d; ++i) {
+        double exact = 0.0;
+        for (int64_t l = 0; l < kv_len; ++l) exact += weight[l] * v[((b * kv_heads + kvh) * kv_len + l) * d + i];
+        exact /= sum;
+        const float got = out[(b * q_heads + h) * d + i];
+        CHECK(std::fabs(got - exact) <= 1e-5 * (1.0 + std::fabs(exact)), "decode_attention b=%lld h=%lld i=%lld: %g vs %g",
+              static_cast<long long>(b), static_cast<long long>(h), static_cast<long long>(i), got, exact);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -289,6 +332,7 @@ int main() {
     test_dequantize_tiled(static_cast<Isa>(isa));
   }
   test_tiled_integer_activations();
+  test_decode_attention();
   set_isa(best);
   std::printf("%s: %d failed checks (ISA %s)\n", failures ? "FAILED" : "OK", failures, isa_name(best));
   return failures;

@@ -83,4 +83,21 @@ void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, cons
 void dequantize_tiled(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                       int bits, int64_t g, void* out, bool out_bf16, int threads);
 
+// ---- attention, one query token per sequence (decode) -----------------------------------------
+// Query heads per key/value head up to which decode_attention runs (its per-thread state).
+constexpr int64_t kMaxDecodeGroup = 64;
+
+// out[b, h, :] = softmax(scale * q[b, h, :] . K[b, h / group, l, :] over visible l) . V[b, h / group]
+// with group = q_heads / kv_heads (q_heads a multiple of kv_heads, group <= kMaxDecodeGroup), as
+// transformers' repeat_kv pairs heads. q and out are contiguous [batch, q_heads, head_dim]; K and V
+// [batch, kv_heads, kv_len, head_dim] with unit stride along head_dim and the given strides (in
+// elements) otherwise. All float32, or all bfloat16 bits when bf16; accumulation in float32.
+// key_mask, when not null, is uint8 [batch, kv_len] rows mask_stride_b apart: 0 hides a key. A row
+// with no visible key gives zeros.
+void decode_attention(const void* q, const void* k, const void* v, const uint8_t* key_mask, bool bf16,
+                      int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t kv_len, int64_t head_dim,
+                      int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_l, int64_t v_stride_b,
+                      int64_t v_stride_h, int64_t v_stride_l, int64_t mask_stride_b, float scale, void* out,
+                      int threads);
+
 }  // namespace brecq

@@ -1,0 +1,167 @@
+// One-token (decode) attention over a key/value cache, grouped-query aware.
+//
+// torch's CPU scaled_dot_product_attention spends ~95 us on a Qwen3-0.6B decode step's
+// 16 x 48-token attention and grows to ~1.7 ms at 1000 cached tokens (torch 2.13, 2 threads), while
+// the work is a few hundred thousand multiply-adds, or one read of the cache. Here each thread takes
+// whole (batch row, key/value head) pairs, so every cached key and value is read once for all the
+// query heads that share it, in two passes (scores, then the weighted sum of values).
+//
+// Portable C++ written so that GCC vectorises the inner loops at the build's baseline (AVX2 on
+// x86-64): simd reductions over the head dimension, and a branch-free exp.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "brecq/kernels.h"
+#include "numeric.h"
+
+namespace brecq {
+namespace {
+
+// e^x for x <= 0 (a score minus its row's maximum). 2^(x log2 e) is split into 2^n, built in the
+// exponent bits, and 2^f with |f| <= 1/2, a degree-6 Taylor polynomial of e^(f ln 2): relative
+// error below 2e-7, about one float32 ulp. Inputs under -87 give e^-87 (~1.6e-38), not 0: at that
+// distance from the maximum a weight is already far below the float32 sum's resolution.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = std::floor(t + 0.5f);
+  const float r = (t - n) * 0.693147180559945309f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * numeric::bits_to_f32(static_cast<uint32_t>(exponent_bits));
+}
+
+inline void to_float(const void* src, bool bf16, int64_t count, float* dst) {
+  if (bf16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) dst[i] = numeric::bits_to_f32(static_cast<uint32_t>(s[i]) << 16);
+  } else {
+    const float* s = static_cast<const float*>(src);
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) dst[i] = s[i];
+  }
+}
+
+inline const void* element(const void* base, bool bf16, int64_t offset) {
+  return static_cast<const char*>(base) + offset * (bf16 ? 2 : 4);
+}
+
+struct Scratch {  // per thread, grown as needed: no allocation per call once warm
+  std::vector<float> query, rows, scores, acc;
+  std::vector<int64_t> keys;
+};
+
+constexpr int64_t kKeysPerStep = 4;  // keys per pass over the head dimension: 4 independent sums
+
+}  // namespace
+
+void decode_attention(const void* q, const void* k, const void* v, const uint8_t* key_mask, bool bf16,
+                      int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t kv_len, int64_t head_dim,
+                      int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_l, int64_t v_stride_b,
+                      int64_t v_stride_h, int64_t v_stride_l, int64_t mask_stride_b, float scale, void* out,
+                      int threads) {
+  const int64_t group = q_heads / kv_heads;
+  const int64_t items = batch * kv_heads;
+  const int64_t d = head_dim;
+#pragma omp parallel num_threads(threads > items ? static_cast<int>(items) : threads)
+  {
+    static thread_local Scratch scratch;
+    scratch.query.resize(group * d);
+    scratch.rows.resize(kKeysPerStep * d);
+    scratch.scores.resize(group * (kv_len + kKeysPerStep));
+    scratch.acc.resize(group * d);
+    scratch.keys.resize(kv_len + kKeysPerStep);
+    float* query = scratch.query.data();
+    float* rows = scratch.rows.data();
+    float* acc = scratch.acc.data();
+    int64_t* keys = scratch.keys.data();
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / kv_heads, h = item % kv_heads;
+      // The visible keys, in order; a static cache hides its unused tail, which is then never read.
+      int64_t count = 0;
+      const uint8_t* visible = key_mask ? key_mask + b * mask_stride_b : nullptr;
+      for (int64_t l = 0; l < kv_len; ++l)
+        if (!visible || visible[l]) keys[count++] = l;
+      const int64_t padded = (count + kKeysPerStep - 1) / kKeysPerStep * kKeysPerStep;
+      for (int64_t i = count; i < padded; ++i) keys[i] = keys[0];  // padding, weighted 0 below
+      float* scores = scratch.scores.data();  // [group][padded]
+
+      const int64_t first_head = b * q_heads + h * group;  // repeat_kv's order: head h*group+j reads kv head h
+      to_float(element(q, bf16, first_head * d), bf16, group * d, query);
+      for (int64_t i = 0; i < group * d; ++i) query[i] *= scale;
+
+      const void* k_base = element(k, bf16, b * k_stride_b + h * k_stride_h);
+      for (int64_t at = 0; at < padded; at += kKeysPerStep) {
+        for (int64_t r = 0; r < kKeysPerStep; ++r)
+          to_float(element(k_base, bf16, keys[at + r] * k_stride_l), bf16, d, rows + r * d);
+        const float *r0 = rows, *r1 = rows + d, *r2 = rows + 2 * d, *r3 = rows + 3 * d;
+        for (int64_t j = 0; j < group; ++j) {
+          const float* qj = query + j * d;
+          float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+          for (int64_t i = 0; i < d; ++i) {
+            s0 += qj[i] * r0[i];
+            s1 += qj[i] * r1[i];
+            s2 += qj[i] * r2[i];
+            s3 += qj[i] * r3[i];
+          }
+          float* sj = scores + j * padded + at;
+          sj[0] = s0, sj[1] = s1, sj[2] = s2, sj[3] = s3;
+        }
+      }
+
+      float inverse_sum[kMaxDecodeGroup];  // group <= kMaxDecodeGroup: checked by the Python layer
+      for (int64_t j = 0; j < group; ++j) {
+        float* sj = scores + j * padded;
+        float top = -INFINITY;
+        for (int64_t i = 0; i < count; ++i) top = sj[i] > top ? sj[i] : top;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < count; ++i) {
+          sj[i] = exp_nonpositive(sj[i] - top);
+          sum += sj[i];
+        }
+        for (int64_t i = count; i < padded; ++i) sj[i] = 0.0f;
+        inverse_sum[j] = count > 0 ? 1.0f / sum : 0.0f;  // no visible key: the output row is 0
+      }
+
+      for (int64_t i = 0; i < group * d; ++i) acc[i] = 0.0f;
+      const void* v_base = element(v, bf16, b * v_stride_b + h * v_stride_h);
+      for (int64_t at = 0; at < padded; at += kKeysPerStep) {
+        for (int64_t r = 0; r < kKeysPerStep; ++r)
+          to_float(element(v_base, bf16, keys[at + r] * v_stride_l), bf16, d, rows + r * d);
+        const float *r0 = rows, *r1 = rows + d, *r2 = rows + 2 * d, *r3 = rows + 3 * d;
+        for (int64_t j = 0; j < group; ++j) {
+          const float* pj = scores + j * padded + at;
+          const float p0 = pj[0], p1 = pj[1], p2 = pj[2], p3 = pj[3];
+          float* aj = acc + j * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) aj[i] += (p0 * r0[i] + p1 * r1[i]) + (p2 * r2[i] + p3 * r3[i]);
+        }
+      }
+
+      for (int64_t j = 0; j < group; ++j) {
+        const int64_t at = (first_head + j) * d;
+        const float* aj = acc + j * d;
+        if (bf16) {
+          uint16_t* o = static_cast<uint16_t*>(out) + at;
+          for (int64_t i = 0; i < d; ++i) o[i] = numeric::f32_to_bf16(aj[i] * inverse_sum[j]);
+        } else {
+          float* o = static_cast<float*>(out) + at;
+          for (int64_t i = 0; i < d; ++i) o[i] = aj[i] * inverse_sum[j];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace brecq
