@@ -89,3 +89,18 @@ def test_speed_table_times_the_layout_quantlinear_uses():
     (timing,) = timings
     assert timing.layouts == {bits: preferred_layout("cpu", bits, 64) for bits in (4, 6)}
     assert timing.dense_bf16_us > 0 and all(us > 0 for us in timing.packed_us.values())
+
+
+def test_prefill_computes_the_last_position_logits_only():
+    """As generate() does: timing the lm_head over the whole prompt would inflate prefill."""
+    from brecq.measure import paired_latency
+
+    model = build_model(qwen3_config("tiny"), seed=0).eval()
+    positions = []
+    model.lm_head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
+    paired_latency({"m": model}, prompt_tokens=8, decode_tokens=2, repeats=1, warmup=0)
+    assert positions == [1, 1, 1]  # the prefill, then two steps
+    positions.clear()
+    decoder = StaticDecoder(model, max_tokens=16, use_graph=False)
+    decoder.step(decoder.prefill(torch.zeros(1, 8, dtype=torch.long)))
+    assert positions == [1, 1]
