@@ -91,6 +91,23 @@ def test_study_end_to_end_and_report_matches_results(tmp_path):
     assert again["analysis"]["models"]["stories"]["comparisons"] == saved["analysis"]["models"]["stories"]["comparisons"]
     assert again["models"]["stories"]["paired_latency"] == saved["models"]["stories"]["paired_latency"]  # cached
     assert {p: p.stat().st_mtime_ns for p in (out / "quantized").rglob("model.safetensors")} == before
+    assert again["models"]["stories"]["variants"]["BRECQ W4/W6"]["measure"] == \
+        saved["models"]["stories"]["variants"]["BRECQ W4/W6"]["measure"]  # cached, timings included
+    for variant in saved["models"]["stories"]["variants"].values():
+        assert variant["measure"]["latency"]["environment"]["attention"] == "brecq_sdpa"  # the default
+    assert "attention brecq_sdpa" in report
+
+    # Other measurement settings time again (and other attention evaluates again); nothing is requantized.
+    sdpa = _config(tmp_path).read_text().replace("seed = 0", 'seed = 0\nattention = "sdpa"')
+    (tmp_path / "sdpa.toml").write_text(sdpa)
+    third = run_study(load_study_config(tmp_path / "sdpa.toml"), show_progress=False)
+    for label, variant in third["models"]["stories"]["variants"].items():
+        assert variant["measure"]["latency"]["environment"]["attention"] == "sdpa"
+        assert variant["measure"]["latency"] != saved["models"]["stories"]["variants"][label]["measure"]["latency"]
+        for result in variant["datasets"].values():
+            assert result["study_settings"]["attention"] == "sdpa"
+    assert third["models"]["stories"]["paired_latency"]["unquantized"]["environment"]["attention"] == "sdpa"
+    assert {p: p.stat().st_mtime_ns for p in (out / "quantized").rglob("model.safetensors")} == before
 
 
 def test_config_errors_name_the_entry(tmp_path):
@@ -110,6 +127,10 @@ def test_config_errors_name_the_entry(tmp_path):
     hub = _config(tmp_path).read_text().replace(str(STORIES260K), "Qwen/Qwen3-0.6B")
     (tmp_path / "hub.toml").write_text(hub)
     assert load_study_config(tmp_path / "hub.toml").models[0].path == "Qwen/Qwen3-0.6B"
+    attention = _config(tmp_path).read_text().replace("seed = 0", 'seed = 0\nattention = "flash"')
+    (tmp_path / "attention.toml").write_text(attention)
+    with pytest.raises(StudyConfigError, match=r"\[study\]: attention must be one of \['brecq_sdpa', 'sdpa'\]"):
+        load_study_config(tmp_path / "attention.toml")
     recipe = _config(tmp_path).read_text().replace('recipe = "w4g64_mix_attn6"', 'recipe = "w5"')
     (tmp_path / "recipe.toml").write_text(recipe)
     with pytest.raises(StudyConfigError, match="unknown recipe 'w5'"):

@@ -209,8 +209,10 @@ def _latency_report(what: str, prefill: list, steps: list, prompt_tokens: int, d
     median = statistics.median(steps)
     p90 = sorted(steps)[min(len(steps) - 1, int(0.9 * len(steps)))]
     parameter = next(model.parameters())
+    measured_on = environment(parameter.device, parameter.dtype)
+    measured_on["attention"] = getattr(getattr(model, "config", None), "_attn_implementation", None)
     return LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median, 1e3 * p90,
-                         1.0 / median, repeats, environment(parameter.device, parameter.dtype))
+                         1.0 / median, repeats, measured_on)
 
 
 def _last_logits_only(model) -> dict:

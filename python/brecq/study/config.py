@@ -5,6 +5,8 @@
     output = "study_out"          # relative paths are relative to this file
     device = "cpu"                # or "cuda"
     dtype = "float32"             # or "bfloat16" (evaluation and measurement)
+    attention = "brecq_sdpa"      # or "sdpa": transformers' own (brecq_sdpa runs CPU decode steps
+                                  # through brecq_ext's decode-attention kernel, the rest as sdpa)
     seed = 0
 
     [[models]]
@@ -46,6 +48,7 @@ from ..recipe import PRESETS, Method
 
 ROLES = ("base", "fine-tuned")
 TASKS = ("arc", "arc_loglik", "arc_gen", "squad")
+ATTENTIONS = ("brecq_sdpa", "sdpa")
 
 
 class StudyConfigError(ValueError):
@@ -110,6 +113,7 @@ class StudyConfig:
     seed: int = 0
     measure: MeasureEntry = field(default_factory=MeasureEntry)
     source: str = ""
+    attention: str = "brecq_sdpa"
 
     def arc_task(self, dataset: DatasetEntry, model: ModelEntry) -> str:
         if dataset.task != "arc":
@@ -174,6 +178,9 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
         raise StudyConfigError(f"[study]: device must be 'cpu' or 'cuda[:N]', got {device!r}")
     if dtype not in ("float32", "bfloat16"):
         raise StudyConfigError(f"[study]: dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    attention = study.get("attention", "brecq_sdpa")
+    if attention not in ATTENTIONS:
+        raise StudyConfigError(f"[study]: attention must be one of {list(ATTENTIONS)}, got {attention!r}")
     models = []
     for i, m in enumerate(raw.get("models", [])):
         where = f"[[models]] #{i + 1}"
@@ -232,4 +239,4 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     if unknown:
         raise StudyConfigError(f"unknown sections {sorted(unknown)}")
     return StudyConfig(name, _resolve(base, study.get("output", "study_out")), tuple(models), tuple(variants),
-                       tuple(datasets), device, dtype, int(study.get("seed", 0)), measure, source)
+                       tuple(datasets), device, dtype, int(study.get("seed", 0)), measure, source, attention)

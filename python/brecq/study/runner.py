@@ -74,7 +74,26 @@ def _ensure_quantized(config: StudyConfig, model: ModelEntry, variant: VariantEn
 
 
 def _settings(config: StudyConfig, task: str, limit) -> dict:
-    return {"task": task, "limit": limit, "seed": config.seed, "dtype": config.dtype, "device": config.device}
+    return {"task": task, "limit": limit, "seed": config.seed, "dtype": config.dtype, "device": config.device,
+            "attention": config.attention}
+
+
+def _measure_settings(config: StudyConfig) -> dict:
+    m = config.measure
+    return {"prompt_tokens": m.prompt_tokens, "decode_tokens": m.decode_tokens, "repeats": m.repeats,
+            "memory_subprocess": m.memory_subprocess, "device": config.device, "dtype": config.dtype,
+            "attention": config.attention}
+
+
+def _load(config: StudyConfig, path: Path, dtype):
+    """A model (and tokenizer) as the study evaluates and times it: on its device, in its dtype,
+    with the configured attention."""
+    model, tokenizer = load_model_any(path, device=config.device, dtype=dtype)
+    if config.attention != "sdpa":
+        from ..attention import use_decode_attention
+
+        use_decode_attention(model)
+    return model, tokenizer
 
 
 def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
@@ -93,7 +112,7 @@ def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
                 path = Path(model_entry.path)
             else:
                 path = _ensure_quantized(config, model_entry, variant, show_progress)
-            model, tokenizer = load_model_any(path, device=config.device, dtype=dtype)
+            model, tokenizer = _load(config, path, dtype)
             run_dir = out / "runs" / slug(model_entry.label) / slug(label)
             entry = {"path": str(path), "datasets": {}}
             if variant is not None:
@@ -117,11 +136,13 @@ def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
                 result["records_file"] = str(ds_dir / "records.jsonl")
                 entry["datasets"][dataset.name] = result
             measure_file = run_dir / "measure.json"
-            if measure_file.exists():
-                entry["measure"] = json.loads(measure_file.read_text())
-            else:
+            cached = json.loads(measure_file.read_text()) if measure_file.exists() else {}
+            if cached.get("settings") == _measure_settings(config):
+                entry["measure"] = cached["measure"]
+            else:  # never measured, measured with other settings, or by a version that kept no settings
                 entry["measure"] = _measure(config, model, path)
-                atomic_write_text(measure_file, json.dumps(entry["measure"], indent=2))
+                atomic_write_text(measure_file, json.dumps({"settings": _measure_settings(config),
+                                                            "measure": entry["measure"]}, indent=2))
             per_model["variants"][label] = entry
             del model
         per_model["paired_latency"] = _paired_latency(config, model_entry, per_model, out, dtype)
@@ -140,14 +161,14 @@ def _paired_latency(config: StudyConfig, model_entry, per_model: dict, out: Path
     m = config.measure
     paths = {label: entry["path"] for label, entry in per_model["variants"].items()}
     settings = {"paths": paths, "prompt_tokens": m.prompt_tokens, "decode_tokens": m.decode_tokens,
-                "repeats": m.repeats, "device": config.device, "dtype": config.dtype}
+                "repeats": m.repeats, "device": config.device, "dtype": config.dtype, "attention": config.attention}
     cache_file = out / "runs" / slug(model_entry.label) / "paired_latency.json"
     if cache_file.exists():
         cached = json.loads(cache_file.read_text())
         if cached.get("settings") == settings:
             return cached["latency"]
     log.info("timing the decode of %d variants of %s side by side", len(paths), model_entry.label)
-    models = {label: load_model_any(Path(path), device=config.device, dtype=dtype)[0] for label, path in paths.items()}
+    models = {label: _load(config, Path(path), dtype)[0] for label, path in paths.items()}
     reports = paired_latency(models, m.prompt_tokens, m.decode_tokens, m.repeats)
     del models
     record = {label: asdict(report) for label, report in reports.items()}
