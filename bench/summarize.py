@@ -1,5 +1,5 @@
-"""Turn a pytest-benchmark JSON of bench/test_bench_matmul.py into the markdown tables of
-bench/README.md:  python bench/summarize.py bench/results/cpu.json"""
+"""Turn a pytest-benchmark JSON of bench/test_bench_matmul.py or bench/test_bench_attention.py into
+the markdown tables of bench/README.md:  python bench/summarize.py bench/results/cpu.json"""
 from __future__ import annotations
 
 import json
@@ -18,8 +18,30 @@ def load(path):
     return data, rows
 
 
+def attention_table(data, rows) -> str:
+    by_case = defaultdict(dict)
+    for r in rows:
+        by_case[(r["dtype"], r["kv_len"])][r["kind"]] = r
+    machine = data.get("machine_info", {})
+    first = rows[0]
+    out = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
+           f"threads {first['threads']}, torch {first.get('torch', '?')}; medians of pytest-benchmark rounds. "
+           "One query token, 16 query heads on 8 key/value heads of 128, caches of 28 layers in turn. "
+           "GB/s counts the cache's keys and values.", "",
+           "| dtype | cached tokens | cache MiB per layer | sdpa us | brecq us | brecq GB/s | sdpa / brecq |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for (dtype, kv_len), kinds in sorted(by_case.items()):
+        sdpa, brecq = kinds["attention_sdpa"], kinds["attention_brecq"]
+        out.append(f"| {dtype} | {kv_len} | {brecq['cache_bytes'] / 2**20:.2f} | {sdpa['median_s'] * 1e6:.1f} | "
+                   f"{brecq['median_s'] * 1e6:.1f} | {brecq['cache_bytes'] / brecq['median_s'] / 1e9:.1f} | "
+                   f"{sdpa['median_s'] / brecq['median_s']:.2f}x |")
+    return "\n".join(out)
+
+
 def main(path: str) -> str:
     data, rows = load(path)
+    if rows and all(r["kind"].startswith("attention_") for r in rows):
+        return attention_table(data, rows)
     reads = {r["kind"]: r["weight_bytes"] / r["median_s"] / 1e9 for r in rows if r["kind"].startswith("read_bandwidth")}
     read_gbs = max(reads.values()) if reads else None  # the faster of torch's pages and huge pages
     read_mib = next((r["weight_bytes"] >> 20 for r in rows if r["kind"].startswith("read_bandwidth")), 0)
