@@ -24,10 +24,10 @@ def attention_table(data, rows) -> str:
         by_case[(r["dtype"], r["kv_len"])][r["kind"]] = r
     machine = data.get("machine_info", {})
     first = rows[0]
-    out = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
-           f"threads {first['threads']}, torch {first.get('torch', '?')}; medians of pytest-benchmark rounds. "
-           "One query token, 16 query heads on 8 key/value heads of 128, caches of 28 layers in turn. "
-           "GB/s counts the cache's keys and values.", "",
+    out = [(f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
+            f"threads {first['threads']}, torch {first.get('torch', '?')}; medians of pytest-benchmark rounds. "
+            "One query token, 16 query heads on 8 key/value heads of 128, caches of 28 layers in turn. "
+            "GB/s counts the cache's keys and values."), "",
            "| dtype | cached tokens | cache MiB per layer | sdpa us | brecq us | brecq GB/s | sdpa / brecq |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for (dtype, kv_len), kinds in sorted(by_case.items()):
