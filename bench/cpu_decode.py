@@ -10,11 +10,16 @@ QuantLinear picks there (brecq_ext.layout), and with its packed weights as separ
 ``brecq.measure.paired_latency`` (steps of all models interleaved in random order, so the machine's
 drift falls on all alike). Writes JSON and prints a small table.
 
+With ``--attention``, bf16 and w4w6_head8 also run with ``attn_implementation="brecq_sdpa"``
+("bf16_brecq_attn", "w4w6_head8_brecq_attn": decode steps through brecq_ext's decode-attention
+kernel instead of torch's SDPA), in the same interleaved measurement.
+
 With ``--static``, it then times bf16, w4w6_head8 and w4w6_head8_fused again with a static KV
 cache (``brecq.measure.StaticDecoder``), each eagerly and with the step compiled by torch.compile
 (inductor), all decoders taking turns by repeat.
 
-    python bench/cpu_decode.py [--prompt 32] [--tokens 16] [--repeats 3] [--static] [--json bench/results/cpu_decode.json]
+    python bench/cpu_decode.py [--prompt 32] [--tokens 16] [--repeats 3] [--attention] [--static]
+                               [--json bench/results/cpu_decode.json]
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 
 from brecq_ext import Layout, fuse_projections_, quant_linear_layers
 
+from brecq.attention import use_decode_attention
 from brecq.io import atomic_write_text
 from brecq.measure import StaticDecoder, environment, paired_latency, storage
 from brecq.models import build_model, qwen3_config
@@ -43,6 +49,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens (prefill)")
     parser.add_argument("--tokens", type=int, default=16, help="decoded tokens per repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attention", action="store_true",
+                        help="also time bf16 and w4w6_head8 with attn_implementation='brecq_sdpa'")
     parser.add_argument("--static", action="store_true",
                         help="also time static-cache decode, eager and torch.compile'd (minutes of compilation)")
     parser.add_argument("--json", default=None)
@@ -71,6 +79,9 @@ def main() -> None:
         models["w4w6_rows"] = copy.deepcopy(models["w4w6"])
         for _, layer in quant_linear_layers(models["w4w6_rows"]):
             layer.use_layout(Layout.ROWS)
+    if args.attention:
+        for label in ("bf16", "w4w6_head8"):
+            models[f"{label}_brecq_attn"] = use_decode_attention(copy.deepcopy(models[label]))
     log.info("built in %.0f s, quantized (RTN) in %s", build_s, {k: round(v) for k, v in quantize_s.items()})
 
     with torch.inference_mode():
