@@ -35,9 +35,10 @@ def test_static_decoder_matches_dynamic_greedy_decoding(device):
         assert got == expected, f"use_graph={use_graph}"
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "brecq_sdpa"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "w4w6"])
 @torch.no_grad()
-def test_compiled_static_decoder_matches_too(quantized):
+def test_compiled_static_decoder_matches_too(quantized, attention):
     # The torch.compile'd decode step (as measured on GPUs) decodes the same tokens, with packed
     # layers too; the aot_eager backend traces the step as inductor would, without generating code.
     model = build_model(qwen3_config("tiny", initializer_range=0.1), seed=0).eval()
@@ -47,7 +48,11 @@ def test_compiled_static_decoder_matches_too(quantized):
 
         quantize(model, get_recipe("w4g64_mix_attn6", Method.RTN), show_progress=False)
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
-    expected = _greedy_dynamic(model, ids, 6)
+    expected = _greedy_dynamic(model, ids, 6)  # with transformers' sdpa
+    if attention == "brecq_sdpa":  # the decode-attention op traced into the compiled step
+        from brecq.attention import use_decode_attention
+
+        use_decode_attention(model)
     decoder = StaticDecoder(model, max_tokens=32, use_graph=False, compile_backend="aot_eager")
     token, got = decoder.prefill(ids), []
     for _ in range(6):
