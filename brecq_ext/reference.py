@@ -279,7 +279,7 @@ __all__ = [
     "rectified_sigmoid", "adaround_forward", "adaround_backward", "adaround_regularizer",
     "adaround_regularizer_grad", "adaround_init",
     "adaround_harden", "pack", "unpack", "dequantize_packed", "packed_matmul",
-    "tile16_codes", "tile16_matmul", "decode_attention",
+    "tile16_codes", "tile16_matmul", "decode_attention", "rms_norm",
     "num_groups", "packed_row_bytes",
 ]
 
@@ -302,3 +302,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if key_mask is not None:
         probs = probs.masked_fill(~key_mask.any(dim=-1)[:, None, None, None], 0.0)
     return (probs @ value.float()).reshape(batch, q_heads, dim).to(query.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama/Qwen RMSNorm of the rows of x ``[..., n]`` with weight ``[n]``: the mean square and the
+    normalised row in float32, the row cast back to x's dtype before the weight multiplies it."""
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(x.dtype)

@@ -70,6 +70,11 @@ def _cases(device):
         "decode_attention_masked_f32": (torch.ops.brecq.decode_attention,
                                         (*_attention_sample(device, torch.float32, 2, 4, 4, 9, 32),
                                          (torch.arange(9) % 3 != 1).repeat(2, 1).to(device), 0.2)),
+        "rms_norm_bf16": (torch.ops.brecq.rms_norm,
+                          (torch.randn(3, 5, 40).to(device, torch.bfloat16),
+                           torch.rand(40).to(device, torch.bfloat16), 1e-6)),
+        "rms_norm_f32_strided": (torch.ops.brecq.rms_norm,
+                                 (torch.randn(6, 72).to(device)[::2, 4:68], torch.rand(64).to(device), 1e-5)),
     }
 
 
@@ -93,5 +98,5 @@ def test_opcheck(case, device):
 def test_every_op_is_covered():
     declared = {name for name in dir(torch.ops.brecq) if not name.startswith("_")} - {"name"}
     covered = {str(op).split(".")[-1] for op, _ in _cases("cpu").values()}  # "brecq.pack" -> "pack"
-    assert len(declared) == 13
+    assert len(declared) == 14
     assert declared <= covered, f"ops without opcheck: {sorted(declared - covered)}"

@@ -123,4 +123,8 @@ PYBIND11_MODULE(_C, m) {
                             v_stride_l, mask_stride_b, scale, ptr<void>(out), threads);
   }, nogil);
   m.attr("MAX_DECODE_GROUP") = brecq::kMaxDecodeGroup;
+  m.def("rms_norm", [](std::uintptr_t x, bool bf16, int64_t rows, int64_t n, int64_t x_stride, std::uintptr_t weight,
+                       float eps, std::uintptr_t out, int threads) {
+    brecq::rms_norm(ptr<const void>(x), bf16, rows, n, x_stride, ptr<const void>(weight), eps, ptr<void>(out), threads);
+  }, nogil);
 }

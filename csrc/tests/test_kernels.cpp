@@ -320,6 +320,41 @@ void test_decode_attention() {
   }
 }
 
+void test_rms_norm() {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (int64_t n : {7, 128, 1024}) {
+    const int64_t rows = 3, stride = n + 5;
+    std::vector<float> x(rows * stride), weight(n), out(rows * n);
+    for (auto& v : x) v = normal(rng);
+    for (auto& v : weight) v = 0.5f + std::fabs(normal(rng));
+    rms_norm(x.data(), false, rows, n, stride, weight.data(), 1e-6f, out.data(), 2);
+    std::vector<uint16_t> xb(x.size()), wb(n), ob(out.size());
+    for (size_t i = 0; i < x.size(); ++i) xb[i] = numeric::f32_to_bf16(x[i]);
+    for (int64_t i = 0; i < n; ++i) wb[i] = numeric::f32_to_bf16(weight[i]);
+    rms_norm(xb.data(), true, rows, n, stride, wb.data(), 1e-6f, ob.data(), 2);
+    for (int64_t r = 0; r < rows; ++r) {
+      double squares = 0.0, squares_b = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        squares += double(x[r * stride + i]) * x[r * stride + i];
+        const double b = numeric::bf16_to_f32(xb[r * stride + i]);
+        squares_b += b * b;
+      }
+      const double inverse = 1.0 / std::sqrt(squares / n + 1e-6), inverse_b = 1.0 / std::sqrt(squares_b / n + 1e-6);
+      for (int64_t i = 0; i < n; ++i) {
+        const double exact = weight[i] * x[r * stride + i] * inverse;
+        CHECK(std::fabs(out[r * n + i] - exact) <= 1e-5 * (1.0 + std::fabs(exact)), "rms_norm n=%lld: %g vs %g",
+              static_cast<long long>(n), out[r * n + i], exact);
+        // bfloat16: the normalised value and the product are each rounded: within two bf16 ulps
+        const double exact_b = numeric::bf16_to_f32(wb[i]) * numeric::bf16_to_f32(xb[r * stride + i]) * inverse_b;
+        const double got_b = numeric::bf16_to_f32(ob[r * n + i]);
+        CHECK(std::fabs(got_b - exact_b) <= std::ldexp(std::fabs(exact_b), -7) + 1e-30, "rms_norm bf16 n=%lld: %g vs %g",
+              static_cast<long long>(n), got_b, exact_b);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -333,6 +368,7 @@ int main() {
   }
   test_tiled_integer_activations();
   test_decode_attention();
+  test_rms_norm();
   set_isa(best);
   std::printf("%s: %d failed checks (ISA %s)\n", failures ? "FAILED" : "OK", failures, isa_name(best));
   return failures;

@@ -100,4 +100,12 @@ void decode_attention(const void* q, const void* k, const void* v, const uint8_t
                       int64_t v_stride_h, int64_t v_stride_l, int64_t mask_stride_b, float scale, void* out,
                       int threads);
 
+// ---- RMS normalisation ------------------------------------------------------------------------
+// out[r, :] = weight * dtype(x[r, :] * rsqrt(mean(x[r, :]^2) + eps)) for r < rows, with the mean and
+// the normalised row in float32 and, for bfloat16, the normalised row rounded to bfloat16 before
+// the weight multiplies it (transformers' Llama/Qwen RMSNorm). x rows x_stride elements apart;
+// weight [n] and out [rows, n] contiguous; all float32, or all bfloat16 bits when bf16.
+void rms_norm(const void* x, bool bf16, int64_t rows, int64_t n, int64_t x_stride, const void* weight, float eps,
+              void* out, int threads);
+
 }  // namespace brecq
