@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
+from brecq.models import build_model, qwen3_config
 
 from brecq_ext import RMSNorm, fuse_rms_norms_, reference
 from brecq_ext import norm as norm_ops
-
-from brecq.models import build_model, qwen3_config
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
 # (leading shape, n): a decode token, q_norm's heads, a prefill, one odd-sized row, a long row

@@ -94,19 +94,21 @@ def test_study_end_to_end_and_report_matches_results(tmp_path):
     assert again["models"]["stories"]["variants"]["BRECQ W4/W6"]["measure"] == \
         saved["models"]["stories"]["variants"]["BRECQ W4/W6"]["measure"]  # cached, timings included
     for variant in saved["models"]["stories"]["variants"].values():
-        assert variant["measure"]["latency"]["environment"]["attention"] == "brecq_sdpa"  # the default
-    assert "attention brecq_sdpa" in report
+        assert variant["measure"]["latency"]["environment"]["attention"] == "brecq_sdpa"  # the defaults
+        assert variant["measure"]["latency"]["environment"]["rms_norm"] == "brecq_ext"
+    assert "attention brecq_sdpa, RMS norms brecq_ext" in report
 
-    # Other measurement settings time again (and other attention evaluates again); nothing is requantized.
-    sdpa = _config(tmp_path).read_text().replace("seed = 0", 'seed = 0\nattention = "sdpa"')
+    # Other measurement settings time again (and other kernels evaluate again); nothing is requantized.
+    sdpa = _config(tmp_path).read_text().replace("seed = 0", 'seed = 0\nattention = "sdpa"\nfused_norms = false')
     (tmp_path / "sdpa.toml").write_text(sdpa)
     third = run_study(load_study_config(tmp_path / "sdpa.toml"), show_progress=False)
     for label, variant in third["models"]["stories"]["variants"].items():
         assert variant["measure"]["latency"]["environment"]["attention"] == "sdpa"
+        assert variant["measure"]["latency"]["environment"]["rms_norm"] == "model's own"
         assert variant["measure"]["latency"] != saved["models"]["stories"]["variants"][label]["measure"]["latency"]
         for name, result in variant["datasets"].items():
-            assert result["study_settings"]["attention"] == "sdpa"
-            # float32 decode attention differs from SDPA by rounding only: the same answers
+            assert result["study_settings"]["attention"] == "sdpa" and not result["study_settings"]["fused_norms"]
+            # float32 kernels differ from transformers' ops by rounding only: the same answers
             first = saved["models"]["stories"]["variants"][label]["datasets"][name]
             assert result["metrics"] == first["metrics"], (label, name)
     assert third["models"]["stories"]["paired_latency"]["unquantized"]["environment"]["attention"] == "sdpa"
@@ -130,6 +132,10 @@ def test_config_errors_name_the_entry(tmp_path):
     hub = _config(tmp_path).read_text().replace(str(STORIES260K), "Qwen/Qwen3-0.6B")
     (tmp_path / "hub.toml").write_text(hub)
     assert load_study_config(tmp_path / "hub.toml").models[0].path == "Qwen/Qwen3-0.6B"
+    norms = _config(tmp_path).read_text().replace("seed = 0", 'seed = 0\nfused_norms = "yes"')
+    (tmp_path / "norms.toml").write_text(norms)
+    with pytest.raises(StudyConfigError, match=r"\[study\]: fused_norms must be true or false, got 'yes'"):
+        load_study_config(tmp_path / "norms.toml")
     attention = _config(tmp_path).read_text().replace("seed = 0", 'seed = 0\nattention = "flash"')
     (tmp_path / "attention.toml").write_text(attention)
     with pytest.raises(StudyConfigError, match=r"\[study\]: attention must be one of \['brecq_sdpa', 'sdpa'\]"):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from brecq_ext import QuantLinear, cpu_isa
+from brecq_ext import QuantLinear, RMSNorm, cpu_isa
 
 
 class MeasurementError(RuntimeError):
@@ -211,6 +211,7 @@ def _latency_report(what: str, prefill: list, steps: list, prompt_tokens: int, d
     parameter = next(model.parameters())
     measured_on = environment(parameter.device, parameter.dtype)
     measured_on["attention"] = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    measured_on["rms_norm"] = "brecq_ext" if any(isinstance(m, RMSNorm) for m in model.modules()) else "model's own"
     return LatencyReport(prompt_tokens, decode_tokens, 1e3 * statistics.median(prefill), 1e3 * median, 1e3 * p90,
                          1.0 / median, repeats, measured_on)
 

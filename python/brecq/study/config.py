@@ -7,6 +7,7 @@
     dtype = "float32"             # or "bfloat16" (evaluation and measurement)
     attention = "brecq_sdpa"      # or "sdpa": transformers' own (brecq_sdpa runs CPU decode steps
                                   # through brecq_ext's decode-attention kernel, the rest as sdpa)
+    fused_norms = true            # Llama/Qwen RMSNorm as one brecq_ext call each (false: transformers')
     seed = 0
 
     [[models]]
@@ -114,6 +115,7 @@ class StudyConfig:
     measure: MeasureEntry = field(default_factory=MeasureEntry)
     source: str = ""
     attention: str = "brecq_sdpa"
+    fused_norms: bool = True
 
     def arc_task(self, dataset: DatasetEntry, model: ModelEntry) -> str:
         if dataset.task != "arc":
@@ -181,6 +183,9 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     attention = study.get("attention", "brecq_sdpa")
     if attention not in ATTENTIONS:
         raise StudyConfigError(f"[study]: attention must be one of {list(ATTENTIONS)}, got {attention!r}")
+    fused_norms = study.get("fused_norms", True)
+    if not isinstance(fused_norms, bool):
+        raise StudyConfigError(f"[study]: fused_norms must be true or false, got {fused_norms!r}")
     models = []
     for i, m in enumerate(raw.get("models", [])):
         where = f"[[models]] #{i + 1}"
@@ -239,4 +244,5 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     if unknown:
         raise StudyConfigError(f"unknown sections {sorted(unknown)}")
     return StudyConfig(name, _resolve(base, study.get("output", "study_out")), tuple(models), tuple(variants),
-                       tuple(datasets), device, dtype, int(study.get("seed", 0)), measure, source, attention)
+                       tuple(datasets), device, dtype, int(study.get("seed", 0)), measure, source, attention,
+                       fused_norms)

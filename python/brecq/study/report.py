@@ -247,7 +247,7 @@ def render_report(results: dict, plots: dict) -> str:
             env = variant["measure"]["latency"]["environment"]
             lines.append(f"  - measured on {env['device']} ({env['processor']}), {env['dtype']}, {env['threads']} threads, "
                          f"torch {env['torch']}, transformers {env['transformers']}, CPU kernels {env['cpu_kernels']}, "
-                         f"attention {env.get('attention') or 'not recorded'}")
+                         f"attention {env.get('attention') or 'not recorded'}, RMS norms {env.get('rms_norm') or 'not recorded'}")
     lines += ["", "## Conclusions", ""]
     for model_label, a in analysis["models"].items():
         lines += [f"### {model_label}", ""] + [f"- {f}" for f in a["conclusions"]["findings"]] + [""]

@@ -75,24 +75,28 @@ def _ensure_quantized(config: StudyConfig, model: ModelEntry, variant: VariantEn
 
 def _settings(config: StudyConfig, task: str, limit) -> dict:
     return {"task": task, "limit": limit, "seed": config.seed, "dtype": config.dtype, "device": config.device,
-            "attention": config.attention}
+            "attention": config.attention, "fused_norms": config.fused_norms}
 
 
 def _measure_settings(config: StudyConfig) -> dict:
     m = config.measure
     return {"prompt_tokens": m.prompt_tokens, "decode_tokens": m.decode_tokens, "repeats": m.repeats,
             "memory_subprocess": m.memory_subprocess, "device": config.device, "dtype": config.dtype,
-            "attention": config.attention}
+            "attention": config.attention, "fused_norms": config.fused_norms}
 
 
 def _load(config: StudyConfig, path: Path, dtype):
     """A model (and tokenizer) as the study evaluates and times it: on its device, in its dtype,
-    with the configured attention."""
+    with the configured attention and RMS norms."""
     model, tokenizer = load_model_any(path, device=config.device, dtype=dtype)
     if config.attention != "sdpa":
         from ..attention import use_decode_attention
 
         use_decode_attention(model)
+    if config.fused_norms:
+        from brecq_ext import fuse_rms_norms_
+
+        fuse_rms_norms_(model)
     return model, tokenizer
 
 
@@ -161,7 +165,8 @@ def _paired_latency(config: StudyConfig, model_entry, per_model: dict, out: Path
     m = config.measure
     paths = {label: entry["path"] for label, entry in per_model["variants"].items()}
     settings = {"paths": paths, "prompt_tokens": m.prompt_tokens, "decode_tokens": m.decode_tokens,
-                "repeats": m.repeats, "device": config.device, "dtype": config.dtype, "attention": config.attention}
+                "repeats": m.repeats, "device": config.device, "dtype": config.dtype, "attention": config.attention,
+                "fused_norms": config.fused_norms}
     cache_file = out / "runs" / slug(model_entry.label) / "paired_latency.json"
     if cache_file.exists():
         cached = json.loads(cache_file.read_text())
