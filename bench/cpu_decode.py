@@ -12,13 +12,14 @@ drift falls on all alike). Writes JSON and prints a small table.
 
 With ``--attention``, bf16 and w4w6_head8 also run with ``attn_implementation="brecq_sdpa"``
 ("bf16_brecq_attn", "w4w6_head8_brecq_attn": decode steps through brecq_ext's decode-attention
-kernel instead of torch's SDPA), in the same interleaved measurement.
+kernel instead of torch's SDPA), in the same interleaved measurement. ``--norms`` adds them once
+more with their RMSNorm modules fused as well ("..._brecq_attn_norms", brecq_ext.fuse_rms_norms_).
 
 With ``--static``, it then times bf16, w4w6_head8 and w4w6_head8_fused again with a static KV
 cache (``brecq.measure.StaticDecoder``), each eagerly and with the step compiled by torch.compile
 (inductor), all decoders taking turns by repeat.
 
-    python bench/cpu_decode.py [--prompt 32] [--tokens 16] [--repeats 3] [--attention] [--static]
+    python bench/cpu_decode.py [--prompt 32] [--tokens 16] [--repeats 3] [--attention] [--norms] [--static]
                                [--json bench/results/cpu_decode.json]
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 
 import torch
 
-from brecq_ext import Layout, fuse_projections_, quant_linear_layers
+from brecq_ext import Layout, fuse_projections_, fuse_rms_norms_, quant_linear_layers
 
 from brecq.attention import use_decode_attention
 from brecq.io import atomic_write_text
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention", action="store_true",
                         help="also time bf16 and w4w6_head8 with attn_implementation='brecq_sdpa'")
+    parser.add_argument("--norms", action="store_true",
+                        help="also time bf16 and w4w6_head8 with brecq_sdpa and fused RMSNorm modules")
     parser.add_argument("--static", action="store_true",
                         help="also time static-cache decode, eager and torch.compile'd (minutes of compilation)")
     parser.add_argument("--json", default=None)
@@ -82,6 +85,10 @@ def main() -> None:
     if args.attention:
         for label in ("bf16", "w4w6_head8"):
             models[f"{label}_brecq_attn"] = use_decode_attention(copy.deepcopy(models[label]))
+    if args.norms:
+        for label in ("bf16", "w4w6_head8"):
+            models[f"{label}_brecq_attn_norms"] = use_decode_attention(copy.deepcopy(models[label]))
+            fuse_rms_norms_(models[f"{label}_brecq_attn_norms"])
     log.info("built in %.0f s, quantized (RTN) in %s", build_s, {k: round(v) for k, v in quantize_s.items()})
 
     with torch.inference_mode():
