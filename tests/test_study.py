@@ -115,35 +115,35 @@ def test_study_end_to_end_and_report_matches_results(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / "quantized").rglob("model.safetensors")} == before
 
 
-def test_config_errors_name_the_entry(tmp_path):
+# (text of the working config, its replacement, the error that must name the entry)
+BAD_CONFIGS = [
+    pytest.param('role = "base"', 'role = "chat"', r"\[\[models\]\] 'stories': role must be one of", id="role"),
+    pytest.param("test-ai2_arc.parquet", "nope.parquet", r"\[\[datasets\]\] #1: .*nope.parquet does not exist",
+                 id="dataset-path"),
+    pytest.param(str(STORIES260K), "/nonexistent/model", "is not a hub id", id="model-path"),
+    pytest.param("seed = 0", 'seed = 0\nfused_norms = "yes"', r"\[study\]: fused_norms must be true or false, got 'yes'",
+                 id="fused-norms"),
+    pytest.param("seed = 0", 'seed = 0\nattention = "flash"', r"\[study\]: attention must be one of \['brecq_sdpa', 'sdpa'\]",
+                 id="attention"),
+    pytest.param('recipe = "w4g64_mix_attn6"', 'recipe = "w5"', "unknown recipe 'w5'", id="recipe"),
+]
+
+
+@pytest.mark.parametrize("old,new,error", BAD_CONFIGS)
+def test_config_errors_name_the_entry(tmp_path, old, new, error):
     require_shared(STORIES260K)
-    bad = _config(tmp_path).read_text().replace('role = "base"', 'role = "chat"')
-    (tmp_path / "bad.toml").write_text(bad)
-    with pytest.raises(StudyConfigError, match=r"\[\[models\]\] 'stories': role must be one of"):
+    text = _config(tmp_path).read_text()
+    assert old in text
+    (tmp_path / "bad.toml").write_text(text.replace(old, new))
+    with pytest.raises(StudyConfigError, match=error):
         load_study_config(tmp_path / "bad.toml")
-    missing = _config(tmp_path).read_text().replace("test-ai2_arc.parquet", "nope.parquet")
-    (tmp_path / "missing.toml").write_text(missing)
-    with pytest.raises(StudyConfigError, match=r"\[\[datasets\]\] #1: .*nope.parquet does not exist"):
-        load_study_config(tmp_path / "missing.toml")
-    model_dir = _config(tmp_path).read_text().replace(str(STORIES260K), "/nonexistent/model")
-    (tmp_path / "model.toml").write_text(model_dir)
-    with pytest.raises(StudyConfigError, match="is not a hub id"):
-        load_study_config(tmp_path / "model.toml")
+
+
+def test_a_hub_id_is_a_model_path(tmp_path):
+    require_shared(STORIES260K)
     hub = _config(tmp_path).read_text().replace(str(STORIES260K), "Qwen/Qwen3-0.6B")
     (tmp_path / "hub.toml").write_text(hub)
     assert load_study_config(tmp_path / "hub.toml").models[0].path == "Qwen/Qwen3-0.6B"
-    norms = _config(tmp_path).read_text().replace("seed = 0", 'seed = 0\nfused_norms = "yes"')
-    (tmp_path / "norms.toml").write_text(norms)
-    with pytest.raises(StudyConfigError, match=r"\[study\]: fused_norms must be true or false, got 'yes'"):
-        load_study_config(tmp_path / "norms.toml")
-    attention = _config(tmp_path).read_text().replace("seed = 0", 'seed = 0\nattention = "flash"')
-    (tmp_path / "attention.toml").write_text(attention)
-    with pytest.raises(StudyConfigError, match=r"\[study\]: attention must be one of \['brecq_sdpa', 'sdpa'\]"):
-        load_study_config(tmp_path / "attention.toml")
-    recipe = _config(tmp_path).read_text().replace('recipe = "w4g64_mix_attn6"', 'recipe = "w5"')
-    (tmp_path / "recipe.toml").write_text(recipe)
-    with pytest.raises(StudyConfigError, match="unknown recipe 'w5'"):
-        load_study_config(tmp_path / "recipe.toml")
 
 
 def test_offline_demo_runs_every_stage(tmp_path):
