@@ -140,9 +140,9 @@ def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
                 result["records_file"] = str(ds_dir / "records.jsonl")
                 entry["datasets"][dataset.name] = result
             measure_file = run_dir / "measure.json"
-            cached = json.loads(measure_file.read_text()) if measure_file.exists() else {}
-            if cached.get("settings") == _measure_settings(config):
-                entry["measure"] = cached["measure"]
+            measured = json.loads(measure_file.read_text()) if measure_file.exists() else {}
+            if measured.get("settings") == _measure_settings(config):
+                entry["measure"] = measured["measure"]
             else:  # never measured, measured with other settings, or by a version that kept no settings
                 entry["measure"] = _measure(config, model, path)
                 atomic_write_text(measure_file, json.dumps({"settings": _measure_settings(config),
