@@ -1,9 +1,9 @@
 """``attn_implementation="brecq_sdpa"``: transformers' SDPA attention, with decode steps on the CPU
 run by brecq_ext's decode-attention kernel (:mod:`brecq_ext.attention`).
 
-torch's CPU ``scaled_dot_product_attention`` costs ~95 us per layer for one Qwen3-0.6B decode
-token over 48 cached ones (2.7 ms of a 25 ms W4/W6 decode step over 28 layers) and grows to ~1.7 ms
-per layer at 1000 cached tokens; the kernel takes 14 us and 0.19 ms (bench/README.md). Everything
+torch's CPU ``scaled_dot_product_attention`` costs ~95-110 us per layer for one Qwen3-0.6B decode
+token over 48 cached bfloat16 ones (2.7-3 ms of a 25 ms W4/W6 decode step over 28 layers) and
+~0.9 ms at 512; the kernel takes 14-17 us and ~0.15 ms (bench/README.md). Everything
 else (prompts, several query tokens, dropout, additive or per-head masks, other devices, autograd)
 goes to transformers' own ``sdpa_attention_forward`` unchanged, and masks are built as for SDPA.
 
