@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .arena import gather_quantized_weights, is_view_of_larger_storage
 from .layout import Layout
 from .quant_linear import QuantLinear
@@ -84,9 +85,10 @@ class FusedQuantLinear(QuantLinear):
             bias = torch.cat([m.bias.to(bias_dtype) if m.bias is not None else
                               torch.zeros(m.out_features, dtype=bias_dtype, device=m.packed.device)
                               for m in members])
-        codes = torch.cat([m.codes() for m in members])
-        scale = torch.cat([m.row_major_weights()[1] for m in members])
-        zero = torch.cat([m.row_major_weights()[2] for m in members])
+        rows = [m.row_major_weights() for m in members]  # once each: a TILE16 layer rearranges to give them
+        codes = torch.cat([ops.unpack(packed, first.bits, first.group_size, first.in_features) for packed, _, _ in rows])
+        scale = torch.cat([s for _, s, _ in rows])
+        zero = torch.cat([z for _, _, z in rows])
         layout = None if any(m._auto_layout for m in members) else first.layout
         fused = cls(first.in_features, [m.out_features for m in members], first.bits, first.group_size,
                     bias=any_bias, device=codes.device, bias_dtype=bias.dtype if any_bias else torch.float32,

@@ -96,10 +96,8 @@ class RMSNorm(nn.Module):
         if eps is None or not isinstance(getattr(norm, "weight", None), nn.Parameter) or norm.weight.dim() != 1:
             raise TypeError(f"RMSNorm.from_module: {type(norm).__name__} has no 1-D weight parameter and "
                             "variance_epsilon/eps")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
+        module = cls(norm.weight.shape[0], float(eps))
         module.weight = norm.weight
-        module.variance_epsilon = float(eps)
         return module
 
     def forward(self, x: Tensor) -> Tensor:

@@ -78,11 +78,16 @@ def _settings(config: StudyConfig, task: str, limit) -> dict:
             "attention": config.attention, "fused_norms": config.fused_norms}
 
 
-def _measure_settings(config: StudyConfig) -> dict:
+def _timing_settings(config: StudyConfig) -> dict:
+    """What a latency depends on: cached timings are reused only while these are unchanged."""
     m = config.measure
     return {"prompt_tokens": m.prompt_tokens, "decode_tokens": m.decode_tokens, "repeats": m.repeats,
-            "memory_subprocess": m.memory_subprocess, "device": config.device, "dtype": config.dtype,
-            "attention": config.attention, "fused_norms": config.fused_norms}
+            "device": config.device, "dtype": config.dtype, "attention": config.attention,
+            "fused_norms": config.fused_norms}
+
+
+def _measure_settings(config: StudyConfig) -> dict:
+    return {**_timing_settings(config), "memory_subprocess": config.measure.memory_subprocess}
 
 
 def _load(config: StudyConfig, path: Path, dtype):
@@ -164,9 +169,7 @@ def _paired_latency(config: StudyConfig, model_entry, per_model: dict, out: Path
     fields), cached in runs/<model>/paired_latency.json. All variants are loaded at once for this."""
     m = config.measure
     paths = {label: entry["path"] for label, entry in per_model["variants"].items()}
-    settings = {"paths": paths, "prompt_tokens": m.prompt_tokens, "decode_tokens": m.decode_tokens,
-                "repeats": m.repeats, "device": config.device, "dtype": config.dtype, "attention": config.attention,
-                "fused_norms": config.fused_norms}
+    settings = {"paths": paths, **_timing_settings(config)}
     cache_file = out / "runs" / slug(model_entry.label) / "paired_latency.json"
     if cache_file.exists():
         cached = json.loads(cache_file.read_text())
