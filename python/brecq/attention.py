@@ -18,6 +18,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from brecq_ext.attention import decode_attention_forward
 
@@ -54,7 +55,6 @@ def brecq_sdpa_attention_forward(module: nn.Module, query: torch.Tensor, key: to
             scale = float(scaling) if scaling is not None else head_dim ** -0.5
             out = decode_attention_forward(query[:, :, 0], key, value, key_mask, scale)
             return out.unsqueeze(1), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
