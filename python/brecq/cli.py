@@ -110,6 +110,30 @@ def _study(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import json
+
+    from .export import export
+
+    options = {"verify": not args.no_verify}
+    if args.format == "gguf":
+        options["fallback"] = args.fallback
+    else:
+        if args.dtype:
+            options["dtype"] = args.dtype
+        options["allow_inexact_scales"] = args.allow_inexact_scales
+    report = export(args.model, args.out, args.format, **options)
+    if args.format == "gguf":
+        print(report.table())
+        print(f"wrote {args.out}: {report.total_bytes / 1e6:.2f} MB, quantized layers "
+              f"{report.bits_per_weight():.3f} bits/weight, largest error {report.max_error_steps():.4g} steps")
+    else:
+        print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"}, indent=2))
+        print(f"wrote {args.out}: quantized layers {report.bits_per_weight():.3f} bits/weight, "
+              f"{'exact' if report.exact else 'not exact (see the log)'}")
+    return 0
+
+
 def _compare(args) -> int:
     import json
 
@@ -189,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(run=_evaluate)
+
+    x = commands.add_parser("export", help="write a brecq-quantized model as GGUF (llama.cpp, ollama) or "
+                                           "compressed-tensors (vLLM, transformers)")
+    x.add_argument("model", help="folder written by brecq quantize")
+    x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
+    x.add_argument("--out", required=True, help="output file (gguf) or folder (compressed-tensors)")
+    x.add_argument("--fallback", default="f32", choices=["f32", "f16"],
+                   help="gguf: type of layers no block type holds (f32 is exact; default f32)")
+    x.add_argument("--dtype", choices=["float16", "float32", "bfloat16"],
+                   help="compressed-tensors: model and scale dtype (default: float32 for a float32 model, else "
+                        "float16, which holds the scales exactly)")
+    x.add_argument("--allow-inexact-scales", action="store_true",
+                   help="compressed-tensors: accept --dtype bfloat16, which rounds the float16 scales")
+    x.add_argument("--no-verify", action="store_true", help="skip the weights checksum check")
+    x.set_defaults(run=_export)
 
     c = commands.add_parser("compare", help="paired comparison of two evaluation runs on the same examples")
     c.add_argument("a", help="records.jsonl of the first run (e.g. unquantized)")

@@ -51,3 +51,66 @@ def build_model(config, seed: int, dtype: torch.dtype = torch.float32):
     log.info("built %s with %.1f M parameters (seed %d)", type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, seed)
     return model
+
+
+# The pre-tokenizer split of Qwen2/Qwen3's byte-level BPE tokenizer (llama.cpp calls it "qwen2").
+QWEN2_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def byte_level_bpe_tokenizer(texts, vocab_size: int, path=None):
+    """A Qwen2/Qwen3-style tokenizer (the Qwen2 regex split, byte-level BPE, ``<|endoftext|>``,
+    ``<|im_start|>``, ``<|im_end|>``) trained on ``texts``: a stand-in for Qwen3's own tokenizer,
+    which no hub can be reached for here, with the same structure. Saved to ``path`` if given."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZER), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None)
+    if path is not None:
+        fast.save_pretrained(str(path))
+    return fast
+
+
+def stories_qwen3(out_dir, texts, *, vocab_size: int = 1024, steps: int = 200, seed: int = 0):
+    """A small Qwen3-architecture model (2 layers, hidden 256, GQA 4:2, head_dim 64) with a
+    byte-level BPE tokenizer, both trained briefly on ``texts`` (about 15 s on 2 cores), saved as a
+    Hugging Face folder. Random weights give near-flat next-token distributions whose top-1 flips
+    on float noise; a little training gives the peaked ones real models have, so comparisons of
+    two runtimes' logits mean something."""
+    from pathlib import Path
+
+    from .synthetic import _fit
+
+    out = Path(out_dir)
+    texts = list(texts)
+    tokenizer = byte_level_bpe_tokenizer(texts, vocab_size, out)
+    config = qwen3_config("tiny", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=None, initializer_range=0.08)
+    model = build_model(config, seed)
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    stream = torch.tensor(ids)
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch_loss():
+        starts = torch.randint(0, stream.numel() - 129, (8,), generator=generator)
+        batch = torch.stack([stream[s:s + 128] for s in starts.tolist()])
+        return model(batch, labels=batch, use_cache=False).loss
+
+    loss = _fit(model, steps, 3e-3, batch_loss, "train stories-qwen3", False)
+    log.info("stories-qwen3: final training loss %.3f", loss)
+    model.save_pretrained(str(out))
+    return out
