@@ -115,6 +115,20 @@ def test_a_minimum_beyond_float16_falls_back():
     assert packed.ggml_type == "F32" and "float16" in packed.reason
 
 
+@pytest.mark.parametrize("values,expected", [("bf16", "BF16"), ("f16", "F16"), ("f32", "F32")])
+def test_dense_tensors_take_the_narrowest_exact_type(values, expected):
+    from brecq.export.to_gguf import _dense_array
+
+    t = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    t = {"bf16": t.bfloat16().float(), "f16": (t * 1e-3).half().float(), "f32": t}[values]
+    array, kind = _dense_array(t)
+    assert kind == expected
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    back = gguf.quants.dequantize(array, qtype) if kind == "BF16" else array.astype(np.float32)
+    assert torch.equal(torch.from_numpy(np.array(back, dtype=np.float32)), t), "lossless"
+    assert _dense_array(t[0])[1] == "F32", "1-D tensors stay F32"
+
+
 def test_rope_permutation_matches_interleaving():
     # llama.cpp's NORM rotary pairs (2i, 2i+1); Hugging Face's rotate-half pairs (i, i + d/2).
     order = _rope_permutation(8, 2)

@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--fallback", default="f32", choices=["f32", "f16"],
                    help="gguf: type of layers no block type holds (f32 is exact; default f32)")
     x.add_argument("--dtype", choices=["float16", "float32", "bfloat16"],
-                   help="compressed-tensors: model and scale dtype (default: float32 for a float32 model, else "
-                        "float16, which holds the scales exactly)")
+                   help="compressed-tensors: model and scale dtype (default: float16 if it holds every "
+                        "full-precision tensor exactly, else float32)")
     x.add_argument("--allow-inexact-scales", action="store_true",
                    help="compressed-tensors: accept --dtype bfloat16, which rounds the float16 scales")
     x.add_argument("--no-verify", action="store_true", help="skip the weights checksum check")

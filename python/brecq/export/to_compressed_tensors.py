@@ -72,8 +72,12 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _default_dtype(checkpoint: QuantizedCheckpoint) -> str:
-    original = checkpoint.config.get("dtype") or checkpoint.config.get("torch_dtype") or "float32"
-    return "float32" if original == "float32" else "float16"
+    """float16 when it holds every full-precision tensor exactly (the scales always fit), else
+    float32: brecq saves float32, whatever the model came as."""
+    for tensor in checkpoint.tensors.values():
+        if tensor.is_floating_point() and not torch.equal(tensor.to(torch.float16).float(), tensor.float()):
+            return "float32"
+    return "float16"
 
 
 def _weights_args(bits: int, group_size: int) -> dict:
@@ -110,7 +114,8 @@ def export_compressed_tensors(quantized_dir, out_dir, *, dtype: str | None = Non
                               allow_inexact_scales: bool = False) -> CompressedTensorsReport:
     """Write ``quantized_dir`` (from ``brecq quantize``) to ``out_dir`` in compressed-tensors'
     pack-quantized format. ``dtype`` (float16, bfloat16, float32) is the model's dtype there and
-    the scales'; the default is float32 for a float32 model, float16 otherwise (exact scales)."""
+    the scales'; the default is float16 where it holds every full-precision tensor exactly, else
+    float32 (vLLM's W4A16/W8A16 kernels want a 16-bit dtype: pass float16 and read the log)."""
     checkpoint = read_checkpoint(quantized_dir, verify=verify)
     dtype = dtype or _default_dtype(checkpoint)
     if dtype not in DTYPES:

@@ -1,10 +1,10 @@
 """``brecq export --format gguf``: a brecq-quantized model as one GGUF file for llama.cpp and ollama.
 
 Quantized layers become the block type that holds their codes (``gguf_blocks``; the map is in
-docs/FORMAT.md); every other tensor keeps the precision it has (1-D tensors as F32, which
-llama.cpp wants for norms). Metadata and tokenizer are written with the ``gguf`` package, the
-llama.cpp project's own writer, under llama.cpp's names for the Llama, Mistral, Qwen2 and Qwen3
-architectures.
+docs/FORMAT.md); every other tensor is written exactly, in the narrowest of BF16, F16 and F32
+that holds all its values (1-D tensors as F32, which llama.cpp wants for norms). Metadata and
+tokenizer are written with the ``gguf`` package, the llama.cpp project's own writer, under
+llama.cpp's names for the Llama, Mistral, Qwen2 and Qwen3 architectures.
 """
 from __future__ import annotations
 
@@ -86,13 +86,16 @@ def _rope_permutation(rows: int, heads: int) -> torch.Tensor:
 
 
 def _dense_array(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    """A full-precision tensor in the precision it has (1-D tensors as F32)."""
-    if t.dim() == 1 or t.dtype == torch.float32:
-        return t.float().contiguous().numpy(), "F32"
-    if t.dtype == torch.float16:
-        return t.contiguous().numpy(), "F16"
-    if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.uint8).numpy(), "BF16"
+    """A full-precision tensor in the narrowest float type that holds every value exactly: brecq
+    saves float32, so a model that came as bfloat16 goes back to BF16, and a float32 one stays F32.
+    1-D tensors (norms, biases) are F32, as llama.cpp wants them."""
+    t = t.detach()
+    if t.dim() >= 2 and t.is_floating_point():
+        for dtype, ggml_type in ((torch.bfloat16, "BF16"), (torch.float16, "F16")):
+            narrow = t.to(dtype)
+            if torch.equal(narrow.float(), t.float()):
+                array = narrow.contiguous().view(torch.uint8) if dtype == torch.bfloat16 else narrow.contiguous()
+                return array.numpy(), ggml_type
     return t.float().contiguous().numpy(), "F32"
 
 
