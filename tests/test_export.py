@@ -147,23 +147,27 @@ def stories_quantized(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def qwen3_quantized(tmp_path_factory):
-    """A seeded Qwen3-architecture model with a byte-level BPE tokenizer, W6 attention / W4 MLP / W8 head."""
-    from brecq import Method, get_recipe, quantize_pretrained
-    from brecq.models import build_model, byte_level_bpe_tokenizer, qwen3_config
+ARCHITECTURES = {"qwen3": "QWEN3", "qwen2": "QWEN2", "llama": "LLAMA", "mistral": "LLAMA"}
 
-    root = tmp_path_factory.mktemp("qwen3")
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def arch_quantized(request, tmp_path_factory):
+    """A seeded model of each supported architecture with a byte-level BPE tokenizer, quantized W6
+    attention / W4 MLP / W8 head (untied)."""
+    from brecq import Method, get_recipe, quantize_pretrained
+    from brecq.models import build_model, byte_level_bpe_tokenizer, small_config
+
+    root = tmp_path_factory.mktemp(request.param)
     texts = [f"Story {i}: the {c} cat sat on the mat and said {i * 7} words." for i, c in
              enumerate(["red", "blue", "green", "small", "big"] * 40)]
     tokenizer = byte_level_bpe_tokenizer(texts, 400, root / "fp")
-    config = qwen3_config("tiny", vocab_size=448, hidden_size=128, intermediate_size=192, head_dim=32,
+    config = small_config(request.param, 448, hidden_size=128, intermediate_size=192, head_dim=32,
                           tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id)
     build_model(config, seed=3).save_pretrained(str(root / "fp"))
     out = root / "rtn"
     quantize_pretrained(str(root / "fp"), str(out), get_recipe("w4g64_mix_attn6_head8", Method.RTN),
                         show_progress=False)
-    return out
+    return request.param, out
 
 
 def read_back(path):
@@ -181,10 +185,15 @@ def check_every_tensor(checkpoint, tensors, arch, heads, kv_heads):
         gguf_name = name_map.get_name(name + ".weight", try_suffixes=(".weight",))
         kind, theirs = tensors[gguf_name]
         seen.add(gguf_name)
-        codes, scale, zero = layer.codes, layer.scale, layer.zero
+        codes, scale, zero, bias = layer.codes, layer.scale, layer.zero, layer.bias
         if arch == gguf.MODEL_ARCH.LLAMA and name.endswith(("q_proj", "k_proj")):
             order = _rope_permutation(layer.out_features, heads if name.endswith("q_proj") else kv_heads)
             codes, scale, zero = codes[order], scale[order], zero[order]
+            bias = bias[order] if bias is not None else None
+        if bias is not None:
+            bias_name = gguf_name[: -len(".weight")] + ".bias"
+            seen.add(bias_name)
+            assert torch.equal(torch.from_numpy(np.array(tensors[bias_name][1])), bias.float()), bias_name
         steps, ours = steps_off(theirs, codes, scale, zero, layer.group_size)
         if kind in ("Q8_0", "F32") and layer.bits < 8:
             assert torch.equal(torch.from_numpy(np.array(theirs)), ours), name
@@ -222,18 +231,23 @@ def test_stories260k_exports_exactly(stories_quantized, tmp_path):
     assert 0 < report.max_error_steps() <= 15 * M_ROUNDING_STEPS_PER_ZERO
 
 
-def test_qwen3_exports_exactly(qwen3_quantized, tmp_path):
-    path = tmp_path / "qwen3.gguf"
-    report = export_gguf(qwen3_quantized, path)
+def test_each_architecture_exports_exactly(arch_quantized, tmp_path):
+    model_type, quantized = arch_quantized
+    path = tmp_path / "model.gguf"
+    report = export_gguf(quantized, path)
     fields, tensors = read_back(path)
-    checkpoint = read_checkpoint(qwen3_quantized)
-    assert fields["general.architecture"] == "qwen3"
-    assert fields["qwen3.attention.key_length"] == 32 and fields["qwen3.embedding_length"] == 128
+    checkpoint = read_checkpoint(quantized)
+    arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, ARCHITECTURES[model_type])]
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.attention.key_length"] == 32 and fields[f"{arch}.embedding_length"] == 128
+    assert fields[f"{arch}.attention.head_count"] == 4 and fields[f"{arch}.attention.head_count_kv"] == 2
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "qwen2"
     assert len(fields["tokenizer.ggml.tokens"]) == 448, "padded to the embedding rows"
     assert fields["tokenizer.ggml.merges"], "byte-level BPE needs its merges"
-    assert "blk.0.attn_q_norm.weight" in tensors and "output.weight" in tensors
-    check_every_tensor(checkpoint, tensors, gguf.MODEL_ARCH.QWEN3, 4, 2)
+    assert ("blk.0.attn_q_norm.weight" in tensors) == (model_type == "qwen3")
+    assert ("blk.0.attn_q.bias" in tensors) == (model_type == "qwen2"), "Qwen2 keeps its q/k/v biases"
+    assert "output.weight" in tensors
+    check_every_tensor(checkpoint, tensors, getattr(gguf.MODEL_ARCH, ARCHITECTURES[model_type]), 4, 2)
     head = next(row for row in report.rows if row["hf_name"] == "lm_head.weight")
     assert head["ggml_type"] == "Q8_0" and head["bits"] == 8
 
@@ -306,19 +320,24 @@ def test_llama_cpp_matches_brecq_on_stories260k(stories_quantized, stories_texts
     sequences = [tokenizer(text)["input_ids"][:256] for text in stories_texts[:40]]
     agreement = compare_logits(brecq.load_quantized(stories_quantized), llm, sequences)
     assert agreement.top1 >= 0.99 and agreement.mean_kl <= 1e-3, agreement
+    assert agreement.max_margin_at_disagreement < 0.25, agreement
 
 
 @pytest.mark.slow
-def test_llama_cpp_matches_brecq_on_a_qwen3_model(stories_texts, tmp_path):
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2", "llama", "mistral"])
+def test_llama_cpp_matches_brecq_on_each_architecture(model_type, stories_texts, tmp_path):
+    """A small model of each architecture, trained briefly so its predictions are peaked, with a
+    byte-level BPE tokenizer (Qwen2's split; the llama and mistral ones test the architecture)."""
     pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
     import brecq
     from brecq import Method, get_recipe, quantize_pretrained
     from brecq.export.llamacpp import compare_logits, llama_tokenize, open_llama
-    from brecq.models import stories_qwen3
-    from transformers import AutoTokenizer
+    from brecq.models import stories_model
 
     train, held_out = stories_texts[:400], stories_texts[400:]
-    stories_qwen3(tmp_path / "fp", train)
+    stories_model(tmp_path / "fp", train, model_type)
     quantize_pretrained(str(tmp_path / "fp"), str(tmp_path / "q"), get_recipe("w4g64_mix_attn6", Method.RTN),
                         show_progress=False)
     export_gguf(tmp_path / "q", tmp_path / "q.gguf")
@@ -328,7 +347,13 @@ def test_llama_cpp_matches_brecq_on_a_qwen3_model(stories_texts, tmp_path):
         assert llama_tokenize(llm, text, add_bos=False) == tokenizer(text)["input_ids"], text
     sequences = [tokenizer(text)["input_ids"][:256] for text in held_out[:40]]
     agreement = compare_logits(brecq.load_quantized(tmp_path / "q"), llm, sequences)
-    assert agreement.top1 >= 0.99 and agreement.mean_kl <= 1e-3, agreement
+    assert agreement.mean_kl <= 1e-3, agreement
+    # llama.cpp rounds activations to 8 bits before its Q4_1/Q8_0 dot products (logits off by up to
+    # ~0.2 here, where brecq matches a float64 model of the same weights to 1e-5), so positions
+    # whose top two are nearly tied can flip: any flip must be such a near-tie.
+    assert agreement.max_margin_at_disagreement < 0.25, agreement
+    if model_type == "qwen3":
+        assert agreement.top1 >= 0.99, agreement
 
 
 # -- compressed-tensors -----------------------------------------------------------------------------

@@ -81,12 +81,26 @@ def byte_level_bpe_tokenizer(texts, vocab_size: int, path=None):
     return fast
 
 
-def stories_qwen3(out_dir, texts, *, vocab_size: int = 1024, steps: int = 200, seed: int = 0):
-    """A small Qwen3-architecture model (2 layers, hidden 256, GQA 4:2, head_dim 64) with a
-    byte-level BPE tokenizer, both trained briefly on ``texts`` (about 15 s on 2 cores), saved as a
-    Hugging Face folder. Random weights give near-flat next-token distributions whose top-1 flips
-    on float noise; a little training gives the peaked ones real models have, so comparisons of
-    two runtimes' logits mean something."""
+def small_config(model_type: str, vocab_size: int, **overrides):
+    """A small config of one of the architectures ``brecq quantize`` supports (llama, mistral, qwen2,
+    qwen3): 2 layers, hidden 256, 4 query and 2 key/value heads of 64, intermediate 512."""
+    from transformers import AutoConfig
+
+    shapes = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                  initializer_range=0.08, tie_word_embeddings=model_type in ("qwen3", "qwen2"))
+    if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise ValueError(f"small_config: model_type must be llama, mistral, qwen2 or qwen3, got {model_type!r}")
+    return AutoConfig.for_model(model_type, **{**shapes, **overrides})
+
+
+def stories_model(out_dir, texts, model_type: str = "qwen3", *, vocab_size: int = 1024, steps: int = 200,
+                  seed: int = 0):
+    """A small model of ``model_type`` (``small_config``) with a byte-level BPE tokenizer, both
+    trained briefly on ``texts`` (about 15 s on 2 cores), saved as a Hugging Face folder. Random
+    weights give near-flat next-token distributions whose top-1 flips on float noise; a little
+    training gives the peaked ones real models have, so comparisons of two runtimes' logits mean
+    something."""
     from pathlib import Path
 
     from .synthetic import _fit
@@ -94,10 +108,8 @@ def stories_qwen3(out_dir, texts, *, vocab_size: int = 1024, steps: int = 200, s
     out = Path(out_dir)
     texts = list(texts)
     tokenizer = byte_level_bpe_tokenizer(texts, vocab_size, out)
-    config = qwen3_config("tiny", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          bos_token_id=None, initializer_range=0.08)
+    config = small_config(model_type, len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model = build_model(config, seed)
     ids: list[int] = []
     for text in texts:
@@ -110,7 +122,7 @@ def stories_qwen3(out_dir, texts, *, vocab_size: int = 1024, steps: int = 200, s
         batch = torch.stack([stream[s:s + 128] for s in starts.tolist()])
         return model(batch, labels=batch, use_cache=False).loss
 
-    loss = _fit(model, steps, 3e-3, batch_loss, "train stories-qwen3", False)
-    log.info("stories-qwen3: final training loss %.3f", loss)
+    loss = _fit(model, steps, 3e-3, batch_loss, f"train stories-{model_type}", False)
+    log.info("stories-%s: final training loss %.3f", model_type, loss)
     model.save_pretrained(str(out))
     return out

@@ -53,21 +53,29 @@ class Agreement:
     top1: float  # share of positions where both pick the same next token
     mean_kl: float  # mean KL(brecq || llama.cpp) per position, nats
     max_kl: float
+    # brecq's own top-2 logit margin at the positions where the two pick different tokens: small
+    # means the flips are near-ties that llama.cpp's 8-bit activations tip one way or the other.
+    max_margin_at_disagreement: float
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "top1": self.top1, "mean_kl": self.mean_kl, "max_kl": self.max_kl}
+        return {"tokens": self.tokens, "top1": self.top1, "mean_kl": self.mean_kl, "max_kl": self.max_kl,
+                "max_margin_at_disagreement": self.max_margin_at_disagreement}
 
 
 @torch.no_grad()
 def compare_logits(model, llm, sequences: list[list[int]]) -> Agreement:
     """Next-token agreement of brecq's ``model`` and llama.cpp's ``llm`` over ``sequences``."""
-    kls, same, total = [], 0, 0
+    kls, same, total, margin = [], 0, 0, 0.0
     for ids in sequences:
         ours = model(torch.tensor([ids])).logits[0].float()
         theirs = llama_logits(llm, ids)
         log_p, log_q = torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1)
         kls.append((log_p.exp() * (log_p - log_q)).sum(-1))
-        same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        differ = ours.argmax(-1) != theirs.argmax(-1)
+        same += int((~differ).sum())
         total += len(ids)
+        if differ.any():
+            top2 = ours[differ].topk(2, -1).values
+            margin = max(margin, float((top2[:, 0] - top2[:, 1]).max()))
     kl = torch.cat(kls)
-    return Agreement(total, same / total, float(kl.mean()), float(kl.max()))
+    return Agreement(total, same / total, float(kl.mean()), float(kl.max()), margin)
