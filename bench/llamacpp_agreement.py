@@ -17,10 +17,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def agreement(quantized: Path, gguf_path: Path, texts: list[str], add_bos: bool) -> dict:
-    from transformers import AutoTokenizer
-
     import brecq
     from brecq.export.llamacpp import compare_logits, llama_tokenize, open_llama
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(quantized)
     llm = open_llama(gguf_path, extra_buffer_types=False)

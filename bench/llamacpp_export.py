@@ -66,6 +66,7 @@ def build(workdir: Path, recipe: str, layers: int) -> tuple[Path, Path]:
 def brecq_model(path: Path):
     import brecq
     from brecq.attention import use_decode_attention
+
     from brecq_ext import fuse_rms_norms_
 
     model = brecq.load_quantized(path).to(torch.bfloat16).eval()
@@ -132,7 +133,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import llama_cpp
-
     from brecq.export.llamacpp import open_llama
     from brecq.io import atomic_write_text
     from brecq.measure import environment
