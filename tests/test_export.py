@@ -107,6 +107,17 @@ def test_layers_no_block_holds_fall_back(in_features, group_size, fallback):
         assert float(((theirs - ours).abs() / s).max()) == pytest.approx(packed.max_error_steps)
 
 
+def test_exact_8bit_sends_a_layer_q8_0_cannot_hold_to_the_fallback():
+    codes = torch.tensor([[255] * 32, [3] * 32], dtype=torch.uint8)
+    scale = torch.full((2, 1), 0.01).half()
+    zero = torch.zeros(2, 1, dtype=torch.uint8)  # q - z = 255: beyond int8
+    assert pack_layer(codes, scale, zero, 8, 32).ggml_type == "Q8_0"
+    exact = pack_layer(codes, scale, zero, 8, 32, exact_8bit=True)
+    assert exact.ggml_type == "F32" and exact.exact and "exact_8bit" in exact.reason
+    codes[0] = 100
+    assert pack_layer(codes, scale, zero, 8, 32, exact_8bit=True).ggml_type == "Q8_0", "fits: stays Q8_0"
+
+
 def test_a_minimum_beyond_float16_falls_back():
     codes, _, _ = random_layer(2, 64, 4, 64)
     scale = torch.full((2, 1), 60000.0).half()

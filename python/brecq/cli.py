@@ -118,6 +118,7 @@ def _export(args) -> int:
     options = {"verify": not args.no_verify}
     if args.format == "gguf":
         options["fallback"] = args.fallback
+        options["exact_8bit"] = args.exact_8bit
     else:
         if args.dtype:
             options["dtype"] = args.dtype
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output file (gguf) or folder (compressed-tensors)")
     x.add_argument("--fallback", default="f32", choices=["f32", "f16"],
                    help="gguf: type of layers no block type holds (f32 is exact; default f32)")
+    x.add_argument("--exact-8bit", action="store_true",
+                   help="gguf: 8-bit layers that Q8_0 cannot hold exactly go to the fallback type "
+                        "(default: Q8_0, with blocks whose q - z exceeds int8 stored at half resolution)")
     x.add_argument("--dtype", choices=["float16", "float32", "bfloat16"],
                    help="compressed-tensors: model and scale dtype (default: float16 if it holds every "
                         "full-precision tensor exactly, else float32)")

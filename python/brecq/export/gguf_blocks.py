@@ -10,7 +10,8 @@ carries its own float16 scale, so a brecq group of ``group_size`` (a multiple of
 * 6-7 bits -> Q8_0 (``x = d*q8``): ``d = s``, ``q8 = q - z``, which fits int8: exact.
 * 8 bits -> Q8_0: blocks whose ``q - z`` fits int8 are exact; any other block is stored with
   ``d = 2s`` and ``q8 = (q - z) / 2`` rounded half to even and clamped to +-127 (at most one
-  step off; the export logs how many blocks and the largest error).
+  step off; the export logs how many blocks and the largest error), or, with ``exact_8bit``,
+  the whole layer goes to the fallback.
 * A layer no block type holds (in_features or group size not a multiple of 32, an ``m`` beyond
   float16's range) goes to the fallback, F32 by default: exact, at 32 bits per weight.
 
@@ -89,9 +90,11 @@ def _error_steps(exported: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z
 
 
 def pack_layer(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
-               fallback: Fallback = Fallback.F32) -> PackedTensor:
+               fallback: Fallback = Fallback.F32, exact_8bit: bool = False) -> PackedTensor:
     """Codes uint8 [out, in] with float16 scale and uint8 zero [out, groups] -> GGUF tensor bytes.
-    Rows keep their order; the caller permutes rows first where llama.cpp wants them permuted."""
+    Rows keep their order; the caller permutes rows first where llama.cpp wants them permuted.
+    ``exact_8bit``: an 8-bit layer with any block Q8_0 cannot hold exactly goes to ``fallback``
+    instead of Q8_0 with those blocks halved."""
     out_features, in_features = codes.shape
     kind = block_type_for(bits, in_features, group_size)
     if kind is None:
@@ -120,6 +123,9 @@ def pack_layer(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     # Q8_0
     centred = c - z  # in [-(2^bits - 1), 2^bits - 1]
     fits = ((centred >= -128) & (centred <= 127)).all(dim=-1, keepdim=True)
+    if exact_8bit and not bool(fits.all()):
+        return dense_fallback(codes, scale, zero, group_size, fallback,
+                              f"{int((~fits).sum())} blocks with q - z outside int8 (exact_8bit)")
     doubled = (s.float() * 2).to(torch.float16)
     if not bool(fits.all()) and not torch.isfinite(doubled).all():
         return dense_fallback(codes, scale, zero, group_size, fallback, "a doubled scale is beyond float16's range")

@@ -112,9 +112,11 @@ def _architecture(checkpoint: QuantizedCheckpoint) -> str:
     return arch
 
 
-def export_gguf(quantized_dir, out_path, *, fallback: Fallback | str = Fallback.F32, verify: bool = True,
-                name: str | None = None) -> GGUFExportReport:
+def export_gguf(quantized_dir, out_path, *, fallback: Fallback | str = Fallback.F32, exact_8bit: bool = False,
+                verify: bool = True, name: str | None = None) -> GGUFExportReport:
     """Write ``quantized_dir`` (from ``brecq quantize``) as one GGUF file at ``out_path``, atomically.
+    ``fallback`` is the type of layers no block type holds (F32 exact, or F16); ``exact_8bit`` sends
+    8-bit layers that Q8_0 cannot hold exactly there too, instead of halving their odd blocks.
     Returns the per-tensor report; layers not held exactly are logged with their error."""
     import gguf
 
@@ -139,7 +141,7 @@ def export_gguf(quantized_dir, out_path, *, fallback: Fallback | str = Fallback.
         writer = gguf.GGUFWriter(str(tmp), arch)
         _write_metadata(writer, checkpoint, name, heads, kv_heads, head_dim, vocab_size)
         _write_tokenizer(writer, checkpoint.path, vocab_size)
-        for hf_name, array, ggml_type, row in _tensors(checkpoint, arch, heads, kv_heads, fallback):
+        for hf_name, array, ggml_type, row in _tensors(checkpoint, arch, heads, kv_heads, fallback, exact_8bit):
             gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise UnsupportedModel(f"{checkpoint.path}: tensor {hf_name!r} has no GGUF name for {arch}")
@@ -186,7 +188,8 @@ def _write_metadata(writer, checkpoint: QuantizedCheckpoint, name, heads, kv_hea
     writer.add_string("brecq.weights_sha256", str(checkpoint.quantization.get("weights_sha256", "")))
 
 
-def _tensors(checkpoint: QuantizedCheckpoint, arch: str, heads: int, kv_heads: int, fallback: Fallback):
+def _tensors(checkpoint: QuantizedCheckpoint, arch: str, heads: int, kv_heads: int, fallback: Fallback,
+             exact_8bit: bool):
     """(Hugging Face name, array, GGUF type, report row) for every tensor, in state-dict order."""
     permute = arch in INTERLEAVED_ROPE
     done = set()
@@ -207,7 +210,7 @@ def _tensors(checkpoint: QuantizedCheckpoint, arch: str, heads: int, kv_heads: i
             if row_heads:
                 order = _rope_permutation(layer.out_features, row_heads)
                 codes, scale, zero = codes[order], scale[order], zero[order]
-            packed: PackedTensor = pack_layer(codes, scale, zero, layer.bits, layer.group_size, fallback)
+            packed: PackedTensor = pack_layer(codes, scale, zero, layer.bits, layer.group_size, fallback, exact_8bit)
             note = packed.reason
             if packed.requantized_blocks:
                 note = f"{packed.requantized_blocks} blocks with q - z outside int8 stored at d = 2s"
