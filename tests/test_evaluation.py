@@ -1,13 +1,12 @@
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from brecq.evaluation import data, metrics, tasks
 from brecq.evaluation.perplexity import perplexity, token_stream
 from brecq.evaluation.runner import Task, compare, evaluate, read_records
-
 from conftest import DATA, STORIES260K, require_shared
 
 
@@ -61,6 +60,48 @@ def test_paired_bootstrap_interval_brackets_the_difference():
     diff, (lo, hi) = metrics.paired_bootstrap_difference(a, b)
     assert diff == pytest.approx(0.25)
     assert lo < diff < hi and lo > 0
+
+
+def test_tango_interval_keeps_its_width_when_few_pairs_disagree():
+    # One discordant pair in 200: the bootstrap said [+0.0, +1.5]; the score interval is wider.
+    lo, hi = metrics.tango_paired_interval(0, 1, 200)
+    assert float(lo) == pytest.approx(-0.0139, abs=5e-4) and float(hi) == pytest.approx(0.0278, abs=5e-4)
+    lo, hi = metrics.tango_paired_interval(0, 0, 200)  # no disagreement: not [0, 0]
+    assert float(hi) == pytest.approx(-float(lo)) and 0.015 < float(hi) < 0.025
+    lo, hi = metrics.tango_paired_interval(0, 0, 5)  # five examples allow large differences
+    assert float(hi) > 0.4
+    diff, (lo, hi) = metrics.paired_proportion_difference([1, 0, 1, 1] * 25, [1, 1, 1, 1] * 25)
+    assert diff == pytest.approx(0.25) and 0 < lo < diff < hi
+
+
+@pytest.mark.parametrize("n", [20, 200, 2000])
+@pytest.mark.parametrize("discordance", [0.0, 0.01, 0.03, 0.1])
+@pytest.mark.parametrize("share_b", [0.5, 0.8], ids=["even", "b-ahead"])
+def test_tango_interval_covers_at_small_and_large_n(n, discordance, share_b):
+    """Nominal 95 %: the true difference inside the interval in at least 93 % of simulated studies."""
+    rng = np.random.default_rng(n + int(1000 * discordance) + int(10 * share_b))
+    p_b_only, p_a_only = discordance * share_b, discordance * (1 - share_b)
+    tables = rng.multinomial(n, [p_a_only, p_b_only, 1 - discordance], size=4000)
+    lo, hi = metrics.tango_paired_interval(tables[:, 0], tables[:, 1], n)
+    truth = p_b_only - p_a_only
+    coverage = float(((lo <= truth + 1e-12) & (truth - 1e-12 <= hi)).mean())
+    assert coverage >= 0.93, coverage
+
+
+def test_bootstrap_handles_a_squad_dev_sized_set():
+    values = np.random.default_rng(0).random(11873)
+    lo, hi = metrics.bootstrap_interval(values)
+    half = 1.96 * values.std() / np.sqrt(values.size)
+    assert lo < values.mean() < hi and (hi - lo) / 2 == pytest.approx(half, rel=0.15)
+
+
+def test_compare_calls_floor_and_ceiling_uninformative():
+    rows = [{"id": str(i), "prompt_sha": "p", "correct": 0.0, "score": {"f1": 0.0}} for i in range(150)]
+    cmp = compare(rows, rows)
+    assert cmp["uninformative"] and cmp["interval"] == "tango" and cmp["ci95_points"][1] > 0
+    assert compare(rows, rows, "f1", binary=False)["uninformative"]
+    mixed = [dict(r, correct=float(i % 2)) for i, r in enumerate(rows)]
+    assert not compare(mixed, mixed)["uninformative"]
 
 
 # --- data ----------------------------------------------------------------------------------------

@@ -11,9 +11,24 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from .data import load_arc, load_squad
-from .metrics import bootstrap_interval, mcnemar_p_value, paired_bootstrap_difference, wilson_interval
-from .tasks import (Record, apply_chat, arc_context, arc_generative_prompt, prompt_hash, score_arc_generative,
-                    score_arc_loglikelihood, score_squad, squad_prompt)
+from .metrics import (
+    bootstrap_interval,
+    mcnemar_p_value,
+    paired_bootstrap_difference,
+    paired_proportion_difference,
+    wilson_interval,
+)
+from .tasks import (
+    Record,
+    apply_chat,
+    arc_context,
+    arc_generative_prompt,
+    prompt_hash,
+    score_arc_generative,
+    score_arc_loglikelihood,
+    score_squad,
+    squad_prompt,
+)
 
 log = logging.getLogger("brecq")
 
@@ -137,8 +152,10 @@ def read_records(path) -> list[dict]:
 
 def compare(records_a: list[dict], records_b: list[dict], field: str = "correct", binary: bool = True) -> dict:
     """Paired comparison of two runs on the same examples (matched by id; prompts must agree):
-    difference b - a in points with a paired bootstrap 95 % interval, and McNemar's p for binary
-    outcomes."""
+    difference b - a in points with a 95 % interval valid for paired data (Tango's score interval
+    for binary outcomes, a paired bootstrap for continuous scores such as F1), McNemar's p for
+    binary outcomes, and ``uninformative`` when both runs sit at the metric's floor or ceiling on
+    every example (a tie there says nothing about the difference)."""
     by_id = {r["id"]: r for r in records_a}
     pairs = []
     for r in records_b:
@@ -152,9 +169,15 @@ def compare(records_a: list[dict], records_b: list[dict], field: str = "correct"
     if not pairs:
         raise ValueError("compare: the runs share no examples")
     a, b = [x for x, _ in pairs], [y for _, y in pairs]
-    diff, (lo, hi) = paired_bootstrap_difference(a, b)
+    if binary:
+        diff, (lo, hi) = paired_proportion_difference([x > 0.5 for x in a], [y > 0.5 for y in b])
+    else:
+        diff, (lo, hi) = paired_bootstrap_difference(a, b)
+    values = set(a) | set(b)
     out = {"n": len(pairs), "a": sum(a) / len(a), "b": sum(b) / len(b), "difference_points": 100 * diff,
-           "ci95_points": [100 * lo, 100 * hi]}
+           "ci95_points": [100 * lo, 100 * hi], "interval": "tango" if binary else "paired bootstrap",
+           "uninformative": values == {0.0} or values == {1.0}}
     if binary:
         out["mcnemar_p"] = mcnemar_p_value(a, b)
+        out["discordant"] = [sum(1 for x, y in pairs if x and not y), sum(1 for x, y in pairs if y and not x)]
     return out

@@ -2,8 +2,11 @@
 
 Rules (also printed in the report):
 * A quantized variant is **better** / **worse** than its unquantized model on a metric when the 95 %
-  paired bootstrap interval of the difference excludes zero and, for per-example binary metrics,
-  McNemar's exact test gives p < 0.05; otherwise it is a **tie** (no significant difference).
+  interval of the paired difference excludes zero (Tango's score interval for per-example binary
+  metrics, which keeps its width when few pairs disagree; a paired bootstrap for F1) and, for
+  binary metrics, McNemar's exact test gives p < 0.05. When both sit at the metric's floor or
+  ceiling on every example (e.g. exact match 0 for both) the comparison is **uninformative**;
+  otherwise it is a **tie** (no significant difference).
 * Relative changes are shown only when the unquantized value is at least 20 points.
 * Memory and size are reported as reductions (positive = smaller); latency as the ratio of
   quantized to unquantized decode time per token (below 1 = faster), with p90, from a run that
@@ -41,6 +44,8 @@ def signed_pts(x: float) -> str:
 
 
 def verdict(cmp: dict, binary: bool) -> str:
+    if cmp.get("uninformative"):
+        return "uninformative"
     lo, hi = cmp["ci95_points"]
     significant = (lo > 0 or hi < 0) and (not binary or cmp["mcnemar_p"] < SIGNIFICANCE)
     if not significant:
@@ -52,7 +57,7 @@ def analyse(results: dict, config: StudyConfig) -> dict:
     analysis = {"rules": __doc__.split("Rules (also printed in the report):")[1].strip(), "models": {}}
     for model_label, model in results["models"].items():
         fp = model["variants"][UNQUANTIZED]
-        per_model = {"comparisons": [], "resources": {}, "verdicts": {"better": 0, "worse": 0, "tie": 0}}
+        per_model = {"comparisons": [], "resources": {}, "verdicts": {"better": 0, "worse": 0, "tie": 0, "uninformative": 0}}
         for variant_label, variant in model["variants"].items():
             if variant_label == UNQUANTIZED:
                 continue
@@ -127,11 +132,17 @@ def _conclusions(model_label: str, per_model: dict) -> dict:
         if better:
             lines.append(f"{variant} scores significantly higher on " + "; ".join(
                 f"{c['dataset']} {c['metric']} ({signed_pts(c['difference_points'])} points)" for c in better) + ".")
-        if not worse and not better:
-            width = max(max(abs(c["difference_ci95_points"][0]), abs(c["difference_ci95_points"][1])) for c in comparisons)
-            n = min(c["n"] for c in comparisons)
-            lines.append(f"{variant} shows no significant accuracy change on any dataset (n >= {n} each); the "
-                         f"intervals still allow differences of up to {width:.1f} points.")
+        silent = [c for c in comparisons if c["verdict"] == "uninformative"]
+        if silent:
+            lines.append(f"{variant}: " + "; ".join(f"{c['dataset']} {c['metric']}" for c in silent)
+                         + " cannot tell (both variants at the metric's floor or ceiling on every example).")
+        informative = [c for c in comparisons if c["verdict"] != "uninformative"]
+        if not worse and not better and informative:
+            width = max(max(abs(c["difference_ci95_points"][0]), abs(c["difference_ci95_points"][1]))
+                        for c in informative)
+            n = min(c["n"] for c in informative)
+            lines.append(f"{variant} shows no significant accuracy change on the informative comparisons (n >= {n} "
+                         f"each); the intervals still allow differences of up to {width:.1f} points.")
         factor = res["weight_mib"][0] / res["weight_mib"][1]
         lines.append(f"{variant} weights take {res['weight_mib'][1]:.1f} MiB instead of {res['weight_mib'][0]:.1f} MiB "
                      f"({factor:.2f}x smaller).")
@@ -143,6 +154,9 @@ def _conclusions(model_label: str, per_model: dict) -> dict:
             recommendations.append(f"Do not use {variant} of {model_label} where "
                                    + ", ".join(sorted({c['dataset'] for c in worse}))
                                    + " matters without further tuning (significant loss).")
+        elif factor >= 1.5 and not informative:
+            recommendations.append(f"{variant} of {model_label}: no evaluation here could show an accuracy "
+                                   "change either way; measure on a task the model can do before choosing it.")
         elif factor >= 1.5:
             recommendations.append(f"{variant} of {model_label} is recommended where memory is the constraint: "
                                    f"{factor:.2f}x smaller with no significant accuracy loss"
@@ -198,8 +212,8 @@ def render_report(results: dict, plots: dict) -> str:
     lines += ["## Executive summary", ""]
     for model_label, a in analysis["models"].items():
         v = a["verdicts"]
-        lines.append(f"- **{model_label}**: {v['better']} better, {v['worse']} worse, {v['tie']} ties "
-                     f"(significance rule below)")
+        lines.append(f"- **{model_label}**: {v['better']} better, {v['worse']} worse, {v['tie']} ties, "
+                     f"{v['uninformative']} uninformative (rules below)")
         lines += [f"  - {f}" for f in a["conclusions"]["findings"]]
     lines += ["", "## Model configurations", ""]
     for model_label, m in results["models"].items():
@@ -212,8 +226,8 @@ def render_report(results: dict, plots: dict) -> str:
                          f"saved at `{variant['path']}`")
     lines += ["", "## Performance", "",
               "Values in points (percent) with 95 % intervals (Wilson for proportions, bootstrap for F1); the "
-              "difference is quantized minus unquantized on the same examples, with a paired bootstrap interval "
-              "and McNemar's exact p.", ""]
+              "difference is quantized minus unquantized on the same examples, with Tango's paired score interval "
+              "(binary metrics) or a paired bootstrap interval (F1), and McNemar's exact p.", ""]
     for model_label, a in analysis["models"].items():
         lines += [f"### {model_label}", "",
                   "| variant | dataset | metric | n | unquantized | quantized | difference (points) | McNemar p | relative | verdict |",
