@@ -120,7 +120,25 @@ BAD_CONFIGS = [
     pytest.param('role = "base"', 'role = "chat"', r"\[\[models\]\] 'stories': role must be one of", id="role"),
     pytest.param("test-ai2_arc.parquet", "nope.parquet", r"\[\[datasets\]\] #1: .*nope.parquet does not exist",
                  id="dataset-path"),
-    pytest.param(str(STORIES260K), "/nonexistent/model", "is not a hub id", id="model-path"),
+    pytest.param(str(STORIES260K), "/nonexistent/model", r"model path /nonexistent/model does not exist$",
+                 id="model-path"),
+    pytest.param(str(STORIES260K), "./models/x", r"model path .*models/x does not exist$", id="relative-model-path"),
+    pytest.param("limit = 24", "limt = 24", r"\[\[datasets\]\] #1: unknown key 'limt'; did you mean 'limit'\?",
+                 id="unknown-key-limt"),
+    pytest.param("repeats = 1", "repets = 1", r"\[measure\]: unknown key 'repets'; did you mean 'repeats'\?",
+                 id="unknown-key-repets"),
+    pytest.param("iters = 20", "itres = 20", r"\[\[variants\]\] #1: unknown key 'itres'; did you mean 'iters'\?",
+                 id="unknown-key-itres"),
+    pytest.param("samples = 8", "sample = 8", r"calibration: unknown key 'sample'; did you mean 'samples'\?",
+                 id="unknown-key-calibration"),
+    pytest.param("[measure]", "[measur]", r"unknown section 'measur'; did you mean 'measure'\?", id="unknown-section"),
+    pytest.param("repeats = 1", 'repeats = "three"', r"\[measure\]: 'repeats' must be an integer >= 1, got 'three'",
+                 id="repeats-string"),
+    pytest.param("repeats = 1", "repeats = 0", r"\[measure\]: 'repeats' must be >= 1, got 0", id="repeats-zero"),
+    pytest.param("iters = 20", 'iters = "lots"', r"'BRECQ W4/W6': 'iters' must be an integer >= 1, got 'lots'",
+                 id="iters-string"),
+    pytest.param("iters = 20", "iters = 20\nlr = -1.0", r"'lr' must be a positive number, got -1.0", id="lr-negative"),
+    pytest.param("samples = 8", "samples = 8.5", r"'samples' must be an integer >= 1, got 8.5", id="samples-float"),
     pytest.param("seed = 0", 'seed = 0\nfused_norms = "yes"', r"\[study\]: fused_norms must be true or false, got 'yes'",
                  id="fused-norms"),
     pytest.param("seed = 0", 'seed = 0\nattention = "flash"', r"\[study\]: attention must be one of \['brecq_sdpa', 'sdpa'\]",
@@ -166,3 +184,16 @@ def test_conclusion_wording_of_decode_speed(ratio, wording):
                  "resources": {"W4": {"weight_mib": [4.0, 1.0], "decode_ratio": ratio}}}
     lines = _conclusions("model", per_model)["findings"]
     assert any(wording in line for line in lines), lines
+
+
+def test_uninformative_comparisons_support_no_conclusion():
+    from brecq.study.report import verdict
+
+    assert verdict({"uninformative": True, "ci95_points": [-2.0, 2.0], "difference_points": 0.0}, True) \
+        == "uninformative"
+    per_model = {"comparisons": [{"variant": "W4", "verdict": "uninformative", "difference_ci95_points": [-2.0, 2.0],
+                                  "n": 150, "dataset": "squad", "metric": "exact_match"}],
+                 "resources": {"W4": {"weight_mib": [4.0, 1.0], "decode_ratio": 0.8}}}
+    out = _conclusions("model", per_model)
+    assert any("cannot tell" in line for line in out["findings"]), out
+    assert not any("no significant" in line for line in out["findings"] + out["recommendations"]), out

@@ -40,10 +40,12 @@
 """
 from __future__ import annotations
 
+import difflib
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from ..recipe import PRESETS, Method
 
@@ -54,6 +56,56 @@ ATTENTIONS = ("brecq_sdpa", "sdpa")
 
 class StudyConfigError(ValueError):
     pass
+
+
+# Every key each table takes; anything else is an error that names the closest of these.
+KEYS = {
+    "study": ("name", "output", "device", "dtype", "attention", "fused_norms", "seed"),
+    "models": ("label", "path", "role", "chat_template", "calibration"),
+    "calibration": ("path", "columns", "samples", "seq_len"),
+    "variants": ("label", "recipe", "method", "iters", "batch_size", "lr"),
+    "datasets": ("path", "task", "limit"),
+    "measure": ("prompt_tokens", "decode_tokens", "repeats", "memory_subprocess"),
+}
+
+
+def _check_keys(table, allowed: tuple, where: str) -> None:
+    if not isinstance(table, dict):
+        raise StudyConfigError(f"{where}: must be a table, got {type(table).__name__}")
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(allowed)}"
+            raise StudyConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _integer(table: dict, key: str, default, where: str, minimum: int):
+    """An integer entry (TOML integers only: not a string, float or boolean) of at least ``minimum``."""
+    value = table.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StudyConfigError(f"{where}: '{key}' must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise StudyConfigError(f"{where}: '{key}' must be >= {minimum}, got {value}")
+    return value
+
+
+def _number(table: dict, key: str, where: str):
+    """An optional positive number."""
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise StudyConfigError(f"{where}: '{key}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _boolean(table: dict, key: str, default: bool, where: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise StudyConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -152,13 +204,18 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 def _model_path(base: Path, path: str, where: str) -> str:
     """A local model directory, or a hub id ("org/name") left as it is when no such folder exists
-    (it is then downloaded by transformers where a network is reachable)."""
-    local = _resolve(base, path)
+    (it is then downloaded by transformers where a network is reachable). An entry that reads as a
+    path (absolute, starting with '.' or '~', or whose first folder exists here) must exist: it is
+    never sent to the hub."""
+    local = _resolve(base, str(Path(path).expanduser()))
     if Path(local).exists():
         return local
-    if HUB_ID.fullmatch(path):
+    first = Path(path).parts[0] if Path(path).parts else ""
+    path_like = path.startswith((".", "/", "~")) or (base / first).is_dir()
+    if HUB_ID.fullmatch(path) and not path_like:
         return path
-    raise StudyConfigError(f"{where}: {local} does not exist (and {path!r} is not a hub id 'org/name')")
+    raise StudyConfigError(f"{where}: model path {local} does not exist"
+                           + ("" if path_like else f" (and {path!r} is not a hub id 'org/name')"))
 
 
 def load_study_config(path) -> StudyConfig:
@@ -173,9 +230,20 @@ def load_study_config(path) -> StudyConfig:
 
 
 def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
+    unknown = set(raw) - {"study", "models", "variants", "datasets", "measure"}
+    if unknown:
+        key = sorted(unknown)[0]
+        close = difflib.get_close_matches(key, ["study", "models", "variants", "datasets", "measure"], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "; sections: study, models, variants, datasets, measure"
+        raise StudyConfigError(f"unknown section '{key}'{hint}")
     study = raw.get("study", {})
+    _check_keys(study, KEYS["study"], "[study]")
     name = study.get("name", "study")
+    if not isinstance(name, str) or not name:
+        raise StudyConfigError(f"[study]: name must be a non-empty string, got {name!r}")
     device, dtype = study.get("device", "cpu"), study.get("dtype", "float32")
+    if not isinstance(device, str) or not isinstance(dtype, str):
+        raise StudyConfigError(f"[study]: device and dtype must be strings, got {device!r} and {dtype!r}")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise StudyConfigError(f"[study]: device must be 'cpu' or 'cuda[:N]', got {device!r}")
     if dtype not in ("float32", "bfloat16"):
@@ -183,12 +251,15 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     attention = study.get("attention", "brecq_sdpa")
     if attention not in ATTENTIONS:
         raise StudyConfigError(f"[study]: attention must be one of {list(ATTENTIONS)}, got {attention!r}")
-    fused_norms = study.get("fused_norms", True)
-    if not isinstance(fused_norms, bool):
-        raise StudyConfigError(f"[study]: fused_norms must be true or false, got {fused_norms!r}")
+    fused_norms = _boolean(study, "fused_norms", True, "[study]")
+    seed = _integer(study, "seed", 0, "[study]", 0)
+    output = study.get("output", "study_out")
+    if not isinstance(output, str) or not output:
+        raise StudyConfigError(f"[study]: output must be a folder path, got {output!r}")
     models = []
     for i, m in enumerate(raw.get("models", [])):
         where = f"[[models]] #{i + 1}"
+        _check_keys(m, KEYS["models"], where)
         label = _need(m, "label", where)
         where = f"[[models]] '{label}'"
         role = _need(m, "role", where)
@@ -197,12 +268,15 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
         calib = None
         if "calibration" in m:
             c = m["calibration"]
-            calib = CalibrationEntry(_exists(_resolve(base, _need(c, "path", where + ".calibration")), where),
-                                     tuple(c.get("columns", ())), int(c.get("samples", 128)), int(c.get("seq_len", 512)))
-            if calib.samples < 1 or calib.seq_len < 2:
-                raise StudyConfigError(f"{where}.calibration: samples must be >= 1 and seq_len >= 2")
+            cwhere = where + ".calibration"
+            _check_keys(c, KEYS["calibration"], cwhere)
+            columns = c.get("columns", ())
+            if not isinstance(columns, (list, tuple)) or not all(isinstance(x, str) for x in columns):
+                raise StudyConfigError(f"{cwhere}: 'columns' must be a list of column names, got {columns!r}")
+            calib = CalibrationEntry(_exists(_resolve(base, _need(c, "path", cwhere)), cwhere), tuple(columns),
+                                     _integer(c, "samples", 128, cwhere, 1), _integer(c, "seq_len", 512, cwhere, 2))
         models.append(ModelEntry(label, _model_path(base, _need(m, "path", where), where), role,
-                                 bool(m.get("chat_template", False)), calib))
+                                 _boolean(m, "chat_template", False, where), calib))
     if not models:
         raise StudyConfigError("the study needs at least one [[models]] entry")
     if len({m.label for m in models}) != len(models):
@@ -210,6 +284,7 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     variants = []
     for i, v in enumerate(raw.get("variants", [])):
         where = f"[[variants]] #{i + 1}"
+        _check_keys(v, KEYS["variants"], where)
         label = _need(v, "label", where)
         recipe = _need(v, "recipe", f"[[variants]] '{label}'")
         if recipe not in PRESETS:
@@ -218,7 +293,9 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
             method = Method(v.get("method", "brecq"))
         except ValueError:
             raise StudyConfigError(f"[[variants]] '{label}': method must be brecq, gptq or rtn") from None
-        variants.append(VariantEntry(label, recipe, method, v.get("iters"), v.get("batch_size"), v.get("lr")))
+        vwhere = f"[[variants]] '{label}'"
+        variants.append(VariantEntry(label, recipe, method, _integer(v, "iters", None, vwhere, 1),
+                                     _integer(v, "batch_size", None, vwhere, 1), _number(v, "lr", vwhere)))
         if method is not Method.RTN and any(m.calibration is None for m in models):
             missing = [m.label for m in models if m.calibration is None]
             raise StudyConfigError(f"[[variants]] '{label}': method {method.value} needs [models.calibration] "
@@ -228,21 +305,19 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     datasets = []
     for i, d in enumerate(raw.get("datasets", [])):
         where = f"[[datasets]] #{i + 1}"
+        _check_keys(d, KEYS["datasets"], where)
         task = _need(d, "task", where)
         if task not in TASKS:
             raise StudyConfigError(f"{where}: task must be one of {TASKS}, got {task!r}")
-        limit = d.get("limit")
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise StudyConfigError(f"{where}: limit must be a positive integer, got {limit!r}")
+        limit = _integer(d, "limit", None, where, 1)
         datasets.append(DatasetEntry(_exists(_resolve(base, _need(d, "path", where)), where), task, limit))
     if not datasets:
         raise StudyConfigError("the study needs at least one [[datasets]] entry")
     m = raw.get("measure", {})
-    measure = MeasureEntry(int(m.get("prompt_tokens", 128)), int(m.get("decode_tokens", 32)),
-                           int(m.get("repeats", 3)), bool(m.get("memory_subprocess", True)))
-    unknown = set(raw) - {"study", "models", "variants", "datasets", "measure"}
-    if unknown:
-        raise StudyConfigError(f"unknown sections {sorted(unknown)}")
-    return StudyConfig(name, _resolve(base, study.get("output", "study_out")), tuple(models), tuple(variants),
-                       tuple(datasets), device, dtype, int(study.get("seed", 0)), measure, source, attention,
-                       fused_norms)
+    _check_keys(m, KEYS["measure"], "[measure]")
+    measure = MeasureEntry(_integer(m, "prompt_tokens", 128, "[measure]", 1),
+                           _integer(m, "decode_tokens", 32, "[measure]", 1),
+                           _integer(m, "repeats", 3, "[measure]", 1),
+                           _boolean(m, "memory_subprocess", True, "[measure]"))
+    return StudyConfig(name, _resolve(base, output), tuple(models), tuple(variants), tuple(datasets), device, dtype,
+                       seed, measure, source, attention, fused_norms)
