@@ -44,3 +44,44 @@ def test_quantize_then_evaluate(tmp_path):
     brecq("eval", out, "--task", "arc", "--data", DATA / "test-ai2_arc.parquet", "--limit", 10, "--out",
           tmp_path / "arc", "--quiet", cwd=tmp_path)
     assert json.loads((tmp_path / "arc" / "results.json").read_text())["n"] == 10
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "brecq.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, check=False)
+
+
+def test_user_errors_are_one_line_with_exit_2(tmp_path):
+    missing = run_cli("eval", "/missing/dir", "--task", "arc", "--data", "x.parquet", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "brecq: error: /missing/dir: no such model folder (-v for the traceback)"]
+    (tmp_path / "bad.toml").write_text("[measure]\nrepets = 3\n")
+    bad = run_cli("study", tmp_path / "bad.toml", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "brecq: error: [measure]: unknown key 'repets'; did you mean 'repeats'?" in bad.stderr
+    nothing = run_cli("study", tmp_path / "none.toml", cwd=tmp_path)
+    assert nothing.returncode == 2 and "no such study config" in nothing.stderr
+
+
+def test_verbose_after_the_command_shows_the_traceback(tmp_path):
+    (tmp_path / "bad.toml").write_text("[measure]\nrepets = 3\n")
+    done = run_cli("study", tmp_path / "bad.toml", "-v", cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" in done.stderr and "StudyConfigError" in done.stderr
+
+
+def test_interrupt_says_what_is_kept(monkeypatch, capsys):
+    from brecq import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["study", "x.toml", "--output", "out"])
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(args, "run", interrupted, raising=False)
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    assert cli.main([]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["brecq: interrupted; finished work is kept in out and running the same command again resumes it"]

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from brecq.evaluation import data, metrics, tasks
 from brecq.evaluation.perplexity import perplexity, token_stream
-from brecq.evaluation.runner import Task, compare, evaluate, read_records
+from brecq.evaluation.runner import Task, compare, evaluate, journal_header, read_records
 from conftest import DATA, STORIES260K, require_shared
 
 
@@ -290,8 +290,16 @@ def test_interrupted_evaluation_resumes_from_its_journal(tmp_path):
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     # As a run killed after 12 examples leaves it: a journal, the last line cut short.
-    (resumed_dir / "records.partial.jsonl").write_text("\n".join(records[:12]) + "\n" + records[12][:30])
-    result = evaluate(model, tok, Task.ARC, arc, resumed_dir, limit=20, show_progress=False)
+    header = json.dumps(journal_header(Task.ARC, arc, 20, 0, False, None, {"model": "m1"}))
+    journal = "\n".join([header, *records[:12]]) + "\n" + records[12][:30]
+    # Begun for another model: discarded, never resumed.
+    (resumed_dir / "records.partial.jsonl").write_text(journal)
+    other = evaluate(model, tok, Task.ARC, arc, resumed_dir, limit=20, show_progress=False,
+                     journal_key={"model": "m2"})
+    assert other["reused"] == 0 and other["scored_now"] == 20
+    (resumed_dir / "records.partial.jsonl").write_text(journal)
+    result = evaluate(model, tok, Task.ARC, arc, resumed_dir, limit=20, show_progress=False,
+                      journal_key={"model": "m1"})
     assert result["reused"] == 12 and result["scored_now"] == 8
     # Same examples, same order, same predictions (log-likelihoods may differ in the last digits:
     # the batches are composed differently).

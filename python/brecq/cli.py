@@ -42,7 +42,7 @@ def _quantize(args) -> int:
     calibration = None
     if method is not Method.RTN:
         if not args.calib:
-            raise SystemExit(f"brecq quantize: --calib is required for method {method.value}")
+            raise UserError(f"quantize: --calib is required for method {method.value}")
         calibration = CalibrationSpec(args.calib, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                                       columns=tuple(args.calib_columns or ()), chat_template=args.chat_template)
     reconstruction = ReconstructionConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
@@ -79,7 +79,7 @@ def _evaluate(args) -> int:
                                      show_progress=not args.quiet))
         else:
             if not args.reference:
-                raise SystemExit("brecq eval --task kl needs --reference (the full-precision model)")
+                raise UserError("eval --task kl needs --reference (the full-precision model)")
             reference, _ = load_model_any(args.reference, device=args.device, dtype=dtype)
             result = vars(fidelity(model, reference, ids, window=args.window, batch_size=args.batch_size))
         result.update(task=args.task, model=args.model, data=args.data)
@@ -147,9 +147,22 @@ def _compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brecq", description="BRECQ post-training quantization toolkit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    # -v / --debug are accepted before and after the command (`brecq -v study x` and
+    # `brecq study x -v`); SUPPRESS keeps a subcommand's default from overwriting the top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress at INFO level and show tracebacks of errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="log at DEBUG level and show tracebacks of errors")
+    parser = argparse.ArgumentParser(prog="brecq", description="BRECQ post-training quantization toolkit",
+                                     parents=[common])
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_parser = commands.add_parser
+
+    def add_parser(name, **kwargs):
+        return _add_parser(name, parents=[common], **kwargs)
+
+    commands.add_parser = add_parser
     demo = commands.add_parser("demo", help="offline demo study: train two small models, quantize, evaluate, report")
     demo.add_argument("--output", default="brecq-demo", help="output folder (report.md, results.json, plots)")
     demo.add_argument("--seed", type=int, default=0)
@@ -263,13 +276,37 @@ def _hide_library_progress_bars() -> None:
         pass
 
 
+class UserError(Exception):
+    """A mistake in what the user asked for: reported in one line, no traceback."""
+
+
+# Errors that come from the user's input (files, configs, data, checkpoints), not from a bug.
+USER_ERRORS = (UserError, OSError, ValueError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose, debug = getattr(args, "verbose", False), getattr(args, "debug", False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if getattr(args, "quiet", False):
         _hide_library_progress_bars()
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        kept = getattr(args, "out", None) or getattr(args, "output", None)
+        where = f" in {kept}" if kept else ""
+        print(f"brecq: interrupted; finished work is kept{where} and running the same command again resumes it",
+              file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if verbose or debug:
+            raise
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
+            message = f"{exc.filename}: {message}"
+        print(f"brecq: error: {message.splitlines()[0]} (-v for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -207,6 +207,21 @@ def _reset_rotary(model: nn.Module) -> None:
             set_submodule(model, name, type(module)(config=module.config))
 
 
+def check_model_path(path) -> str:
+    """``path`` itself when it exists or is a hub id ("org/name" whose first folder is not a local
+    one); otherwise a FileNotFoundError at once, before transformers would try the hub with it."""
+    import re
+
+    text = str(path)
+    if Path(text).expanduser().exists():
+        return text
+    parts = Path(text).parts
+    path_like = text.startswith((".", "/", "~")) or (bool(parts) and Path(parts[0]).is_dir())
+    if path_like or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
+        raise FileNotFoundError(f"{text}: no such model folder")
+    return text
+
+
 def load_model_any(path, device="cpu", dtype=None):
     """A model and its tokenizer from ``path``: brecq's loader for models it saved (checksum
     verified), transformers' for everything else."""
@@ -214,6 +229,7 @@ def load_model_any(path, device="cpu", dtype=None):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_path(path)
     config_file = Path(path) / "config.json"
     is_brecq = config_file.exists() and (_json.loads(config_file.read_text()).get("quantization_config") or {}).get(
         "quant_method") == QUANT_METHOD

@@ -314,8 +314,9 @@ def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibrati
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calibration import CalibrationSpec, build_calibration
-    from .io import save_quantized
+    from .io import check_model_path, save_quantized
 
+    check_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     ids = None

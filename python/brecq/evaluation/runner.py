@@ -78,34 +78,58 @@ def _prompt(task: Task, item, tokenizer, chat: bool) -> str:
     return apply_chat(tokenizer, squad_prompt(item), chat)
 
 
-def _journal(path: Path) -> dict:
-    """Records already scored (a journal cut short by a kill loses at most its last line)."""
+def _journal(path: Path, key) -> dict:
+    """Records already scored (a journal cut short by a kill loses at most its last line). A journal
+    begun under another ``key`` (another model, dataset or setting) is discarded, never resumed."""
     done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+    if not path.exists():
+        return done
+    lines = path.read_text().splitlines()
+    first = None
+    if lines:
+        try:
+            first = json.loads(lines[0])
+        except json.JSONDecodeError:
+            first = None
+    if not isinstance(first, dict) or first.get("journal_key") != key:
+        log.info("%s was begun for another model, dataset or setting: starting afresh", path)
+        path.unlink()
+        return done
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "id" in record:
             done[record["id"]] = record
     return done
 
 
+def journal_header(task: Task, data_path, limit, seed, chat, max_new_tokens, journal_key=None) -> dict:
+    """The first line of an evaluation journal: what its records belong to."""
+    key = {"task": task.value, "data": str(data_path), "limit": limit, "seed": seed, "chat": chat,
+           "max_new_tokens": max_new_tokens, "caller": journal_key}
+    return {"journal_key": json.loads(json.dumps(key, default=str))}  # as it reads back from the file
+
+
 def evaluate(model, tokenizer, task: Task, data_path, out_dir=None, *, limit: int | None = None, seed: int = 0,
              chat: bool = False, batch_size: int = 8, max_new_tokens: int | None = None,
-             show_progress: bool = True, label: str = "") -> dict:
+             show_progress: bool = True, label: str = "", journal_key=None) -> dict:
     """Evaluate ``model`` on a parquet file; returns the aggregate (also written to
     ``out_dir/results.json`` with the per-example records in ``out_dir/records.jsonl``).
 
     With ``out_dir``, scored examples are journaled as they finish; an interrupted run resumes,
-    reusing the records whose prompt is unchanged."""
+    reusing the records whose prompt is unchanged, if the journal was begun under the same
+    ``journal_key`` (JSON-able: what identifies the model, data and settings; the study passes its
+    cache key). The task, data file, limit, seed, chat setting and generation length always count."""
     loader = load_squad if task is Task.SQUAD else load_arc
     items, report = loader(data_path, limit=limit, seed=seed)
     if not items:
         raise ValueError(f"{data_path}: no usable examples ({len(report.skipped)} rows could not be parsed)")
     out = Path(out_dir) if out_dir is not None else None
     journal = out / PARTIAL if out is not None else None
-    cached = _journal(journal) if journal is not None else {}
+    key = journal_header(task, data_path, limit, seed, chat, max_new_tokens, journal_key)["journal_key"]
+    cached = _journal(journal, key) if journal is not None else {}
     hashes = {item.id: prompt_hash(_prompt(task, item, tokenizer, chat)) for item in items}
     done = {i: Record(**r) for i, r in cached.items() if i in hashes and r["prompt_sha"] == hashes[i]}
     todo = [item for item in items if item.id not in done]
@@ -125,7 +149,10 @@ def evaluate(model, tokenizer, task: Task, data_path, out_dir=None, *, limit: in
         for record in records:
             done[record.id] = record
         if journal is not None:
+            fresh = not journal.exists()
             with open(journal, "a", encoding="utf-8") as f:
+                if fresh:
+                    f.write(json.dumps({"journal_key": key}) + "\n")  # = journal_header(...)
                 f.write("".join(json.dumps(asdict(r)) + "\n" for r in records))
                 f.flush()
                 os.fsync(f.fileno())

@@ -79,6 +79,21 @@ def _check_keys(table, allowed: tuple, where: str) -> None:
             raise StudyConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
+def _check_all_keys(raw: dict) -> None:
+    """Every table's keys, before any other check: a misspelt key is the likeliest mistake."""
+    _check_keys(raw.get("study", {}), KEYS["study"], "[study]")
+    _check_keys(raw.get("measure", {}), KEYS["measure"], "[measure]")
+    for section in ("models", "variants", "datasets"):
+        entries = raw.get(section, [])
+        if not isinstance(entries, list):
+            raise StudyConfigError(f"[[{section}]]: must be an array of tables ([[{section}]] entries)")
+        for i, entry in enumerate(entries):
+            where = f"[[{section}]] #{i + 1}"
+            _check_keys(entry, KEYS[section], where)
+            if section == "models" and "calibration" in entry:
+                _check_keys(entry["calibration"], KEYS["calibration"], where + ".calibration")
+
+
 def _integer(table: dict, key: str, default, where: str, minimum: int):
     """An integer entry (TOML integers only: not a string, float or boolean) of at least ``minimum``."""
     value = table.get(key, default)
@@ -236,8 +251,8 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
         close = difflib.get_close_matches(key, ["study", "models", "variants", "datasets", "measure"], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else "; sections: study, models, variants, datasets, measure"
         raise StudyConfigError(f"unknown section '{key}'{hint}")
+    _check_all_keys(raw)
     study = raw.get("study", {})
-    _check_keys(study, KEYS["study"], "[study]")
     name = study.get("name", "study")
     if not isinstance(name, str) or not name:
         raise StudyConfigError(f"[study]: name must be a non-empty string, got {name!r}")
@@ -259,7 +274,6 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     models = []
     for i, m in enumerate(raw.get("models", [])):
         where = f"[[models]] #{i + 1}"
-        _check_keys(m, KEYS["models"], where)
         label = _need(m, "label", where)
         where = f"[[models]] '{label}'"
         role = _need(m, "role", where)
@@ -269,7 +283,6 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
         if "calibration" in m:
             c = m["calibration"]
             cwhere = where + ".calibration"
-            _check_keys(c, KEYS["calibration"], cwhere)
             columns = c.get("columns", ())
             if not isinstance(columns, (list, tuple)) or not all(isinstance(x, str) for x in columns):
                 raise StudyConfigError(f"{cwhere}: 'columns' must be a list of column names, got {columns!r}")
@@ -284,7 +297,6 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     variants = []
     for i, v in enumerate(raw.get("variants", [])):
         where = f"[[variants]] #{i + 1}"
-        _check_keys(v, KEYS["variants"], where)
         label = _need(v, "label", where)
         recipe = _need(v, "recipe", f"[[variants]] '{label}'")
         if recipe not in PRESETS:
@@ -305,7 +317,6 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     datasets = []
     for i, d in enumerate(raw.get("datasets", [])):
         where = f"[[datasets]] #{i + 1}"
-        _check_keys(d, KEYS["datasets"], where)
         task = _need(d, "task", where)
         if task not in TASKS:
             raise StudyConfigError(f"{where}: task must be one of {TASKS}, got {task!r}")
@@ -314,7 +325,6 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     if not datasets:
         raise StudyConfigError("the study needs at least one [[datasets]] entry")
     m = raw.get("measure", {})
-    _check_keys(m, KEYS["measure"], "[measure]")
     measure = MeasureEntry(_integer(m, "prompt_tokens", 128, "[measure]", 1),
                            _integer(m, "decode_tokens", 32, "[measure]", 1),
                            _integer(m, "repeats", 3, "[measure]", 1),

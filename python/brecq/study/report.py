@@ -262,6 +262,11 @@ def render_report(results: dict, plots: dict) -> str:
             lines.append(f"  - measured on {env['device']} ({env['processor']}), {env['dtype']}, {env['threads']} threads, "
                          f"torch {env['torch']}, transformers {env['transformers']}, CPU kernels {env['cpu_kernels']}, "
                          f"attention {env.get('attention') or 'not recorded'}, RMS norms {env.get('rms_norm') or 'not recorded'}")
+    reused = results.get("reused") or []
+    lines += ["", "## Reused from earlier runs", ""]
+    lines += ([f"- {line}" for line in reused] if reused else ["Nothing: every result above was computed in this run."])
+    lines += ["", "Results are reused only when everything they depend on is unchanged (model files, recipe, "
+              "method and calibration, dataset file, evaluation and timing settings, brecq's version)."]
     lines += ["", "## Conclusions", ""]
     for model_label, a in analysis["models"].items():
         lines += [f"### {model_label}", ""] + [f"- {f}" for f in a["conclusions"]["findings"]] + [""]
