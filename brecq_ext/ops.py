@@ -12,6 +12,7 @@ Tensor layouts are those of docs/FORMAT.md: weights ``[out_features, in_features
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 from typing import Optional
 
@@ -70,6 +71,9 @@ def _check_quant_params(weight, bits, group_size, search_steps):
         raise ValueError(f"{op}: search_steps must be an integer in [0, {MAX_SEARCH_STEPS}], got {search_steps!r}")
 
 
+MAX_FLOAT16 = 65504.0
+
+
 def _check_finite(op: str, name: str, t: Tensor) -> None:
     finite = torch.isfinite(t)
     if not bool(finite.all()):
@@ -78,11 +82,29 @@ def _check_finite(op: str, name: str, t: Tensor) -> None:
                          "quantization parameters need finite weights")
 
 
+def _check_scale_range(op: str, weight: Tensor, bits: int, group_size: int) -> None:
+    """A group whose range needs a step beyond float16's largest (65504) would be clamped and lose
+    most of its values silently (weights of magnitude ~1e6 at 4 bits): refuse it, naming where."""
+    n, k = weight.shape
+    limit = MAX_FLOAT16 * ((1 << bits) - 1)
+    if float(weight.abs().amax()) * 2 <= limit:  # no group can reach it: skip the per-group pass
+        return
+    w = torch.nn.functional.pad(weight.float(), (0, num_groups(k, group_size) * group_size - k))
+    groups = w.view(n, -1, group_size)
+    span = groups.amax(-1).clamp(min=0) - groups.amin(-1).clamp(max=0)
+    bad = (span > limit).nonzero()
+    if bad.numel():
+        row, group = bad[0].tolist()
+        raise ValueError(f"{op}: weight row {row}, group {group} spans {float(span[row, group]):.4g}, which needs a "
+                         f"scale above float16's 65504 at {bits} bits; rescale the layer (or keep it unquantized)")
+
+
 @torch.library.custom_op("brecq::quant_params", mutates_args=())
 def quant_params(weight: Tensor, bits: int, group_size: int, search_steps: int = 0) -> tuple[Tensor, Tensor]:
     """Per-group (scale float16, zero uint8), each ``[N, ceil(K / group_size)]``, of weight ``[N, K]``."""
     _check_quant_params(weight, bits, group_size, search_steps)
     _check_finite("brecq.quant_params", "weight", weight)
+    _check_scale_range("brecq.quant_params", weight, bits, group_size)
     return reference.quant_params(weight, bits, group_size, search_steps)
 
 
@@ -90,6 +112,7 @@ def quant_params(weight: Tensor, bits: int, group_size: int, search_steps: int =
 def _(weight, bits, group_size, search_steps=0):
     _check_quant_params(weight, bits, group_size, search_steps)
     _check_finite("brecq.quant_params", "weight", weight)
+    _check_scale_range("brecq.quant_params", weight, bits, group_size)
     kernels = _cpu()
     if kernels is None:
         return reference.quant_params(weight, bits, group_size, search_steps)
@@ -858,6 +881,7 @@ def _stream(t: Tensor) -> int:
 def _(weight, bits, group_size, search_steps=0):
     _check_quant_params(weight, bits, group_size, search_steps)
     _check_finite("brecq.quant_params", "weight", weight)  # one host sync: bad weights must not pass
+    _check_scale_range("brecq.quant_params", weight, bits, group_size)
     cuda = cuda_kernels()
     if cuda is None:
         return reference.quant_params(weight, bits, group_size, search_steps)
@@ -1006,6 +1030,37 @@ def _(v, beta):
     cuda.adaround_regularizer(vv.data_ptr(), vv.numel(), float(beta), grad.data_ptr(), loss.data_ptr(), _stream(vv))
     return loss, grad
 
+
+def _integer_arguments(op, qualname: str, **positions: int):
+    """``op`` behind a check that its integer arguments are Python ints: torch's schema would refuse
+    ``bits=4.0`` with a dispatcher error that names neither the rule nor the range. The torch op
+    itself stays ``torch.ops.brecq.*`` (and ``.op`` here); hot decode paths do not go through this."""
+    @functools.wraps(op._init_fn)
+    def call(*args, **kwargs):
+        for name, index in positions.items():
+            value = kwargs[name] if name in kwargs else args[index] if index < len(args) else None
+            if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+                continue
+            if name == "bits":
+                check_bits(qualname, value)
+            if name == "group_size":
+                check_group_size(qualname, value)
+            raise ValueError(f"{qualname}: {name} must be an integer, got {value!r}")
+        return op(*args, **kwargs)
+
+    call.op = op
+    return call
+
+
+quant_params = _integer_arguments(quant_params, "brecq.quant_params", bits=1, group_size=2, search_steps=3)
+quantize = _integer_arguments(quantize, "brecq.quantize", bits=3, group_size=4)
+dequantize = _integer_arguments(dequantize, "brecq.dequantize", group_size=3)
+fake_quantize = _integer_arguments(fake_quantize, "brecq.fake_quantize", bits=3, group_size=4)
+adaround_forward = _integer_arguments(adaround_forward, "brecq.adaround_forward", bits=4, group_size=5)
+pack = _integer_arguments(pack, "brecq.pack", bits=1, group_size=2)
+unpack = _integer_arguments(unpack, "brecq.unpack", bits=1, group_size=2, in_features=3)
+dequantize_packed = _integer_arguments(dequantize_packed, "brecq.dequantize_packed", bits=3, group_size=4,
+                                       in_features=5)
 
 # Import-time probe: a missing compiled module is reported once, when the ops are first loaded.
 cpu_kernels()

@@ -46,6 +46,23 @@ def test_quantize_then_evaluate(tmp_path):
     assert json.loads((tmp_path / "arc" / "results.json").read_text())["n"] == 10
 
 
+def test_quantize_honours_the_umask_and_removes_its_work_folder(tmp_path):
+    import os
+
+    model = require_shared(STORIES260K)
+    text = require_shared(DATA / "tinystories_val_head.txt")
+    args = ["quantize", model, "--recipe", "w4g64", "--method", "gptq", "--calib", text, "--samples", 4,
+            "--seq-len", 32, "--quiet"]
+    for keep, out in ((False, tmp_path / "q"), (True, tmp_path / "kept")):
+        done = subprocess.run([sys.executable, "-m", "brecq.cli", *map(str, args + ["--out", out]),
+                               *(["--keep-work"] if keep else [])], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path, check=False, preexec_fn=lambda: os.umask(0o022))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (out / ".brecq_work").exists() == keep
+    for name in ("config.json", "model.safetensors", "summary.md", "tokenizer.json"):
+        assert (tmp_path / "q" / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "brecq.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=120, cwd=cwd, check=False)

@@ -132,3 +132,31 @@ def test_quantize_refuses_mismatched_scale():
         ops.quantize(w, scale, zero, 4, 32)
     with pytest.raises(TypeError, match="scale must have dtype float16, got float32"):
         ops.quantize(w, scale.float(), zero, 4, 64)
+
+
+def test_scales_beyond_float16_are_refused_with_the_place():
+    w = torch.randn(4, 128) * 0.02
+    w[2, 70] = 1e6  # row 2, group 1 at group size 64: its 4-bit step would be ~66,700 > 65504
+    with pytest.raises(ValueError, match=r"weight row 2, group 1 spans 1e\+06, which needs a scale above "
+                                         r"float16's 65504 at 4 bits"):
+        ops.quant_params(w, 4, 64, 0)
+    w[2, 70] = 9e5  # 60,000 a step: still representable, and quantized as such
+    scale, _ = ops.quant_params(w, 4, 64, 0)
+    assert torch.isfinite(scale.float()).all() and float(scale.float().max()) < 65504
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ops.quant_params(torch.randn(2, 64), 4.0, 64, 0),
+    lambda: __import__("brecq_ext").QuantLinear(64, 8, 4.0, 64),
+    lambda: __import__("brecq_ext").LayerRule("proj", 4.0, 64),
+], ids=["op", "QuantLinear", "LayerRule"])
+def test_float_bits_get_the_bits_message(make):
+    with pytest.raises(ValueError, match=r"bits must be an integer in \[2, 8\], got 4.0"):
+        make()
+
+
+def test_a_saved_recipe_with_fractional_bits_is_refused():
+    from brecq.recipe import Recipe
+
+    with pytest.raises(ValueError, match=r"bits must be an integer in \[2, 8\], got 4.5"):
+        Recipe.from_dict({"name": "x", "rules": [{"pattern": "proj", "bits": 4.5, "group_size": 64}]})

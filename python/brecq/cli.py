@@ -51,7 +51,8 @@ def _quantize(args) -> int:
     gptq = GPTQConfig(damp=args.damp, act_order=args.act_order)
     _, report = quantize_pretrained(args.model, args.out, recipe, calibration, reconstruction=reconstruction,
                                     gptq=gptq, device=args.device, work_dir=args.work_dir,
-                                    activation_dir=args.activation_dir, show_progress=not args.quiet)
+                                    activation_dir=args.activation_dir, keep_work_dir=args.keep_work,
+                                    show_progress=not args.quiet)
     print(report.table())
     print(f"saved to {args.out} ({report.seconds:.1f} s)")
     return 0
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--device", default="cpu", help="device of the block being optimised (cpu, cuda, cuda:1)")
     q.add_argument("--work-dir", help="checkpoint folder for resuming (default: OUT/.brecq_work)")
+    q.add_argument("--keep-work", action="store_true", help="keep the block checkpoints once the model is saved")
     q.add_argument("--activation-dir", help="keep cached block inputs/targets in memory-mapped files here "
                                             "(calibration sets larger than memory)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -40,15 +40,27 @@ class CorruptCheckpoint(ValueError):
     pass
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _atomic_target(path: Path):
+    """A temporary file beside ``path`` with the permissions a plain ``open`` would give it (mkstemp
+    makes 0600 files; outputs honour the user's umask, like the plots and tokenizer files)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 
 def _commit(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+        os.fchmod(f.fileno(), 0o666 & ~_umask())  # writers that replace the file (safetensors) reset it
     os.replace(tmp, path)
 
 

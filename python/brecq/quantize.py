@@ -308,9 +308,11 @@ def summary_markdown(report: QuantizationReport, source: str, calibration: dict 
 def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibration=None, *,
                         reconstruction: ReconstructionConfig = ReconstructionConfig(),
                         gptq: GPTQConfig = GPTQConfig(), device: str = "cpu", work_dir: str | None = None,
+                        keep_work_dir: bool = False,
                         activation_dir: str | None = None, show_progress: bool = True):
     """Load a Hugging Face causal LM (float32), quantize it and save it to ``out_dir``. ``work_dir``
-    defaults to ``out_dir/.brecq_work`` so that an interrupted run resumes."""
+    defaults to ``out_dir/.brecq_work`` so that an interrupted run resumes; once the model is saved
+    its checkpoints are removed (``keep_work_dir`` keeps them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calibration import CalibrationSpec, build_calibration
@@ -334,4 +336,20 @@ def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibrati
              "gptq": plain_dict(gptq) if recipe.method is Method.GPTQ else None}
     save_quantized(model, out_dir, recipe=recipe.to_dict(), calibration=calib,
                    summary=summary_markdown(report, model_path, calib), extra=extra, tokenizer=tokenizer)
+    if not keep_work_dir:
+        remove_work_dir(work)
     return model, report
+
+
+def remove_work_dir(work: Path) -> None:
+    """Delete the block checkpoints and run record ``quantize`` wrote into ``work``, then the folder
+    if nothing else is in it (a user-given folder keeps anything that is not brecq's)."""
+    work = Path(work)
+    if not (work / "run.json").exists():
+        return
+    for file in [work / "run.json", *work.glob("block_[0-9][0-9][0-9].safetensors"), *work.glob(".*.tmp")]:
+        file.unlink(missing_ok=True)
+    try:
+        work.rmdir()
+    except OSError:
+        log.info("kept %s: it holds files that are not brecq's", work)

@@ -60,7 +60,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         try:
-            rules = tuple(LayerRule(r["pattern"], int(r["bits"]), int(r["group_size"])) for r in data["rules"])
+            rules = tuple(LayerRule(r["pattern"], r["bits"], r["group_size"]) for r in data["rules"])
             return cls(data["name"], rules, Method(data.get("method", "brecq")),
                        Clipping(data.get("clipping", "mse")))
         except KeyError as exc:

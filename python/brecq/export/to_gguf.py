@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..io import _atomic_target, _commit
 from .gguf_blocks import Fallback, PackedTensor, bits_per_weight, pack_layer
 from .source import QuantizedCheckpoint, read_checkpoint, rope_settings
 
@@ -133,9 +132,7 @@ def export_gguf(quantized_dir, out_path, *, fallback: Fallback | str = Fallback.
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _atomic_target(out_path)
     report = GGUFExportReport(out_path)
     try:
         writer = gguf.GGUFWriter(str(tmp), arch)
@@ -154,9 +151,7 @@ def export_gguf(quantized_dir, out_path, *, fallback: Fallback | str = Fallback.
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
+        _commit(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     _log_inexact(report)
