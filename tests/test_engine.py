@@ -222,6 +222,25 @@ def test_transformers_from_pretrained_loads_a_brecq_model_after_import(tmp_path)
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_from_pretrained_refuses_an_edited_checkpoint(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import brecq  # noqa: F401  (registers the quantization method)
+    from brecq.io import CorruptCheckpoint
+
+    model = tiny_qwen()
+    quantize(model, get_recipe("w4g64", Method.RTN), show_progress=False)
+    save_quantized(model, tmp_path / "m", recipe=get_recipe("w4g64").to_dict(), calibration=None)
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10  # one byte of weight data
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="checksum recorded at save time"):
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    monkeypatch.setenv("BRECQ_VERIFY_CHECKSUM", "0")  # the opt-out loads it as it is
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, QuantLinear)
+
+
 def _regions(model) -> set:
     """The storages the packed buffers of a model's QuantLinear layers live in."""
     return {t.untyped_storage().data_ptr() for _, layer in quant_linear_layers(model) for t in layer.buffers()}

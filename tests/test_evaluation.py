@@ -308,3 +308,33 @@ def test_interrupted_evaluation_resumes_from_its_journal(tmp_path):
     assert [(r["id"], r["prediction"]) for r in resumed] == [(r["id"], r["prediction"]) for r in original]
     assert result["metrics"]["acc"] == full["metrics"]["acc"]
     assert not (resumed_dir / "records.partial.jsonl").exists()
+
+
+# --- calibration ---------------------------------------------------------------------------------
+def test_distinct_tokens_counts_the_union_of_windows():
+    from brecq.calibration import distinct_tokens
+
+    assert distinct_tokens([0, 10, 5], 10) == 20  # [0, 20)
+    assert distinct_tokens([0, 100], 10) == 20
+    assert distinct_tokens([3, 3, 3], 8) == 8
+
+
+def test_calibration_warns_when_windows_overlap_heavily(caplog):
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from brecq.calibration import CalibrationSpec, build_calibration
+
+    tokenizer = AutoTokenizer.from_pretrained(require_shared(STORIES260K))
+    text = DATA / "tinystories_val_head.txt"
+    stats: dict = {}
+    with caplog.at_level(logging.WARNING, logger="brecq"):
+        ids = build_calibration(tokenizer, CalibrationSpec(str(text), num_samples=8, seq_len=64), stats)
+    assert ids.shape == (8, 64) and not caplog.records
+    assert stats["requested_tokens"] == 512 and 256 <= stats["distinct_tokens"] <= 512
+    stats = {}
+    with caplog.at_level(logging.WARNING, logger="brecq"):
+        build_calibration(tokenizer, CalibrationSpec(str(text), num_samples=1000, seq_len=512), stats)
+    assert stats["distinct_tokens"] <= stats["stream_tokens"] < stats["requested_tokens"] == 512_000
+    assert any("cover only" in r.getMessage() for r in caplog.records)

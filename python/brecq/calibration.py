@@ -75,9 +75,26 @@ def _chat_text(tokenizer, doc: str, columns) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def build_calibration(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
+# Windows drawn from a stream shorter than this share of the tokens they ask for overlap heavily:
+# the calibration set is then smaller than it looks, and a warning says so.
+MIN_DISTINCT_SHARE = 0.5
+
+
+def distinct_tokens(starts: list[int], seq_len: int) -> int:
+    """How many stream positions the windows ``[s, s + seq_len)`` cover together."""
+    covered, end = 0, -1
+    for start in sorted(starts):
+        stop = start + seq_len
+        covered += stop - max(start, end) if stop > end else 0
+        end = max(end, stop)
+    return covered
+
+
+def build_calibration(tokenizer, spec: CalibrationSpec, stats: dict | None = None) -> torch.Tensor:
     """Token ids ``[num_samples, seq_len]`` (int64): documents shuffled with the seed, tokenized and
-    joined into one stream (as :func:`brecq.evaluation.perplexity.token_stream` does), and ``num_samples`` windows taken at seeded random offsets."""
+    joined into one stream (as :func:`brecq.evaluation.perplexity.token_stream` does), and
+    ``num_samples`` windows taken at seeded random offsets. ``stats`` (a dict) receives the stream's
+    length and the distinct tokens the windows cover; a heavy overlap is warned about."""
     docs = load_documents(spec.path, spec.columns)
     rng = random.Random(spec.seed)
     rng.shuffle(docs)
@@ -93,6 +110,14 @@ def build_calibration(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     ids = torch.tensor(stream, dtype=torch.long)
     starts = [rng.randrange(0, len(stream) - spec.seq_len + 1) for _ in range(spec.num_samples)]
     out = torch.stack([ids[s:s + spec.seq_len] for s in starts])
-    log.info("calibration: %d x %d tokens from %s (%d documents, %d tokens read)", spec.num_samples,
-             spec.seq_len, spec.path, len(docs), len(stream))
+    covered = distinct_tokens(starts, spec.seq_len)
+    requested = spec.num_samples * spec.seq_len
+    log.info("calibration: %d x %d tokens from %s (%d documents, %d tokens read, %d distinct in the windows)",
+             spec.num_samples, spec.seq_len, spec.path, len(docs), len(stream), covered)
+    if covered < MIN_DISTINCT_SHARE * requested:
+        log.warning("calibration: %d windows of %d tokens ask for %d tokens, but %s gives %d and the windows cover "
+                    "only %d distinct ones (%.0f %%); use fewer or shorter windows, or more data", spec.num_samples,
+                    spec.seq_len, requested, Path(spec.path).name, len(stream), covered, 100 * covered / requested)
+    if stats is not None:
+        stats.update(stream_tokens=len(stream), requested_tokens=requested, distinct_tokens=covered)
     return out

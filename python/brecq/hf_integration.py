@@ -2,12 +2,15 @@
 public registration of external quantization methods (``register_quantization_config`` and
 ``register_quantizer``). Registered on ``import brecq`` when the installed transformers offers it.
 
-``brecq.load_quantized`` remains the loader that verifies the weights' checksum; this path trusts
-the file as transformers does.
+Like ``brecq.load_quantized``, this path verifies the weights against the checksum recorded at
+save time and refuses a file that differs (a flipped byte once loaded silently, with logits off by
+up to 1.87); set ``BRECQ_VERIFY_CHECKSUM=0`` to skip the check.
 """
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 log = logging.getLogger("brecq")
 
@@ -49,6 +52,8 @@ def register() -> bool:
         requires_calibration = True
 
         def _process_model_before_weight_loading(self, model, **kwargs):
+            verify_checkpoint(kwargs.get("checkpoint_files") or [],
+                              getattr(self.quantization_config, "weights_sha256", None))
             # Row-major while transformers assigns the saved (row-major) tensors to the buffers.
             for name, spec in self.quantization_config.modules.items():
                 set_submodule(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
@@ -72,3 +77,19 @@ def register() -> bool:
 
     _registered = True
     return True
+
+
+def verify_checkpoint(files, recorded: str | None) -> None:
+    """Refuse a brecq checkpoint whose model.safetensors differs from the checksum recorded at save
+    time (unless ``BRECQ_VERIFY_CHECKSUM=0``)."""
+    from .io import CorruptCheckpoint, sha256_file
+
+    if os.environ.get("BRECQ_VERIFY_CHECKSUM", "1") == "0" or not recorded:
+        return
+    weights = [Path(f) for f in files if Path(f).name == "model.safetensors"]
+    if not weights:
+        return
+    if sha256_file(weights[0]) != recorded:
+        raise CorruptCheckpoint(f"{weights[0]}: contents do not match the checksum recorded at save time (the file "
+                                "is truncated or was edited); refusing to load it (BRECQ_VERIFY_CHECKSUM=0 skips "
+                                "this check)")

@@ -297,6 +297,10 @@ def summary_markdown(report: QuantizationReport, source: str, calibration: dict 
              f"- source model: `{source}`",
              f"- recipe: `{report.recipe['name']}` ({rules}), clipping {report.recipe['clipping']}",
              f"- calibration: {json.dumps(calibration) if calibration else 'none'}",
+             *([f"- calibration tokens: {calibration['num_samples']} windows x {calibration['seq_len']} = "
+                f"{calibration['requested_tokens']} asked for, {calibration['distinct_tokens']} distinct (from a "
+                f"{calibration['stream_tokens']}-token stream)"] if calibration and "distinct_tokens" in calibration
+               else []),
              f"- time {report.seconds:.1f} s, peak resident memory {report.peak_rss_mib:.0f} MiB"
              + (f", peak CUDA memory {report.peak_cuda_mib:.0f} MiB" if report.peak_cuda_mib else ""),
              f"- quantized outside decoder blocks (round to nearest): {report.outside_blocks or 'none'}", "",
@@ -325,12 +329,13 @@ def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibrati
     if calibration is not None:
         if not isinstance(calibration, CalibrationSpec):
             raise TypeError("quantize_pretrained: calibration must be a CalibrationSpec")
-        ids = build_calibration(tokenizer, calibration)
+        coverage: dict = {}
+        ids = build_calibration(tokenizer, calibration, coverage)
     work = Path(work_dir) if work_dir else Path(out_dir) / ".brecq_work"
     report = quantize(model, recipe, ids, reconstruction=reconstruction, gptq=gptq, device=device,
                       work_dir=work if ids is not None else None, activation_dir=activation_dir,
                       show_progress=show_progress)
-    calib = calibration.describe() if calibration is not None else None
+    calib = {**calibration.describe(), **coverage} if calibration is not None else None
     extra = {"report": report.to_dict(),
              "reconstruction": plain_dict(reconstruction) if recipe.method is Method.BRECQ else None,
              "gptq": plain_dict(gptq) if recipe.method is Method.GPTQ else None}
