@@ -102,3 +102,51 @@ def test_interrupt_says_what_is_kept(monkeypatch, capsys):
     assert cli.main([]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["brecq: interrupted; finished work is kept in out and running the same command again resumes it"]
+
+
+def test_help_is_fast_and_lists_the_presets(tmp_path):
+    import time
+
+    from brecq.preset_names import PRESET_NAMES
+    from brecq.recipe import PRESETS
+
+    assert PRESET_NAMES == tuple(sorted(PRESETS))
+    started = time.perf_counter()
+    done = run_cli("--help", cwd=tmp_path)
+    assert done.returncode == 0 and "export" in done.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys, brecq.cli; brecq.cli.build_parser(); "
+                            "print('torch' in sys.modules, 'transformers' in sys.modules)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert probe.stdout.split() == ["False", "False"], "the parser must not import torch or transformers"
+    assert time.perf_counter() - started < 30  # a hang guard only; the speed is that nothing heavy loads
+
+
+def test_every_option_has_help_and_says_its_default_once():
+    import argparse
+
+    from brecq.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help or action.dest == "help", (name, action.option_strings)
+        for line in sub.format_help().splitlines():
+            assert line.count("default") <= 1 and "default: None" not in line, (name, line)
+
+
+def test_study_example_prints_a_config_that_loads(tmp_path):
+    import shutil
+
+    from brecq.study import load_study_config
+
+    done = run_cli("study", "--example", cwd=tmp_path)
+    assert done.returncode == 0 and "[[variants]]" in done.stdout
+    (tmp_path / "models" / "Qwen3-0.6B").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    for name in ("train-squad_v2.parquet", "test-ai2_arc.parquet"):
+        shutil.copy(require_shared(DATA / name), tmp_path / "data" / name)
+    (tmp_path / "study.toml").write_text(done.stdout)
+    config = load_study_config(tmp_path / "study.toml")
+    assert config.variants[0].iters == 800 and config.measure.memory_subprocess
+    assert config.models[0].path == str(tmp_path / "models" / "Qwen3-0.6B"), "relative to the config's folder"

@@ -99,6 +99,13 @@ def _evaluate(args) -> int:
 
 
 def _study(args) -> int:
+    if args.example:
+        from .study.example import EXAMPLE
+
+        print(EXAMPLE, end="")
+        return 0
+    if not args.config:
+        raise UserError("study: give a config file (brecq study CONFIG.toml), or --example to print one")
     from .study import load_study_config, run_study
 
     config = load_study_config(args.config)
@@ -147,6 +154,18 @@ def _compare(args) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" once: not for options without a default (None, flags) and not where
+    the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # -v / --debug are accepted before and after the command (`brecq -v study x` and
     # `brecq study x -v`); SUPPRESS keeps a subcommand's default from overwriting the top-level value.
@@ -166,37 +185,40 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser = add_parser
     demo = commands.add_parser("demo", help="offline demo study: train two small models, quantize, evaluate, report")
     demo.add_argument("--output", default="brecq-demo", help="output folder (report.md, results.json, plots)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, training and sampling")
     demo.add_argument("--iters", type=int, default=200, help="BRECQ iterations per block")
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
 
     speed = commands.add_parser("speed", help="quantize a Qwen3-0.6B-shaped model round-to-nearest, print sizes "
                                               "and a packed-vs-dense matmul speed table")
     speed.add_argument("--layers", type=int, default=2, help="decoder layers of the Qwen3-0.6B-shaped model")
-    speed.add_argument("--seed", type=int, default=0)
+    speed.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     speed.add_argument("--repeats", type=int, default=50, help="timed calls per matmul")
     speed.add_argument("--minmax", action="store_true", help="min-max ranges instead of the MSE clipping search")
     speed.set_defaults(run=_speed)
 
-    from .recipe import PRESETS
+    from .preset_names import PRESET_NAMES
     q = commands.add_parser("quantize", help="quantize a Hugging Face causal LM and save it packed",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=_DefaultsFormatter)
     q.add_argument("model", help="path of a Hugging Face causal LM (Qwen3, Llama, Qwen2, Mistral)")
     q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--recipe", default="w4g64_mix_attn6", choices=sorted(PRESETS))
-    q.add_argument("--method", default="brecq", choices=["brecq", "rtn", "gptq"])
+    q.add_argument("--recipe", default="w4g64_mix_attn6", choices=PRESET_NAMES,
+                   help="which layers get which bits and group size (w4g64_mix_attn6: W6 attention, W4 MLP)")
+    q.add_argument("--method", default="brecq", choices=["brecq", "rtn", "gptq"],
+                   help="brecq: learned rounding block by block; rtn: round to nearest; gptq: Hessian-based")
     q.add_argument("--calib", help="calibration data: .parquet or text file")
     q.add_argument("--calib-columns", nargs="*", help="parquet columns joined per row (default: all string columns)")
     q.add_argument("--samples", type=int, default=128, help="calibration windows")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--chat-template", action="store_true", help="format parquet rows with the tokenizer's chat template")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and the optimiser")
     q.add_argument("--iters", type=int, default=800, help="BRECQ iterations per block")
     q.add_argument("--batch-size", type=int, default=8, help="BRECQ samples per iteration")
     q.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the rounding variables")
     q.add_argument("--reg-weight", type=float, default=0.01, help="weight of the rounding regulariser")
-    q.add_argument("--loss", default="mse", choices=["mse", "fisher"])
+    q.add_argument("--loss", default="mse", choices=["mse", "fisher"],
+                   help="block reconstruction loss: plain or Fisher-weighted squared error")
     q.add_argument("--input-source", default="quantized", choices=["quantized", "full_precision"],
                    help="where a block's input comes from while it is reconstructed")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian dampening")
@@ -210,30 +232,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(run=_quantize)
 
     e = commands.add_parser("eval", help="evaluate a model (full precision or brecq-quantized)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=_DefaultsFormatter)
     e.add_argument("model", help="model directory (Hugging Face or saved by brecq quantize)")
-    e.add_argument("--task", required=True, choices=["arc", "arc_gen", "squad", "perplexity", "kl"])
+    e.add_argument("--task", required=True, choices=["arc", "arc_gen", "squad", "perplexity", "kl"],
+                   help="arc: log-likelihood; arc_gen: generated letter; squad: generative EM/F1; perplexity; "
+                        "kl: divergence from --reference")
     e.add_argument("--data", required=True, help="parquet file (arc, squad) or text/parquet file (perplexity, kl)")
     e.add_argument("--out", help="output folder for results.json and records.jsonl")
     e.add_argument("--limit", type=int, help="evaluate a seeded sample of this many examples")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
     e.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=8, help="examples (or windows) per forward pass")
     e.add_argument("--max-new-tokens", type=int, help="generation limit (default 16 for arc_gen, 32 for squad)")
     e.add_argument("--window", type=int, default=256, help="perplexity / kl window in tokens")
     e.add_argument("--stride", type=int, help="perplexity stride (default: the window)")
     e.add_argument("--columns", nargs="*", help="parquet text columns for perplexity / kl")
     e.add_argument("--limit-tokens", type=int, help="perplexity / kl on the first N tokens only")
     e.add_argument("--reference", help="full-precision parent model, for --task kl")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(run=_evaluate)
 
     x = commands.add_parser("export", help="write a brecq-quantized model as GGUF (llama.cpp, ollama) or "
                                            "compressed-tensors (vLLM, transformers)")
     x.add_argument("model", help="folder written by brecq quantize")
-    x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
+    x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"],
+                   help="gguf: one file for llama.cpp and ollama; compressed-tensors: a folder for vLLM and "
+                        "transformers")
     x.add_argument("--out", required=True, help="output file (gguf) or folder (compressed-tensors)")
     x.add_argument("--fallback", default="f32", choices=["f32", "f16"],
                    help="gguf: type of layers no block type holds (f32 is exact; default f32)")
@@ -256,9 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_compare)
 
     s = commands.add_parser("study", help="run a study from a TOML config: quantize, evaluate, measure, report")
-    s.add_argument("config", help="study config (TOML; see brecq.study.config for the format)")
+    s.add_argument("config", nargs="?", help="study config (TOML; brecq study --example prints a commented one; "
+                                             "docs/STUDY.md explains every entry)")
+    s.add_argument("--example", action="store_true", help="print a complete commented config and exit")
     s.add_argument("--output", help="override the config's output folder")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(run=_study)
     return parser
 

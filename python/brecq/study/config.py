@@ -1,42 +1,6 @@
-"""Study configuration (TOML), validated up front with errors that name the offending entry.
-
-    [study]
-    name = "qwen3-0.6b-brecq"
-    output = "study_out"          # relative paths are relative to this file
-    device = "cpu"                # or "cuda"
-    dtype = "float32"             # or "bfloat16" (evaluation and measurement)
-    attention = "brecq_sdpa"      # or "sdpa": transformers' own (brecq_sdpa runs CPU decode steps
-                                  # through brecq_ext's decode-attention kernel, the rest as sdpa)
-    fused_norms = true            # Llama/Qwen RMSNorm as one brecq_ext call each (false: transformers')
-    seed = 0
-
-    [[models]]
-    label = "base"
-    path = "models/Qwen3-0.6B"    # a Hugging Face model directory
-    role = "base"                 # "base" or "fine-tuned"
-    chat_template = false
-    [models.calibration]          # needed by brecq and gptq variants
-    path = "data/train-squad_v2.parquet"
-    columns = ["context", "question"]
-    samples = 128
-    seq_len = 512
-
-    [[variants]]                  # the unquantized model is always a variant too
-    label = "BRECQ W4/W6"
-    recipe = "w4g64_mix_attn6"
-    method = "brecq"              # brecq, gptq or rtn
-    iters = 800                   # optional BRECQ settings: iters, batch_size, lr
-
-    [[datasets]]
-    path = "data/test-ai2_arc.parquet"
-    task = "arc"                  # arc: log-likelihood for base models, generative for fine-tuned ones;
-                                  # or force "arc_loglik" / "arc_gen"; "squad"
-    limit = 200                   # optional seeded sample
-
-    [measure]
-    prompt_tokens = 128
-    decode_tokens = 32
-    repeats = 3
+"""Study configuration (TOML), validated up front with errors that name the offending entry:
+unknown keys (with the closest valid one), types and ranges, missing files. The format, commented:
+``brecq.study.example.EXAMPLE`` (``brecq study --example``); every entry: docs/STUDY.md.
 """
 from __future__ import annotations
 
@@ -247,7 +211,7 @@ def load_study_config(path) -> StudyConfig:
 def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     unknown = set(raw) - {"study", "models", "variants", "datasets", "measure"}
     if unknown:
-        key = sorted(unknown)[0]
+        key = min(unknown)
         close = difflib.get_close_matches(key, ["study", "models", "variants", "datasets", "measure"], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else "; sections: study, models, variants, datasets, measure"
         raise StudyConfigError(f"unknown section '{key}'{hint}")
