@@ -38,6 +38,7 @@ limit = {limit}
 prompt_tokens = 8
 decode_tokens = 2
 repeats = {repeats}
+max_seconds = 0
 memory_subprocess = false
 """
 

@@ -56,6 +56,7 @@ task = "squad"
 prompt_tokens = 64
 decode_tokens = 16
 repeats = 3
+max_seconds = 20
 """
 
 NOTE = """> **What this is.** The models are two 4-layer Qwen3-architecture models (hidden size 128,

@@ -122,6 +122,11 @@ class LatencyReport:
     tokens_per_second: float
     repeats: int
     environment: dict = field(default_factory=dict)
+    # Every decode step in ms, repeat by repeat: in a side-by-side run, step i of every model was
+    # taken at the same point of the measurement, so ratios of them pair up (brecq.timing).
+    decode_ms_samples: list = field(default_factory=list)
+    # How busy the machine was meanwhile (brecq.timing.Disturbance), for the whole side-by-side run.
+    load: dict = field(default_factory=dict)
 
 
 # transformers 5 renamed past_key_values to cache (the old name still works, with a warning).
@@ -155,11 +160,20 @@ def latency(model, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: i
 
 @torch.no_grad()
 def paired_latency(models, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3, warmup: int = 1,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, max_seconds: float = 0.0, target_halfwidth: float = 0.05) -> dict:
     """:func:`latency` of several models (label -> model) measured side by side: each repeat runs
     every model's prefill, then every decode step of every model, in a fresh random order each time,
     so that the machine's drift over the measurement falls on all of them alike and their ratios
-    hold. All models decode the same prompt. Returns label -> LatencyReport."""
+    hold. All models decode the same prompt. Returns label -> LatencyReport.
+
+    After ``repeats``, more repeats follow while the 95 % interval of any model's decode-time ratio
+    to the first model is wider than ``target_halfwidth`` (relative, each side) and the run has
+    taken less than ``max_seconds`` (0: no more). Each report carries its step samples and how busy
+    the machine was (``load``)."""
+    from .timing import Activity, disturbance, ratio_interval
+
+    before = Activity.now()
+    started = time.perf_counter()
     order = random.Random(seed)
     labels = list(models)
     state = {}
@@ -169,7 +183,19 @@ def paired_latency(models, prompt_tokens: int = 128, decode_tokens: int = 32, re
         ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
         state[label] = {"model": model, "device": device, "ids": ids, "keyword": _cache_keyword(model),
                         "last_logits": _last_logits_only(model), "prefill": [], "steps": []}
-    for run in range(warmup + repeats):
+    reference = labels[0]
+
+    def interval_too_wide() -> bool:
+        for label in labels:
+            if label == reference or len(state[label]["steps"]) < 2:
+                continue
+            ratio, (lo, hi) = ratio_interval(state[reference]["steps"], state[label]["steps"])
+            if max(hi / ratio - 1, 1 - lo / ratio) > target_halfwidth:
+                return True
+        return False
+
+    run = 0
+    while run < warmup + repeats or (time.perf_counter() - started < max_seconds and interval_too_wide()):
         order.shuffle(labels)
         for label in labels:
             st = state[label]
@@ -191,10 +217,17 @@ def paired_latency(models, prompt_tokens: int = 128, decode_tokens: int = 32, re
                 if run >= warmup:
                     st["steps"].append(time.perf_counter() - start)
                 st["cache"], st["token"] = _cache_of(out), out.logits[:, -1:].argmax(-1)
+        run += 1
+    done = run - warmup
+    medians = [statistics.median(state[reference]["steps"][r * decode_tokens:(r + 1) * decode_tokens])
+               for r in range(done)]
+    load = disturbance(before, Activity.now(), medians).to_dict()
     reports = {}
     for label, st in state.items():
         reports[label] = _latency_report(f"latency of {label}", st["prefill"], st["steps"], prompt_tokens,
-                                         decode_tokens, repeats, st["model"])
+                                         decode_tokens, done, st["model"])
+        reports[label].decode_ms_samples = [1e3 * t for t in st["steps"]]
+        reports[label].load = load
     for st in state.values():  # the KV caches are no longer needed
         st.pop("cache", None)
     return reports

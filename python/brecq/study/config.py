@@ -29,7 +29,7 @@ KEYS = {
     "calibration": ("path", "columns", "samples", "seq_len"),
     "variants": ("label", "recipe", "method", "iters", "batch_size", "lr"),
     "datasets": ("path", "task", "limit"),
-    "measure": ("prompt_tokens", "decode_tokens", "repeats", "memory_subprocess"),
+    "measure": ("prompt_tokens", "decode_tokens", "repeats", "memory_subprocess", "max_seconds", "target_interval"),
 }
 
 
@@ -77,6 +77,13 @@ def _number(table: dict, key: str, where: str):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise StudyConfigError(f"{where}: '{key}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _seconds(table: dict, key: str, default: float, where: str) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise StudyConfigError(f"{where}: '{key}' must be a number of seconds >= 0, got {value!r}")
     return float(value)
 
 
@@ -131,6 +138,8 @@ class MeasureEntry:
     decode_tokens: int = 32
     repeats: int = 3
     memory_subprocess: bool = True
+    max_seconds: float = 60.0  # side-by-side timing: keep adding repeats until the interval is narrow, or this
+    target_interval: float = 0.05  # half-width of the decode-ratio interval, relative, that is narrow enough
 
 
 @dataclass(frozen=True)
@@ -292,6 +301,8 @@ def parse_study_config(raw: dict, base: Path, source: str = "") -> StudyConfig:
     measure = MeasureEntry(_integer(m, "prompt_tokens", 128, "[measure]", 1),
                            _integer(m, "decode_tokens", 32, "[measure]", 1),
                            _integer(m, "repeats", 3, "[measure]", 1),
-                           _boolean(m, "memory_subprocess", True, "[measure]"))
+                           _boolean(m, "memory_subprocess", True, "[measure]"),
+                           _seconds(m, "max_seconds", 60.0, "[measure]"),
+                           _number(m, "target_interval", "[measure]") or 0.05)
     return StudyConfig(name, _resolve(base, output), tuple(models), tuple(variants), tuple(datasets), device, dtype,
                        seed, measure, source, attention, fused_norms)

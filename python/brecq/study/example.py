@@ -41,6 +41,8 @@ limit = 200                     # optional: a seeded sample of this many example
 [measure]
 prompt_tokens = 128             # prefill length of the latency measurement
 decode_tokens = 32              # decode steps per repeat
-repeats = 3
+repeats = 3                     # at least; then more while the decode-ratio interval is wider than
+target_interval = 0.05          # +-5 % of the ratio, until
+max_seconds = 60                # this much time has gone (0: exactly `repeats`)
 memory_subprocess = true        # CPU peak memory measured in a fresh process
 '''

@@ -103,6 +103,7 @@ def _resources(fp: dict, q: dict, latencies: tuple | None = None) -> dict:
            "decode_ratio": q_latency["decode_ms_per_token_median"] / fp_latency["decode_ms_per_token_median"],
            "prefill_ms": [fp_latency["prefill_ms"], q_latency["prefill_ms"]],
            "latency_side_by_side": latencies is not None}
+    out.update(_decode_comparison(fp_latency, q_latency, latencies is not None))
     if fp["storage"].get("disk_bytes") and q["storage"].get("disk_bytes"):
         out["disk_mib"] = [fp["storage"]["disk_bytes"] / MIB, q["storage"]["disk_bytes"] / MIB]
         out["disk_reduction_percent"] = reduction(fp["storage"]["disk_bytes"], q["storage"]["disk_bytes"])
@@ -114,6 +115,20 @@ def _resources(fp: dict, q: dict, latencies: tuple | None = None) -> dict:
         out["memory_mib"] = [fp["memory"][key], q["memory"][key]]
         out["memory_reduction_percent"] = reduction(fp["memory"][key], q["memory"][key])
     return out
+
+
+def _decode_comparison(fp_latency: dict, q_latency: dict, side_by_side: bool) -> dict:
+    """The decode-time ratio's 95 % interval from the paired step samples of a side-by-side run, the
+    machine's load meanwhile, and the verdict (withheld when the machine was busy)."""
+    from ..timing import ratio_interval, speed_verdict
+
+    a, b = fp_latency.get("decode_ms_samples") or [], q_latency.get("decode_ms_samples") or []
+    if not side_by_side or len(a) != len(b) or len(a) < 2:
+        return {"decode_ratio_ci95": None, "decode_load": None,
+                "decode_verdict": "not measured side by side"}
+    _, ci = ratio_interval(a, b)
+    load = q_latency.get("load") or {}
+    return {"decode_ratio_ci95": list(ci), "decode_load": load, "decode_verdict": speed_verdict(ci, load)}
 
 
 def _conclusions(model_label: str, per_model: dict) -> dict:
@@ -146,10 +161,18 @@ def _conclusions(model_label: str, per_model: dict) -> dict:
         factor = res["weight_mib"][0] / res["weight_mib"][1]
         lines.append(f"{variant} weights take {res['weight_mib'][1]:.1f} MiB instead of {res['weight_mib'][0]:.1f} MiB "
                      f"({factor:.2f}x smaller).")
-        ratio = res["decode_ratio"]
-        speed = "faster" if ratio < 0.95 else "slower" if ratio > 1.05 else "about as fast"
-        compared = f"{speed} as" if speed == "about as fast" else f"{speed} than"
-        lines.append(f"{variant} decodes {compared} the unquantized model (time per token x{ratio:.2f}).")
+        ratio, ci = res["decode_ratio"], res.get("decode_ratio_ci95")
+        speed = res.get("decode_verdict", "not measured side by side")
+        measured = f"time per token x{ratio:.2f}" + (f", 95 % interval x{ci[0]:.2f} to x{ci[1]:.2f}" if ci else "")
+        if speed in ("faster", "slower"):
+            lines.append(f"{variant} decodes {speed} than the unquantized model ({measured}).")
+        elif speed == "no clear difference":
+            lines.append(f"{variant} shows no clear difference in decode speed from the unquantized model ({measured}).")
+        elif speed == "withheld":
+            lines.append(f"{variant}: no verdict on decode speed, the machine was busy while it was timed "
+                         f"({res['decode_load']['reason']}; {measured}).")
+        else:
+            lines.append(f"{variant}: decode speed not compared ({speed}; {measured}).")
         if worse:
             recommendations.append(f"Do not use {variant} of {model_label} where "
                                    + ", ".join(sorted({c['dataset'] for c in worse}))
@@ -160,7 +183,9 @@ def _conclusions(model_label: str, per_model: dict) -> dict:
         elif factor >= 1.5:
             recommendations.append(f"{variant} of {model_label} is recommended where memory is the constraint: "
                                    f"{factor:.2f}x smaller with no significant accuracy loss"
-                                   + (f", though {speed} at decode." if speed != "faster" else ", and faster at decode."))
+                                   + {"faster": ", and faster at decode.", "slower": ", though slower at decode.",
+                                      "no clear difference": ", at no clear difference in decode speed."}.get(
+                                       speed, " (decode speed: no verdict)."))
         else:
             recommendations.append(f"{variant} of {model_label} saves too little memory ({factor:.2f}x) to recommend.")
     return {"findings": lines, "recommendations": recommendations}
@@ -200,8 +225,14 @@ def resource_rows(variant: str, r: dict) -> list[str]:
                 else "peak RSS of a process that loads and generates (MiB)")
         rows.append(f"| {variant} | {what} | {r['memory_mib'][0]:.1f} | {r['memory_mib'][1]:.1f} | "
                     f"{change(r['memory_reduction_percent'])} |")
+    ci = r.get("decode_ratio_ci95")
+    interval = f" [x{ci[0]:.2f}, x{ci[1]:.2f}]" if ci else ""
+    verdict = r.get("decode_verdict", "")
+    load = r.get("decode_load") or {}
+    if verdict == "withheld":
+        verdict = f"withheld: {load.get('reason', 'machine busy')}"
     rows += [f"| {variant} | decode ms/token, median (p90) | {r['decode_ms'][0]:.2f} ({r['decode_p90_ms'][0]:.2f}) | "
-             f"{r['decode_ms'][1]:.2f} ({r['decode_p90_ms'][1]:.2f}) | x{r['decode_ratio']:.2f} |",
+             f"{r['decode_ms'][1]:.2f} ({r['decode_p90_ms'][1]:.2f}) | x{r['decode_ratio']:.2f}{interval} {verdict} |",
              f"| {variant} | prefill ms | {r['prefill_ms'][0]:.1f} | {r['prefill_ms'][1]:.1f} | |"]
     return rows
 
@@ -312,19 +343,38 @@ def make_plots(results: dict, out: Path) -> dict:
     fig.savefig(plots["accuracy"], dpi=110)
     plt.close(fig)
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    names, weights, decode = [], [], []
-    for model_label, a in analysis["models"].items():
-        for variant_label, r in a["resources"].items():
-            names += [f"{model_label}\nunquantized", f"{model_label}\n{variant_label}"]
-            weights += r["weight_mib"]
-            decode += r["decode_ms"]
-    ax1.bar(range(len(names)), weights)
-    ax1.set_xticks(range(len(names)), names, fontsize=7)
-    ax1.set_ylabel("weights in memory (MiB)")
-    ax2.bar(range(len(names)), decode)
-    ax2.set_xticks(range(len(names)), names, fontsize=7)
-    ax2.set_ylabel("decode ms / token (median)")
+    # One column per model, so that each model's bars have a scale of their own (a 0.6B model and a
+    # 260K one side by side made the small one's bars invisible).
+    fig, axes = plt.subplots(2, len(models), figsize=(4.5 * len(models) + 1, 7), squeeze=False)
+    for column, model_label in enumerate(models):
+        m = results["models"][model_label]
+        paired = m.get("paired_latency") or {}
+        resources = analysis["models"][model_label]["resources"]
+        names = ["unquantized", *resources]
+        weights = [next(iter(resources.values()))["weight_mib"][0] if resources else 0.0]
+        weights += [r["weight_mib"][1] for r in resources.values()]
+        ax = axes[0][column]
+        ax.bar(range(len(names)), weights, color="tab:blue")
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_ylabel("MiB (exact)")
+        ax.set_title(f"{model_label}: weights in memory", fontsize=9)
+        medians, low, high = [], [], []
+        for name in names:
+            samples = sorted((paired.get(name) or {}).get("decode_ms_samples") or [])
+            if samples:
+                median = samples[len(samples) // 2]
+                medians.append(median)
+                low.append(median - samples[len(samples) // 4])
+                high.append(samples[(3 * len(samples)) // 4] - median)
+            else:
+                medians.append((paired.get(name) or {}).get("decode_ms_per_token_median", 0.0))
+                low.append(0.0)
+                high.append(0.0)
+        ax = axes[1][column]
+        ax.bar(range(len(names)), medians, yerr=[low, high], capsize=4, color="tab:orange")
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_ylabel("ms per token (median, bars: quartiles)")
+        ax.set_title(f"{model_label}: decode time, side by side", fontsize=9)
     fig.tight_layout()
     plots["resources"] = out / "resources.png"
     fig.savefig(plots["resources"], dpi=110)
@@ -344,7 +394,11 @@ def make_plots(results: dict, out: Path) -> dict:
                             linestyle="--", label=f"{model_label} / round to nearest")
                 drew = True
     if drew:
+        from matplotlib.ticker import MaxNLocator
+
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title("Block reconstruction loss", fontsize=9)
         ax.set_xlabel("block")
         ax.set_ylabel("reconstruction loss")
         ax.legend(fontsize=7)

@@ -184,6 +184,7 @@ def _timing_settings(config: StudyConfig) -> dict:
     """What a latency depends on: cached timings are reused only while these are unchanged."""
     m = config.measure
     return {"prompt_tokens": m.prompt_tokens, "decode_tokens": m.decode_tokens, "repeats": m.repeats,
+            "max_seconds": m.max_seconds, "target_interval": m.target_interval,
             "device": config.device, "dtype": config.dtype, "attention": config.attention,
             "fused_norms": config.fused_norms}
 
@@ -299,7 +300,8 @@ def _paired_latency(config: StudyConfig, model_entry, per_model: dict, out: Path
             return cached["latency"], True
     log.info("timing the decode of %d variants of %s side by side", len(paths), model_entry.label)
     models = {label: _load(config, Path(path), dtype)[0] for label, path in paths.items()}
-    reports = paired_latency(models, m.prompt_tokens, m.decode_tokens, m.repeats)
+    reports = paired_latency(models, m.prompt_tokens, m.decode_tokens, m.repeats, max_seconds=m.max_seconds,
+                             target_halfwidth=m.target_interval)
     del models
     record = {label: asdict(report) for label, report in reports.items()}
     atomic_write_text(cache_file, json.dumps({"settings": settings, "latency": record}, indent=2))
