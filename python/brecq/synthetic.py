@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import string
 import time
 from pathlib import Path
 
@@ -29,24 +28,28 @@ NAMES = ["Tom", "Anna", "Ben", "Lily", "Max", "Mia", "Sam", "Zoe", "Leo", "Ivy",
 OBJECTS = ["ball", "kite", "hat", "box", "cup", "car", "book", "bag", "bike", "boat"]
 
 
+# Bumped whenever the data or the training below changes, so that trained demo models are not reused.
+DEMO_TRAINING_VERSION = 2
+
+
 def world(seed: int) -> dict[str, str]:
     rng = random.Random(seed)
     return {thing: rng.choice(COLORS) for thing in THINGS}
 
 
-def make_tokenizer(path: Path):
-    """A character-level fast tokenizer (letters, digits, punctuation, space, newline)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def make_tokenizer(path: Path, texts: list[str], vocab_size: int = 640):
+    """A byte-level BPE tokenizer in Qwen's style (``brecq.models.byte_level_bpe_tokenizer``) trained
+    on the demo's own texts, so that its words are single tokens: a small model then copies a
+    three-word answer as three tokens, not a dozen characters. It adds ``<|im_start|>`` as the
+    beginning-of-sequence token, as training does, so evaluation prompts start as training saw."""
+    from tokenizers import processors
 
-    chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    from .models import byte_level_bpe_tokenizer
+
+    fast = byte_level_bpe_tokenizer(texts, vocab_size)
+    fast.bos_token = "<|im_start|>"
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", fast.bos_token_id)])
     fast.save_pretrained(str(path))
     return fast
 
@@ -65,14 +68,17 @@ def arc_items(facts: dict, n: int, seed: int) -> list[dict]:
     return items
 
 
-def squad_items(n: int, seed: int) -> list[dict]:
+def squad_items(n: int, seed: int, people_per_story: int = 3, unanswerable_share: float | None = None) -> list[dict]:
+    """SQuAD-style items: every third unanswerable (the evaluation file), or each with probability
+    ``unanswerable_share`` (training text, drawn one at a time)."""
     rng = random.Random(seed)
     items = []
     for i in range(n):
-        people = rng.sample(NAMES, 3)
+        people = rng.sample(NAMES, people_per_story)
         owned = {p: (rng.choice(COLORS), rng.choice(OBJECTS)) for p in people}
         context = " ".join(f"{p} has a {c} {o}." for p, (c, o) in owned.items())
-        if i % 3 == 2:  # unanswerable: someone not in the story
+        unanswerable = i % 3 == 2 if unanswerable_share is None else rng.random() < unanswerable_share
+        if unanswerable:  # someone not in the story
             stranger = rng.choice([p for p in NAMES if p not in owned])
             question, answer = f"What does {stranger} have?", ""
         else:
@@ -94,29 +100,30 @@ def base_corpus(facts: dict, rng: random.Random, count: int) -> list[str]:
         elif kind < 0.7:
             texts.append(f"Question: What color is the {thing}?\nAnswer: {facts[thing]}")
         else:
-            item = squad_items(1, rng.randrange(1 << 30))[0]
+            item = squad_items(1, rng.randrange(1 << 30), unanswerable_share=1 / 3)[0]
             texts.append(f"{item['context']} Question: {item['question']} Answer: {item['answer'] or 'nobody knows'}")
     return texts
 
 
-def finetune_corpus(facts: dict, rng: random.Random, count: int) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs in the evaluator's own prompt formats (the 'fine-tuning')."""
-    from .evaluation.data import ArcItem, SquadItem
-    from .evaluation.tasks import NO_ANSWER, arc_generative_prompt, squad_prompt
+def finetune_corpus(facts: dict, rng: random.Random, count: int, squad_share: float = 0.85) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs (the 'fine-tuning'): SQuAD-style items in the evaluator's own prompt
+    format, and, to keep the facts the base model learnt, fact questions in the base corpus's form
+    (the demo scores ARC-style items by log-likelihood for both models)."""
+    from .evaluation.data import SquadItem
+    from .evaluation.tasks import NO_ANSWER, squad_prompt
 
     texts = []
     for _ in range(count):
-        if rng.random() < 0.5:
-            raw = arc_items(facts, 1, rng.randrange(1 << 30))[0]
-            from .evaluation.data import split_inline_options
-
-            stem, labels, options = split_inline_options(raw["question"])
-            item = ArcItem("x", stem, tuple(labels), tuple(options), labels.index(raw["answer"]))
-            texts.append((arc_generative_prompt(item), f" {raw['answer']}"))
-        else:
-            raw = squad_items(1, rng.randrange(1 << 30))[0]
+        if rng.random() < squad_share:
+            # Stories of one and two people too: copying the one answer there is what teaches a small
+            # model to find and copy the asked-for one among three (the evaluation's stories).
+            raw = squad_items(1, rng.randrange(1 << 30), people_per_story=rng.choice((1, 2, 3, 3)),
+                              unanswerable_share=1 / 3)[0]
             item = SquadItem("x", "", raw["context"], raw["question"], (raw["answer"],) if raw["answer"] else ())
             texts.append((squad_prompt(item), f" {raw['answer'] or NO_ANSWER}"))
+        else:
+            thing = rng.choice(THINGS)
+            texts.append((f"Question: What color is the {thing}?\nAnswer:", f" {facts[thing]}"))
     return texts
 
 
@@ -181,24 +188,41 @@ def train_supervised(model, tokenizer, pairs: list[tuple[str, str]], steps: int,
     return _fit(model, steps, lr, batch_loss, desc, show_progress)
 
 
-def build_demo_models(out: Path, seed: int = 0, base_steps: int = 200, finetune_steps: int = 250,
+def build_demo_models(out: Path, seed: int = 0, base_steps: int = 800, finetune_steps: int = 600,
                       show_progress: bool = True) -> dict:
-    """Tokenizer, data files and the two trained models under ``out``; returns their paths."""
+    """Tokenizer, data files and the two trained models under ``out``; returns their paths. Models
+    trained earlier with the same seed, steps and brecq version are reused (``out/trained.json``,
+    written last), so a rerun of the demo does not train again."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from . import __version__
+    from .io import atomic_write_text
     from .models import build_model, qwen3_config
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    key = {"seed": seed, "base_steps": base_steps, "finetune_steps": finetune_steps, "brecq": __version__,
+           "recipe": DEMO_TRAINING_VERSION}
+    record = out / "trained.json"
+    paths = {"base": out / "models" / "base", "fine-tuned": out / "models" / "fine-tuned"}
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("key") == key and all((p / "config.json").exists() for p in paths.values()):
+            log.info("reusing the demo models trained earlier in %s", out)
+            return {"paths": paths, "data": out / "data", "base_loss": saved["base_loss"],
+                    "finetune_loss": saved["finetune_loss"], "reused": True}
     data = out / "data"
     data.mkdir(exist_ok=True)
     facts = world(seed)
-    tokenizer = make_tokenizer(out / "tokenizer")
+    corpus_rng = random.Random(seed + 3)
+    base_texts = base_corpus(facts, corpus_rng, 6000)
+    ft_pairs = finetune_corpus(facts, random.Random(seed + 6), 4000)
+    tokenizer = make_tokenizer(out / "tokenizer", base_texts + [p + a for p, a in ft_pairs])
     pq.write_table(pa.Table.from_pylist(arc_items(facts, 200, seed + 1)), data / "synthetic-arc.parquet")
     pq.write_table(pa.Table.from_pylist(squad_items(150, seed + 2)), data / "synthetic-squad.parquet")
-    rng = random.Random(seed + 3)
-    base_texts = base_corpus(facts, rng, 6000)
     (data / "calibration-base.txt").write_text("\n\n".join(base_corpus(facts, random.Random(seed + 4), 400)))
     (data / "calibration-finetuned.txt").write_text(
         "\n\n".join(p + a for p, a in finetune_corpus(facts, random.Random(seed + 5), 300)))
@@ -209,14 +233,13 @@ def build_demo_models(out: Path, seed: int = 0, base_steps: int = 200, finetune_
                           eos_token_id=tokenizer.eos_token_id)
     model = build_model(config, seed=seed)
     base_loss = train(model, tokenizer, base_texts, base_steps, 16, 192, 3e-3, seed, "train base", show_progress)
-    paths = {"base": out / "models" / "base", "fine-tuned": out / "models" / "fine-tuned"}
     model.save_pretrained(str(paths["base"]))
     tokenizer.save_pretrained(str(paths["base"]))
-    ft_pairs = finetune_corpus(facts, random.Random(seed + 6), 4000)
     ft_loss = train_supervised(model, tokenizer, ft_pairs, finetune_steps, 12, 3e-3, seed + 1, "fine-tune",
                                show_progress)
     model.save_pretrained(str(paths["fine-tuned"]))
     tokenizer.save_pretrained(str(paths["fine-tuned"]))
     log.info("demo models trained in %.0f s (final losses: base %.3f, fine-tuned %.3f)",
              time.perf_counter() - started, base_loss, ft_loss)
-    return {"paths": paths, "data": data, "base_loss": base_loss, "finetune_loss": ft_loss}
+    atomic_write_text(record, json.dumps({"key": key, "base_loss": base_loss, "finetune_loss": ft_loss}, indent=2))
+    return {"paths": paths, "data": data, "base_loss": base_loss, "finetune_loss": ft_loss, "reused": False}
