@@ -10,10 +10,11 @@ quantizer registry is imported, whether that was before ``import brecq`` or afte
 """
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import importlib.util
 import sys
+
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -24,12 +25,7 @@ __all__ = ["quantize", "quantize_pretrained", "load_quantized", "save_quantized"
            "get_recipe", "__version__"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'brecq' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def _register_with_transformers() -> None:
