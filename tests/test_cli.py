@@ -104,21 +104,19 @@ def test_interrupt_says_what_is_kept(monkeypatch, capsys):
     assert err == ["brecq: interrupted; finished work is kept in out and running the same command again resumes it"]
 
 
-def test_help_is_fast_and_lists_the_presets(tmp_path):
-    import time
-
+def test_help_imports_nothing_heavy_and_lists_the_presets(tmp_path):
+    """What keeps --help fast (timed in bench/cli_startup.py): the parser imports neither torch nor
+    transformers."""
     from brecq.preset_names import PRESET_NAMES
     from brecq.recipe import PRESETS
 
     assert PRESET_NAMES == tuple(sorted(PRESETS))
-    started = time.perf_counter()
     done = run_cli("--help", cwd=tmp_path)
     assert done.returncode == 0 and "export" in done.stdout
     probe = subprocess.run([sys.executable, "-c", "import sys, brecq.cli; brecq.cli.build_parser(); "
                             "print('torch' in sys.modules, 'transformers' in sys.modules)"],
                            capture_output=True, text=True, cwd=tmp_path, check=True)
     assert probe.stdout.split() == ["False", "False"], "the parser must not import torch or transformers"
-    assert time.perf_counter() - started < 30  # a hang guard only; the speed is that nothing heavy loads
 
 
 def test_every_option_has_help_and_says_its_default_once():

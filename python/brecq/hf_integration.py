@@ -82,14 +82,10 @@ def register() -> bool:
 def verify_checkpoint(files, recorded: str | None) -> None:
     """Refuse a brecq checkpoint whose model.safetensors differs from the checksum recorded at save
     time (unless ``BRECQ_VERIFY_CHECKSUM=0``)."""
-    from .io import CorruptCheckpoint, sha256_file
+    from .io import verify_weights
 
     if os.environ.get("BRECQ_VERIFY_CHECKSUM", "1") == "0" or not recorded:
         return
     weights = [Path(f) for f in files if Path(f).name == "model.safetensors"]
-    if not weights:
-        return
-    if sha256_file(weights[0]) != recorded:
-        raise CorruptCheckpoint(f"{weights[0]}: contents do not match the checksum recorded at save time (the file "
-                                "is truncated or was edited); refusing to load it (BRECQ_VERIFY_CHECKSUM=0 skips "
-                                "this check)")
+    if weights:
+        verify_weights(weights[0], recorded, " (BRECQ_VERIFY_CHECKSUM=0 skips this check)")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -143,6 +144,14 @@ def save_quantized(model: nn.Module, out_dir, *, recipe: dict, calibration: dict
     return out
 
 
+def verify_weights(weights: Path, recorded: str | None, hint: str = "") -> None:
+    """Refuse a weights file whose sha256 differs from the one recorded at save time (truncated or
+    edited): the one check behind load_quantized, from_pretrained and the exporters."""
+    if sha256_file(weights) != recorded:
+        raise CorruptCheckpoint(f"{weights}: contents do not match the checksum recorded at save time "
+                                f"(the file is truncated or was edited); refusing it{hint}")
+
+
 def read_quantization_config(path) -> dict:
     config_file = Path(path) / "config.json"
     if not config_file.exists():
@@ -173,9 +182,8 @@ def load_quantized(path, device="cpu", verify: bool = True, gather_weights: bool
     weights = path / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{path}: model.safetensors is missing")
-    if verify and sha256_file(weights) != qc["weights_sha256"]:
-        raise CorruptCheckpoint(f"{weights}: contents do not match the checksum recorded at save time "
-                                "(the file is truncated or was edited); refusing to load it")
+    if verify:
+        verify_weights(weights, qc.get("weights_sha256"))
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **{k: v for k, v in config_dict.items()
                                                  if k not in ("transformers_version", "architectures")})
@@ -219,19 +227,24 @@ def _reset_rotary(model: nn.Module) -> None:
             set_submodule(model, name, type(module)(config=module.config))
 
 
-def check_model_path(path) -> str:
-    """``path`` itself when it exists or is a hub id ("org/name" whose first folder is not a local
-    one); otherwise a FileNotFoundError at once, before transformers would try the hub with it."""
-    import re
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-    text = str(path)
-    if Path(text).expanduser().exists():
-        return text
+
+def is_hub_id(text: str, base: Path = Path(".")) -> bool:
+    """Whether a model entry that is not a local folder reads as a hub id ("org/name") rather than
+    a path: not absolute, not starting with '.' or '~', and its first folder not one under ``base``."""
     parts = Path(text).parts
-    path_like = text.startswith((".", "/", "~")) or (bool(parts) and Path(parts[0]).is_dir())
-    if path_like or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
-        raise FileNotFoundError(f"{text}: no such model folder")
-    return text
+    path_like = text.startswith((".", "/", "~")) or (bool(parts) and (Path(base) / parts[0]).is_dir())
+    return not path_like and bool(HUB_ID.fullmatch(text))
+
+
+def check_model_path(path) -> str:
+    """``path`` itself when it exists or is a hub id; otherwise a FileNotFoundError at once, before
+    transformers would try the hub with it."""
+    text = str(path)
+    if Path(text).expanduser().exists() or is_hub_id(text):
+        return text
+    raise FileNotFoundError(f"{text}: no such model folder")
 
 
 def load_model_any(path, device="cpu", dtype=None):

@@ -3,7 +3,6 @@ opened without building a model. The checksum recorded at save time is verified 
 export is ever written from a truncated or edited checkpoint."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from brecq_ext import ops
 
-from ..io import CorruptCheckpoint, read_quantization_config, sha256_file
+from ..io import CorruptCheckpoint, read_quantization_config, verify_weights
 
 
 @dataclass(frozen=True)
@@ -83,9 +82,8 @@ def read_checkpoint(path, verify: bool = True) -> QuantizedCheckpoint:
     weights = path / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{path}: model.safetensors is missing")
-    if verify and sha256_file(weights) != qc.get("weights_sha256"):
-        raise CorruptCheckpoint(f"{weights}: contents do not match the checksum recorded at save time "
-                                "(the file is truncated or was edited); refusing to export it")
+    if verify:
+        verify_weights(weights, qc.get("weights_sha256"))
     try:
         with safe_open(str(weights), framework="pt") as f:
             stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
@@ -122,6 +120,3 @@ def rope_settings(config: dict) -> tuple[float, dict | None]:
         return float(theta), None
     return float(theta), dict(params or scaling, rope_type=rope_type)
 
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

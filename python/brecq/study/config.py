@@ -187,23 +187,18 @@ def _exists(path: str, where: str) -> str:
     return path
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
 def _model_path(base: Path, path: str, where: str) -> str:
     """A local model directory, or a hub id ("org/name") left as it is when no such folder exists
     (it is then downloaded by transformers where a network is reachable). An entry that reads as a
-    path (absolute, starting with '.' or '~', or whose first folder exists here) must exist: it is
-    never sent to the hub."""
+    path (``brecq.io.is_hub_id``) must exist: it is never sent to the hub."""
+    from ..io import is_hub_id
+
     local = _resolve(base, str(Path(path).expanduser()))
     if Path(local).exists():
         return local
-    first = Path(path).parts[0] if Path(path).parts else ""
-    path_like = path.startswith((".", "/", "~")) or (base / first).is_dir()
-    if HUB_ID.fullmatch(path) and not path_like:
+    if is_hub_id(path, base):
         return path
-    raise StudyConfigError(f"{where}: model path {local} does not exist"
-                           + ("" if path_like else f" (and {path!r} is not a hub id 'org/name')"))
+    raise StudyConfigError(f"{where}: model path {local} does not exist")
 
 
 def load_study_config(path) -> StudyConfig:
