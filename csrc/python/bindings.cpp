@@ -1,11 +1,13 @@
 // pybind11 face of the CPU kernels: raw addresses in, nothing of libtorch linked, so one build
 // works with any torch release. brecq_ext/ops.py validates every argument before calling here.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "brecq/decoder.h"
 #include "brecq/format.h"
 #include "brecq/kernels.h"
 
@@ -127,4 +129,68 @@ PYBIND11_MODULE(_C, m) {
                        float eps, std::uintptr_t out, int threads) {
     brecq::rms_norm(ptr<const void>(x), bf16, rows, n, x_stride, ptr<const void>(weight), eps, ptr<void>(out), threads);
   }, nogil);
+  // ---- the whole-decoder runtime (brecq/decoder.h); python/brecq/runtime builds it from a model ----
+  py::class_<brecq::LinearWeights>(m, "LinearWeights")
+      .def(py::init([](int kind, std::uintptr_t codes, std::uintptr_t scale, std::uintptr_t zero, std::uintptr_t dense,
+                       std::uintptr_t bias, int64_t n, int64_t k, int bits, int64_t g) {
+             if (kind < 0 || kind > 3) throw std::invalid_argument("LinearWeights: kind must be 0-3");
+             brecq::LinearWeights w;
+             w.kind = static_cast<brecq::WeightKind>(kind);
+             w.codes = ptr<const uint8_t>(codes);
+             w.scale = ptr<const uint16_t>(scale);
+             w.zero = ptr<const uint8_t>(zero);
+             w.dense = ptr<const void>(dense);
+             w.bias = bias ? ptr<const float>(bias) : nullptr;
+             w.n = n, w.k = k, w.bits = bits, w.group_size = g;
+             return w;
+           }),
+           py::arg("kind"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("dense"), py::arg("bias"),
+           py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"));
+  py::class_<brecq::DecoderLayerWeights>(m, "DecoderLayerWeights")
+      .def(py::init([](std::uintptr_t input_norm, std::uintptr_t post_attention_norm, std::uintptr_t q_norm,
+                       std::uintptr_t k_norm, const brecq::LinearWeights& q, const brecq::LinearWeights& k,
+                       const brecq::LinearWeights& v, const brecq::LinearWeights& o, const brecq::LinearWeights& gate,
+                       const brecq::LinearWeights& up, const brecq::LinearWeights& down, int64_t sliding_window) {
+        brecq::DecoderLayerWeights l;
+        l.input_norm = ptr<const float>(input_norm);
+        l.post_attention_norm = ptr<const float>(post_attention_norm);
+        l.q_norm = q_norm ? ptr<const float>(q_norm) : nullptr;
+        l.k_norm = k_norm ? ptr<const float>(k_norm) : nullptr;
+        l.q = q, l.k = k, l.v = v, l.o = o, l.gate = gate, l.up = up, l.down = down;
+        l.sliding_window = sliding_window;
+        return l;
+      }));
+  py::class_<brecq::Decoder>(m, "Decoder")
+      .def(py::init([](int64_t hidden, int64_t intermediate, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                       int64_t vocab, float rms_eps, bool bf16, float attention_scale, float rope_attention_scaling,
+                       std::vector<float> inv_freq, std::uintptr_t embedding, bool embedding_bf16,
+                       std::uintptr_t final_norm, const brecq::LinearWeights& lm_head,
+                       std::vector<brecq::DecoderLayerWeights> layers, int threads) {
+        brecq::DecoderConfig c;
+        c.hidden = hidden, c.intermediate = intermediate, c.q_heads = q_heads, c.kv_heads = kv_heads;
+        c.head_dim = head_dim, c.vocab = vocab, c.rms_eps = rms_eps, c.bf16 = bf16;
+        c.attention_scale = attention_scale, c.rope_attention_scaling = rope_attention_scaling;
+        c.inv_freq = std::move(inv_freq);
+        return new brecq::Decoder(std::move(c), ptr<const void>(embedding), embedding_bf16,
+                                  ptr<const float>(final_norm), lm_head, std::move(layers), threads);
+      }))
+      .def("forward", [](brecq::Decoder& d, std::uintptr_t tokens, int64_t count, std::uintptr_t logits,
+                         bool all_logits) {
+        d.forward(ptr<const int64_t>(tokens), count, ptr<float>(logits), all_logits);
+      }, nogil)
+      .def("set_cache", [](brecq::Decoder& d, int64_t layer, std::uintptr_t keys, std::uintptr_t values, int64_t count,
+                           int64_t stride_h, int64_t stride_l) {
+        d.set_cache(layer, ptr<const void>(keys), ptr<const void>(values), count, stride_h, stride_l);
+      }, nogil)
+      .def("truncate", &brecq::Decoder::truncate)
+      .def("reserve", &brecq::Decoder::reserve)
+      .def("set_length", &brecq::Decoder::set_length)
+      .def("set_threads", &brecq::Decoder::set_threads)
+      .def("set_profiling", &brecq::Decoder::set_profiling)
+      .def("profile", &brecq::Decoder::profile)
+      .def("reset_profile", &brecq::Decoder::reset_profile)
+      .def_property_readonly("threads", &brecq::Decoder::threads)
+      .def_property_readonly("length", &brecq::Decoder::length)
+      .def_property_readonly("capacity", &brecq::Decoder::capacity)
+      .def_property_readonly("num_layers", &brecq::Decoder::num_layers);
 }

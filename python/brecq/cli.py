@@ -143,6 +143,54 @@ def _export(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import time
+
+    import torch
+
+    from .io import load_model_any
+    from .runtime import cpu_decoder_or_none, generate
+
+    if args.max_new_tokens < 0:
+        raise UserError(f"generate: --max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"generate: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tokenizer = load_model_any(args.model, dtype=dtype)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.chat_template:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    decoder = None if args.transformers else cpu_decoder_or_none(model)  # logs why not
+    new: list[int] = []
+    shown = ""
+
+    def show(token: int) -> None:
+        nonlocal shown
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if text.startswith(shown):  # print what the new token added (a token may end inside a character)
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    started = time.perf_counter()
+    out = generate(model, ids, args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, decoder=decoder,
+                   use_runtime=not args.transformers, on_token=show)
+    seconds = time.perf_counter() - started
+    sys.stdout.write("\n")
+    generated = out.shape[1] - ids.shape[1]
+    engine = "brecq C++ runtime" if decoder is not None else "transformers"
+    print(f"[{generated} tokens in {seconds:.2f} s, the {ids.shape[1]}-token prompt's prefill included "
+          f"({generated / seconds if seconds else 0:.1f} tokens/s); {engine}, {torch.get_num_threads()} threads]",
+          file=sys.stderr)
+    return 0
+
+
 def _compare(args) -> int:
     import json
 
@@ -273,6 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed-tensors: accept --dtype bfloat16, which rounds the float16 scales")
     x.add_argument("--no-verify", action="store_true", help="skip the weights checksum check")
     x.set_defaults(run=_export)
+
+    g = commands.add_parser("generate", help="generate text from a prompt, streamed (brecq's C++ decoder on the CPU)",
+                            formatter_class=_DefaultsFormatter)
+    g.add_argument("model", help="model directory (saved by brecq quantize, or a Hugging Face model)")
+    g.add_argument("--prompt", help="prompt text (default: read from standard input)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of this probability")
+    g.add_argument("--seed", type=int, help="sampling seed (default: not reproducible)")
+    g.add_argument("--chat-template", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="activation dtype")
+    g.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    g.add_argument("--transformers", action="store_true", help="decode through transformers instead (to compare)")
+    g.set_defaults(run=_generate)
 
     c = commands.add_parser("compare", help="paired comparison of two evaluation runs on the same examples")
     c.add_argument("a", help="records.jsonl of the first run (e.g. unquantized)")

@@ -1,0 +1,354 @@
+// The decoder step of brecq/decoder.h. Each linear layer and the attention are the project's own
+// kernels (packed_gemv, tiled_gemv, decode_attention); everything between them (norms, rotary,
+// cache appends, SiLU x up, residuals) is short loops over one token's few thousand activations,
+// done here on the calling thread: at decode size an OpenMP region costs more than the work.
+#include "brecq/decoder.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "brecq/kernels.h"
+#include "numeric.h"
+
+namespace brecq {
+namespace {
+
+// Rows per pass of the packed kernels: tiled_gemv re-reads a tile from cache every 4 rows and is
+// meant for up to 8, so longer prompts go through in chunks of 8 tokens.
+constexpr int64_t kChunk = 8;
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+inline float round_bf16(float x) { return numeric::bf16_to_f32(numeric::f32_to_bf16(x)); }
+
+void check(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument("brecq decoder: " + message);
+}
+
+void check_linear(const LinearWeights& w, int64_t n, int64_t k, const std::string& name) {
+  check(w.n == n && w.k == k, name + " has shape [" + std::to_string(w.n) + ", " + std::to_string(w.k) +
+                                  "], expected [" + std::to_string(n) + ", " + std::to_string(k) + "]");
+  const bool packed = w.kind == WeightKind::kPackedRows || w.kind == WeightKind::kTile16;
+  check(packed ? (w.codes && w.scale && w.zero) : w.dense != nullptr, name + " has no weights");
+}
+
+// y[r, :] = W x[r, :] + bias for an unquantized weight: rows of W split across threads, each row
+// read once for all the chunk's tokens.
+template <bool kBf16>
+void dense_gemv(const LinearWeights& w, const float* x, int64_t rows, float* y, int threads) {
+  const int64_t n = w.n, k = w.k;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n * k >= (int64_t{1} << 15))
+  for (int64_t i = 0; i < n; ++i) {
+    const float* wf = static_cast<const float*>(w.dense) + i * k;
+    const uint16_t* wb = static_cast<const uint16_t*>(w.dense) + i * k;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * k;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < k; ++j) {
+        const float wij = kBf16 ? numeric::bits_to_f32(static_cast<uint32_t>(wb[j]) << 16) : wf[j];
+        sum += wij * xr[j];
+      }
+      y[r * n + i] = sum + (w.bias ? w.bias[i] : 0.0f);
+    }
+  }
+}
+
+}  // namespace
+
+Decoder::Decoder(DecoderConfig config, const void* embedding, bool embedding_bf16, const float* final_norm,
+                 LinearWeights lm_head, std::vector<DecoderLayerWeights> layers, int threads)
+    : config_(std::move(config)),
+      embedding_(embedding),
+      embedding_bf16_(embedding_bf16),
+      final_norm_(final_norm),
+      lm_head_(lm_head),
+      layers_(std::move(layers)),
+      threads_(threads < 1 ? 1 : threads) {
+  const DecoderConfig& c = config_;
+  check(c.hidden > 0 && c.intermediate > 0 && c.q_heads > 0 && c.kv_heads > 0 && c.head_dim > 0 && c.vocab > 0,
+        "every size in the config must be positive");
+  check(c.q_heads % c.kv_heads == 0, "q_heads must be a multiple of kv_heads");
+  check(c.q_heads / c.kv_heads <= kMaxDecodeGroup, "more query heads per key/value head than decode_attention holds");
+  check(c.head_dim % 2 == 0 && static_cast<int64_t>(c.inv_freq.size()) == c.head_dim / 2,
+        "inv_freq must hold head_dim / 2 frequencies");
+  check(embedding_ && final_norm_, "embedding and final norm are required");
+  check(!layers_.empty(), "a decoder needs at least one layer");
+  const int64_t qd = c.q_heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const DecoderLayerWeights& l = layers_[i];
+    const std::string at = "layer " + std::to_string(i) + " ";
+    check(l.input_norm && l.post_attention_norm, at + "has no norm weights");
+    check((l.q_norm == nullptr) == (l.k_norm == nullptr), at + "has one of q_norm and k_norm");
+    check(l.sliding_window >= 0, at + "sliding_window must be >= 0");
+    check_linear(l.q, qd, c.hidden, at + "q_proj");
+    check_linear(l.k, kvd, c.hidden, at + "k_proj");
+    check_linear(l.v, kvd, c.hidden, at + "v_proj");
+    check_linear(l.o, c.hidden, qd, at + "o_proj");
+    check_linear(l.gate, c.intermediate, c.hidden, at + "gate_proj");
+    check_linear(l.up, c.intermediate, c.hidden, at + "up_proj");
+    check_linear(l.down, c.hidden, c.intermediate, at + "down_proj");
+  }
+  check_linear(lm_head_, c.vocab, c.hidden, "lm_head");
+  keys_.resize(layers_.size());
+  values_.resize(layers_.size());
+  hidden_.resize(kChunk * c.hidden);
+  normed_.resize(kChunk * std::max(c.hidden, qd));
+  q_.resize(kChunk * qd);
+  k_.resize(kChunk * kvd);
+  v_.resize(kChunk * kvd);
+  attn_.resize(kChunk * qd);
+  proj_.resize(kChunk * c.hidden);
+  gate_.resize(kChunk * c.intermediate);
+  up_.resize(kChunk * c.intermediate);
+  q_bits_.resize(qd);
+  attn_bits_.resize(qd);
+  reserve(256);
+}
+
+size_t Decoder::cache_elements(int64_t positions) const {
+  return static_cast<size_t>(config_.kv_heads * positions * config_.head_dim) * (config_.bf16 ? 2 : 4);
+}
+
+void Decoder::reserve(int64_t positions) {
+  if (positions <= capacity_) return;
+  const int64_t grown = std::max(positions, 2 * capacity_);
+  const int64_t row = config_.head_dim * (config_.bf16 ? 2 : 4);  // bytes per position and head
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    for (auto* cache : {&keys_[l], &values_[l]}) {
+      std::vector<uint8_t> bigger(cache_elements(grown));
+      for (int64_t h = 0; h < config_.kv_heads; ++h)
+        if (length_ > 0) std::memcpy(bigger.data() + h * grown * row, cache->data() + h * capacity_ * row, length_ * row);
+      cache->swap(bigger);
+    }
+  }
+  capacity_ = grown;
+}
+
+void Decoder::truncate(int64_t length) {
+  check(length >= 0 && length <= length_, "truncate: length must be in [0, " + std::to_string(length_) + "]");
+  length_ = length;
+}
+
+void Decoder::set_length(int64_t length) {
+  check(length >= 0 && length <= capacity_, "set_length: length must be in [0, capacity]");
+  length_ = length;
+}
+
+void Decoder::set_cache(int64_t layer, const void* keys, const void* values, int64_t count, int64_t stride_h,
+                        int64_t stride_l) {
+  check(layer >= 0 && layer < num_layers(), "set_cache: layer out of range");
+  reserve(count);
+  const int64_t d = config_.head_dim, elem = config_.bf16 ? 2 : 4;
+  for (int pass = 0; pass < 2; ++pass) {
+    const uint8_t* src = static_cast<const uint8_t*>(pass == 0 ? keys : values);
+    uint8_t* dst = (pass == 0 ? keys_ : values_)[layer].data();
+    for (int64_t h = 0; h < config_.kv_heads; ++h)
+      for (int64_t p = 0; p < count; ++p)
+        std::memcpy(dst + ((h * capacity_ + p) * d) * elem, src + (h * stride_h + p * stride_l) * elem, d * elem);
+  }
+}
+
+void Decoder::round_activations(float* x, int64_t count) const {
+  if (!config_.bf16) return;
+  for (int64_t i = 0; i < count; ++i) x[i] = round_bf16(x[i]);
+}
+
+// transformers' RMSNorm: weight * dtype(x * rsqrt(mean(x^2) + eps)), the mean in float32.
+void Decoder::norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, float* out) const {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < n; ++i) squares += xr[i] * xr[i];
+    const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(n) + config_.rms_eps);
+    float* o = out + r * n;
+    if (config_.bf16) {
+      for (int64_t i = 0; i < n; ++i) o[i] = round_bf16(weight[i] * round_bf16(xr[i] * inverse));
+    } else {
+      for (int64_t i = 0; i < n; ++i) o[i] = weight[i] * (xr[i] * inverse);
+    }
+  }
+}
+
+// Rotary embedding of `heads` heads of one token, as transformers' rotate_half form:
+// x * cos + rotate_half(x) * sin, with cos and sin in the activations' dtype.
+void Decoder::rotate(float* x, int64_t heads, int64_t position) const {
+  const int64_t d = config_.head_dim, half = d / 2;
+  const bool bf16 = config_.bf16;
+  float cos_v[512], sin_v[512];  // head_dim <= 1024 is checked in Python
+  for (int64_t i = 0; i < half; ++i) {
+    const float angle = config_.inv_freq[i] * static_cast<float>(position);
+    float c = std::cos(angle) * config_.rope_attention_scaling, s = std::sin(angle) * config_.rope_attention_scaling;
+    if (bf16) c = round_bf16(c), s = round_bf16(s);
+    cos_v[i] = c, sin_v[i] = s;
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xh = x + h * d;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = xh[i], b = xh[i + half];
+      if (bf16) {
+        xh[i] = round_bf16(round_bf16(a * cos_v[i]) + round_bf16(-b * sin_v[i]));
+        xh[i + half] = round_bf16(round_bf16(b * cos_v[i]) + round_bf16(a * sin_v[i]));
+      } else {
+        const float ac = a * cos_v[i], bs = -b * sin_v[i], bc = b * cos_v[i], as = a * sin_v[i];
+        xh[i] = ac + bs;
+        xh[i + half] = bc + as;
+      }
+    }
+  }
+}
+
+void Decoder::linear(const LinearWeights& w, const float* x, int64_t rows, float* y) {
+  const double started = profiling_ ? now_seconds() : 0.0;
+  // A bfloat16 model's activations are bfloat16 values already: handing them to the packed kernels
+  // as bfloat16 lets the AVX-512 ones multiply pairs with VDPBF16PS, as the transformers path does.
+  const void* input = x;
+  const bool packed = w.kind == WeightKind::kPackedRows || w.kind == WeightKind::kTile16;
+  if (config_.bf16 && packed) {
+    if (x_bits_.size() < static_cast<size_t>(rows * w.k)) x_bits_.resize(rows * w.k);
+    for (int64_t i = 0; i < rows * w.k; ++i) x_bits_[i] = numeric::f32_to_bf16(x[i]);
+    input = x_bits_.data();
+  }
+  switch (w.kind) {
+    case WeightKind::kPackedRows:
+      packed_gemv(input, config_.bf16, rows, w.k, w.codes, w.scale, w.zero, w.bias, w.n, w.k, w.bits, w.group_size,
+                  y, false, threads_);
+      break;
+    case WeightKind::kTile16:
+      tiled_gemv(input, config_.bf16, rows, w.k, w.codes, w.scale, w.zero, w.bias, w.n, w.k, w.bits, w.group_size,
+                 y, false, threads_);
+      break;
+    case WeightKind::kDenseBf16: dense_gemv<true>(w, x, rows, y, threads_); break;
+    default: dense_gemv<false>(w, x, rows, y, threads_); break;
+  }
+  round_activations(y, rows * w.n);
+  if (profiling_) profile_[&w == &lm_head_ ? kLmHead : kLinear] += now_seconds() - started;
+}
+
+void Decoder::forward(const int64_t* tokens, int64_t count, float* logits, bool all_logits) {
+  check(count > 0, "forward needs at least one token");
+  for (int64_t i = 0; i < count; ++i)
+    check(tokens[i] >= 0 && tokens[i] < config_.vocab,
+          "token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " + std::to_string(config_.vocab) + ")");
+  reserve(length_ + count);
+  for (int64_t at = 0; at < count; at += kChunk) {
+    const int64_t rows = std::min(kChunk, count - at);
+    const bool last = at + rows == count;
+    if (all_logits) run_chunk(tokens + at, rows, logits + at * config_.vocab, true);
+    else run_chunk(tokens + at, rows, last ? logits : nullptr, false);
+  }
+}
+
+void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool all_logits) {
+  const DecoderConfig& c = config_;
+  const int64_t hid = c.hidden, d = c.head_dim, qd = c.q_heads * d, kvd = c.kv_heads * d, inter = c.intermediate;
+  const int64_t start = length_;
+  const int64_t elem = c.bf16 ? 2 : 4;
+  float* hidden = hidden_.data();
+  const double started = profiling_ ? now_seconds() : 0.0;
+  double timed_before = 0.0;
+  for (double t : profile_) timed_before += t;
+
+  for (int64_t r = 0; r < rows; ++r) {
+    float* h = hidden + r * hid;
+    if (embedding_bf16_) {
+      const uint16_t* e = static_cast<const uint16_t*>(embedding_) + tokens[r] * hid;
+      for (int64_t i = 0; i < hid; ++i) h[i] = numeric::bf16_to_f32(e[i]);
+    } else {
+      std::memcpy(h, static_cast<const float*>(embedding_) + tokens[r] * hid, hid * sizeof(float));
+    }
+  }
+
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    const DecoderLayerWeights& layer = layers_[li];
+    norm_rows(hidden, rows, hid, layer.input_norm, normed_.data());
+    linear(layer.q, normed_.data(), rows, q_.data());
+    linear(layer.k, normed_.data(), rows, k_.data());
+    linear(layer.v, normed_.data(), rows, v_.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      float* qr = q_.data() + r * qd;
+      float* kr = k_.data() + r * kvd;
+      if (layer.q_norm) {
+        norm_rows(qr, c.q_heads, d, layer.q_norm, qr);
+        norm_rows(kr, c.kv_heads, d, layer.k_norm, kr);
+      }
+      rotate(qr, c.q_heads, start + r);
+      rotate(kr, c.kv_heads, start + r);
+      // Append this token's key and value to the cache, in the cache's dtype.
+      const float* vr = v_.data() + r * kvd;
+      for (int pass = 0; pass < 2; ++pass) {
+        const float* src = pass == 0 ? kr : vr;
+        uint8_t* base = (pass == 0 ? keys_ : values_)[li].data();
+        for (int64_t hh = 0; hh < c.kv_heads; ++hh) {
+          uint8_t* dst = base + ((hh * capacity_ + start + r) * d) * elem;
+          if (c.bf16) {
+            uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+            for (int64_t i = 0; i < d; ++i) out[i] = numeric::f32_to_bf16(src[hh * d + i]);
+          } else {
+            std::memcpy(dst, src + hh * d, d * sizeof(float));
+          }
+        }
+      }
+    }
+    // Attention of each token over the cache up to and including itself.
+    const double attention_started = profiling_ ? now_seconds() : 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t visible_end = start + r + 1;
+      const int64_t first = layer.sliding_window > 0 ? std::max<int64_t>(0, visible_end - layer.sliding_window) : 0;
+      const uint8_t* kbase = keys_[li].data() + first * d * elem;
+      const uint8_t* vbase = values_[li].data() + first * d * elem;
+      float* out = attn_.data() + r * qd;
+      const float* qr = q_.data() + r * qd;
+      if (c.bf16) {
+        for (int64_t i = 0; i < qd; ++i) q_bits_[i] = numeric::f32_to_bf16(qr[i]);
+        decode_attention(q_bits_.data(), kbase, vbase, nullptr, true, 1, c.q_heads, c.kv_heads, visible_end - first, d,
+                         0, capacity_ * d, d, 0, capacity_ * d, d, 0, c.attention_scale, attn_bits_.data(), threads_);
+        for (int64_t i = 0; i < qd; ++i) out[i] = numeric::bf16_to_f32(attn_bits_[i]);
+      } else {
+        decode_attention(qr, kbase, vbase, nullptr, false, 1, c.q_heads, c.kv_heads, visible_end - first, d, 0,
+                         capacity_ * d, d, 0, capacity_ * d, d, 0, c.attention_scale, out, threads_);
+      }
+    }
+    if (profiling_) profile_[kAttention] += now_seconds() - attention_started;
+    linear(layer.o, attn_.data(), rows, proj_.data());
+    for (int64_t i = 0; i < rows * hid; ++i) hidden[i] += proj_[i];
+    round_activations(hidden, rows * hid);
+
+    norm_rows(hidden, rows, hid, layer.post_attention_norm, normed_.data());
+    linear(layer.gate, normed_.data(), rows, gate_.data());
+    linear(layer.up, normed_.data(), rows, up_.data());
+    float* g = gate_.data();
+    const float* u = up_.data();
+    for (int64_t i = 0; i < rows * inter; ++i) {
+      float silu = g[i] / (1.0f + std::exp(-g[i]));
+      if (c.bf16) silu = round_bf16(silu);
+      g[i] = silu * u[i];
+    }
+    round_activations(g, rows * inter);
+    linear(layer.down, g, rows, proj_.data());
+    for (int64_t i = 0; i < rows * hid; ++i) hidden[i] += proj_[i];
+    round_activations(hidden, rows * hid);
+  }
+  length_ = start + rows;
+
+  if (logits) {
+    const int64_t first_row = all_logits ? 0 : rows - 1;
+    const int64_t out_rows = rows - first_row;
+    norm_rows(hidden + first_row * hid, out_rows, hid, final_norm_, normed_.data());
+    linear(lm_head_, normed_.data(), out_rows, logits);
+  }
+  if (profiling_) {
+    double timed_after = 0.0;
+    for (double t : profile_) timed_after += t;
+    profile_[kOther] += (now_seconds() - started) - (timed_after - timed_before);
+  }
+}
+
+}  // namespace brecq
