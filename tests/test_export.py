@@ -2,6 +2,7 @@
 layers decompressed by that package, each against brecq's own dequantization."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -12,6 +13,7 @@ from brecq.export import (
     Fallback,
     export_compressed_tensors,
     export_gguf,
+    export_gguf_full_precision,
     read_checkpoint,
 )
 from brecq.export.gguf_blocks import M_ROUNDING_STEPS_PER_ZERO, pack_layer
@@ -240,6 +242,49 @@ def test_stories260k_exports_exactly(stories_quantized, tmp_path):
     assert kinds["model.layers.0.mlp.gate_proj.weight"] == "Q4_1"
     assert kinds["model.layers.0.mlp.down_proj.weight"] == "F32", "172 inputs: no 32-block type holds them"
     assert 0 < report.max_error_steps() <= 15 * M_ROUNDING_STEPS_PER_ZERO
+
+
+def test_full_precision_model_exports_exactly(tmp_path):
+    """An unquantized model (the input of llama.cpp's own quantizer): every tensor exact, q/k rows in
+    llama.cpp's rotary order; llama.cpp, where installed, computes the model's logits from it."""
+    from transformers import AutoModelForCausalLM
+
+    source = require_shared(STORIES260K)
+    path = tmp_path / "fp.gguf"
+    report = export_gguf_full_precision(source, path)
+    fields, tensors = read_back(path)
+    assert fields["general.architecture"] == "llama" and "general.quantized_by" not in fields
+    assert fields["general.file_type"] == gguf.LlamaFileType.ALL_F32  # stories260k is float32
+    model = AutoModelForCausalLM.from_pretrained(source)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 5)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    assert {name_map.get_name(k, try_suffixes=(".weight",)) for k in state} == set(tensors)
+    for name, tensor in state.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensor = tensor[_rope_permutation(tensor.shape[0], 8 if "q_proj" in name else 4)]
+        kind, theirs = tensors[name_map.get_name(name, try_suffixes=(".weight",))]
+        assert kind == "F32" and torch.equal(torch.from_numpy(np.array(theirs)).reshape(tensor.shape), tensor), name
+    assert report.quantized_rows() == []
+    with pytest.raises(ValueError, match="quantized"):
+        export_gguf_full_precision(_quantized_folder(tmp_path), tmp_path / "x.gguf")
+    if importlib.util.find_spec("llama_cpp") is None:
+        return
+    from brecq.export.llamacpp import compare_logits, open_llama
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    sequences = [tokenizer("Once upon a time there was a little dog who liked to run")["input_ids"]]
+    agreement = compare_logits(model, open_llama(path, extra_buffer_types=False), sequences)
+    assert agreement.top1 == 1.0 and agreement.mean_kl <= 1e-3, agreement
+
+
+def _quantized_folder(tmp_path):
+    from brecq import Method, get_recipe, quantize_pretrained
+
+    out = tmp_path / "q"
+    quantize_pretrained(str(require_shared(STORIES260K)), str(out), get_recipe("w8g64", Method.RTN),
+                        show_progress=False)
+    return out
 
 
 def test_each_architecture_exports_exactly(arch_quantized, tmp_path):

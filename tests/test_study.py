@@ -86,6 +86,17 @@ def test_study_end_to_end_and_report_matches_results(tmp_path):
         assert resources["decode_verdict"] in ("faster", "slower", "no clear difference", "withheld")
         assert set(resources["decode_load"]) >= {"other_cpu_share", "steal_share", "loadavg_before", "busy"}
         assert f"[x{lo:.2f}, x{hi:.2f}]" in report
+        # brecq's C++ decoder is the default path on the CPU; transformers is timed beside it.
+        assert paired[variant]["environment"]["decode_path"] == "brecq C++ runtime"
+        assert paired[variant + " (transformers)"]["environment"]["decode_path"] == "transformers"
+    paths = analysis["decode_paths"]
+    assert set(paths) == {"unquantized", "BRECQ W4/W6"}
+    for variant, d in paths.items():
+        paired = saved["models"]["stories"]["paired_latency"]
+        assert d["default_ms"][0] == paired[variant]["decode_ms_per_token_median"]
+        assert d["transformers_ms"][0] == paired[variant + " (transformers)"]["decode_ms_per_token_median"]
+        assert d["ratio_ci95"][0] <= d["ratio"] <= d["ratio_ci95"][1]
+        assert f"| {variant} | brecq C++ runtime | {d['default_ms'][0]:.2f}" in report
     for finding in analysis["conclusions"]["findings"]:
         assert finding in report
     assert {p.name for p in (out / "plots").iterdir()} >= {"accuracy.png", "resources.png", "blocks.png"}

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "brecq/kernels.h"
+#include "gemv.h"
 #include "numeric.h"
 
 namespace brecq {
@@ -77,8 +78,9 @@ void decode_attention(const void* q, const void* k, const void* v, const uint8_t
   const int64_t group = q_heads / kv_heads;
   const int64_t items = batch * kv_heads;
   const int64_t d = head_dim;
-#pragma omp parallel num_threads(threads > items ? static_cast<int>(items) : threads)
-  {
+  // Inside the decoder's step-long region (detail::in_split_team) the calling team shares out the
+  // items (the omp for below binds to it); anywhere else the call forks a region of its own.
+  auto attend = [&] {
     static thread_local Scratch scratch;
     scratch.query.resize(group * d);
     scratch.rows.resize(kKeysPerStep * d);
@@ -165,6 +167,12 @@ void decode_attention(const void* q, const void* k, const void* v, const uint8_t
         }
       }
     }
+  };
+  if (detail::in_split_team()) {
+    attend();
+  } else {
+#pragma omp parallel num_threads(threads > items ? static_cast<int>(items) : threads)
+    attend();
   }
 }
 

@@ -11,7 +11,10 @@
 #include <stdexcept>
 #include <string>
 
+#include <omp.h>
+
 #include "brecq/kernels.h"
+#include "gemv.h"
 #include "numeric.h"
 
 namespace brecq {
@@ -43,8 +46,7 @@ void check_linear(const LinearWeights& w, int64_t n, int64_t k, const std::strin
 template <bool kBf16>
 void dense_gemv(const LinearWeights& w, const float* x, int64_t rows, float* y, int threads) {
   const int64_t n = w.n, k = w.k;
-#pragma omp parallel for num_threads(threads) schedule(static) if (n * k >= (int64_t{1} << 15))
-  for (int64_t i = 0; i < n; ++i) {
+  detail::for_each_index(n, threads, [&](int64_t i) {
     const float* wf = static_cast<const float*>(w.dense) + i * k;
     const uint16_t* wb = static_cast<const uint16_t*>(w.dense) + i * k;
     for (int64_t r = 0; r < rows; ++r) {
@@ -57,7 +59,7 @@ void dense_gemv(const LinearWeights& w, const float* x, int64_t rows, float* y, 
       }
       y[r * n + i] = sum + (w.bias ? w.bias[i] : 0.0f);
     }
-  }
+  });
 }
 
 }  // namespace
@@ -109,6 +111,7 @@ Decoder::Decoder(DecoderConfig config, const void* embedding, bool embedding_bf1
   up_.resize(kChunk * c.intermediate);
   q_bits_.resize(qd);
   attn_bits_.resize(qd);
+  x_bits_.resize(kChunk * std::max({c.hidden, qd, c.intermediate}));
   reserve(256);
 }
 
@@ -205,31 +208,38 @@ void Decoder::rotate(float* x, int64_t heads, int64_t position) const {
   }
 }
 
+// Called by every thread of the step's team (run_chunk): the kernels share out their rows, and
+// the conversions around them run once, on whichever thread comes first (omp single; its barrier
+// orders them before and after the product).
 void Decoder::linear(const LinearWeights& w, const float* x, int64_t rows, float* y) {
-  const double started = profiling_ ? now_seconds() : 0.0;
+  const bool timing = profiling_ && omp_get_thread_num() == 0;
+  const double started = timing ? now_seconds() : 0.0;
   // A bfloat16 model's activations are bfloat16 values already: handing them to the packed kernels
   // as bfloat16 lets the AVX-512 ones multiply pairs with VDPBF16PS, as the transformers path does.
-  const void* input = x;
   const bool packed = w.kind == WeightKind::kPackedRows || w.kind == WeightKind::kTile16;
-  if (config_.bf16 && packed) {
-    if (x_bits_.size() < static_cast<size_t>(rows * w.k)) x_bits_.resize(rows * w.k);
+  const bool as_bits = config_.bf16 && packed;
+  if (as_bits) {
+#pragma omp single
     for (int64_t i = 0; i < rows * w.k; ++i) x_bits_[i] = numeric::f32_to_bf16(x[i]);
-    input = x_bits_.data();
   }
+  const void* input = as_bits ? static_cast<const void*>(x_bits_.data()) : static_cast<const void*>(x);
   switch (w.kind) {
     case WeightKind::kPackedRows:
-      packed_gemv(input, config_.bf16, rows, w.k, w.codes, w.scale, w.zero, w.bias, w.n, w.k, w.bits, w.group_size,
-                  y, false, threads_);
+      packed_gemv(input, as_bits, rows, w.k, w.codes, w.scale, w.zero, w.bias, w.n, w.k, w.bits, w.group_size, y,
+                  false, threads_);
       break;
     case WeightKind::kTile16:
-      tiled_gemv(input, config_.bf16, rows, w.k, w.codes, w.scale, w.zero, w.bias, w.n, w.k, w.bits, w.group_size,
-                 y, false, threads_);
+      tiled_gemv(input, as_bits, rows, w.k, w.codes, w.scale, w.zero, w.bias, w.n, w.k, w.bits, w.group_size, y,
+                 false, threads_);
       break;
     case WeightKind::kDenseBf16: dense_gemv<true>(w, x, rows, y, threads_); break;
     default: dense_gemv<false>(w, x, rows, y, threads_); break;
   }
-  round_activations(y, rows * w.n);
-  if (profiling_) profile_[&w == &lm_head_ ? kLmHead : kLinear] += now_seconds() - started;
+  if (config_.bf16) {
+#pragma omp single
+    round_activations(y, rows * w.n);
+  }
+  if (timing) profile_[&w == &lm_head_ ? kLmHead : kLinear] += now_seconds() - started;
 }
 
 void Decoder::forward(const int64_t* tokens, int64_t count, float* logits, bool all_logits) {
@@ -247,15 +257,35 @@ void Decoder::forward(const int64_t* tokens, int64_t count, float* logits, bool 
 }
 
 void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool all_logits) {
+  const double started = profiling_ ? now_seconds() : 0.0;
+  double timed_before = 0.0;
+  for (double t : profile_) timed_before += t;
+  // One OpenMP region for the whole chunk: the linear layers and the attention share their work out
+  // among its threads (detail::for_each_index), and the short steps between them run on one thread
+  // while the others wait at the barrier, instead of a fork and join per kernel (8 per layer).
+#pragma omp parallel num_threads(threads_)
+  {
+    detail::in_split_team() = true;
+    run_layers(tokens, rows, logits, all_logits);
+    detail::in_split_team() = false;
+  }
+  length_ += rows;
+  if (profiling_) {
+    double timed_after = 0.0;
+    for (double t : profile_) timed_after += t;
+    profile_[kOther] += (now_seconds() - started) - (timed_after - timed_before);
+  }
+}
+
+void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, bool all_logits) {
   const DecoderConfig& c = config_;
   const int64_t hid = c.hidden, d = c.head_dim, qd = c.q_heads * d, kvd = c.kv_heads * d, inter = c.intermediate;
   const int64_t start = length_;
   const int64_t elem = c.bf16 ? 2 : 4;
   float* hidden = hidden_.data();
-  const double started = profiling_ ? now_seconds() : 0.0;
-  double timed_before = 0.0;
-  for (double t : profile_) timed_before += t;
+  const bool timing = profiling_ && omp_get_thread_num() == 0;
 
+#pragma omp single
   for (int64_t r = 0; r < rows; ++r) {
     float* h = hidden + r * hid;
     if (embedding_bf16_) {
@@ -268,10 +298,12 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
 
   for (size_t li = 0; li < layers_.size(); ++li) {
     const DecoderLayerWeights& layer = layers_[li];
+#pragma omp single
     norm_rows(hidden, rows, hid, layer.input_norm, normed_.data());
     linear(layer.q, normed_.data(), rows, q_.data());
     linear(layer.k, normed_.data(), rows, k_.data());
     linear(layer.v, normed_.data(), rows, v_.data());
+#pragma omp single
     for (int64_t r = 0; r < rows; ++r) {
       float* qr = q_.data() + r * qd;
       float* kr = k_.data() + r * kvd;
@@ -298,7 +330,7 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
       }
     }
     // Attention of each token over the cache up to and including itself.
-    const double attention_started = profiling_ ? now_seconds() : 0.0;
+    const double attention_started = timing ? now_seconds() : 0.0;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t visible_end = start + r + 1;
       const int64_t first = layer.sliding_window > 0 ? std::max<int64_t>(0, visible_end - layer.sliding_window) : 0;
@@ -307,47 +339,53 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
       float* out = attn_.data() + r * qd;
       const float* qr = q_.data() + r * qd;
       if (c.bf16) {
+#pragma omp single
         for (int64_t i = 0; i < qd; ++i) q_bits_[i] = numeric::f32_to_bf16(qr[i]);
         decode_attention(q_bits_.data(), kbase, vbase, nullptr, true, 1, c.q_heads, c.kv_heads, visible_end - first, d,
                          0, capacity_ * d, d, 0, capacity_ * d, d, 0, c.attention_scale, attn_bits_.data(), threads_);
+#pragma omp single
         for (int64_t i = 0; i < qd; ++i) out[i] = numeric::bf16_to_f32(attn_bits_[i]);
       } else {
         decode_attention(qr, kbase, vbase, nullptr, false, 1, c.q_heads, c.kv_heads, visible_end - first, d, 0,
                          capacity_ * d, d, 0, capacity_ * d, d, 0, c.attention_scale, out, threads_);
       }
     }
-    if (profiling_) profile_[kAttention] += now_seconds() - attention_started;
+#pragma omp barrier
+    if (timing) profile_[kAttention] += now_seconds() - attention_started;
     linear(layer.o, attn_.data(), rows, proj_.data());
-    for (int64_t i = 0; i < rows * hid; ++i) hidden[i] += proj_[i];
-    round_activations(hidden, rows * hid);
-
-    norm_rows(hidden, rows, hid, layer.post_attention_norm, normed_.data());
+#pragma omp single
+    {
+      for (int64_t i = 0; i < rows * hid; ++i) hidden[i] += proj_[i];
+      round_activations(hidden, rows * hid);
+      norm_rows(hidden, rows, hid, layer.post_attention_norm, normed_.data());
+    }
     linear(layer.gate, normed_.data(), rows, gate_.data());
     linear(layer.up, normed_.data(), rows, up_.data());
-    float* g = gate_.data();
-    const float* u = up_.data();
-    for (int64_t i = 0; i < rows * inter; ++i) {
-      float silu = g[i] / (1.0f + std::exp(-g[i]));
-      if (c.bf16) silu = round_bf16(silu);
-      g[i] = silu * u[i];
+#pragma omp single
+    {
+      float* g = gate_.data();
+      const float* u = up_.data();
+      for (int64_t i = 0; i < rows * inter; ++i) {
+        float silu = g[i] / (1.0f + std::exp(-g[i]));
+        if (c.bf16) silu = round_bf16(silu);
+        g[i] = silu * u[i];
+      }
+      round_activations(g, rows * inter);
     }
-    round_activations(g, rows * inter);
-    linear(layer.down, g, rows, proj_.data());
-    for (int64_t i = 0; i < rows * hid; ++i) hidden[i] += proj_[i];
-    round_activations(hidden, rows * hid);
+    linear(layer.down, gate_.data(), rows, proj_.data());
+#pragma omp single
+    {
+      for (int64_t i = 0; i < rows * hid; ++i) hidden[i] += proj_[i];
+      round_activations(hidden, rows * hid);
+    }
   }
-  length_ = start + rows;
 
   if (logits) {
     const int64_t first_row = all_logits ? 0 : rows - 1;
     const int64_t out_rows = rows - first_row;
+#pragma omp single
     norm_rows(hidden + first_row * hid, out_rows, hid, final_norm_, normed_.data());
     linear(lm_head_, normed_.data(), out_rows, logits);
-  }
-  if (profiling_) {
-    double timed_after = 0.0;
-    for (double t : profile_) timed_after += t;
-    profile_[kOther] += (now_seconds() - started) - (timed_after - timed_before);
   }
 }
 

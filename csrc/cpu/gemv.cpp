@@ -64,6 +64,13 @@ const char* isa_name(Isa isa) {
   }
 }
 
+namespace detail {
+bool& in_split_team() {
+  static thread_local bool member = false;
+  return member;
+}
+}  // namespace detail
+
 namespace {
 
 // Sum of count floats in eight interleaved partial sums. One running sum is a chain of dependent

@@ -95,5 +95,26 @@ inline int tile16_code(const uint8_t* tile_codes, int bits, int64_t lane, int64_
 // Rows of x processed together per pass over a weight row (the weight row stays in L1).
 constexpr int kRowsPerPass = 4;
 
+// Whether the calling thread belongs to a team that splits each kernel's work among its threads:
+// the C++ decoder (decoder.cpp) runs a whole step in one OpenMP region and sets this on each of its
+// threads, so that a kernel called by all of them shares out its rows instead of forking a region
+// of its own (a fork and join cost 2-3 us, a decode-sized call 20-60 us). Kernels called from
+// anywhere else see false.
+bool& in_split_team();
+
+// Runs body(i) for every i in [0, count), split across threads: among the calling team when
+// in_split_team() (every thread of the team must make the call; it ends with the team's barrier),
+// else in a parallel region of its own with `threads` threads.
+template <class Body>
+inline void for_each_index(int64_t count, int threads, const Body& body) {
+  if (in_split_team()) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < count; ++i) body(i);
+  } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < count; ++i) body(i);
+  }
+}
+
 }  // namespace detail
 }  // namespace brecq

@@ -100,8 +100,7 @@ template <void (*Row1)(const GemvProblem&, const float*, int64_t, int64_t),
           void (*Row3)(const GemvProblem&, const float*, int64_t, int64_t),
           void (*Row4)(const GemvProblem&, const float*, int64_t, int64_t)>
 void run_rows(const GemvProblem& p, const float* xa) {
-#pragma omp parallel for schedule(static) num_threads(p.threads)
-  for (int64_t row = 0; row < p.n; ++row) {
+  for_each_index(p.n, p.threads, [&](int64_t row) {
     if (row + kPrefetchRows < p.n) prefetch_weight_row(p, row + kPrefetchRows);
     for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
       const float* xr = xa + r0 * p.k_padded;
@@ -112,7 +111,7 @@ void run_rows(const GemvProblem& p, const float* xa) {
         default: Row4(p, xr, r0, row); break;
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -318,8 +318,7 @@ template <typename X, RowFn<X> Row1, RowFn<X> Row2, RowFn<X> Row3, RowFn<X> Row4
 void run_rows(const GemvProblem& p, const X* xa) {
   const int64_t tiles = (p.n + kTileRows - 1) / kTileRows;
   const int64_t ahead_rows = (kPrefetchBytes + p.row_bytes - 1) / p.row_bytes;
-#pragma omp parallel for schedule(static) num_threads(p.threads)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
+  for_each_index(tiles, p.threads, [&](int64_t tile) {
     const int64_t first = tile * kTileRows;
     const int64_t rows_here = p.n - first < kTileRows ? p.n - first : kTileRows;
     for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
@@ -347,7 +346,7 @@ void run_rows(const GemvProblem& p, const X* xa) {
         }
       }
     }
-  }
+  });
 }
 
 #define BRECQ_RUN_ROWS(fn, X) run_rows<X, fn<1>, fn<2>, fn<3>, fn<4>>

@@ -12,11 +12,10 @@ namespace brecq {
 namespace detail {
 
 void gemv_scalar(const GemvProblem& p) {
-#pragma omp parallel num_threads(p.threads)
-  {
-    std::vector<uint8_t> codes(static_cast<size_t>(p.k_padded), 0);
-#pragma omp for schedule(static)
-    for (int64_t row = 0; row < p.n; ++row) {
+  for_each_index(p.n, p.threads, [&](int64_t row) {
+    static thread_local std::vector<uint8_t> codes;
+    if (codes.size() < static_cast<size_t>(p.k_padded)) codes.resize(static_cast<size_t>(p.k_padded));
+    {
       unpack(p.packed + row * p.row_bytes, 1, p.k, p.bits, p.g, codes.data(), 1);
       for (int64_t r = 0; r < p.m; ++r) {
         const float* x = p.x + r * p.k_padded;
@@ -33,13 +32,12 @@ void gemv_scalar(const GemvProblem& p) {
         p.store(r * p.n + row, total - correction + (p.bias ? p.bias[row] : 0.0f));
       }
     }
-  }
+  });
 }
 
 void tiled_gemv_scalar(const GemvProblem& p) {
   const int64_t tile_bytes = tile_code_bytes(p.k, p.g, p.bits);
-#pragma omp parallel for schedule(static) num_threads(p.threads)
-  for (int64_t row = 0; row < p.n; ++row) {
+  for_each_index(p.n, p.threads, [&](int64_t row) {
     const int64_t tile = row / kTileRows, lane = row % kTileRows;
     const uint8_t* tile_codes = p.packed + tile * tile_bytes;
     for (int64_t r = 0; r < p.m; ++r) {
@@ -56,7 +54,7 @@ void tiled_gemv_scalar(const GemvProblem& p) {
       }
       p.store(r * p.n + row, total - correction + (p.bias ? p.bias[row] : 0.0f));
     }
-  }
+  });
 }
 
 }  // namespace detail

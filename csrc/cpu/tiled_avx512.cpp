@@ -418,9 +418,7 @@ using TileFn = void (*)(const GemvProblem&, const uint32_t*, int64_t, int64_t, _
 
 template <TileFn Tile1, TileFn Tile2, TileFn Tile3, TileFn Tile4>
 void run_tiles(const GemvProblem& p, const uint32_t* pairs) {
-  const int64_t tiles = tile_count(p.n);
-#pragma omp parallel for schedule(static) num_threads(p.threads)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
+  for_each_index(tile_count(p.n), p.threads, [&](int64_t tile) {
     prefetch_tile_params(p, tile + 1);
     const int64_t rows_here = p.n - tile * kTileRows < kTileRows ? p.n - tile * kTileRows : kTileRows;
     const __mmask16 mask = static_cast<__mmask16>((1u << rows_here) - 1u);
@@ -443,7 +441,7 @@ void run_tiles(const GemvProblem& p, const uint32_t* pairs) {
           _mm512_mask_storeu_ps(p.y + at, mask, y);
       }
     }
-  }
+  });
 }
 
 // ---- dequantization into dense rows (the GEMM path's workspace) -----------------------------

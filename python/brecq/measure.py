@@ -158,13 +158,70 @@ def latency(model, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: i
     return paired_latency({"model": model}, prompt_tokens, decode_tokens, repeats, warmup, seed)["model"]
 
 
+class TransformersDecode:
+    """A model decoding through its own transformers forward with a KV cache (the default of
+    :func:`paired_latency` for a plain model)."""
+
+    path = "transformers"
+
+    def __init__(self, model):
+        self.model = model
+        self._keyword, self._last_logits = _cache_keyword(model), _last_logits_only(model)
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        out = self.model(ids, use_cache=True, **self._last_logits)
+        self._cache, self._token = _cache_of(out), out.logits[:, -1:].argmax(-1)
+
+    def step(self) -> None:
+        out = self.model(self._token, use_cache=True, **{self._keyword: self._cache})
+        self._cache, self._token = _cache_of(out), out.logits[:, -1:].argmax(-1)
+
+    def release(self) -> None:
+        self._cache = None
+
+
+class RuntimeDecode:
+    """The same protocol through brecq's C++ decoder (brecq.runtime.CpuDecoder): the prompt is
+    prefilled by transformers and handed over, as ``brecq generate`` does, then one call a token."""
+
+    path = "brecq C++ runtime"
+
+    def __init__(self, model, decoder=None):
+        from .runtime import CpuDecoder
+
+        self.model = model
+        self.decoder = decoder if decoder is not None else CpuDecoder(model)
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        from .runtime.generate import prefill
+
+        self._token = int(prefill(self.decoder, ids[0].cpu()).argmax())
+
+    def step(self) -> None:
+        self._token = int(self.decoder.forward([self._token]).argmax())
+
+    def release(self) -> None:
+        self.decoder.reset()
+
+
+def default_decode(model):
+    """How brecq decodes ``model`` by default: the C++ runtime on the CPU where it supports the
+    model, else transformers (the reason logged)."""
+    from .runtime import cpu_decoder_or_none
+
+    decoder = cpu_decoder_or_none(model)
+    return RuntimeDecode(model, decoder) if decoder is not None else TransformersDecode(model)
+
+
 @torch.no_grad()
 def paired_latency(models, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3, warmup: int = 1,
                    seed: int = 0, max_seconds: float = 0.0, target_halfwidth: float = 0.05) -> dict:
     """:func:`latency` of several models (label -> model) measured side by side: each repeat runs
     every model's prefill, then every decode step of every model, in a fresh random order each time,
     so that the machine's drift over the measurement falls on all of them alike and their ratios
-    hold. All models decode the same prompt. Returns label -> LatencyReport.
+    hold. All models decode the same prompt. Returns label -> LatencyReport. A value may be a
+    model (timed through transformers) or a decode path (:class:`TransformersDecode`,
+    :class:`RuntimeDecode`, :func:`default_decode`); the report names the path.
 
     After ``repeats``, more repeats follow while the 95 % interval of any model's decode-time ratio
     to the first model is wider than ``target_halfwidth`` (relative, each side) and the run has
@@ -177,12 +234,13 @@ def paired_latency(models, prompt_tokens: int = 128, decode_tokens: int = 32, re
     order = random.Random(seed)
     labels = list(models)
     state = {}
-    for label, model in models.items():
-        device = next(model.parameters()).device
-        vocab = model.get_input_embeddings().num_embeddings
+    for label, engine in models.items():
+        if isinstance(engine, nn.Module):
+            engine = TransformersDecode(engine)
+        device = next(engine.model.parameters()).device
+        vocab = engine.model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
-        state[label] = {"model": model, "device": device, "ids": ids, "keyword": _cache_keyword(model),
-                        "last_logits": _last_logits_only(model), "prefill": [], "steps": []}
+        state[label] = {"engine": engine, "device": device, "ids": ids, "prefill": [], "steps": []}
     reference = labels[0]
 
     def interval_too_wide() -> bool:
@@ -201,22 +259,20 @@ def paired_latency(models, prompt_tokens: int = 128, decode_tokens: int = 32, re
             st = state[label]
             _sync(st["device"])
             start = time.perf_counter()
-            out = st["model"](st["ids"], use_cache=True, **st["last_logits"])
+            st["engine"].prefill(st["ids"])
             _sync(st["device"])
             if run >= warmup:
                 st["prefill"].append(time.perf_counter() - start)
-            st["cache"], st["token"] = _cache_of(out), out.logits[:, -1:].argmax(-1)
         for _ in range(decode_tokens):
             order.shuffle(labels)
             for label in labels:
                 st = state[label]
                 _sync(st["device"])
                 start = time.perf_counter()
-                out = st["model"](st["token"], use_cache=True, **{st["keyword"]: st["cache"]})
+                st["engine"].step()
                 _sync(st["device"])
                 if run >= warmup:
                     st["steps"].append(time.perf_counter() - start)
-                st["cache"], st["token"] = _cache_of(out), out.logits[:, -1:].argmax(-1)
         run += 1
     done = run - warmup
     medians = [statistics.median(state[reference]["steps"][r * decode_tokens:(r + 1) * decode_tokens])
@@ -224,12 +280,13 @@ def paired_latency(models, prompt_tokens: int = 128, decode_tokens: int = 32, re
     load = disturbance(before, Activity.now(), medians).to_dict()
     reports = {}
     for label, st in state.items():
+        engine = st["engine"]
         reports[label] = _latency_report(f"latency of {label}", st["prefill"], st["steps"], prompt_tokens,
-                                         decode_tokens, done, st["model"])
+                                         decode_tokens, done, engine.model)
+        reports[label].environment["decode_path"] = engine.path
         reports[label].decode_ms_samples = [1e3 * t for t in st["steps"]]
         reports[label].load = load
-    for st in state.values():  # the KV caches are no longer needed
-        st.pop("cache", None)
+        engine.release()  # the KV caches are no longer needed
     return reports
 
 

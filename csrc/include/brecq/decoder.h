@@ -86,6 +86,7 @@ class Decoder {
 
  private:
   void run_chunk(const int64_t* tokens, int64_t count, float* logits, bool all_logits);
+  void run_layers(const int64_t* tokens, int64_t count, float* logits, bool all_logits);
   void linear(const LinearWeights& w, const float* x, int64_t rows, float* y);
   void round_activations(float* x, int64_t count) const;
   void norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, float* out) const;

@@ -1,7 +1,8 @@
 """Exports of brecq-quantized models to the formats models are served from.
 
 * :func:`export_gguf` — one GGUF file for llama.cpp / ollama (``to_gguf``; block map in
-  ``gguf_blocks`` and docs/FORMAT.md).
+  ``gguf_blocks`` and docs/FORMAT.md); :func:`export_gguf_full_precision` writes an unquantized
+  model, the input of llama.cpp's own quantizer.
 * :func:`export_compressed_tensors` — a Hugging Face folder in compressed-tensors'
   ``pack-quantized`` format for vLLM, transformers and llm-compressor (``to_compressed_tensors``).
 
@@ -20,6 +21,12 @@ def export_gguf(quantized_dir, out_path, **kwargs):
     from .to_gguf import export_gguf as _export
 
     return _export(quantized_dir, out_path, **kwargs)
+
+
+def export_gguf_full_precision(model_dir, out_path, **kwargs):
+    from .to_gguf import export_gguf_full_precision as _export
+
+    return _export(model_dir, out_path, **kwargs)
 
 
 def export_compressed_tensors(quantized_dir, out_dir, **kwargs):
@@ -45,5 +52,6 @@ __all__ = [
     "export",
     "export_compressed_tensors",
     "export_gguf",
+    "export_gguf_full_precision",
     "read_checkpoint",
 ]

@@ -109,6 +109,37 @@ def read_checkpoint(path, verify: bool = True) -> QuantizedCheckpoint:
     return checkpoint
 
 
+def read_full_precision(path) -> QuantizedCheckpoint:
+    """A Hugging Face model folder (config.json and safetensors shards, no quantization) as a
+    checkpoint with no quantized layers: what a GGUF of the unquantized model is written from, e.g.
+    as the input of llama.cpp's own quantizer."""
+    import json
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: config.json is missing (expected a Hugging Face model folder)")
+    config = json.loads(config_file.read_text())
+    if config.get("quantization_config"):
+        raise ValueError(f"{path}: this model is quantized; export it with export_gguf")
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{path}: no .safetensors weights")
+    stored: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                stored.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118 (not a dict)
+        except SafetensorError as exc:
+            raise CorruptCheckpoint(f"{shard}: not a readable safetensors file ({exc})") from None
+    checkpoint = QuantizedCheckpoint(path, config, {})
+    if checkpoint.tied_embeddings:
+        shared = stored.pop("lm_head.weight", None)
+        stored.setdefault("model.embed_tokens.weight", shared)
+    checkpoint.tensors = stored
+    return checkpoint
+
+
 def rope_settings(config: dict) -> tuple[float, dict | None]:
     """(rope theta, scaling or None) from a config of either transformers generation: 4.x keeps
     ``rope_theta`` and ``rope_scaling``, 5.x one ``rope_parameters`` dict."""

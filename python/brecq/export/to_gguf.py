@@ -18,7 +18,7 @@ import torch
 
 from ..io import _atomic_target, _commit
 from .gguf_blocks import Fallback, PackedTensor, bits_per_weight, pack_layer
-from .source import QuantizedCheckpoint, read_checkpoint, rope_settings
+from .source import QuantizedCheckpoint, read_checkpoint, read_full_precision, rope_settings
 
 log = logging.getLogger("brecq")
 
@@ -117,10 +117,24 @@ def export_gguf(quantized_dir, out_path, *, fallback: Fallback | str = Fallback.
     ``fallback`` is the type of layers no block type holds (F32 exact, or F16); ``exact_8bit`` sends
     8-bit layers that Q8_0 cannot hold exactly there too, instead of halving their odd blocks.
     Returns the per-tensor report; layers not held exactly are logged with their error."""
+    checkpoint = read_checkpoint(quantized_dir, verify=verify)
+    return write_gguf(checkpoint, out_path, fallback=fallback, exact_8bit=exact_8bit, name=name)
+
+
+def export_gguf_full_precision(model_dir, out_path, *, name: str | None = None) -> GGUFExportReport:
+    """Write an unquantized Hugging Face model folder as one GGUF file (every tensor in the narrowest of
+    BF16, F16 and F32 that holds it exactly): the input llama.cpp's own quantizer
+    (``llama-quantize``, ``llama_cpp.llama_model_quantize``) expects, so that its Q4_K_M and others
+    can be compared with brecq's on the same weights."""
+    return write_gguf(read_full_precision(model_dir), out_path, name=name)
+
+
+def write_gguf(checkpoint: QuantizedCheckpoint, out_path, *, fallback: Fallback | str = Fallback.F32,
+               exact_8bit: bool = False, name: str | None = None) -> GGUFExportReport:
+    """The GGUF file of an opened checkpoint (see :func:`export_gguf`)."""
     import gguf
 
     fallback = Fallback(fallback)
-    checkpoint = read_checkpoint(quantized_dir, verify=verify)
     arch = _architecture(checkpoint)
     cfg = checkpoint.config
     n_layers = int(cfg["num_hidden_layers"])
@@ -164,7 +178,8 @@ def _write_metadata(writer, checkpoint: QuantizedCheckpoint, name, heads, kv_hea
     cfg = checkpoint.config
     theta, _ = rope_settings(cfg)
     writer.add_name(name or checkpoint.path.name)
-    writer.add_quantized_by("brecq")
+    if checkpoint.layers:
+        writer.add_quantized_by("brecq")
     writer.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
     writer.add_embedding_length(int(cfg["hidden_size"]))
     writer.add_block_count(int(cfg["num_hidden_layers"]))
@@ -247,8 +262,12 @@ def _file_type(report: GGUFExportReport) -> int:
     by_type: dict[str, int] = {}
     for row in report.quantized_rows():
         by_type[row["ggml_type"]] = by_type.get(row["ggml_type"], 0) + row["weights"]
-    if not by_type:
-        return gguf.LlamaFileType.ALL_F32
+    if not by_type:  # a full-precision model: named by the type of most of its weights
+        for row in report.rows:
+            by_type[row["ggml_type"]] = by_type.get(row["ggml_type"], 0) + row["weights"]
+        main = max(by_type, key=by_type.get) if by_type else "F32"
+        return {"BF16": gguf.LlamaFileType.MOSTLY_BF16, "F16": gguf.LlamaFileType.MOSTLY_F16}.get(
+            main, gguf.LlamaFileType.ALL_F32)
     main = max(by_type, key=by_type.get)
     return {"Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
             "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F16": gguf.LlamaFileType.MOSTLY_F16}.get(

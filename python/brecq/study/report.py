@@ -27,6 +27,7 @@ from .config import StudyConfig
 log = logging.getLogger("brecq")
 
 UNQUANTIZED = "unquantized"
+TRANSFORMERS_SUFFIX = " (transformers)"  # as brecq.study.runner names them
 PRIMARY = {"arc": [("acc", "correct", True), ("acc_norm", "acc_norm", True)],
            "arc_gen": [("acc", "correct", True)],
            "squad": [("exact_match", "correct", True), ("f1", "f1", False)]}
@@ -81,6 +82,7 @@ def analyse(results: dict, config: StudyConfig) -> dict:
             latencies = ((paired[UNQUANTIZED], paired[variant_label])
                          if paired and UNQUANTIZED in paired and variant_label in paired else None)
             per_model["resources"][variant_label] = _resources(fp["measure"], variant["measure"], latencies)
+        per_model["decode_paths"] = _decode_paths(model.get("paired_latency") or {})
         per_model["conclusions"] = _conclusions(model_label, per_model)
         analysis["models"][model_label] = per_model
     return analysis
@@ -114,6 +116,28 @@ def _resources(fp: dict, q: dict, latencies: tuple | None = None) -> dict:
         out["memory_kind"] = fp["memory"]["kind"]
         out["memory_mib"] = [fp["memory"][key], q["memory"][key]]
         out["memory_reduction_percent"] = reduction(fp["memory"][key], q["memory"][key])
+    return out
+
+
+def _decode_paths(paired: dict) -> dict:
+    """Each variant's default decode path (brecq's C++ runtime on the CPU) against the same model
+    through transformers, timed in the same side-by-side run: medians and the ratio's interval."""
+    from ..timing import ratio_interval
+
+    out = {}
+    for label, other in paired.items():
+        if not label.endswith(TRANSFORMERS_SUFFIX):
+            continue
+        variant = label[: -len(TRANSFORMERS_SUFFIX)]
+        default = paired.get(variant)
+        if not default:
+            continue
+        a, b = other.get("decode_ms_samples") or [], default.get("decode_ms_samples") or []
+        ratio, ci = ratio_interval(a, b) if len(a) == len(b) >= 2 else (None, None)
+        out[variant] = {"path": (default.get("environment") or {}).get("decode_path", "default"),
+                        "default_ms": [default["decode_ms_per_token_median"], default["decode_ms_per_token_p90"]],
+                        "transformers_ms": [other["decode_ms_per_token_median"], other["decode_ms_per_token_p90"]],
+                        "ratio": ratio, "ratio_ci95": list(ci) if ci else None}
     return out
 
 
@@ -271,6 +295,17 @@ def render_report(results: dict, plots: dict) -> str:
         for variant_label, r in a["resources"].items():
             lines += resource_rows(variant_label, r)
         lines.append("")
+        if a.get("decode_paths"):
+            lines += ["Decode times above are brecq's default path; the same models through transformers, timed in "
+                      "the same interleaved run:", "",
+                      "| variant | default path | ms/token, median (p90) | transformers ms/token, median (p90) | "
+                      "default / transformers [95 % CI] |", "|---|---|---:|---:|---|"]
+            for variant_label, d in a["decode_paths"].items():
+                ratio = (f"x{d['ratio']:.2f} [x{d['ratio_ci95'][0]:.2f}, x{d['ratio_ci95'][1]:.2f}]"
+                         if d["ratio_ci95"] else "—")
+                lines.append(f"| {variant_label} | {d['path']} | {d['default_ms'][0]:.2f} ({d['default_ms'][1]:.2f}) | "
+                             f"{d['transformers_ms'][0]:.2f} ({d['transformers_ms'][1]:.2f}) | {ratio} |")
+            lines.append("")
     lines += ["## Technical details", ""]
     for model_label, m in results["models"].items():
         for variant_label, variant in m["variants"].items():

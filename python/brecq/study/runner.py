@@ -39,7 +39,15 @@ from ..baselines import GPTQConfig
 from ..calibration import CalibrationSpec
 from ..evaluation.runner import Task, evaluate
 from ..io import atomic_write_text, load_model_any, sha256_file
-from ..measure import cpu_peak_rss, cuda_memory, latency, paired_latency, storage
+from ..measure import (
+    TransformersDecode,
+    cpu_peak_rss,
+    cuda_memory,
+    default_decode,
+    latency,
+    paired_latency,
+    storage,
+)
 from ..quantize import quantize_pretrained
 from ..recipe import Method, get_recipe
 from ..reconstruct import ReconstructionConfig
@@ -47,6 +55,10 @@ from .config import ModelEntry, StudyConfig, VariantEntry, slug
 
 log = logging.getLogger("brecq")
 UNQUANTIZED = "unquantized"
+# Paired-latency entries of a variant decoded through transformers, beside its default (C++) path.
+TRANSFORMERS_SUFFIX = " (transformers)"
+# Bumped when what the decode timing runs changes, so that older timings are not reused.
+DECODE_TIMING_VERSION = 2
 
 
 class StudyBusy(OSError):
@@ -186,7 +198,7 @@ def _timing_settings(config: StudyConfig) -> dict:
     return {"prompt_tokens": m.prompt_tokens, "decode_tokens": m.decode_tokens, "repeats": m.repeats,
             "max_seconds": m.max_seconds, "target_interval": m.target_interval,
             "device": config.device, "dtype": config.dtype, "attention": config.attention,
-            "fused_norms": config.fused_norms}
+            "fused_norms": config.fused_norms, "decode_timing": DECODE_TIMING_VERSION}
 
 
 def _measure_settings(config: StudyConfig) -> dict:
@@ -299,10 +311,15 @@ def _paired_latency(config: StudyConfig, model_entry, per_model: dict, out: Path
         if cached.get("settings") == settings:
             return cached["latency"], True
     log.info("timing the decode of %d variants of %s side by side", len(paths), model_entry.label)
-    models = {label: _load(config, Path(path), dtype)[0] for label, path in paths.items()}
-    reports = paired_latency(models, m.prompt_tokens, m.decode_tokens, m.repeats, max_seconds=m.max_seconds,
+    engines = {}
+    for label, path in paths.items():
+        model = _load(config, Path(path), dtype)[0]
+        engines[label] = default_decode(model)  # brecq's C++ runtime on the CPU where it runs the model
+        if engines[label].path != TransformersDecode.path:
+            engines[label + TRANSFORMERS_SUFFIX] = TransformersDecode(model)  # the same model, beside it
+    reports = paired_latency(engines, m.prompt_tokens, m.decode_tokens, m.repeats, max_seconds=m.max_seconds,
                              target_halfwidth=m.target_interval)
-    del models
+    del engines
     record = {label: asdict(report) for label, report in reports.items()}
     atomic_write_text(cache_file, json.dumps({"settings": settings, "latency": record}, indent=2))
     return record, False

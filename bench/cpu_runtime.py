@@ -1,0 +1,309 @@
+"""Decode on the CPU through brecq's C++ runtime (brecq.runtime), against transformers on the same
+models and against llama.cpp's own Q4_K_M / Q4_0 / Q8_0 files of the same weights, interleaved.
+
+The model is Qwen3-0.6B-shaped (28 layers, full 151,936-row vocabulary) with seeded random weights in
+bfloat16 and a byte-level BPE tokenizer trained on ../shared/data (random weights show speed, not
+quality). brecq variants, quantized by round to nearest (the method changes neither bytes nor speed):
+
+* ``w4w6_head8``: the study recipe, W6 attention, W4 MLP, group 64, 8-bit lm_head (preset
+  w4g64_mix_attn6_head8);
+* ``w4w6_head4``: the same with a 4-bit lm_head (about Q4_K_M's bytes per token, whose output is Q6_K);
+* ``w4``: W4 everywhere, lm_head included.
+
+Engines: ``runtime`` (brecq.runtime.CpuDecoder: one C++ call per token, prompt prefilled by
+transformers and handed over, as ``brecq generate`` does), ``transformers`` (today's study path: the
+same quantized model through transformers with brecq_sdpa attention and fused RMSNorm), ``bf16``
+(the unquantized model through transformers), and llama.cpp (llama-cpp-python, built from its sdist,
+same thread count) on GGUF files that its own quantizer made from brecq's full-precision GGUF export.
+
+For each depth, every engine prefills the same random prompt once, then decode steps of all engines
+run interleaved in a fresh random order each round. Prefill speed at 128 and 512 tokens is timed
+separately, interleaved, 3 times. The read bandwidth is measured in the same run (torch sum over 512
+MiB, between depths): the floor of a step is the bytes it reads (weights as stored, plus the KV cache
+at that depth) over that bandwidth. The runtime's own profile splits its depth-0 step into weight
+streaming (linear layers and lm_head) and the rest.
+
+    python bench/cpu_runtime.py [--depths 0 128 512 2048] [--tokens 16] [--repeats 3] [--layers 28]
+                                [--no-llama-cpp] [--json bench/results/cpu_runtime.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("brecq.bench")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LLAMA_TYPES = {"Q4_K_M": 15, "Q4_0": 2, "Q8_0": 7}  # llama.h LLAMA_FTYPE_MOSTLY_*
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
+    data = torch.ones(mib << 18, dtype=torch.float32)  # mib MiB
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - started)
+    return data.numel() * 4 / statistics.median(times) / 1e9
+
+
+def recipes():
+    from brecq.recipe import ATTENTION, MLP, Method, Recipe, get_recipe
+    from brecq_ext.quant_linear import LayerRule
+
+    return {"w4w6_head8": get_recipe("w4g64_mix_attn6_head8", Method.RTN),
+            "w4w6_head4": Recipe("w4w6_head4", (LayerRule(ATTENTION, 6, 64), LayerRule(MLP, 4, 64),
+                                                LayerRule(r"^lm_head$", 4, 64)), Method.RTN),
+            "w4": Recipe("w4_head4", (LayerRule(ATTENTION, 4, 64), LayerRule(MLP, 4, 64),
+                                      LayerRule(r"^lm_head$", 4, 64)), Method.RTN)}
+
+
+def build(workdir: Path, layers: int) -> tuple[Path, dict]:
+    from brecq import quantize_pretrained
+    from brecq.models import build_model, byte_level_bpe_tokenizer, qwen3_config
+
+    text = (SHARED / "tinystories_val_head.txt").read_text(encoding="utf-8")
+    stories = [s.strip() for s in text.split("\n\n") if s.strip()]
+    fp = workdir / "fp"
+    tokenizer = byte_level_bpe_tokenizer(stories, 1024, fp)
+    config = qwen3_config("0.6b", num_hidden_layers=layers, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None, max_position_embeddings=4096)
+    build_model(config, seed=0).to(torch.bfloat16).save_pretrained(str(fp))
+    quantized = {}
+    for label, recipe in recipes().items():
+        started = time.perf_counter()
+        quantize_pretrained(str(fp), str(workdir / label), recipe, show_progress=False)
+        log.info("%s quantized in %.0f s", label, time.perf_counter() - started)
+        quantized[label] = workdir / label
+    return fp, quantized
+
+
+def llama_files(workdir: Path, fp: Path) -> dict:
+    import llama_cpp
+    from brecq.export import export_gguf_full_precision
+
+    source = workdir / "fp.gguf"
+    export_gguf_full_precision(fp, source)
+    files = {}
+    for name, ftype in LLAMA_TYPES.items():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = torch.get_num_threads()
+        out = workdir / f"{name}.gguf"
+        started = time.perf_counter()
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+            raise RuntimeError(f"llama_model_quantize failed for {name}")
+        log.info("llama.cpp %s: %.0f MB in %.0f s", name, out.stat().st_size / 1e6, time.perf_counter() - started)
+        files[name] = out
+    return files
+
+
+class LlamaCppEngine:
+    def __init__(self, path: Path, n_ctx: int, threads: int):
+        from brecq.export.llamacpp import open_llama
+
+        self.llm = open_llama(path, n_ctx=n_ctx, n_threads=threads, logits_all=False)
+
+    def prefill(self, ids: torch.Tensor) -> None:  # the protocol of brecq.measure.RuntimeDecode
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        self.token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+
+    def step(self) -> None:
+        self.llm.eval([self.token])
+        self.token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads for weights: every linear layer's stored weights (packed codes,
+    scales and zeros, or dense), biases, norms; the embedding row is negligible."""
+    from brecq_ext.quant_linear import QuantLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += sum(t.numel() * t.element_size() for t in (module.packed, module.scale, module.zero))
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def kv_bytes(config, depth: int) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * depth * 2  # bfloat16
+
+
+def summarise(samples: list[float]) -> dict:
+    ordered = sorted(samples)
+    return {"median_ms": statistics.median(ordered), "p10_ms": ordered[len(ordered) // 10],
+            "p90_ms": ordered[(9 * len(ordered)) // 10], "n": len(ordered)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", type=int, nargs="+", default=[0, 128, 512, 2048])
+    parser.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="prompt lengths of the prefill timing")
+    parser.add_argument("--tokens", type=int, default=16, help="decode steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even where it is installed")
+    parser.add_argument("--no-bf16", action="store_true", help="leave the unquantized transformers model out")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import importlib.util
+
+    import brecq
+    from brecq.attention import use_decode_attention
+    from brecq.io import atomic_write_text
+    from brecq.measure import RuntimeDecode, TransformersDecode, environment
+    from brecq_ext import fuse_rms_norms_
+
+    torch.set_num_threads(args.threads)
+    has_llama = importlib.util.find_spec("llama_cpp") is not None and not args.no_llama_cpp
+    if not has_llama and not args.no_llama_cpp:
+        log.warning("llama-cpp-python is not installed: llama.cpp is left out (pip install '.[llamacpp]')")
+    result = {"layers": args.layers, "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats,
+              "environment": environment(torch.device("cpu"), torch.bfloat16), "loadavg_before": loadavg(),
+              "depths": {}, "prefill": {}, "bandwidth_gbs": [], "bytes_per_token": {}}
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        workdir = Path(tmp)
+        fp, quantized = build(workdir, args.layers)
+        engines, models = {}, {}
+        for label, path in quantized.items():
+            models[label] = brecq.load_quantized(path).to(torch.bfloat16).eval()
+            engines[f"{label} runtime"] = RuntimeDecode(models[label])
+            result["bytes_per_token"][label] = weight_bytes(models[label])
+        today = use_decode_attention(copy.deepcopy(models["w4w6_head8"]))
+        fuse_rms_norms_(today)
+        engines["w4w6_head8 transformers"] = TransformersDecode(today)
+        if not args.no_bf16:
+            from transformers import AutoModelForCausalLM
+
+            dense = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.bfloat16).eval()
+            engines["bf16 transformers"] = TransformersDecode(dense)
+            result["bytes_per_token"]["bf16"] = weight_bytes(dense)
+        if has_llama:
+            import llama_cpp
+
+            result["llama_cpp_python"] = llama_cpp.__version__
+            n_ctx = max(args.depths + args.prefill) + args.repeats * args.tokens + 16
+            for name, path in llama_files(workdir, fp).items():
+                engines[f"llama.cpp {name}"] = LlamaCppEngine(path, n_ctx, args.threads)
+                result["bytes_per_token"][f"llama.cpp {name} (file)"] = path.stat().st_size
+        config = models["w4w6_head8"].config
+        order = random.Random(0)
+        labels = list(engines)
+
+        # Prefill speed, interleaved, 3 times each.
+        for length in args.prefill:
+            ids = torch.randint(3, 1024, (1, length), generator=torch.Generator().manual_seed(length))
+            times = {label: [] for label in labels}
+            for _ in range(3):
+                for label in order.sample(labels, len(labels)):
+                    started = time.perf_counter()
+                    engines[label].prefill(ids)
+                    times[label].append(time.perf_counter() - started)
+            result["prefill"][str(length)] = {label: {"tokens_per_s": length / statistics.median(t),
+                                                      "ms_range": [1e3 * min(t), 1e3 * max(t)]}
+                                              for label, t in times.items()}
+            log.info("prefill %d done", length)
+
+        # Decode at each depth.
+        for depth in args.depths:
+            result["bandwidth_gbs"].append(read_bandwidth_gbs())
+            ids = torch.randint(3, 1024, (1, max(depth, 1)), generator=torch.Generator().manual_seed(depth))
+            for label in labels:
+                engines[label].prefill(ids)
+            samples = {label: [] for label in labels}
+            profiles = {}
+            for label in labels:
+                if label.endswith("runtime"):
+                    engines[label].decoder._runtime.reset_profile()
+                    engines[label].decoder._runtime.set_profiling(True)
+            for _ in range(args.repeats * args.tokens):
+                for label in order.sample(labels, len(labels)):
+                    started = time.perf_counter()
+                    engines[label].step()
+                    samples[label].append(1e3 * (time.perf_counter() - started))
+            for label in labels:
+                if label.endswith("runtime"):
+                    runtime = engines[label].decoder._runtime
+                    runtime.set_profiling(False)
+                    seconds = runtime.profile()
+                    steps = len(samples[label])
+                    profiles[label] = {"linear_ms": 1e3 * seconds[0] / steps, "lm_head_ms": 1e3 * seconds[1] / steps,
+                                       "attention_ms": 1e3 * seconds[2] / steps, "other_ms": 1e3 * seconds[3] / steps}
+            result["depths"][str(depth)] = {"decode": {label: summarise(s) for label, s in samples.items()},
+                                            "runtime_profile": profiles, "kv_bytes": kv_bytes(config, depth)}
+            log.info("depth %d done", depth)
+        result["bandwidth_gbs"].append(read_bandwidth_gbs())
+    result["loadavg_after"] = loadavg()
+    report(result, args)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2))
+
+
+def report(result: dict, args) -> None:
+    bandwidth = statistics.median(result["bandwidth_gbs"])
+    print(f"Qwen3-0.6B shape, {args.layers} layers, {args.threads} threads; read bandwidth {bandwidth:.1f} GB/s "
+          f"(range {min(result['bandwidth_gbs']):.1f}-{max(result['bandwidth_gbs']):.1f}); loadavg "
+          f"{result['loadavg_before']} -> {result['loadavg_after']}\n")
+    depths = list(result["depths"])
+    labels = list(next(iter(result["depths"].values()))["decode"])
+    print("Decode ms/token, median (p10-p90):\n")
+    print("| engine | " + " | ".join(f"depth {d}" for d in depths) + " |")
+    print("|---|" + "---:|" * len(depths))
+    for label in labels:
+        cells = []
+        for d in depths:
+            s = result["depths"][d]["decode"][label]
+            cells.append(f"{s['median_ms']:.1f} ({s['p10_ms']:.1f}-{s['p90_ms']:.1f})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\nbrecq runtime against its floor (bytes read per token / read bandwidth):\n")
+    print("| variant | depth | bytes/token (MB) | floor ms | measured ms | x floor | not weight streaming |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label in labels:
+        if not label.endswith("runtime"):
+            continue
+        variant = label.split()[0]
+        for d in depths:
+            nbytes = result["bytes_per_token"][variant] + result["depths"][d]["kv_bytes"]
+            floor = nbytes / (bandwidth * 1e9) * 1e3
+            measured = result["depths"][d]["decode"][label]["median_ms"]
+            profile = result["depths"][d]["runtime_profile"][label]
+            total = sum(profile.values())
+            rest = (profile["attention_ms"] + profile["other_ms"]) / total if total else float("nan")
+            print(f"| {variant} | {d} | {nbytes / 1e6:.0f} | {floor:.1f} | {measured:.1f} | {measured / floor:.2f} | "
+                  f"{100 * rest:.0f} % |")
+    print("\nPrefill tokens/s (range of 3 in ms):\n")
+    print("| engine | " + " | ".join(f"{p} tokens" for p in result["prefill"]) + " |")
+    print("|---|" + "---:|" * len(result["prefill"]))
+    for label in labels:
+        cells = [f"{r[label]['tokens_per_s']:.0f} ({r[label]['ms_range'][0]:.0f}-{r[label]['ms_range'][1]:.0f})"
+                 for r in result["prefill"].values()]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\nbytes per token (weights as stored; llama.cpp: file size):")
+    for label, nbytes in result["bytes_per_token"].items():
+        print(f"  {label}: {nbytes / 1e6:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
