@@ -65,6 +65,7 @@ def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
 
 def recipes():
     from brecq.recipe import ATTENTION, MLP, Method, Recipe, get_recipe
+
     from brecq_ext.quant_linear import LayerRule
 
     return {"w4w6_head8": get_recipe("w4g64_mix_attn6_head8", Method.RTN),
@@ -174,6 +175,7 @@ def main() -> None:
     from brecq.attention import use_decode_attention
     from brecq.io import atomic_write_text
     from brecq.measure import RuntimeDecode, TransformersDecode, environment
+
     from brecq_ext import fuse_rms_norms_
 
     torch.set_num_threads(args.threads)

@@ -18,7 +18,12 @@ import torch
 
 from ..io import _atomic_target, _commit
 from .gguf_blocks import Fallback, PackedTensor, bits_per_weight, pack_layer
-from .source import QuantizedCheckpoint, read_checkpoint, read_full_precision, rope_settings
+from .source import (
+    QuantizedCheckpoint,
+    read_checkpoint,
+    read_full_precision,
+    rope_settings,
+)
 
 log = logging.getLogger("brecq")
 
