@@ -135,6 +135,25 @@ def test_cache_grows_past_its_first_allocation_and_truncates():
     assert (again - expected[100:]).abs().max() <= 2e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+], ids=lambda r: r["rope_type"])
+def test_rope_scalings_fixed_at_load(rope):
+    model = _model("llama", rope_parameters=rope)
+    ids = _ids(40)
+    expected = _transformers_logits(model, ids)
+    got = CpuDecoder(model).forward(ids, all_logits=True)
+    assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+def test_dynamic_rope_scaling_is_refused():
+    model = _model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert "dynamic" in unsupported_reason(model)
+
+
 def test_sliding_window_attention():
     model = _model("mistral", sliding_window=8)
     ids = _ids(30)
