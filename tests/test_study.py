@@ -181,6 +181,22 @@ def test_a_hub_id_is_a_model_path(tmp_path):
     assert load_study_config(tmp_path / "hub.toml").models[0].path == "Qwen/Qwen3-0.6B"
 
 
+def test_demo_reading_items_are_extractive_with_a_third_unanswerable():
+    from brecq.synthetic import squad_items
+
+    items = squad_items(300, seed=4)
+    assert items == squad_items(300, seed=4)  # seeded
+    for i, item in enumerate(items):
+        person = item["question"].removeprefix("What does ").removesuffix(" have?")
+        assert person in item["context"]
+        if i % 3 == 2:
+            assert item["answer"] == "" and " has " not in item["context"]
+        else:
+            assert item["answer"] and f"{person} has {item['answer']}." in item["context"]
+    with_two_sentences = sum(item["context"].count(".") == 2 for item in items)
+    assert 60 < with_two_sentences < 140  # about half of the answerable 200
+
+
 def test_offline_demo_runs_every_stage(tmp_path):
     from brecq.demo_study import run_demo_study
 

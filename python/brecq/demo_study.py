@@ -44,6 +44,12 @@ recipe = "w4g64_mix_attn6"
 method = "brecq"
 iters = {iters}
 
+# Three bits everywhere by round to nearest: a cheaper, lossier setting beside the study's recipe.
+[[variants]]
+label = "RTN W3"
+recipe = "w3g64"
+method = "rtn"
+
 [[datasets]]
 path = "{data}/synthetic-arc.parquet"
 task = "arc_loglik"   # both models by log-likelihood: the fine-tuned one learnt facts, not the letter format
@@ -61,12 +67,15 @@ max_seconds = 20
 
 NOTE = """> **What this is.** The models are two 4-layer Qwen3-architecture models (hidden size 128,
 > ~0.8 M parameters, a byte-level BPE tokenizer) trained on this machine on synthetic text: colours
-> of made-up facts and short "who has what" stories (800 steps), the fine-tuned one then trained on
-> SQuAD-style prompts (600 steps). Trained models are reused by a rerun. The ARC-style and
-> SQuAD-style items are generated from the same seed (a third of the SQuAD-style items are
-> unanswerable); ARC-style items are scored by log-likelihood for both models. Accuracies are real
-> measurements of these models, not of any public model: the facts are learnt, the reading task
-> only a little at this size.
+> of made-up facts and short "who has what" sentences (800 steps), the fine-tuned one then trained on
+> SQuAD-style prompts (600 steps). Trained models are reused by a rerun. ARC-style items ask the
+> colour of a fact, scored by log-likelihood for both models. SQuAD-style items give one or two
+> sentences about one person and ask what they have; a third of them say only where the person went
+> and are unanswerable. (Stories of several people, where the model must pick the one asked about,
+> were tried and not learnt at this size and training time: exact match 4-10 %.) Accuracies are real
+> measurements of these models, not of any public model. Both tasks are learnt to 100 %, and the
+> quantized variants keep every answer, so the accuracy comparisons are at their ceiling: at these
+> settings quantization costs these models no accuracy that 150-200 items can show.
 
 """
 

@@ -1,6 +1,6 @@
 """Synthetic tasks and a small model trained on them, for the offline demo study.
 
-Everything here is generated from a seed: a character-level tokenizer, a small "world" of facts,
+Everything here is generated from a seed: a byte-level BPE tokenizer, a small "world" of facts,
 ARC-style multiple-choice questions about those facts and SQuAD-style reading questions (a third
 of them unanswerable), written in the study's parquet layouts, and Qwen3-architecture models
 trained briefly on them: a "base" model (language modelling of fact statements and question/answer
@@ -26,10 +26,11 @@ THINGS = ["apple", "banana", "cherry", "grape", "lemon", "lime", "plum", "pear",
 COLORS = ["red", "yellow", "green", "blue", "orange", "purple", "black", "white", "brown", "pink"]
 NAMES = ["Tom", "Anna", "Ben", "Lily", "Max", "Mia", "Sam", "Zoe", "Leo", "Ivy", "Dan", "Eva"]
 OBJECTS = ["ball", "kite", "hat", "box", "cup", "car", "book", "bag", "bike", "boat"]
+PLACES = ["park", "school", "beach", "farm", "shop", "zoo", "lake", "garden"]
 
 
 # Bumped whenever the data or the training below changes, so that trained demo models are not reused.
-DEMO_TRAINING_VERSION = 2
+DEMO_TRAINING_VERSION = 3
 
 
 def world(seed: int) -> dict[str, str]:
@@ -68,24 +69,33 @@ def arc_items(facts: dict, n: int, seed: int) -> list[dict]:
     return items
 
 
-def squad_items(n: int, seed: int, people_per_story: int = 3, unanswerable_share: float | None = None) -> list[dict]:
-    """SQuAD-style items: every third unanswerable (the evaluation file), or each with probability
-    ``unanswerable_share`` (training text, drawn one at a time)."""
+def squad_items(n: int, seed: int, unanswerable_share: float | None = None) -> list[dict]:
+    """SQuAD-style items about one person: the context says what they have, in one sentence, maybe
+    beside a sentence about where they went; an unanswerable item's context says only where they
+    went. Every third item is unanswerable (the evaluation file), or each with probability
+    ``unanswerable_share`` (training text, drawn one at a time).
+
+    Why one person: picking the asked-for person among several needs attention that matches names
+    (induction-style retrieval), which the demo's 0.8 M-parameter model did not learn in the few
+    minutes of training it gets on 2 cores (exact match 4-10 % with two or three people per story,
+    in scratch runs); it does learn to find the answer sentence and copy its span, and to see that
+    no sentence answers."""
     rng = random.Random(seed)
     items = []
     for i in range(n):
-        people = rng.sample(NAMES, people_per_story)
-        owned = {p: (rng.choice(COLORS), rng.choice(OBJECTS)) for p in people}
-        context = " ".join(f"{p} has a {c} {o}." for p, (c, o) in owned.items())
+        person = rng.choice(NAMES)
+        color, obj = rng.choice(COLORS), rng.choice(OBJECTS)
+        went = f"{person} went to the {rng.choice(PLACES)}."
         unanswerable = i % 3 == 2 if unanswerable_share is None else rng.random() < unanswerable_share
-        if unanswerable:  # someone not in the story
-            stranger = rng.choice([p for p in NAMES if p not in owned])
-            question, answer = f"What does {stranger} have?", ""
+        if unanswerable:
+            context, answer = went, ""
         else:
-            person = rng.choice(people)
-            color, obj = owned[person]
-            question, answer = f"What does {person} have?", f"a {color} {obj}"
-        items.append({"title": "Synthetic", "context": context, "question": question, "answer": answer})
+            sentences = [f"{person} has a {color} {obj}."]
+            if rng.random() < 0.5:
+                sentences.insert(rng.randrange(2), went)
+            context, answer = " ".join(sentences), f"a {color} {obj}"
+        items.append({"title": "Synthetic", "context": context, "question": f"What does {person} have?",
+                      "answer": answer})
     return items
 
 
@@ -115,10 +125,7 @@ def finetune_corpus(facts: dict, rng: random.Random, count: int, squad_share: fl
     texts = []
     for _ in range(count):
         if rng.random() < squad_share:
-            # Stories of one and two people too: copying the one answer there is what teaches a small
-            # model to find and copy the asked-for one among three (the evaluation's stories).
-            raw = squad_items(1, rng.randrange(1 << 30), people_per_story=rng.choice((1, 2, 3, 3)),
-                              unanswerable_share=1 / 3)[0]
+            raw = squad_items(1, rng.randrange(1 << 30), unanswerable_share=1 / 3)[0]
             item = SquadItem("x", "", raw["context"], raw["question"], (raw["answer"],) if raw["answer"] else ())
             texts.append((squad_prompt(item), f" {raw['answer'] or NO_ANSWER}"))
         else:
