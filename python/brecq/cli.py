@@ -185,7 +185,7 @@ def _generate(args) -> int:
     sys.stdout.write("\n")
     generated = out.shape[1] - ids.shape[1]
     engine = "brecq C++ runtime" if decoder is not None else "transformers"
-    print(f"[{generated} tokens in {seconds:.2f} s, the {ids.shape[1]}-token prompt's prefill included "
+    print(f"[{generated} token{'s' if generated != 1 else ''} in {seconds:.2f} s, the {ids.shape[1]}-token prompt's prefill included "
           f"({generated / seconds if seconds else 0:.1f} tokens/s); {engine}, {torch.get_num_threads()} threads]",
           file=sys.stderr)
     return 0
