@@ -36,6 +36,23 @@ def _inputs(batch, q_heads, kv_heads, kv_len, head_dim, dtype, seed=0):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256, 48], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("kv_len", [1, 15, 16, 17, 300, 2049], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16, 17], ids=lambda g: f"g{g}")
+def test_bfloat16_cache_kernel_on_every_isa(isa, group, kv_len, head_dim):
+    """bfloat16 without a mask is where the AVX-512 kernel (VDPBF16PS scores, register accumulators
+    for the common shapes) takes over; head sizes not a multiple of 32 and groups over 16 stay on the
+    portable one. Every ISA against the reference, in the decoder's shape: one sequence, a strided
+    cache with room beyond the filled positions."""
+    kv_heads = 2
+    q, k, v = _inputs(1, kv_heads * group, kv_heads, kv_len + 5, head_dim, torch.bfloat16, seed=kv_len)
+    k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # strided views, as the decoder's cache
+    scale = head_dim ** -0.5
+    out = attention.decode_attention(q, k, v, None, scale)
+    expected = reference.decode_attention(q, k, v, None, scale)
+    torch.testing.assert_close(out.float(), expected.float(), **_tolerance(torch.bfloat16))
+
+
 def _mask(kind, batch, kv_len, seed=0):
     if kind == "none":
         return None
