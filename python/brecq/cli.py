@@ -180,7 +180,7 @@ def _generate(args) -> int:
     started = time.perf_counter()
     out = generate(model, ids, args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, decoder=decoder,
-                   use_runtime=not args.transformers, on_token=show)
+                   use_runtime=decoder is not None, on_token=show)
     seconds = time.perf_counter() - started
     sys.stdout.write("\n")
     generated = out.shape[1] - ids.shape[1]

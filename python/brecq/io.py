@@ -152,6 +152,20 @@ def verify_weights(weights: Path, recorded: str | None, hint: str = "") -> None:
                                 f"(the file is truncated or was edited); refusing it{hint}")
 
 
+def open_saved(path, verify: bool = True) -> tuple[dict, dict, Path]:
+    """The Hugging Face config (without ``quantization_config``), the quantization record and the
+    weights file of a :func:`save_quantized` folder, the checksum verified (``verify``)."""
+    path = Path(path)
+    config = read_quantization_config(path)
+    qc = config.pop("quantization_config")
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{path}: model.safetensors is missing")
+    if verify:
+        verify_weights(weights, qc.get("weights_sha256"))
+    return config, qc, weights
+
+
 def read_quantization_config(path) -> dict:
     config_file = Path(path) / "config.json"
     if not config_file.exists():
@@ -176,14 +190,7 @@ def load_quantized(path, device="cpu", verify: bool = True, gather_weights: bool
     fewer, larger calls per decode step; such a model cannot be saved again)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
-    config_dict = read_quantization_config(path)
-    qc = config_dict.pop("quantization_config")
-    weights = path / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{path}: model.safetensors is missing")
-    if verify:
-        verify_weights(weights, qc.get("weights_sha256"))
+    config_dict, qc, weights = open_saved(path, verify)
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **{k: v for k, v in config_dict.items()
                                                  if k not in ("transformers_version", "architectures")})

@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from brecq_ext import ops
 
-from ..io import CorruptCheckpoint, read_quantization_config, verify_weights
+from ..io import CorruptCheckpoint, open_saved
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,7 @@ def read_checkpoint(path, verify: bool = True) -> QuantizedCheckpoint:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected the output folder of `brecq quantize`)")
-    config = read_quantization_config(path)
-    qc = config.pop("quantization_config")
-    weights = path / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{path}: model.safetensors is missing")
-    if verify:
-        verify_weights(weights, qc.get("weights_sha256"))
+    config, qc, weights = open_saved(path, verify)
     try:
         with safe_open(str(weights), framework="pt") as f:
             stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
@@ -98,15 +92,19 @@ def read_checkpoint(path, verify: bool = True) -> QuantizedCheckpoint:
         bias = stored.pop(f"{name}.bias", None)
         codes = ops.unpack(packed, spec["bits"], spec["group_size"], spec["in_features"])
         checkpoint.layers[name] = QuantizedLayer(name, spec["bits"], spec["group_size"], codes, scale, zero, bias)
+    _untie(checkpoint, stored, weights)
+    return checkpoint
+
+
+def _untie(checkpoint: QuantizedCheckpoint, stored: dict, where: Path) -> None:
+    """Tied tensors are stored once, under either name: keep them as the embeddings alone."""
     if checkpoint.tied_embeddings:
-        # Tied tensors are stored once, under either name: keep them as the embeddings alone.
         shared = stored.pop("lm_head.weight", None)
         stored.setdefault("model.embed_tokens.weight", shared)
         if stored["model.embed_tokens.weight"] is None:
-            raise CorruptCheckpoint(f"{weights}: tied embeddings are stored under neither "
+            raise CorruptCheckpoint(f"{where}: tied embeddings are stored under neither "
                                     "model.embed_tokens.weight nor lm_head.weight")
     checkpoint.tensors = stored
-    return checkpoint
 
 
 def read_full_precision(path) -> QuantizedCheckpoint:
@@ -133,10 +131,7 @@ def read_full_precision(path) -> QuantizedCheckpoint:
         except SafetensorError as exc:
             raise CorruptCheckpoint(f"{shard}: not a readable safetensors file ({exc})") from None
     checkpoint = QuantizedCheckpoint(path, config, {})
-    if checkpoint.tied_embeddings:
-        shared = stored.pop("lm_head.weight", None)
-        stored.setdefault("model.embed_tokens.weight", shared)
-    checkpoint.tensors = stored
+    _untie(checkpoint, stored, path)
     return checkpoint
 
 

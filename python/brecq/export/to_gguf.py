@@ -265,18 +265,15 @@ def _file_type(report: GGUFExportReport) -> int:
     import gguf
 
     by_type: dict[str, int] = {}
-    for row in report.quantized_rows():
+    # A full-precision model (no quantized rows) is named by the type of most of its weights.
+    for row in report.quantized_rows() or report.rows:
         by_type[row["ggml_type"]] = by_type.get(row["ggml_type"], 0) + row["weights"]
-    if not by_type:  # a full-precision model: named by the type of most of its weights
-        for row in report.rows:
-            by_type[row["ggml_type"]] = by_type.get(row["ggml_type"], 0) + row["weights"]
-        main = max(by_type, key=by_type.get) if by_type else "F32"
-        return {"BF16": gguf.LlamaFileType.MOSTLY_BF16, "F16": gguf.LlamaFileType.MOSTLY_F16}.get(
-            main, gguf.LlamaFileType.ALL_F32)
+    if not by_type:
+        return gguf.LlamaFileType.ALL_F32
     main = max(by_type, key=by_type.get)
     return {"Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
-            "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F16": gguf.LlamaFileType.MOSTLY_F16}.get(
-        main, gguf.LlamaFileType.ALL_F32)
+            "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F16": gguf.LlamaFileType.MOSTLY_F16,
+            "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(main, gguf.LlamaFileType.ALL_F32)
 
 
 def _log_inexact(report: GGUFExportReport) -> None:

@@ -150,7 +150,6 @@ class CpuDecoder:
             embedding.data_ptr(), embedding.dtype is torch.bfloat16, self._norm(inner.norm),
             self._linear(model.lm_head), layers, int(threads))
         self._logits = torch.empty(self.vocab, dtype=torch.float32)
-        self._tokens = torch.empty(0, dtype=torch.int64)
 
     # -- weights ---------------------------------------------------------------------------------
     def _hold(self, tensor: Tensor) -> int:

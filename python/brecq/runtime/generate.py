@@ -96,8 +96,10 @@ def prefill(decoder: CpuDecoder, prompt: Tensor) -> Tensor:
     prompts go through transformers' batched forward and its cache is handed over."""
     decoder.reset()
     if prompt.numel() >= HANDOVER_MIN_TOKENS:
-        out = decoder.model(prompt[None], use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        from ..measure import _cache_of, _last_logits_only
+
+        out = decoder.model(prompt[None], use_cache=True, **_last_logits_only(decoder.model))
+        cache = _cache_of(out)
         lengths = {entry.keys.shape[2] for entry in getattr(cache, "layers", [])}
         if lengths == {prompt.numel()}:
             decoder.prefill_from(cache)
