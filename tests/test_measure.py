@@ -109,3 +109,18 @@ def test_prefill_computes_the_last_position_logits_only():
     decoder = StaticDecoder(model, max_tokens=16, use_graph=False)
     decoder.step(decoder.prefill(torch.zeros(1, 8, dtype=torch.long)))
     assert positions == [1, 1]
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents(tmp_path):
+    """ru_maxrss survives exec on Linux; a child of a large process must still report its own peak."""
+    import subprocess
+    import sys
+
+    from brecq.measure import peak_rss_mib
+
+    ballast = torch.ones(400 * 2**20 // 4)  # 400 MiB held by this process while the child runs
+    assert peak_rss_mib() > 400
+    done = subprocess.run([sys.executable, "-c", "from brecq.measure import peak_rss_mib; print(peak_rss_mib())"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=True)
+    assert float(done.stdout.strip()) < 300, done.stdout
+    del ballast

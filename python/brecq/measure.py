@@ -449,16 +449,16 @@ def cuda_memory(model, prompt_tokens: int = 128, decode_tokens: int = 32) -> dic
 
 
 _RSS_SCRIPT = """
-import json, resource, sys, torch
+import json, sys, torch
 from brecq.io import load_model_any
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from brecq.measure import peak_rss_mib
+baseline = peak_rss_mib()
 model, _ = load_model_any(sys.argv[1])
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loaded = peak_rss_mib()
 with torch.no_grad():
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, int(sys.argv[2])))
     model.generate(ids, max_new_tokens=int(sys.argv[3]), min_new_tokens=int(sys.argv[3]), do_sample=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"baseline_mib": baseline / 1024, "after_load_mib": loaded / 1024, "peak_mib": peak / 1024}))
+print(json.dumps({"baseline_mib": baseline, "after_load_mib": loaded, "peak_mib": peak_rss_mib()}))
 """
 
 
@@ -477,8 +477,29 @@ def cpu_peak_rss(model_path: str | Path, prompt_tokens: int = 128, decode_tokens
     return result
 
 
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident memory in MiB: Linux's VmHWM, which starts afresh at exec.
+    (``getrusage``'s ru_maxrss does not: a child started from a large process reports its parent's
+    peak until it exceeds it, so it cannot measure a small child.) ru_maxrss where there is no
+    /proc."""
+    hwm = _status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mib() -> float | None:
+    """This process's resident memory now, in MiB (VmRSS), or None where there is no /proc."""
+    return _status_mib("VmRSS")
 
 
 def as_dict(obj) -> dict:
