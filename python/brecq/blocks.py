@@ -46,7 +46,7 @@ class BlockCall:
 
     kwargs: dict
 
-    def to(self, device) -> "BlockCall":
+    def to(self, device) -> BlockCall:
         def move(v):
             if isinstance(v, torch.Tensor):
                 return v.to(device)
@@ -57,9 +57,12 @@ class BlockCall:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, BlockCall]:
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor,
+                         inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockCall]:
     """Hidden states entering the first block, float32 ``[N, T, D]`` on CPU, for calibration ids
-    ``[N, T]``; the model runs one sample at a time and stops at the first block."""
+    ``[N, T]``; the model runs one sample at a time and stops at the first block. With
+    ``inputs_embeds`` (``[N, T, D]``, the embeddings of ``input_ids``) the model starts from those
+    and never touches its embedding table (a skeleton whose weights are elsewhere)."""
     blocks = decoder_blocks(model)
     captured: list[torch.Tensor] = []
     call: dict = {}
@@ -72,11 +75,14 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[tor
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if inputs_embeds is None else torch.device("cpu")
     try:
-        for row in input_ids:
+        for i, row in enumerate(input_ids):
             try:
-                model(row.unsqueeze(0).to(device), use_cache=False)
+                if inputs_embeds is None:
+                    model(row.unsqueeze(0).to(device), use_cache=False)
+                else:
+                    model(inputs_embeds=inputs_embeds[i:i + 1], use_cache=False)
             except _StopForward:
                 pass
     finally:

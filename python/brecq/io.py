@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 from torch import nn
 
 from brecq_ext import (
@@ -29,6 +27,13 @@ from brecq_ext.arena import gather_quantized_weights
 
 from . import __version__
 from .blocks import set_submodule
+from .streaming.safetensors_io import (
+    MalformedSafetensors,
+    SafetensorsFile,
+    TensorEntry,
+    tensor_entry,
+    write_safetensors,
+)
 
 log = logging.getLogger("brecq")
 
@@ -101,9 +106,34 @@ def quantized_modules(model: nn.Module) -> dict[str, dict]:
             for name, m in quant_linear_layers(model)}
 
 
+def duplicate_names(model: nn.Module) -> set[str]:
+    """Names of parameters and buffers that are a second name of one met earlier in module order
+    (tied embeddings and lm_head): checkpoints store each tensor once, under its first name."""
+    seen: set[int] = set()
+    duplicates = set()
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        if id(tensor) in seen:
+            duplicates.add(name)
+        seen.add(id(tensor))
+    return duplicates
+
+
+def model_tensor_entries(model: nn.Module) -> list[TensorEntry]:
+    """The tensors ``save_quantized`` writes for a model in memory: its state dict (packed weights
+    row-major), each tied tensor once."""
+    skip = duplicate_names(model)
+    return [tensor_entry(name, tensor) for name, tensor in model.state_dict().items() if name not in skip]
+
+
 def save_quantized(model: nn.Module, out_dir, *, recipe: dict, calibration: dict | None, summary: str = "",
-                   extra: dict | None = None, tokenizer=None, tokenizer_source=None) -> Path:
-    """Write a quantized model (QuantLinear layers) to ``out_dir``; returns the directory."""
+                   extra: dict | None = None, tokenizer=None, tokenizer_source=None,
+                   tensors: list[TensorEntry] | None = None) -> Path:
+    """Write a quantized model (QuantLinear layers) to ``out_dir``; returns the directory.
+
+    ``tensors`` (default: the model's own, :func:`model_tensor_entries`) lets a model that is a
+    skeleton on the meta device be written from tensors streamed from elsewhere (streamed
+    quantization); the file is the same either way, one tensor at a time in memory."""
     fused = [name for name, module in model.named_modules() if isinstance(module, FusedQuantLinear)]
     if fused:
         # Its state dict names the fused layers, which no loader maps back onto the model's own.
@@ -114,7 +144,9 @@ def save_quantized(model: nn.Module, out_dir, *, recipe: dict, calibration: dict
     weights = out / "model.safetensors"
     tmp = _atomic_target(weights)
     try:
-        save_model(model, str(tmp), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        with open(tmp, "wb") as f:
+            write_safetensors(f, tensors if tensors is not None else model_tensor_entries(model),
+                              metadata={"format": "pt", "quant_method": QUANT_METHOD})
         _commit(tmp, weights)
     finally:
         tmp.unlink(missing_ok=True)
@@ -196,27 +228,15 @@ def load_quantized(path, device="cpu", verify: bool = True, gather_weights: bool
                                                  if k not in ("transformers_version", "architectures")})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+        for name, spec in qc["modules"].items():
+            set_submodule(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
+                                                   spec["group_size"], bias=spec["bias"]))
+    # Memory for what the file holds, and no more: the layers are packed before anything is allocated.
     model = model.to_empty(device="cpu")
     _reset_rotary(model)
-    for name, spec in qc["modules"].items():
-        set_submodule(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
-                                               spec["group_size"], bias=spec["bias"]))
-    model.tie_weights()  # before loading: tied tensors are stored once, under one of their names
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except SafetensorError as exc:
-        raise CorruptCheckpoint(f"{weights}: not a readable safetensors file ({exc})") from None
-    # Tied parameters (lm_head / embeddings) are stored once under one of their names.
-    aliases: dict[int, set] = {}
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
-            model.named_buffers(remove_duplicate=False)):
-        aliases.setdefault(id(tensor), set()).add(name)
-    stored = set(model.state_dict()) - set(missing)
-    missing = [m for m in missing
-               if not any(other in stored for names in aliases.values() if m in names for other in names)]
-    if missing or unexpected:
-        raise CorruptCheckpoint(f"{weights}: tensors do not match the recorded layout "
-                                f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if not isinstance(model.get_output_embeddings(), QuantLinear):  # a packed head is its own tensor
+        model.tie_weights()  # tied tensors are stored once, under one of their names
+    read_weights(model, weights)
     model.eval()
     model = model.to(device)
     if fuse_projections:
@@ -224,6 +244,58 @@ def load_quantized(path, device="cpu", verify: bool = True, gather_weights: bool
     if gather_weights:
         gather_quantized_weights(model)  # CPU layers only
     return model
+
+
+def read_weights(model: nn.Module, weights: Path) -> None:
+    """Fill ``model``'s parameters and persistent buffers from the safetensors file ``weights``, a
+    tensor (or a 64 MiB slab of one) at a time. Every tensor of the model must be in the file, under
+    its own name or a tied one's, and nothing else may be."""
+    try:
+        file = SafetensorsFile(weights)
+    except MalformedSafetensors as exc:
+        raise CorruptCheckpoint(str(exc)) from None
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        aliases.setdefault(id(tensor), []).append(name)
+    stored, used, missing, done = set(file.tensors), set(), [], set()
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            if isinstance(module, QuantLinear):  # row-major in the file, whatever the layer's layout
+                keys = list(module.state_dict())
+                absent = [prefix + k for k in keys if prefix + k not in stored]
+                missing += absent
+                if not absent:
+                    try:
+                        module.load_state_dict({k: file.read(prefix + k) for k in keys})
+                    except RuntimeError as exc:
+                        raise CorruptCheckpoint(f"{weights}: {module_name} does not match the recorded layout "
+                                                f"({exc})") from None
+                    used.update(prefix + k for k in keys)
+                continue
+            own = [(k, t) for k, t in module._parameters.items() if t is not None]
+            own += [(k, t) for k, t in module._buffers.items()
+                    if t is not None and k not in module._non_persistent_buffers_set]
+            for key, tensor in own:
+                if id(tensor) in done:
+                    continue
+                names = [prefix + key] + [n for n in aliases[id(tensor)] if n != prefix + key]
+                name = next((n for n in names if n in stored), None)
+                if name is None:
+                    missing.append(prefix + key)
+                    continue
+                info = file.tensors[name]
+                if tuple(info.shape) != tuple(tensor.shape):
+                    raise CorruptCheckpoint(f"{weights}: {name} has shape {list(info.shape)}, the model needs "
+                                            f"{list(tensor.shape)}")
+                file.read_into(name, tensor)
+                used.add(name)
+                done.add(id(tensor))
+    unexpected = sorted(stored - used)
+    if missing or unexpected:
+        raise CorruptCheckpoint(f"{weights}: tensors do not match the recorded layout "
+                                f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def _reset_rotary(model: nn.Module) -> None:

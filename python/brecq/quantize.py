@@ -6,8 +6,8 @@ import enum
 import hashlib
 import json
 import logging
-import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,12 +19,27 @@ from tqdm.auto import tqdm
 from brecq_ext import QuantLinear, gather_quantized_weights
 
 from .baselines import GPTQConfig, gptq_block, rtn_layer
-from .blocks import (ActivationStore, BlockCall, capture_block_inputs, decoder_blocks, linear_layers, run_block,
-                     set_submodule)
+from .blocks import (
+    ActivationStore,
+    BlockCall,
+    capture_block_inputs,
+    decoder_blocks,
+    linear_layers,
+    run_block,
+    set_submodule,
+)
 from .io import atomic_save_tensors, atomic_write_text
 from .recipe import Method, Recipe
-from .reconstruct import (InputSource, LayerCodes, LossKind, ReconstructionConfig, _reconstruction_loss,
-                          reconstruct_block)
+from .reconstruct import (
+    InputSource,
+    LayerCodes,
+    LossKind,
+    ReconstructionConfig,
+    _reconstruction_loss,
+    reconstruct_block,
+)
+from .streaming.safetensors_io import ShardedCheckpoint
+from .streaming.skeleton import StreamedWeights, skeleton_from_folder, streamed_entries
 
 log = logging.getLogger("brecq")
 
@@ -70,7 +85,9 @@ def plain_dict(config) -> dict:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from .measure import peak_rss_mib
+
+    return peak_rss_mib()
 
 
 def _block_prefix(model: nn.Module, block: nn.Module) -> str:
@@ -80,16 +97,31 @@ def _block_prefix(model: nn.Module, block: nn.Module) -> str:
     raise ValueError("block is not part of the model")
 
 
-def _fingerprint(model: nn.Module, recipe: Recipe, ids: torch.Tensor | None, settings: dict) -> str:
+def _fingerprint(contents, recipe: Recipe, ids: torch.Tensor | None, settings: dict) -> str:
+    """What a run's checkpoints depend on: the recipe and settings, every tensor of the model
+    (``contents``: name and its contents as chunks, in state-dict order) and the calibration ids.
+    Hashes bytes, so a model in memory and the same model streamed from its checkpoint agree."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"recipe": recipe.to_dict(), "settings": settings}, sort_keys=True,
                              default=str).encode())
-    for name, p in model.state_dict().items():
+    for name, chunks in contents:
         digest.update(name.encode())
-        digest.update(str(float(p.double().sum())).encode())
+        for chunk in chunks:
+            data = chunk.detach().reshape(-1).cpu().contiguous()
+            digest.update(str(data.dtype).encode())
+            if data.numel():
+                digest.update(memoryview(data.view(torch.uint8).numpy()))
     if ids is not None:
         digest.update(ids.numpy().tobytes())
     return digest.hexdigest()
+
+
+def block_checkpoint(work: Path, index: int) -> Path:
+    return work / f"block_{index:03d}.safetensors"
+
+
+def outside_checkpoint(work: Path, name: str) -> Path:
+    return work / f"outside_{name}.safetensors"
 
 
 def _to_quant_linear(linear: nn.Linear, result: LayerCodes) -> QuantLinear:
@@ -166,7 +198,7 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
              reconstruction: ReconstructionConfig = ReconstructionConfig(), gptq: GPTQConfig = GPTQConfig(),
              device: str | torch.device = "cpu", work_dir: str | Path | None = None,
              activation_dir: str | Path | None = None, forward_batch_size: int = 8,
-             show_progress: bool = True) -> QuantizationReport:
+             show_progress: bool = True, source: ShardedCheckpoint | None = None) -> QuantizationReport:
     """Quantize ``model`` in place: every linear layer the recipe assigns becomes a QuantLinear.
 
     ``calibration``: token ids int64 [N, T] (needed by BRECQ and GPTQ). Only the block being
@@ -177,6 +209,14 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
     are memory-mapped files there instead of CPU memory. At the end, the packed weights of the
     model's CPU layers are gathered into one huge-page region in module order
     (``brecq_ext.gather_quantized_weights``), where decode reads them fastest.
+
+    Streamed (``source`` given): ``model`` is a skeleton on the meta device
+    (``brecq.streaming.skeleton_from_folder``) and ``source`` the checkpoint it was built from.
+    Each block's weights are read when its turn comes and given back once its packed layers are
+    in ``work_dir`` (required); the embeddings are read a slab at a time for the calibration
+    tokens, and layers outside the blocks one at a time. Memory is about one block's, not the
+    model's; the model stays a skeleton (its quantized layers on the meta device), and
+    ``streamed_entries`` gives what ``save_quantized`` writes, the same file as in memory.
     """
     started = time.perf_counter()
     device = torch.device(device)
@@ -185,8 +225,17 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
     assignment = recipe.assign(model)
     report = QuantizationReport(method=recipe.method.value, recipe=recipe.to_dict())
     model.eval()
+    weights = None
+    if source is not None:
+        if work_dir is None:
+            raise ValueError("quantize: streamed quantization (source given) needs work_dir, where each block's "
+                             "packed layers are kept until the model is saved")
+        if recipe.method is Method.BRECQ and reconstruction.loss is LossKind.FISHER:
+            raise ValueError("quantize: the Fisher loss needs gradients through the whole model at once; use "
+                             "loss mse for streamed quantization, or load the model in memory")
+        weights = StreamedWeights(model, source)
 
-    if recipe.method is Method.RTN:
+    if recipe.method is Method.RTN and weights is None:
         for name, rule in assignment.items():
             linear = model.get_submodule(name)
             set_submodule(model, name, _to_quant_linear(linear, rtn_layer(linear, rule, recipe.clipping)))
@@ -196,11 +245,14 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
         report.peak_rss_mib = _peak_rss_mib()
         return report
 
-    if calibration is None:
-        raise ValueError(f"quantize: method {recipe.method.value} needs calibration token ids [N, T]")
-    if calibration.dtype != torch.long or calibration.dim() != 2:
-        raise ValueError(f"quantize: calibration must be int64 token ids [N, T], got {calibration.dtype} "
-                         f"{tuple(calibration.shape)}")
+    if recipe.method is not Method.RTN:
+        if calibration is None:
+            raise ValueError(f"quantize: method {recipe.method.value} needs calibration token ids [N, T]")
+        if calibration.dtype != torch.long or calibration.dim() != 2:
+            raise ValueError(f"quantize: calibration must be int64 token ids [N, T], got {calibration.dtype} "
+                             f"{tuple(calibration.shape)}")
+    else:
+        calibration = None  # RTN reads no activations
     blocks = decoder_blocks(model)
     prefixes = [_block_prefix(model, block) for block in blocks]
     per_block = [{name[len(prefix):]: rule for name, rule in assignment.items() if name.startswith(prefix)}
@@ -213,7 +265,9 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
         work.mkdir(parents=True, exist_ok=True)
         settings = {"reconstruction": plain_dict(reconstruction), "gptq": plain_dict(gptq), "device": device.type,
                     "forward_batch_size": forward_batch_size}
-        fingerprint = _fingerprint(model, recipe, calibration, settings)
+        contents = (weights.named_contents() if weights is not None
+                    else ((name, [t]) for name, t in model.state_dict().items()))
+        fingerprint = _fingerprint(contents, recipe, calibration, settings)
         run_file = work / "run.json"
         if run_file.exists():
             previous = json.loads(run_file.read_text()).get("fingerprint")
@@ -223,24 +277,33 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
         else:
             atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}, indent=2))
 
-    log.info("capturing block inputs for %d calibration samples", calibration.shape[0])
-    captured, call = capture_block_inputs(model, calibration)
-    store = ActivationStore(activation_dir)
-    hidden = store.empty(captured)
-    hidden.copy_(captured)
-    del captured
-    fisher = None
-    if recipe.method is Method.BRECQ and reconstruction.loss is LossKind.FISHER:
-        log.info("collecting Fisher weights (squared LM-loss gradients of each block output)")
-        fisher = collect_fisher(model, calibration)
+    hidden = call = fisher = store = None
+    if calibration is not None:
+        log.info("capturing block inputs for %d calibration samples", calibration.shape[0])
+        captured, call = capture_block_inputs(
+            model, calibration, inputs_embeds=weights.embeddings(calibration) if weights is not None else None)
+        store = ActivationStore(activation_dir)
+        hidden = store.empty(captured)
+        hidden.copy_(captured)
+        del captured
+        if recipe.method is Method.BRECQ and reconstruction.loss is LossKind.FISHER:
+            log.info("collecting Fisher weights (squared LM-loss gradients of each block output)")
+            fisher = collect_fisher(model, calibration)
     fp_in, q_in = hidden, hidden
 
     bar = tqdm(list(enumerate(blocks)), desc=f"{recipe.method.value} blocks", disable=not show_progress)
     for i, block in bar:
         rules = per_block[i]
-        targets = run_block(block, fp_in, call, device, forward_batch_size, out=store.empty(fp_in))
-        checkpoint = work / f"block_{i:03d}.safetensors" if work is not None else None
-        if checkpoint is not None and checkpoint.exists():
+        checkpoint = block_checkpoint(work, i) if work is not None else None
+        resuming = checkpoint is not None and checkpoint.exists()
+        if weights is not None:
+            if resuming and calibration is None:  # nothing to run: the packed layers are all it needs
+                _release_quantized(weights, block, prefixes[i], rules)
+                continue
+            weights.load(prefixes[i][:-1])
+        targets = (run_block(block, fp_in, call, device, forward_batch_size, out=store.empty(fp_in))
+                   if calibration is not None else None)
+        if resuming:
             record = _load_block(checkpoint, block, rules)
         elif rules:
             inputs = q_in if reconstruction.input_source is InputSource.QUANTIZED else fp_in
@@ -251,18 +314,33 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
                 _save_block(checkpoint, block, rules, record)
         else:
             record = BlockRecord(i, 0, None, 0.0, 0.0)
-        report.blocks.append(record)
-        bar.set_postfix(loss=f"{record.loss_final:.4g}")
-        q_next = run_block(block, q_in, call, device, forward_batch_size, out=store.empty(q_in))
-        for used in {id(fp_in): fp_in, id(q_in): q_in}.values():
-            store.release(used)
-        q_in, fp_in = q_next, targets
-    store.close()
+        if recipe.method is not Method.RTN:
+            report.blocks.append(record)
+            bar.set_postfix(loss=f"{record.loss_final:.4g}")
+        if calibration is not None:
+            q_next = run_block(block, q_in, call, device, forward_batch_size, out=store.empty(q_in))
+            for used in {id(fp_in): fp_in, id(q_in): q_in}.values():
+                store.release(used)
+            q_in, fp_in = q_next, targets
+        if weights is not None:
+            _release_quantized(weights, block, prefixes[i], rules)
+    if store is not None:
+        store.close()
     for name in outside:
-        linear = model.get_submodule(name)
-        set_submodule(model, name, _to_quant_linear(linear, rtn_layer(linear, assignment[name], recipe.clipping)))
-    report.outside_blocks = outside
-    gather_quantized_weights(model)
+        if weights is None:
+            linear = model.get_submodule(name)
+            set_submodule(model, name, _to_quant_linear(linear, rtn_layer(linear, assignment[name], recipe.clipping)))
+            continue
+        checkpoint = outside_checkpoint(work, name)
+        if not checkpoint.exists():  # one layer in memory at a time, its checkpoint written before the next
+            linear = weights.load(name)
+            layer = _to_quant_linear(linear, rtn_layer(linear, assignment[name], recipe.clipping))
+            atomic_save_tensors({f"{name}.{k}": v for k, v in layer.state_dict().items()}, checkpoint)
+            del layer
+        _release_quantized(weights, model, "", {name: assignment[name]})
+    report.outside_blocks = list(assignment) if recipe.method is Method.RTN else outside
+    if weights is None:
+        gather_quantized_weights(model)
     report.seconds = time.perf_counter() - started
     report.peak_rss_mib = _peak_rss_mib()
     if device.type == "cuda":
@@ -272,10 +350,41 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
     return report
 
 
+def _release_quantized(weights: StreamedWeights, parent: nn.Module, prefix: str, rules) -> None:
+    """Streamed runs: give ``parent``'s memory back, its assigned layers now packed placeholders on
+    the meta device (their contents are in the work folder)."""
+    for name, rule in rules.items():
+        linear = parent.get_submodule(name)
+        bias = getattr(linear, "bias", None)
+        set_submodule(parent, name, QuantLinear(linear.in_features, linear.out_features, rule.bits, rule.group_size,
+                                                bias=bias is not None, device="meta",
+                                                bias_dtype=bias.dtype if bias is not None else torch.float32))
+    if prefix:
+        weights.release(prefix[:-1])
+
+
+def saved_layer_location(model: nn.Module, work: Path) -> Callable[[str], tuple[Path, str]]:
+    """Where a streamed run keeps each packed layer: the block checkpoint and the layer's name
+    inside it, or the layer's own file for layers outside the blocks."""
+    prefixes = [_block_prefix(model, block) for block in decoder_blocks(model)]
+
+    def locate(name: str) -> tuple[Path, str]:
+        for i, prefix in enumerate(prefixes):
+            if name.startswith(prefix):
+                return block_checkpoint(work, i), name[len(prefix):]
+        return outside_checkpoint(work, name), name
+    return locate
+
+
 def _quantize_block(block, index, rules, inputs, targets, call: BlockCall, recipe: Recipe,
                     reconstruction: ReconstructionConfig, gptq: GPTQConfig, device, fisher, batch_size,
                     show_progress) -> BlockRecord:
     layers = linear_layers(block)
+    if recipe.method is Method.RTN:  # streamed runs only: in memory, RTN needs no block loop
+        started = time.perf_counter()
+        for name, rule in rules.items():
+            set_submodule(block, name, _to_quant_linear(layers[name], rtn_layer(layers[name], rule, recipe.clipping)))
+        return BlockRecord(index, len(rules), None, float("nan"), time.perf_counter() - started)
     if recipe.method is Method.BRECQ:
         result = reconstruct_block(block, rules, inputs, targets, call, reconstruction, recipe.clipping, device,
                                    fisher=fisher, block_index=index, show_progress=show_progress)
@@ -312,19 +421,31 @@ def summary_markdown(report: QuantizationReport, source: str, calibration: dict 
 def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibration=None, *,
                         reconstruction: ReconstructionConfig = ReconstructionConfig(),
                         gptq: GPTQConfig = GPTQConfig(), device: str = "cpu", work_dir: str | None = None,
-                        keep_work_dir: bool = False,
-                        activation_dir: str | None = None, show_progress: bool = True):
-    """Load a Hugging Face causal LM (float32), quantize it and save it to ``out_dir``. ``work_dir``
-    defaults to ``out_dir/.brecq_work`` so that an interrupted run resumes; once the model is saved
-    its checkpoints are removed (``keep_work_dir`` keeps them)."""
+                        keep_work_dir: bool = False, activation_dir: str | None = None,
+                        show_progress: bool = True, streamed: bool | None = None):
+    """Quantize a Hugging Face causal LM (weights in float32) and save it to ``out_dir``. Returns
+    ``(model, report)``; ``model`` is None when the run was streamed (load the result with
+    ``brecq.load_quantized(out_dir)``).
+
+    ``streamed`` (default: whenever the model is a local folder of safetensors weights and the loss
+    is not Fisher) reads one block's weights at a time instead of the whole model, and writes the
+    same file. ``work_dir`` defaults to ``out_dir/.brecq_work`` so that an interrupted run resumes;
+    once the model is saved its checkpoints are removed (``keep_work_dir`` keeps them). Streamed
+    runs keep cached block inputs and targets in memory-mapped files under the work folder when
+    they would take more than a quarter of the available memory (``activation_dir`` chooses the
+    folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calibration import CalibrationSpec, build_calibration
     from .io import check_model_path, save_quantized
 
     check_model_path(model_path)
+    fisher = recipe.method is Method.BRECQ and reconstruction.loss is LossKind.FISHER
+    if streamed is None:
+        folder = Path(model_path)
+        streamed = not fisher and folder.is_dir() and any(
+            (folder / name).exists() for name in ("model.safetensors", "model.safetensors.index.json"))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     ids = None
     if calibration is not None:
         if not isinstance(calibration, CalibrationSpec):
@@ -332,18 +453,45 @@ def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibrati
         coverage: dict = {}
         ids = build_calibration(tokenizer, calibration, coverage)
     work = Path(work_dir) if work_dir else Path(out_dir) / ".brecq_work"
-    report = quantize(model, recipe, ids, reconstruction=reconstruction, gptq=gptq, device=device,
-                      work_dir=work if ids is not None else None, activation_dir=activation_dir,
-                      show_progress=show_progress)
+    tensors = None
+    if streamed:
+        source = ShardedCheckpoint(model_path)
+        model = skeleton_from_folder(model_path)
+        if ids is not None and activation_dir is None:
+            need = 4 * ids.numel() * model.config.hidden_size * 4  # inputs, targets and the next pair, float32
+            if need > available_memory() / 4:
+                activation_dir = str(work / "activations")
+                log.info("cached block activations (%.0f MiB) go to memory-mapped files in %s", need / 2**20,
+                         activation_dir)
+        report = quantize(model, recipe, ids, reconstruction=reconstruction, gptq=gptq, device=device,
+                          work_dir=work, activation_dir=activation_dir, show_progress=show_progress, source=source)
+        tensors = streamed_entries(model, StreamedWeights(model, source), saved_layer_location(model, work))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        report = quantize(model, recipe, ids, reconstruction=reconstruction, gptq=gptq, device=device,
+                          work_dir=work if ids is not None else None, activation_dir=activation_dir,
+                          show_progress=show_progress)
     calib = {**calibration.describe(), **coverage} if calibration is not None else None
     extra = {"report": report.to_dict(),
              "reconstruction": plain_dict(reconstruction) if recipe.method is Method.BRECQ else None,
              "gptq": plain_dict(gptq) if recipe.method is Method.GPTQ else None}
     save_quantized(model, out_dir, recipe=recipe.to_dict(), calibration=calib,
-                   summary=summary_markdown(report, model_path, calib), extra=extra, tokenizer=tokenizer)
+                   summary=summary_markdown(report, model_path, calib), extra=extra, tokenizer=tokenizer,
+                   tensors=tensors)
     if not keep_work_dir:
         remove_work_dir(work)
-    return model, report
+    return (None if streamed else model), report
+
+
+def available_memory() -> int:
+    """Bytes the kernel reports as available (MemAvailable), or 8 GiB where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
 
 
 def remove_work_dir(work: Path) -> None:
@@ -352,8 +500,11 @@ def remove_work_dir(work: Path) -> None:
     work = Path(work)
     if not (work / "run.json").exists():
         return
-    for file in [work / "run.json", *work.glob("block_[0-9][0-9][0-9].safetensors"), *work.glob(".*.tmp")]:
+    for file in [work / "run.json", *work.glob("block_[0-9][0-9][0-9].safetensors"),
+                 *work.glob("outside_*.safetensors"), *work.glob(".*.tmp"), *work.glob("activations/activations_*.f32")]:
         file.unlink(missing_ok=True)
+    if (work / "activations").is_dir() and not any((work / "activations").iterdir()):
+        (work / "activations").rmdir()
     try:
         work.rmdir()
     except OSError:
