@@ -69,8 +69,13 @@ def _evaluate(args) -> int:
     from .evaluation.runner import Task, evaluate
     from .io import atomic_write_text, load_model_any
 
+    from .distributed import init_from_environment, rank_device
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, tokenizer = load_model_any(args.model, device=args.device, dtype=dtype)
+    w = init_from_environment(args.device)
+    if w.distributed and args.task in ("perplexity", "kl"):
+        raise UserError(f"eval --task {args.task} runs in one process; torchrun shares out arc, arc_gen and squad")
+    model, tokenizer = load_model_any(args.model, device=rank_device(args.device), dtype=dtype)
     if args.task in ("perplexity", "kl"):
         ids = token_stream(tokenizer, load_documents(args.data, tuple(args.columns or ())))
         if args.limit_tokens:
@@ -94,7 +99,8 @@ def _evaluate(args) -> int:
     result = evaluate(model, tokenizer, Task(args.task), args.data, args.out, limit=args.limit, seed=args.seed,
                       chat=args.chat_template, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       show_progress=not args.quiet, label=args.model)
-    print(json.dumps({k: v for k, v in result.items() if k != "data"}, indent=2))
+    if w.is_main:
+        print(json.dumps({k: v for k, v in result.items() if k != "data"}, indent=2))
     return 0
 
 
@@ -106,6 +112,7 @@ def _study(args) -> int:
         return 0
     if not args.config:
         raise UserError("study: give a config file (brecq study CONFIG.toml), or --example to print one")
+    from .distributed import init_from_environment
     from .study import load_study_config, run_study
 
     config = load_study_config(args.config)
@@ -113,8 +120,10 @@ def _study(args) -> int:
         from dataclasses import replace
 
         config = replace(config, output=args.output)
+    w = init_from_environment(config.device)
     results = run_study(config, show_progress=not args.quiet)
-    print(f"study '{config.name}' done in {results['seconds']:.1f} s: {config.output}/report.md")
+    if w.is_main:
+        print(f"study '{config.name}' done in {results['seconds']:.1f} s: {config.output}/report.md")
     return 0
 
 
@@ -386,6 +395,11 @@ def main(argv=None) -> int:
         _hide_library_progress_bars()
     try:
         return args.run(args)
+    except RuntimeError as exc:
+        if type(exc).__name__ != "RankFailed":  # brecq.distributed's, without importing torch here
+            raise
+        print(f"brecq: error: {exc}", file=sys.stderr)  # the failing rank prints its own error
+        return 1
     except KeyboardInterrupt:
         kept = getattr(args, "out", None) or getattr(args, "output", None)
         where = f" in {kept}" if kept else ""
@@ -400,6 +414,10 @@ def main(argv=None) -> int:
             message = f"{exc.filename}: {message}"
         print(f"brecq: error: {message.splitlines()[0]} (-v for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        dist = sys.modules.get("torch.distributed")  # never imported just for this
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -105,6 +105,19 @@ def _journal(path: Path, key) -> dict:
     return done
 
 
+def _journals(out: Path, key) -> dict:
+    """Records of every journal in ``out``: the one-process journal and each rank's of a run under
+    torchrun (any number of ranks: a rerun with another count resumes them all)."""
+    done: dict = {}
+    for path in sorted(out.glob("records.partial*.jsonl")):
+        done.update(_journal(path, key))
+    return done
+
+
+def _journal_path(out: Path, rank: int, size: int) -> Path:
+    return out / (PARTIAL if size == 1 else f"records.partial.rank{rank}.jsonl")
+
+
 def journal_header(task: Task, data_path, limit, seed, chat, max_new_tokens, journal_key=None) -> dict:
     """The first line of an evaluation journal: what its records belong to."""
     key = {"task": task.value, "data": str(data_path), "limit": limit, "seed": seed, "chat": chat,
@@ -121,55 +134,82 @@ def evaluate(model, tokenizer, task: Task, data_path, out_dir=None, *, limit: in
     With ``out_dir``, scored examples are journaled as they finish; an interrupted run resumes,
     reusing the records whose prompt is unchanged, if the journal was begun under the same
     ``journal_key`` (JSON-able: what identifies the model, data and settings; the study passes its
-    cache key). The task, data file, limit, seed, chat setting and generation length always count."""
+    cache key). The task, data file, limit, seed, chat setting and generation length always count.
+
+    Under torchrun (torch.distributed initialised), every rank calls this with its own copy of the
+    model: ranks take chunks of examples in turn, journal them to ``records.partial.rank<R>.jsonl``,
+    and every rank returns the same result; rank 0 writes the files, with the same records in the
+    same order as one process would. A rerun, with any number of ranks, resumes every journal."""
+    from ..distributed import agree, all_gather, broadcast, world
+
+    w = world()
     loader = load_squad if task is Task.SQUAD else load_arc
     items, report = loader(data_path, limit=limit, seed=seed)
     if not items:
         raise ValueError(f"{data_path}: no usable examples ({len(report.skipped)} rows could not be parsed)")
     out = Path(out_dir) if out_dir is not None else None
-    journal = out / PARTIAL if out is not None else None
     key = journal_header(task, data_path, limit, seed, chat, max_new_tokens, journal_key)["journal_key"]
-    cached = _journal(journal, key) if journal is not None else {}
+    # Rank 0 reads the journals and every rank takes its word, so all agree on what is left to do.
+    cached = broadcast(_journals(out, key) if out is not None and w.is_main else {})
     hashes = {item.id: prompt_hash(_prompt(task, item, tokenizer, chat)) for item in items}
     done = {i: Record(**r) for i, r in cached.items() if i in hashes and r["prompt_sha"] == hashes[i]}
     todo = [item for item in items if item.id not in done]
+    journal = _journal_path(out, w.rank, w.size) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        if done:
+        if done and w.is_main:
             log.info("%s: reusing %d scored examples", out, len(done))
+    # Examples are scored in chunks (sorted by length and batched within a chunk), and ranks take
+    # whole chunks in turn, so each example meets the same batch as in one process.
+    chunks = [todo[start:start + CHUNK] for start in range(0, len(todo), CHUNK)]
+    mine: list[Record] = []
     started = time.perf_counter()
-    for start in range(0, len(todo), CHUNK if journal is not None else max(1, len(todo))):
-        chunk = todo[start:start + (CHUNK if journal is not None else len(todo))]
-        if task is Task.ARC:
-            records = score_arc_loglikelihood(model, tokenizer, chunk, batch_size, show_progress)
-        elif task is Task.ARC_GENERATIVE:
-            records = score_arc_generative(model, tokenizer, chunk, chat, max_new_tokens or 16, batch_size, show_progress)
-        else:
-            records = score_squad(model, tokenizer, chunk, chat, max_new_tokens or 32, batch_size, show_progress)
-        for record in records:
-            done[record.id] = record
-        if journal is not None:
-            fresh = not journal.exists()
-            with open(journal, "a", encoding="utf-8") as f:
-                if fresh:
-                    f.write(json.dumps({"journal_key": key}) + "\n")  # = journal_header(...)
-                f.write("".join(json.dumps(asdict(r)) + "\n" for r in records))
-                f.flush()
-                os.fsync(f.fileno())
-    seconds = time.perf_counter() - started
+    error = None
+    try:
+        for chunk in chunks[w.rank::w.size]:
+            progress = show_progress and w.is_main
+            if task is Task.ARC:
+                records = score_arc_loglikelihood(model, tokenizer, chunk, batch_size, progress)
+            elif task is Task.ARC_GENERATIVE:
+                records = score_arc_generative(model, tokenizer, chunk, chat, max_new_tokens or 16, batch_size,
+                                               progress)
+            else:
+                records = score_squad(model, tokenizer, chunk, chat, max_new_tokens or 32, batch_size, progress)
+            mine += records
+            if journal is not None:
+                fresh = not journal.exists()
+                with open(journal, "a", encoding="utf-8") as f:
+                    if fresh:
+                        f.write(json.dumps({"journal_key": key}) + "\n")  # = journal_header(...)
+                    f.write("".join(json.dumps(asdict(r)) + "\n" for r in records))
+                    f.flush()
+                    os.fsync(f.fileno())
+    except Exception as exc:  # every rank stops, and nothing below is written
+        error = exc
+    agree(error, f"evaluation of {label or task.value} on {Path(data_path).name}")
+    gathered = all_gather(([asdict(r) for r in mine], time.perf_counter() - started))
+    for records, _ in gathered:
+        for r in records:
+            done[r["id"]] = Record(**r)
+    seconds = max(elapsed for _, elapsed in gathered)  # the slowest rank's wall time
     records = [done[item.id] for item in items]
     result = {"task": task.value, "label": label, "data": report.describe(), "n": len(records),
               "metrics": aggregate(task, records),
               "settings": {"limit": limit, "seed": seed, "chat_template": chat, "batch_size": batch_size,
                            "max_new_tokens": max_new_tokens},
               "seconds": seconds, "scored_now": len(todo), "reused": len(items) - len(todo),
-              "examples_per_second": len(todo) / seconds if seconds > 0 and todo else None}
+              "examples_per_second": len(todo) / seconds if seconds > 0 and todo else None,
+              "processes": w.size}
     if out is not None:
-        atomic_write_text(out / "records.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
-        atomic_write_text(out / "results.json", json.dumps(result, indent=2))
-        journal.unlink(missing_ok=True)
-    log.info("%s on %s: %s", task.value, Path(data_path).name,
-             {k: round(v["value"], 4) for k, v in result["metrics"].items()})
+        if w.is_main:
+            atomic_write_text(out / "records.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
+            atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+            for path in out.glob("records.partial*.jsonl"):
+                path.unlink(missing_ok=True)
+        agree(None, "evaluation")  # no rank moves on before the results are written
+    if w.is_main:
+        log.info("%s on %s: %s", task.value, Path(data_path).name,
+                 {k: round(v["value"], 4) for k, v in result["metrics"].items()})
     return result
 
 

@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from brecq_ext import FORMAT_VERSION
 from .. import __version__
 from ..baselines import GPTQConfig
 from ..calibration import CalibrationSpec
+from ..distributed import agree, on_main, rank_device, world
 from ..evaluation.runner import Task, evaluate
 from ..io import atomic_write_text, load_model_any, sha256_file
 from ..measure import (
@@ -116,7 +117,7 @@ class Digests:
         return digest
 
     def save(self) -> None:
-        if self.changed:
+        if self.changed and world().is_main:  # one writer under torchrun
             atomic_write_text(self.file, json.dumps(self.known, indent=1, sort_keys=True))
             self.changed = False
 
@@ -201,14 +202,19 @@ def _timing_settings(config: StudyConfig) -> dict:
             "fused_norms": config.fused_norms, "decode_timing": DECODE_TIMING_VERSION}
 
 
+# Bumped when what the memory measurement reads changes (2: VmHWM, not a parent-inherited ru_maxrss).
+MEMORY_MEASURE_VERSION = 2
+
+
 def _measure_settings(config: StudyConfig) -> dict:
-    return {**_timing_settings(config), "memory_subprocess": config.measure.memory_subprocess}
+    return {**_timing_settings(config), "memory_subprocess": config.measure.memory_subprocess,
+            "memory_measure": MEMORY_MEASURE_VERSION}
 
 
 def _load(config: StudyConfig, path: Path, dtype):
     """A model (and tokenizer) as the study evaluates and times it: on its device, in its dtype,
     with the configured attention and RMS norms."""
-    model, tokenizer = load_model_any(path, device=config.device, dtype=dtype)
+    model, tokenizer = load_model_any(path, device=rank_device(config.device), dtype=dtype)
     if config.attention != "sdpa":
         from ..attention import use_decode_attention
 
@@ -222,10 +228,22 @@ def _load(config: StudyConfig, path: Path, dtype):
 
 def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
     """Run (or resume) a study; returns the results that are also written to results.json. Holds
-    the output folder's lock for the whole run."""
+    the output folder's lock for the whole run.
+
+    Under torchrun every rank runs this: rank 0 holds the lock, quantizes, times and writes; the
+    evaluations are shared out by example (``brecq.evaluation.runner.evaluate``); every rank
+    returns the same results."""
     out = Path(config.output)
-    with study_lock(out):
-        return _run_study(config, out, show_progress)
+    w = world()
+    with ExitStack() as stack:
+        error = None
+        if w.is_main:
+            try:
+                stack.enter_context(study_lock(out))
+            except StudyBusy as exc:
+                error = exc
+        agree(error, "taking the study's output folder")
+        return _run_study(config, out, show_progress and w.is_main)
 
 
 def _run_study(config: StudyConfig, out: Path, show_progress: bool) -> dict:
@@ -241,7 +259,9 @@ def _run_study(config: StudyConfig, out: Path, show_progress: bool) -> dict:
             if variant is None:
                 path = Path(model_entry.path)
             else:
-                path, reused = _ensure_quantized(config, model_entry, variant, show_progress, digests)
+                path, reused = on_main(
+                    lambda: _ensure_quantized(config, model_entry, variant, show_progress, digests),
+                    f"quantizing {model_entry.label} / {label}")
                 if reused:
                     results["reused"].append(f"{model_entry.label} / {label}: quantized model {path.name}")
             identity = _evaluated_identity(model_entry, path, variant is not None, digests)
@@ -259,7 +279,8 @@ def _run_study(config: StudyConfig, out: Path, show_progress: bool) -> dict:
                 settings = {**_settings(config, task, dataset.limit), "chat_template": model_entry.chat_template,
                             "dataset_sha256": digests(dataset.path), "evaluated": identity}
                 cached = ds_dir / "results.json"
-                previous = json.loads(cached.read_text()) if cached.exists() else {}
+                previous = on_main(lambda: json.loads(cached.read_text()) if cached.exists() else {},
+                                   f"reading {cached}")
                 if previous.get("study_settings") == settings:
                     result = previous
                     results["reused"].append(f"{model_entry.label} / {label}: {dataset.name} evaluation")
@@ -269,22 +290,31 @@ def _run_study(config: StudyConfig, out: Path, show_progress: bool) -> dict:
                                       label=f"{model_entry.label}/{label}", journal_key=settings)
                     # Written last: a results.json without these settings is never taken as cached.
                     result["study_settings"] = settings
-                    atomic_write_text(cached, json.dumps(result, indent=2))
+                    if world().is_main:
+                        atomic_write_text(cached, json.dumps(result, indent=2))
                 result["records_file"] = str(ds_dir / "records.jsonl")
                 entry["datasets"][dataset.name] = result
             measure_file = run_dir / "measure.json"
-            measured = json.loads(measure_file.read_text()) if measure_file.exists() else {}
             measure_settings = {**_measure_settings(config), "evaluated": identity}
-            if measured.get("settings") == measure_settings:
-                entry["measure"] = measured["measure"]
+
+            def measure(model=model, path=path, measure_file=measure_file, measure_settings=measure_settings):
+                measured = json.loads(measure_file.read_text()) if measure_file.exists() else {}
+                if measured.get("settings") == measure_settings:
+                    return measured["measure"], True
+                # Never measured, measured with other settings or another model, or by an older version.
+                # Under torchrun, rank 0 measures while the other ranks wait, idle, at a barrier.
+                record = {**_measure(config, model, path), "measured_on": {"rank": 0, "processes": world().size}}
+                atomic_write_text(measure_file, json.dumps({"settings": measure_settings, "measure": record}, indent=2))
+                return record, False
+
+            entry["measure"], reused = on_main(measure, f"measuring {model_entry.label} / {label}")
+            if reused:
                 results["reused"].append(f"{model_entry.label} / {label}: size, latency and memory")
-            else:  # never measured, measured with other settings or another model, or by an older version
-                entry["measure"] = _measure(config, model, path)
-                atomic_write_text(measure_file, json.dumps({"settings": measure_settings,
-                                                            "measure": entry["measure"]}, indent=2))
             per_model["variants"][label] = entry
             del model
-        per_model["paired_latency"], reused = _paired_latency(config, model_entry, per_model, out, dtype)
+        per_model["paired_latency"], reused = on_main(
+            lambda: _paired_latency(config, model_entry, per_model, out, dtype),
+            f"timing the decode of {model_entry.label}")
         if reused:
             results["reused"].append(f"{model_entry.label}: side-by-side decode latency")
         results["models"][model_entry.label] = per_model
@@ -293,7 +323,7 @@ def _run_study(config: StudyConfig, out: Path, show_progress: bool) -> dict:
     from .report import analyse, write_outputs
 
     results["analysis"] = analyse(results, config)
-    write_outputs(results, config)
+    on_main(lambda: write_outputs(results, config), "writing the report")
     return results
 
 
