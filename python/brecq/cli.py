@@ -64,12 +64,11 @@ def _evaluate(args) -> int:
     import torch
 
     from .calibration import load_documents
+    from .distributed import init_from_environment, rank_device
     from .evaluation.fidelity import fidelity
     from .evaluation.perplexity import perplexity, token_stream
     from .evaluation.runner import Task, evaluate
     from .io import atomic_write_text, load_model_any
-
-    from .distributed import init_from_environment, rank_device
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     w = init_from_environment(args.device)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 
