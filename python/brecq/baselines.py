@@ -37,13 +37,18 @@ class GPTQConfig:
 
 
 def gptq_layer(weight: torch.Tensor, hessian: torch.Tensor, rule: LayerRule, clipping: Clipping,
-               config: GPTQConfig) -> LayerCodes:
-    """GPTQ on weight float32 [N, K] with the layer-input Hessian float64 [K, K] (2/n sum x x^T)."""
+               config: GPTQConfig, *, overwrite_hessian: bool = False) -> LayerCodes:
+    """GPTQ on weight float32 [N, K] with the layer-input Hessian float64 [K, K] (2/n sum x x^T).
+    ``overwrite_hessian`` lets it work in the caller's Hessian instead of a copy (the caller gives
+    it up): at K = 3072 each float64 [K, K] is 75 MB, and a streamed run counts them."""
     bits, g = rule.bits, rule.group_size
     qmax = float(max_code(bits))
     W = weight.detach().to(torch.float64).clone()
     n, k = W.shape
-    H = hessian.to(torch.float64).clone()
+    H = hessian.to(torch.float64)
+    del hessian
+    if not overwrite_hessian:
+        H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -57,8 +62,14 @@ def gptq_layer(weight: torch.Tensor, hessian: torch.Tensor, rule: LayerRule, cli
         scale = torch.empty(n, groups, dtype=torch.float16)
         zero = torch.empty(n, groups, dtype=torch.uint8)
         perm = torch.arange(k)
-    H += config.damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    H.diagonal().add_(config.damp * torch.mean(torch.diag(H)))  # + damp * I, without a [K, K] identity
+    # One [K, K] factor alive at a time besides the one it is computed from.
+    factor = torch.linalg.cholesky(H)
+    del H
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    Hinv = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
 
     codes = torch.empty(n, k, dtype=torch.uint8)
     block = max(g, config.block_size // g * g)
@@ -125,6 +136,8 @@ def gptq_block(block: nn.Module, rules: dict[str, LayerRule], inputs: torch.Tens
     finally:
         block.to(block_device)
     layers = linear_layers(block)
-    results = {name: gptq_layer(layers[name].weight.detach().float().cpu(), hessians[name], rule, clipping, config)
-               for name, rule in rules.items()}
+    results = {}
+    for name, rule in rules.items():  # each Hessian is freed as soon as its layer is done
+        results[name] = gptq_layer(layers[name].weight.detach().float().cpu(), hessians.pop(name), rule, clipping,
+                                   config, overwrite_hessian=True)
     return results, time.perf_counter() - started
