@@ -151,3 +151,130 @@ def test_a_study_under_torchrun_gives_the_one_process_metrics(tmp_path):
     records = sorted((tmp_path / "out1" / "runs").rglob("records.jsonl"))
     assert records and all((tmp_path / "out2" / p.relative_to(tmp_path / "out1")).read_text() == p.read_text()
                            for p in records)
+
+
+# Quantizes a 4-block seeded Qwen3 in memory (or streamed from a saved folder) with the work
+# folder every rank shares; each rank saves its packed layers, and the losses of its report.
+QUANTIZE_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from brecq.distributed import init_from_environment
+    from brecq.models import build_model, qwen3_config
+    from brecq.quantize import quantize
+    from brecq.recipe import Method, get_recipe
+    from brecq.reconstruct import InputSource, ReconstructionConfig
+    from brecq_ext import quant_linear_layers
+    work, out, source, method = sys.argv[1:5]
+    w = init_from_environment("cpu")
+    model = build_model(qwen3_config("tiny", num_hidden_layers=4), seed=0)
+    ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    config = ReconstructionConfig(iters=60, batch_size=4, input_source=InputSource(source))
+    report = quantize(model, get_recipe("w4g64", Method(method)), ids, reconstruction=config, work_dir=work,
+                      show_progress=False)
+    state = {f"{n}.{k}": v.clone() for n, layer in quant_linear_layers(model) for k, v in layer.state_dict().items()}
+    torch.save({"state": state, "losses": [b.loss_final for b in report.blocks]}, f"{out}.rank{w.rank}.pt")
+    import torch.distributed
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+""")
+
+
+def _quantize(tmp_path, name, processes, source, method="brecq"):
+    script = tmp_path / "quantize.py"
+    script.write_text(QUANTIZE_SCRIPT)
+    args = [str(tmp_path / f"work_{name}"), str(tmp_path / name), source, method]
+    launcher = ([sys.executable] if processes == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"])
+    done = subprocess.run([*launcher, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import torch
+
+    return [torch.load(tmp_path / f"{name}.rank{r}.pt") for r in range(processes)]
+
+
+def _codes_agreement(a, b) -> float:
+    from brecq_ext import ops
+
+    same = total = 0
+    for key in a:
+        if key.endswith(".packed"):
+            ca, cb = ops.unpack(a[key], 4, 64, a[key].shape[1] * 2), ops.unpack(b[key], 4, 64, b[key].shape[1] * 2)
+            same += int((ca == cb).sum())
+            total += ca.numel()
+    return same / total
+
+
+def test_blocks_shared_out_over_ranks_give_the_one_process_weights_bit_for_bit(tmp_path):
+    """Inputs from the full-precision model: blocks are independent, rank r takes blocks r, r+2, ..."""
+    import torch
+
+    one = _quantize(tmp_path, "one", 1, "full_precision")[0]
+    ranks = _quantize(tmp_path, "two", 2, "full_precision")
+    for rank in ranks:
+        assert rank["state"].keys() == one["state"].keys()
+        assert all(torch.equal(rank["state"][k], one["state"][k]) for k in one["state"])
+        assert rank["losses"] == one["losses"]
+
+
+def test_a_batch_split_over_ranks_learns_the_one_process_rounding_within_float_tolerance(tmp_path):
+    """Inputs from the quantized blocks: every rank works on every block, each on half of each
+    step's batch, gradients summed; only the order of float sums differs from one process."""
+    import torch
+
+    one = _quantize(tmp_path, "one", 1, "quantized")[0]
+    ranks = _quantize(tmp_path, "two", 2, "quantized")
+    assert all(torch.equal(ranks[1]["state"][k], ranks[0]["state"][k]) for k in ranks[0]["state"])  # in step
+    assert _codes_agreement(ranks[0]["state"], one["state"]) > 0.995
+    for two_loss, one_loss in zip(ranks[0]["losses"], one["losses"]):
+        assert abs(two_loss - one_loss) <= 0.02 * one_loss + 1e-9
+
+
+STREAMED_SCRIPT = textwrap.dedent("""
+    import sys
+    from brecq.calibration import CalibrationSpec
+    from brecq.distributed import init_from_environment
+    from brecq.quantize import quantize_pretrained
+    from brecq.recipe import Method, get_recipe
+    from brecq.reconstruct import InputSource, ReconstructionConfig
+    folder, parquet, out, method = sys.argv[1:5]
+    init_from_environment("cpu")
+    method = Method(method)
+    quantize_pretrained(folder, out, get_recipe("w4g64_mix_attn6", method),
+                        None if method is Method.RTN else CalibrationSpec(parquet, 6, 24, 0),
+                        reconstruction=ReconstructionConfig(iters=20, batch_size=4,
+                                                            input_source=InputSource.FULL_PRECISION),
+                        streamed=True, show_progress=False)
+    import torch.distributed
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("method", ["rtn", "brecq"])
+def test_streamed_quantization_over_ranks_writes_the_one_process_file(tmp_path, method):
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from brecq.models import build_model, byte_level_bpe_tokenizer, small_config
+
+    texts = [f"story {i}: the cat {i % 7} met a dog called {i % 5}." for i in range(200)]
+    folder = tmp_path / "fp"
+    tokenizer = byte_level_bpe_tokenizer(texts, 300, folder)
+    build_model(small_config("llama", len(tokenizer), num_hidden_layers=3), seed=1).save_pretrained(
+        str(folder), max_shard_size="300KB")
+    pq.write_table(pa.table({"text": texts}), tmp_path / "calibration.parquet")
+    script = tmp_path / "streamed.py"
+    script.write_text(STREAMED_SCRIPT)
+    digests = {}
+    for processes in (1, 2):
+        out = tmp_path / f"q{processes}"
+        launcher = ([sys.executable] if processes == 1 else
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"])
+        done = subprocess.run([*launcher, str(script), str(folder), str(tmp_path / "calibration.parquet"), str(out),
+                               method], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert not (out / ".brecq_work").exists()
+        digests[processes] = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert digests[1] == digests[2]

@@ -28,6 +28,7 @@ from .blocks import (
     run_block,
     set_submodule,
 )
+from .distributed import agree, world
 from .io import atomic_save_tensors, atomic_write_text
 from .recipe import Method, Recipe
 from .reconstruct import (
@@ -259,30 +260,35 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
                  for prefix in prefixes]
     outside = [name for name in assignment if not any(name.startswith(p) for p in prefixes)]
 
+    w = world()
+    # Under torchrun: blocks that do not depend on each other (RTN; inputs from the full-precision
+    # model) are shared out, block i to rank i % N, and met again through the work folder; with
+    # inputs from the quantized blocks, every rank works on every block, each on its share of the
+    # batch (reconstruct_block's data_parallel).
+    independent = recipe.method is Method.RTN or reconstruction.input_source is InputSource.FULL_PRECISION
+    share_blocks = w.distributed and independent and work_dir is not None
     work = None
     if work_dir is not None:
         work = Path(work_dir)
-        work.mkdir(parents=True, exist_ok=True)
         settings = {"reconstruction": plain_dict(reconstruction), "gptq": plain_dict(gptq), "device": device.type,
                     "forward_batch_size": forward_batch_size}
         contents = (weights.named_contents() if weights is not None
                     else ((name, [t]) for name, t in model.state_dict().items()))
-        fingerprint = _fingerprint(contents, recipe, calibration, settings)
-        run_file = work / "run.json"
-        if run_file.exists():
-            previous = json.loads(run_file.read_text()).get("fingerprint")
-            if previous != fingerprint:
-                raise ValueError(f"{work}: holds blocks of a different run (model, recipe, calibration or "
-                                 "settings differ); use another work_dir or delete this one")
-        else:
-            atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}, indent=2))
+        error = None
+        if w.is_main:  # one rank checks the folder; the others take its word
+            try:
+                _claim_work_dir(work, _fingerprint(contents, recipe, calibration, settings))
+            except Exception as exc:
+                error = exc
+        agree(error, f"checking the work folder {work}")
 
     hidden = call = fisher = store = None
     if calibration is not None:
         log.info("capturing block inputs for %d calibration samples", calibration.shape[0])
         captured, call = capture_block_inputs(
             model, calibration, inputs_embeds=weights.embeddings(calibration) if weights is not None else None)
-        store = ActivationStore(activation_dir)
+        store = ActivationStore(activation_dir if w.size == 1 or activation_dir is None
+                                else Path(activation_dir) / f"rank{w.rank}")
         hidden = store.empty(captured)
         hidden.copy_(captured)
         del captured
@@ -291,52 +297,75 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
             fisher = collect_fisher(model, calibration)
     fp_in, q_in = hidden, hidden
 
+    records: dict[int, BlockRecord] = {}
+    elsewhere: list[int] = []  # blocks another rank quantizes (share_blocks)
     bar = tqdm(list(enumerate(blocks)), desc=f"{recipe.method.value} blocks", disable=not show_progress)
-    for i, block in bar:
-        rules = per_block[i]
-        checkpoint = block_checkpoint(work, i) if work is not None else None
-        resuming = checkpoint is not None and checkpoint.exists()
-        if weights is not None:
-            if resuming and calibration is None:  # nothing to run: the packed layers are all it needs
+    error = None
+    try:
+        for i, block in bar:
+            rules = per_block[i]
+            checkpoint = block_checkpoint(work, i) if work is not None else None
+            resuming = checkpoint is not None and checkpoint.exists()
+            writer = (i % w.size if share_blocks else 0) == w.rank  # the rank that computes and writes it
+            if share_blocks and not writer and not resuming and rules:
+                elsewhere.append(i)
+            if weights is not None:
+                if (resuming or i in elsewhere) and calibration is None:  # nothing to run here
+                    _release_quantized(weights, block, prefixes[i], rules)
+                    continue
+                weights.load(prefixes[i][:-1])
+            targets = (run_block(block, fp_in, call, device, forward_batch_size, out=store.empty(fp_in))
+                       if calibration is not None else None)
+            if resuming:
+                records[i] = _load_block(checkpoint, block, rules)
+            elif i in elsewhere:
+                pass
+            elif rules:
+                inputs = q_in if reconstruction.input_source is InputSource.QUANTIZED else fp_in
+                records[i] = _quantize_block(block, i, rules, inputs, targets, call, recipe, reconstruction, gptq,
+                                             device, fisher[i] if fisher is not None else None, forward_batch_size,
+                                             show_progress, data_parallel=w.distributed and not share_blocks)
+                if checkpoint is not None and writer:
+                    _save_block(checkpoint, block, rules, records[i])
+            else:
+                records[i] = BlockRecord(i, 0, None, 0.0, 0.0)
+            if i in records and recipe.method is not Method.RTN:
+                bar.set_postfix(loss=f"{records[i].loss_final:.4g}")
+            if calibration is not None:
+                # With independent blocks the next block's inputs come from the full-precision chain only.
+                q_next = (targets if share_blocks else
+                          run_block(block, q_in, call, device, forward_batch_size, out=store.empty(q_in)))
+                for used in {id(fp_in): fp_in, id(q_in): q_in}.values():
+                    if used is not q_next:
+                        store.release(used)
+                q_in, fp_in = q_next, targets
+            if weights is not None:
                 _release_quantized(weights, block, prefixes[i], rules)
-                continue
-            weights.load(prefixes[i][:-1])
-        targets = (run_block(block, fp_in, call, device, forward_batch_size, out=store.empty(fp_in))
-                   if calibration is not None else None)
-        if resuming:
-            record = _load_block(checkpoint, block, rules)
-        elif rules:
-            inputs = q_in if reconstruction.input_source is InputSource.QUANTIZED else fp_in
-            record = _quantize_block(block, i, rules, inputs, targets, call, recipe, reconstruction, gptq,
-                                     device, fisher[i] if fisher is not None else None, forward_batch_size,
-                                     show_progress)
-            if checkpoint is not None:
-                _save_block(checkpoint, block, rules, record)
-        else:
-            record = BlockRecord(i, 0, None, 0.0, 0.0)
-        if recipe.method is not Method.RTN:
-            report.blocks.append(record)
-            bar.set_postfix(loss=f"{record.loss_final:.4g}")
-        if calibration is not None:
-            q_next = run_block(block, q_in, call, device, forward_batch_size, out=store.empty(q_in))
-            for used in {id(fp_in): fp_in, id(q_in): q_in}.values():
-                store.release(used)
-            q_in, fp_in = q_next, targets
-        if weights is not None:
-            _release_quantized(weights, block, prefixes[i], rules)
+    except Exception as exc:  # the other ranks stop at the meeting point below, naming this one
+        error = exc
     if store is not None:
         store.close()
+    agree(error, "quantizing the decoder blocks")
+    for i in elsewhere:  # written by the rank that quantized it
+        records[i] = _adopt_block(block_checkpoint(work, i), blocks[i], per_block[i], weights is not None)
+    if recipe.method is not Method.RTN:
+        report.blocks = [records[i] for i in sorted(records)]
     for name in outside:
         if weights is None:
             linear = model.get_submodule(name)
             set_submodule(model, name, _to_quant_linear(linear, rtn_layer(linear, assignment[name], recipe.clipping)))
             continue
         checkpoint = outside_checkpoint(work, name)
-        if not checkpoint.exists():  # one layer in memory at a time, its checkpoint written before the next
-            linear = weights.load(name)
-            layer = _to_quant_linear(linear, rtn_layer(linear, assignment[name], recipe.clipping))
-            atomic_save_tensors({f"{name}.{k}": v for k, v in layer.state_dict().items()}, checkpoint)
-            del layer
+        error = None
+        if w.is_main and not checkpoint.exists():  # one layer in memory at a time, written before the next
+            try:
+                linear = weights.load(name)
+                layer = _to_quant_linear(linear, rtn_layer(linear, assignment[name], recipe.clipping))
+                atomic_save_tensors({f"{name}.{k}": v for k, v in layer.state_dict().items()}, checkpoint)
+                del layer
+            except Exception as exc:
+                error = exc
+        agree(error, f"quantizing {name}")
         _release_quantized(weights, model, "", {name: assignment[name]})
     report.outside_blocks = list(assignment) if recipe.method is Method.RTN else outside
     if weights is None:
@@ -348,6 +377,29 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
     log.info("quantized %d blocks in %.1f s (peak RSS %.0f MiB)\n%s", len(blocks), report.seconds,
              report.peak_rss_mib, report.table())
     return report
+
+
+def _claim_work_dir(work: Path, fingerprint: str) -> None:
+    """Make ``work`` this run's folder, or refuse it if it holds another run's blocks."""
+    work.mkdir(parents=True, exist_ok=True)
+    run_file = work / "run.json"
+    if run_file.exists():
+        if json.loads(run_file.read_text()).get("fingerprint") != fingerprint:
+            raise ValueError(f"{work}: holds blocks of a different run (model, recipe, calibration or "
+                             "settings differ); use another work_dir or delete this one")
+    else:
+        atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}, indent=2))
+
+
+def _adopt_block(checkpoint: Path, block: nn.Module, rules, streamed: bool) -> BlockRecord:
+    """A block another rank quantized in this run: its record, and (in memory) its packed layers."""
+    if not streamed:
+        record = _load_block(checkpoint, block, rules)
+    else:  # the block is already a skeleton of packed placeholders; the file is what gets saved
+        with safe_open(str(checkpoint), framework="pt") as f:
+            record = BlockRecord(**json.loads(f.metadata()["record"]))
+    record.resumed = False
+    return record
 
 
 def _release_quantized(weights: StreamedWeights, parent: nn.Module, prefix: str, rules) -> None:
@@ -378,7 +430,7 @@ def saved_layer_location(model: nn.Module, work: Path) -> Callable[[str], tuple[
 
 def _quantize_block(block, index, rules, inputs, targets, call: BlockCall, recipe: Recipe,
                     reconstruction: ReconstructionConfig, gptq: GPTQConfig, device, fisher, batch_size,
-                    show_progress) -> BlockRecord:
+                    show_progress, data_parallel: bool = False) -> BlockRecord:
     layers = linear_layers(block)
     if recipe.method is Method.RTN:  # streamed runs only: in memory, RTN needs no block loop
         started = time.perf_counter()
@@ -387,7 +439,8 @@ def _quantize_block(block, index, rules, inputs, targets, call: BlockCall, recip
         return BlockRecord(index, len(rules), None, float("nan"), time.perf_counter() - started)
     if recipe.method is Method.BRECQ:
         result = reconstruct_block(block, rules, inputs, targets, call, reconstruction, recipe.clipping, device,
-                                   fisher=fisher, block_index=index, show_progress=show_progress)
+                                   fisher=fisher, block_index=index, show_progress=show_progress,
+                                   data_parallel=data_parallel)
         for name, codes in result.layers.items():
             set_submodule(block, name, _to_quant_linear(layers[name], codes))
         return BlockRecord(index, len(rules), result.loss_nearest, result.loss_final, result.seconds)
@@ -475,11 +528,17 @@ def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibrati
     extra = {"report": report.to_dict(),
              "reconstruction": plain_dict(reconstruction) if recipe.method is Method.BRECQ else None,
              "gptq": plain_dict(gptq) if recipe.method is Method.GPTQ else None}
-    save_quantized(model, out_dir, recipe=recipe.to_dict(), calibration=calib,
-                   summary=summary_markdown(report, model_path, calib), extra=extra, tokenizer=tokenizer,
-                   tensors=tensors)
-    if not keep_work_dir:
-        remove_work_dir(work)
+    error = None
+    if world().is_main:  # under torchrun every rank quantized; one writes
+        try:
+            save_quantized(model, out_dir, recipe=recipe.to_dict(), calibration=calib,
+                           summary=summary_markdown(report, model_path, calib), extra=extra, tokenizer=tokenizer,
+                           tensors=tensors)
+            if not keep_work_dir:
+                remove_work_dir(work)
+        except Exception as exc:
+            error = exc
+    agree(error, f"saving {out_dir}")
     return (None if streamed else model), report
 
 
@@ -501,10 +560,12 @@ def remove_work_dir(work: Path) -> None:
     if not (work / "run.json").exists():
         return
     for file in [work / "run.json", *work.glob("block_[0-9][0-9][0-9].safetensors"),
-                 *work.glob("outside_*.safetensors"), *work.glob(".*.tmp"), *work.glob("activations/activations_*.f32")]:
+                 *work.glob("outside_*.safetensors"), *work.glob(".*.tmp"), *work.glob("activations/activations_*.f32"),
+                 *work.glob("activations/rank*/activations_*.f32")]:
         file.unlink(missing_ok=True)
-    if (work / "activations").is_dir() and not any((work / "activations").iterdir()):
-        (work / "activations").rmdir()
+    for folder in [*work.glob("activations/rank*"), work / "activations"]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     try:
         work.rmdir()
     except OSError:

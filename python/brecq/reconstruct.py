@@ -149,6 +149,17 @@ def _evaluate(block, inputs, targets, fisher, call, device, batch_size):
     return total / count
 
 
+def _sum_gradients(params) -> None:
+    """Sum the parameters' gradients over the ranks, in one flat all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
 @dataclass
 class BlockReconstruction:
     layers: dict  # relative name -> LayerCodes
@@ -160,10 +171,15 @@ class BlockReconstruction:
 def reconstruct_block(block: nn.Module, rules: dict[str, LayerRule], inputs: torch.Tensor, targets: torch.Tensor,
                       call: BlockCall, config: ReconstructionConfig, clipping: Clipping, device,
                       fisher: torch.Tensor | None = None, block_index: int = 0,
-                      show_progress: bool = True) -> BlockReconstruction:
+                      show_progress: bool = True, data_parallel: bool = False) -> BlockReconstruction:
     """Learn the rounding of every linear layer named in ``rules`` (names relative to ``block``)
     so that the block's output on ``inputs`` [N, T, D] matches ``targets`` [N, T, D] (float32, CPU).
-    The block is modified only temporarily and returned to its original layers."""
+    The block is modified only temporarily and returned to its original layers.
+
+    ``data_parallel``: every rank of the torch.distributed group calls this with the same block,
+    data and settings; each step's batch (drawn alike on every rank) is split across the ranks,
+    and the rounding variables' gradients are summed over them, so every rank takes the step one
+    process would take on the whole batch (up to the order of the float sums)."""
     started = time.perf_counter()
     originals = linear_layers(block)
     quantized = {name: AdaRoundLinear(originals[name], rule, clipping, device) for name, rule in rules.items()}
@@ -186,21 +202,33 @@ def reconstruct_block(block: nn.Module, rules: dict[str, LayerRule], inputs: tor
 
         params = [layer.v for layer in quantized.values()]
         optimizer = torch.optim.Adam(params, lr=config.lr)
+        rank, ranks = 0, 1
+        if data_parallel and torch.distributed.is_initialized():
+            rank, ranks = torch.distributed.get_rank(), torch.distributed.get_world_size()
         generator = torch.Generator().manual_seed(config.seed * 100003 + block_index)
         steps = tqdm(range(config.iters), desc=f"block {block_index}", leave=False, disable=not show_progress)
         for step in steps:
             idx = torch.randint(0, inputs.shape[0], (min(config.batch_size, inputs.shape[0]),), generator=generator)
-            x, y = inputs[idx].to(device), targets[idx].to(device)
-            f = fisher[idx].to(device).float() if fisher is not None else None
-            out = block(x, **call.kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            rec = _reconstruction_loss(out.float(), y, f)
+            batch = len(idx)
+            if ranks > 1:
+                idx = idx[rank::ranks]  # this rank's share of the step's batch
+            optimizer.zero_grad(set_to_none=True)
+            rec = torch.zeros((), device=device)
+            if len(idx):
+                x, y = inputs[idx].to(device), targets[idx].to(device)
+                f = fisher[idx].to(device).float() if fisher is not None else None
+                out = block(x, **call.kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                # The batch mean, as this rank's share of it: the shares sum to the whole batch's.
+                rec = _reconstruction_loss(out.float(), y, f) * (len(idx) / batch)
             loss = rec
-            if config.regularizing(step) and config.reg_weight > 0:
+            if config.regularizing(step) and config.reg_weight > 0 and rank == 0:  # counted once
                 beta = config.beta(step)
                 loss = loss + config.reg_weight * sum(layer.rounding_loss(beta) for layer in quantized.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
+            if ranks > 1:
+                _sum_gradients(params)
             optimizer.step()
             if step % 50 == 0 or step == config.iters - 1:
                 steps.set_postfix(rec=f"{rec.item():.4g}", total=f"{loss.item():.4g}")

@@ -164,9 +164,10 @@ def _ensure_quantized(config: StudyConfig, model: ModelEntry, variant: VariantEn
                       digests: Digests) -> tuple[Path, bool]:
     """The quantized model's folder, and whether it was reused."""
     out = quantized_dir(config, model, variant, digests)
-    if (out / "config.json").exists():
+    if on_main(lambda: (out / "config.json").exists(), f"looking for {out}"):  # rank 0's view, on every rank
         log.info("reusing quantized model %s", out)
         return out, True
+    # Under torchrun every rank takes part (blocks shared out, or each block's batch split), rank 0 saves.
     calibration = None
     if variant.method is not Method.RTN:
         c = model.calibration
@@ -174,7 +175,7 @@ def _ensure_quantized(config: StudyConfig, model: ModelEntry, variant: VariantEn
     log.info("quantizing %s with %s (%s)", model.label, variant.recipe, variant.method.value)
     quantize_pretrained(model.path, str(out), get_recipe(variant.recipe, variant.method), calibration,
                         reconstruction=_reconstruction(variant, config.seed), gptq=GPTQConfig(),
-                        device=config.device, show_progress=show_progress)
+                        device=rank_device(config.device), show_progress=show_progress)
     return out, False
 
 
@@ -259,9 +260,7 @@ def _run_study(config: StudyConfig, out: Path, show_progress: bool) -> dict:
             if variant is None:
                 path = Path(model_entry.path)
             else:
-                path, reused = on_main(
-                    lambda: _ensure_quantized(config, model_entry, variant, show_progress, digests),
-                    f"quantizing {model_entry.label} / {label}")
+                path, reused = _ensure_quantized(config, model_entry, variant, show_progress, digests)
                 if reused:
                     results["reused"].append(f"{model_entry.label} / {label}: quantized model {path.name}")
             identity = _evaluated_identity(model_entry, path, variant is not None, digests)
