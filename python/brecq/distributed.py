@@ -1,8 +1,8 @@
 """Many processes, one result: torch.distributed for evaluation and studies under torchrun.
 
 One process per device (``torchrun --nproc-per-node N -m brecq ...``; gloo on the CPU, NCCL on
-GPUs). Work that splits (scoring examples) is shared out; work that must not run twice or must
-run alone (quantizing a model, timing, writing shared files) runs on rank 0 while the others wait.
+GPUs). Work that splits (scoring examples, quantizing blocks) is shared out; work that must not
+run twice or must run alone (timing, writing shared files) runs on rank 0 while the others wait.
 Every rank ends with the same results. A rank that raises makes every rank raise, naming it, at
 the next point where the ranks meet; nothing is written after a failure.
 """

@@ -231,9 +231,9 @@ def run_study(config: StudyConfig, show_progress: bool = True) -> dict:
     """Run (or resume) a study; returns the results that are also written to results.json. Holds
     the output folder's lock for the whole run.
 
-    Under torchrun every rank runs this: rank 0 holds the lock, quantizes, times and writes; the
-    evaluations are shared out by example (``brecq.evaluation.runner.evaluate``); every rank
-    returns the same results."""
+    Under torchrun every rank runs this: rank 0 holds the lock, times and writes; quantization
+    (``quantize``) and the evaluations (``brecq.evaluation.runner.evaluate``) are shared out;
+    every rank returns the same results."""
     out = Path(config.output)
     w = world()
     with ExitStack() as stack:
