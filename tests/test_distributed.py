@@ -165,6 +165,11 @@ QUANTIZE_SCRIPT = textwrap.dedent("""
     from brecq_ext import quant_linear_layers
     work, out, source, method = sys.argv[1:5]
     w = init_from_environment("cpu")
+    if len(sys.argv) > 5 and w.rank == int(sys.argv[5]):  # this rank fails in its first block
+        import brecq.quantize
+        def failing(*args, **kwargs):
+            raise RuntimeError("injected failure")
+        brecq.quantize._quantize_block = failing
     model = build_model(qwen3_config("tiny", num_hidden_layers=4), seed=0)
     ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     config = ReconstructionConfig(iters=60, batch_size=4, input_source=InputSource(source))
@@ -178,14 +183,17 @@ QUANTIZE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _quantize(tmp_path, name, processes, source, method="brecq"):
+def _quantize(tmp_path, name, processes, source, method="brecq", fail_rank=None):
     script = tmp_path / "quantize.py"
     script.write_text(QUANTIZE_SCRIPT)
     args = [str(tmp_path / f"work_{name}"), str(tmp_path / name), source, method]
+    args += [str(fail_rank)] if fail_rank is not None else []
     launcher = ([sys.executable] if processes == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"])
     done = subprocess.run([*launcher, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=TIMEOUT)
+    if fail_rank is not None:
+        return done
     assert done.returncode == 0, done.stderr[-3000:]
     import torch
 
@@ -227,6 +235,17 @@ def test_a_batch_split_over_ranks_learns_the_one_process_rounding_within_float_t
     assert _codes_agreement(ranks[0]["state"], one["state"]) > 0.995
     for two_loss, one_loss in zip(ranks[0]["losses"], one["losses"]):
         assert abs(two_loss - one_loss) <= 0.02 * one_loss + 1e-9
+
+
+@pytest.mark.parametrize("source", ["full_precision", "quantized"])
+def test_a_rank_that_fails_to_quantize_stops_every_rank(tmp_path, source):
+    done = _quantize(tmp_path, "fail", 2, source, fail_rank=1)
+    assert done.returncode != 0
+    if source == "full_precision":  # the ranks meet after the blocks and stop together, naming rank 1
+        assert "rank 1 of 2 failed (RuntimeError: injected failure)" in done.stderr
+    else:  # rank 1 exits with its error; rank 0's all-reduce breaks and torchrun stops it
+        assert "RuntimeError: injected failure" in done.stderr
+    assert not list(tmp_path.glob("fail.rank*.pt"))  # no rank went on as if it had finished
 
 
 STREAMED_SCRIPT = textwrap.dedent("""

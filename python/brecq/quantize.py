@@ -345,7 +345,12 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
         error = exc
     if store is not None:
         store.close()
-    agree(error, "quantizing the decoder blocks")
+    if share_blocks:  # no collective ran in the loop: the ranks can meet and stop together
+        agree(error, "quantizing the decoder blocks")
+    elif error is not None:
+        # Ranks that split batches are inside an all-reduce: no meeting is possible, so this rank
+        # exits with its error and the others fail on the broken collective (torchrun stops them).
+        raise error
     for i in elsewhere:  # written by the rank that quantized it
         records[i] = _adopt_block(block_checkpoint(work, i), blocks[i], per_block[i], weights is not None)
     if recipe.method is not Method.RTN:
