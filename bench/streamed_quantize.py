@@ -2,8 +2,9 @@
 
     python bench/streamed_quantize.py [--preset 0.6b] [--methods rtn,gptq,brecq] [--iters 10]
 
-Builds a seeded Qwen3-shaped model (Qwen3-0.6B's shapes by default: 28 blocks, full vocabulary),
-saves it in float32 in 500 MB shards (2.4 GB; the embeddings alone are 0.6 GB), then quantizes it
+Builds a seeded Qwen3-shaped model (Qwen3-0.6B's shapes by default: 28 blocks, full vocabulary,
+2.4 GB in float32, the embeddings alone 0.6 GB; or ``--preset deep``: 160 smaller blocks, 2.5 GB),
+saves it in float32 in 500 MB shards, then quantizes it
 with the study recipe (W6 attention, W4 MLP, group 64) in a fresh process per run and records:
 the process's peak resident memory (VmHWM), its resident memory before quantization began
 (Python, torch and transformers imported, the architecture's code loaded), and the wall time.
@@ -45,7 +46,8 @@ print(json.dumps({"base_mib": base, "peak_mib": peak_rss_mib(), "seconds": time.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="0.6b")
+    parser.add_argument("--preset", default="0.6b", help="a qwen3_config preset, or 'deep': 160 blocks of hidden 512 "
+                        "(2.5 GB float32; blocks of 16 MB, a quarter of 0.6b's)")
     parser.add_argument("--methods", default="rtn,gptq,brecq")
     parser.add_argument("--iters", type=int, default=10, help="BRECQ iterations a block (memory does not depend on it)")
     parser.add_argument("--workdir", default=None)
@@ -63,7 +65,10 @@ def main() -> None:
     corpus = [f"Story {i}: a fox named {i % 13} found {i % 7} apples by the old mill." for i in range(2000)]
     if not (folder / "model.safetensors.index.json").exists():
         byte_level_bpe_tokenizer(corpus, 1000, folder)
-        model = build_model(qwen3_config(args.preset), seed=0)
+        shapes = {} if args.preset != "deep" else dict(
+            vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=160, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=64)
+        model = build_model(qwen3_config("0.6b" if args.preset == "deep" else args.preset, **shapes), seed=0)
         model.save_pretrained(str(folder), max_shard_size="500MB")
         del model
     full_bytes = sum(p.stat().st_size for p in folder.glob("model-*.safetensors"))

@@ -328,6 +328,10 @@ def render_report(results: dict, plots: dict) -> str:
             lines.append(f"  - measured on {env['device']} ({env['processor']}), {env['dtype']}, {env['threads']} threads, "
                          f"torch {env['torch']}, transformers {env['transformers']}, CPU kernels {env['cpu_kernels']}, "
                          f"attention {env.get('attention') or 'not recorded'}, RMS norms {env.get('rms_norm') or 'not recorded'}")
+            where = variant["measure"].get("measured_on") or {}
+            if where.get("processes", 1) > 1:
+                lines.append(f"  - size, latency and memory measured by rank {where['rank']} of {where['processes']} "
+                             "torchrun processes, while the other ranks waited idle at a barrier")
     reused = results.get("reused") or []
     lines += ["", "## Reused from earlier runs", ""]
     lines += ([f"- {line}" for line in reused] if reused else ["Nothing: every result above was computed in this run."])
