@@ -352,3 +352,18 @@ def test_streamed_quantization_and_loading_peak_far_below_the_full_precision_wei
     assert full_mib["fp"] > 300
     assert grown["quantize"] < full_mib["fp"] / 4, (grown, full_mib)
     assert grown["load"] < full_mib["fp"] / 2, (grown, full_mib)
+
+
+def test_the_command_line_streams_by_default_and_in_memory_on_request(tmp_path):
+    from conftest import STORIES260K, require_shared
+
+    model = require_shared(STORIES260K)
+    digests = {}
+    for flags in ([], ["--in-memory"]):
+        out = tmp_path / ("memory" if flags else "streamed")
+        done = subprocess.run([sys.executable, "-m", "brecq", "quantize", str(model), "--out", str(out), "--method",
+                               "rtn", "--quiet", *flags], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "peak resident memory" in done.stdout
+        digests[bool(flags)] = sha256(out / "model.safetensors")
+    assert digests[True] == digests[False]

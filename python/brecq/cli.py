@@ -49,12 +49,16 @@ def _quantize(args) -> int:
                                           reg_weight=args.reg_weight, loss=LossKind(args.loss),
                                           input_source=InputSource(args.input_source), seed=args.seed)
     gptq = GPTQConfig(damp=args.damp, act_order=args.act_order)
+    from .distributed import init_from_environment, rank_device
+
+    w = init_from_environment(args.device)  # under torchrun the ranks share the blocks' work
     _, report = quantize_pretrained(args.model, args.out, recipe, calibration, reconstruction=reconstruction,
-                                    gptq=gptq, device=args.device, work_dir=args.work_dir,
+                                    gptq=gptq, device=rank_device(args.device), work_dir=args.work_dir,
                                     activation_dir=args.activation_dir, keep_work_dir=args.keep_work,
-                                    show_progress=not args.quiet)
-    print(report.table())
-    print(f"saved to {args.out} ({report.seconds:.1f} s)")
+                                    show_progress=not args.quiet, streamed=False if args.in_memory else None)
+    if w.is_main:
+        print(report.table())
+        print(f"saved to {args.out} ({report.seconds:.1f} s, peak resident memory {report.peak_rss_mib:.0f} MiB)")
     return 0
 
 
@@ -282,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="device of the block being optimised (cpu, cuda, cuda:1)")
     q.add_argument("--work-dir", help="checkpoint folder for resuming (default: OUT/.brecq_work)")
     q.add_argument("--keep-work", action="store_true", help="keep the block checkpoints once the model is saved")
+    q.add_argument("--in-memory", action="store_true",
+                   help="load the whole model instead of reading one block at a time from its safetensors shards "
+                        "(the default for local safetensors folders unless --loss fisher; the same output either "
+                        "way; docs/SCALE.md)")
     q.add_argument("--activation-dir", help="keep cached block inputs/targets in memory-mapped files here "
                                             "(calibration sets larger than memory)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
