@@ -41,15 +41,18 @@ EVAL_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _launcher(processes: int) -> list[str]:
+    """Python for one process; torchrun with ``processes`` local ranks otherwise."""
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+
+
 def _run(tmp_path, out, processes, limit, mode="none", fail_rank=1):
     script = tmp_path / "evaluate.py"
     script.write_text(EVAL_SCRIPT)
     args = [str(require_shared(STORIES260K)), str(ARC), str(out), str(limit), mode, str(fail_rank)]
-    if processes == 1:
-        command = [sys.executable, str(script), *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                   str(script), *args]
+    command = [*_launcher(processes), str(script), *args]
     # cwd outside the repository, so the children import the installed (compiled) package.
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
 
@@ -135,9 +138,7 @@ def test_a_study_under_torchrun_gives_the_one_process_metrics(tmp_path):
         config = tmp_path / f"study{processes}.toml"
         out = tmp_path / f"out{processes}"
         config.write_text(STUDY.format(out=out, model=require_shared(STORIES260K), arc=ARC))
-        launcher = ([sys.executable, "-m", "brecq"] if processes == 1 else
-                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "brecq"])
-        done = subprocess.run([*launcher, "study", str(config), "--quiet"], cwd=tmp_path, capture_output=True,
+        done = subprocess.run([*_launcher(processes), "-m", "brecq", "study", str(config), "--quiet"], cwd=tmp_path, capture_output=True,
                               text=True, timeout=TIMEOUT)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count("done in") == 1  # one rank reports
@@ -191,9 +192,7 @@ def _quantize(tmp_path, name, processes, source, method="brecq", fail_rank=None)
     script.write_text(QUANTIZE_SCRIPT)
     args = [str(tmp_path / f"work_{name}"), str(tmp_path / name), source, method]
     args += [str(fail_rank)] if fail_rank is not None else []
-    launcher = ([sys.executable] if processes == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"])
-    done = subprocess.run([*launcher, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([*_launcher(processes), str(script), *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=TIMEOUT)
     if fail_rank is not None:
         return done
@@ -292,9 +291,7 @@ def test_streamed_quantization_over_ranks_writes_the_one_process_file(tmp_path, 
     digests = {}
     for processes in (1, 2):
         out = tmp_path / f"q{processes}"
-        launcher = ([sys.executable] if processes == 1 else
-                    [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"])
-        done = subprocess.run([*launcher, str(script), str(folder), str(tmp_path / "calibration.parquet"), str(out),
+        done = subprocess.run([*_launcher(processes), str(script), str(folder), str(tmp_path / "calibration.parquet"), str(out),
                                method], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
         assert done.returncode == 0, done.stderr[-3000:]
         assert not (out / ".brecq_work").exists()

@@ -30,6 +30,7 @@ from .blocks import (
 )
 from .distributed import agree, world
 from .io import atomic_save_tensors, atomic_write_text
+from .measure import peak_rss_mib
 from .recipe import Method, Recipe
 from .reconstruct import (
     InputSource,
@@ -83,12 +84,6 @@ class QuantizationReport:
 def plain_dict(config) -> dict:
     """A settings dataclass as JSON-friendly values (enums by their value)."""
     return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(config).items()}
-
-
-def _peak_rss_mib() -> float:
-    from .measure import peak_rss_mib
-
-    return peak_rss_mib()
 
 
 def _block_prefix(model: nn.Module, block: nn.Module) -> str:
@@ -243,7 +238,7 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
         report.outside_blocks = list(assignment)
         gather_quantized_weights(model)
         report.seconds = time.perf_counter() - started
-        report.peak_rss_mib = _peak_rss_mib()
+        report.peak_rss_mib = peak_rss_mib()
         return report
 
     if recipe.method is not Method.RTN:
@@ -376,7 +371,7 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
     if weights is None:
         gather_quantized_weights(model)
     report.seconds = time.perf_counter() - started
-    report.peak_rss_mib = _peak_rss_mib()
+    report.peak_rss_mib = peak_rss_mib()
     if device.type == "cuda":
         report.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20
     log.info("quantized %d blocks in %.1f s (peak RSS %.0f MiB)\n%s", len(blocks), report.seconds,

@@ -172,6 +172,10 @@ class ShardedCheckpoint:
         tensor = self._file(name).read(name, rows)
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy tensor ``name`` into ``out`` (same shape, any dtype), a slab of rows at a time."""
+        self._file(name).read_into(name, out)
+
     def slabs(self, name: str, dtype: torch.dtype | None = None,
               slab_bytes: int = SLAB_BYTES) -> Iterator[torch.Tensor]:
         """Tensor ``name`` in slabs of whole rows of at most about ``slab_bytes`` (as converted)."""

@@ -95,11 +95,7 @@ class StreamedWeights:
             if tuple(info.shape) != tuple(tensor.shape):
                 raise ValueError(f"{self.source.folder}: {stored} has shape {list(info.shape)}, the model's "
                                  f"{prefix + key} needs {list(tensor.shape)}")
-            first = 0
-            for slab in self.read(prefix + key, tensor.dtype):
-                rows = slab.shape[0] if slab.dim() else 1
-                (tensor[first:first + rows] if tensor.dim() else tensor).copy_(slab)
-                first += rows
+            self.source.read_into(stored, tensor)
         return module
 
     def release(self, module_name: str) -> None:
