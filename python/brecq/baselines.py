@@ -109,7 +109,10 @@ def layer_hessians(block: nn.Module, names, inputs: torch.Tensor, call: BlockCal
     def make_hook(name):
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            sums[name] += (x.t() @ x).cpu()
+            if x.device == sums[name].device:
+                sums[name].addmm_(x.t(), x)  # no [K, K] temporary beside the sum
+            else:  # the product on the block's device, the sum on the CPU
+                sums[name] += (x.t() @ x).cpu()
             counts[name] += x.shape[0]
         return hook
 
@@ -121,7 +124,8 @@ def layer_hessians(block: nn.Module, names, inputs: torch.Tensor, call: BlockCal
     finally:
         for h in handles:
             h.remove()
-    return {name: sums[name] * (2.0 / max(1, counts[name])) for name in names}
+    # In place: a scaled copy would hold every Hessian twice at the block's peak.
+    return {name: sums[name].mul_(2.0 / max(1, counts[name])) for name in names}
 
 
 def gptq_block(block: nn.Module, rules: dict[str, LayerRule], inputs: torch.Tensor, call: BlockCall,

@@ -44,12 +44,9 @@ def load_documents(path: str | Path, columns=()) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"calibration data not found: {path}")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from .io import read_parquet
 
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # pyarrow raises several types for malformed files
-            raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
+        table = read_parquet(path)
         if not columns:
             columns = tuple(name for name in table.column_names
                             if table.schema.field(name).type in ("string", "large_string"))

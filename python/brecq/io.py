@@ -46,6 +46,21 @@ class CorruptCheckpoint(ValueError):
     pass
 
 
+def read_parquet(path: Path):
+    """The whole table of a parquet file, read on this thread without pre-buffering: datasets and
+    calibration files are small, and Arrow's I/O pool would otherwise stay resident for the rest
+    of the process (about 15 MB, which a streamed quantization run feels)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return pq.ParquetFile(path, pre_buffer=False).read(use_threads=False)
+    except Exception as exc:  # pyarrow raises several types for malformed files
+        raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

@@ -41,7 +41,7 @@ from .reconstruct import (
     reconstruct_block,
 )
 from .streaming.safetensors_io import ShardedCheckpoint
-from .streaming.skeleton import StreamedWeights, skeleton_from_folder, streamed_entries
+from .streaming.skeleton import StreamedWeights, bound_heap_retention, skeleton_from_folder, streamed_entries
 
 log = logging.getLogger("brecq")
 
@@ -229,6 +229,7 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
         if recipe.method is Method.BRECQ and reconstruction.loss is LossKind.FISHER:
             raise ValueError("quantize: the Fisher loss needs gradients through the whole model at once; use "
                              "loss mse for streamed quantization, or load the model in memory")
+        bound_heap_retention()  # freed blocks go back to the system, not into a growing heap
         weights = StreamedWeights(model, source)
 
     if recipe.method is Method.RTN and weights is None:

@@ -109,11 +109,13 @@ class AdaRoundLinear(nn.Module):
 
     def forward(self, x):
         if self.rounding is Rounding.SOFT:
-            w = ops.adaround_forward(self.weight, self.v, self.scale, self.zero, self.bits, self.group_size)
-        else:
-            codes = self.hard_codes() if self.rounding is Rounding.LEARNED else self.nearest_codes()
-            w = ops.dequantize(codes, self.scale, self.zero, self.group_size)
+            return _SoftRoundedLinear.apply(x, self.v, self)
+        codes = self.hard_codes() if self.rounding is Rounding.LEARNED else self.nearest_codes()
+        w = ops.dequantize(codes, self.scale, self.zero, self.group_size)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def soft_weight(self, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return ops.adaround_forward(self.weight, v, self.scale, self.zero, self.bits, self.group_size).to(dtype)
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
         return ops.rounding_loss(self.v, beta)
@@ -127,6 +129,30 @@ class AdaRoundLinear(nn.Module):
 
     def result(self) -> LayerCodes:
         return LayerCodes(self.hard_codes().cpu(), self.scale.cpu(), self.zero.cpu(), self.bits, self.group_size)
+
+
+class _SoftRoundedLinear(torch.autograd.Function):
+    """``x @ w(V)^T + bias`` with the soft-rounded weight computed again in backward instead of
+    kept from forward: autograd would hold every layer's dense weight from its forward until its
+    backward, one more float copy of the whole block at the step's peak."""
+
+    @staticmethod
+    def forward(ctx, x, v, layer):
+        ctx.save_for_backward(x, v)
+        ctx.layer = layer
+        return F.linear(x, layer.soft_weight(v, x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, v = ctx.saved_tensors
+        layer = ctx.layer
+        w = layer.soft_weight(v, x.dtype)
+        grad_x = grad @ w if ctx.needs_input_grad[0] else None
+        del w
+        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        grad_v = ops.adaround_backward(grad_w.float(), layer.weight, v, layer.scale, layer.zero, layer.bits,
+                                       layer.group_size)
+        return grad_x, grad_v, None
 
 
 def _reconstruction_loss(pred, target, fisher):
@@ -201,7 +227,8 @@ def reconstruct_block(block: nn.Module, rules: dict[str, LayerRule], inputs: tor
         set_rounding(Rounding.SOFT)
 
         params = [layer.v for layer in quantized.values()]
-        optimizer = torch.optim.Adam(params, lr=config.lr)
+        # Fused: one pass over the parameters, none of foreach's temporary copies of the whole block.
+        optimizer = torch.optim.Adam(params, lr=config.lr, fused=torch.device(device).type in ("cpu", "cuda"))
         rank, ranks = 0, 1
         if data_parallel and torch.distributed.is_initialized():
             rank, ranks = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io import read_parquet
+
 log = logging.getLogger("brecq")
 
 
@@ -59,17 +61,6 @@ LAYOUTS = {
     "squad_hf": {"context", "question", "answers"},
 }
 OPTIONAL = {"arc_hf": {"id"}, "squad_hf": {"id", "title"}, "arc_study": set(), "squad_study": set()}
-
-
-def _read(path: Path):
-    import pyarrow.parquet as pq
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return pq.read_table(path)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
 
 
 def detect_layout(columns, task: str) -> str:
@@ -120,7 +111,7 @@ def _load(path, task: str, parse_row, limit, seed):
     """Rows of a parquet file through ``parse_row(row, index, layout)``; a row it cannot parse is
     reported with its number and the reason, and skipped."""
     path = Path(path)
-    table = _read(path)
+    table = read_parquet(path)
     layout = detect_layout(table.column_names, task)
     rows = table.to_pylist()
     items, report = [], LoadReport(str(path), layout, len(rows), 0)
