@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ def main() -> None:
     results = []
     for method, streamed in runs:
         out = work / f"q_{method}_{int(streamed)}"
+        shutil.rmtree(out, ignore_errors=True)  # a work folder left by an earlier run would be resumed, not measured
         load_before = os.getloadavg()
         done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(parquet), str(out), method,
                                str(int(streamed)), str(args.iters)], capture_output=True, text=True, cwd=work)

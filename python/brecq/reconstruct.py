@@ -197,7 +197,8 @@ class BlockReconstruction:
 def reconstruct_block(block: nn.Module, rules: dict[str, LayerRule], inputs: torch.Tensor, targets: torch.Tensor,
                       call: BlockCall, config: ReconstructionConfig, clipping: Clipping, device,
                       fisher: torch.Tensor | None = None, block_index: int = 0,
-                      show_progress: bool = True, data_parallel: bool = False) -> BlockReconstruction:
+                      show_progress: bool = True, data_parallel: bool = False,
+                      layers: dict[str, nn.Module] | None = None) -> BlockReconstruction:
     """Learn the rounding of every linear layer named in ``rules`` (names relative to ``block``)
     so that the block's output on ``inputs`` [N, T, D] matches ``targets`` [N, T, D] (float32, CPU).
     The block is modified only temporarily and returned to its original layers.
@@ -205,10 +206,17 @@ def reconstruct_block(block: nn.Module, rules: dict[str, LayerRule], inputs: tor
     ``data_parallel``: every rank of the torch.distributed group calls this with the same block,
     data and settings; each step's batch (drawn alike on every rank) is split across the ranks,
     and the rounding variables' gradients are summed over them, so every rank takes the step one
-    process would take on the whole batch (up to the order of the float sums)."""
+    process would take on the whole batch (up to the order of the float sums).
+
+    ``layers``: soft-rounding modules built by the caller for some of the block's layers (names
+    relative to ``block``; e.g. ``brecq.kquants.GridAdaRoundLinear`` on a llama.cpp grid), used
+    instead of an ``AdaRoundLinear`` from ``rules``; their ``result()`` is what is returned."""
     started = time.perf_counter()
     originals = linear_layers(block)
-    quantized = {name: AdaRoundLinear(originals[name], rule, clipping, device) for name, rule in rules.items()}
+    layers = layers or {}
+    quantized = {name: AdaRoundLinear(originals[name], rule, clipping, device)
+                 for name, rule in rules.items() if name not in layers}
+    quantized.update(layers)
     block_device = next(block.parameters()).device
     block.to(device)
     frozen = [(p, p.requires_grad) for p in block.parameters()]

@@ -135,8 +135,14 @@ def export_gguf_full_precision(model_dir, out_path, *, name: str | None = None) 
 
 
 def write_gguf(checkpoint: QuantizedCheckpoint, out_path, *, fallback: Fallback | str = Fallback.F32,
-               exact_8bit: bool = False, name: str | None = None) -> GGUFExportReport:
-    """The GGUF file of an opened checkpoint (see :func:`export_gguf`)."""
+               exact_8bit: bool = False, name: str | None = None, packed: dict | None = None,
+               file_type: int | None = None) -> GGUFExportReport:
+    """The GGUF file of an opened checkpoint (see :func:`export_gguf`).
+
+    ``packed``: tensors already in their GGUF form, by Hugging Face name: ``(array, ggml type
+    name, report row)`` with the rows in Hugging Face order (q/k rows are permuted here like the
+    others); they replace the checkpoint's tensor of that name. ``file_type``: the
+    ``general.file_type`` to record (default: the type holding most quantized weights)."""
     import gguf
 
     fallback = Fallback(fallback)
@@ -157,7 +163,8 @@ def write_gguf(checkpoint: QuantizedCheckpoint, out_path, *, fallback: Fallback 
         writer = gguf.GGUFWriter(str(tmp), arch)
         _write_metadata(writer, checkpoint, name, heads, kv_heads, head_dim, vocab_size)
         _write_tokenizer(writer, checkpoint.path, vocab_size)
-        for hf_name, array, ggml_type, row in _tensors(checkpoint, arch, heads, kv_heads, fallback, exact_8bit):
+        for hf_name, array, ggml_type, row in _tensors(checkpoint, arch, heads, kv_heads, fallback, exact_8bit,
+                                                       packed or {}):
             gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise UnsupportedModel(f"{checkpoint.path}: tensor {hf_name!r} has no GGUF name for {arch}")
@@ -165,7 +172,7 @@ def write_gguf(checkpoint: QuantizedCheckpoint, out_path, *, fallback: Fallback 
             writer.add_tensor(gguf_name, array, raw_dtype=raw if array.dtype == np.uint8 else None)
             report.rows.append(dict(row, gguf_name=gguf_name, hf_name=hf_name, ggml_type=ggml_type,
                                     bytes=int(array.nbytes)))
-        writer.add_file_type(_file_type(report))
+        writer.add_file_type(_file_type(report) if file_type is None else file_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -204,7 +211,7 @@ def _write_metadata(writer, checkpoint: QuantizedCheckpoint, name, heads, kv_hea
 
 
 def _tensors(checkpoint: QuantizedCheckpoint, arch: str, heads: int, kv_heads: int, fallback: Fallback,
-             exact_8bit: bool):
+             exact_8bit: bool, packed: dict):
     """(Hugging Face name, array, GGUF type, report row) for every tensor, in state-dict order."""
     permute = arch in INTERLEAVED_ROPE
     done = set()
@@ -219,6 +226,12 @@ def _tensors(checkpoint: QuantizedCheckpoint, arch: str, heads: int, kv_heads: i
             row_heads = heads
         elif permute and module.endswith("self_attn.k_proj"):
             row_heads = kv_heads
+        if key in packed:
+            array, ggml_type, row = packed[key]
+            if row_heads:
+                array = array[_rope_permutation(array.shape[0], row_heads).numpy()]
+            yield key, array, ggml_type, row
+            continue
         if module in checkpoint.layers and key.endswith(".weight"):
             layer = checkpoint.layers[module]
             codes, scale, zero = layer.codes, layer.scale, layer.zero
