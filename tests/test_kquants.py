@@ -8,7 +8,15 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from brecq.kquants import BlockType, Search, dequantize, get_preset, quantize_blocks, read_grid, write_codes
+from brecq.kquants import (
+    BlockType,
+    Search,
+    dequantize,
+    get_preset,
+    quantize_blocks,
+    read_grid,
+    write_codes,
+)
 from brecq.kquants.presets import use_more_bits
 
 gguf = pytest.importorskip("gguf")
@@ -146,7 +154,7 @@ def seeded_model(tmp_path_factory):
     texts = [f"Story {i}: the {c} cat sat on the mat and said {i * 7} words." for i, c in
              enumerate(["red", "blue", "green", "small", "big"] * 40)]
     folders = {}
-    for name, overrides in {"even": dict(intermediate_size=512), "odd": dict(intermediate_size=320)}.items():
+    for name, overrides in {"even": {"intermediate_size": 512}, "odd": {"intermediate_size": 320}}.items():
         folder = root / name
         tokenizer = byte_level_bpe_tokenizer(texts, 400, folder)
         config = small_config("qwen3", 448, num_hidden_layers=8, eos_token_id=tokenizer.eos_token_id, **overrides)
@@ -248,3 +256,22 @@ def test_llama_cpp_runs_the_brecq_file_as_brecq_does(seeded_model, tmp_path):
 
     ours, reference = gap(ours_path, model), gap(theirs_path, theirs_model)
     assert ours < 0.1 and ours < 3 * reference + 1e-3, (ours, reference)
+
+
+def test_cli_writes_a_gguf_with_the_presets_types(seeded_model, tmp_path, capsys):
+    import json
+
+    from brecq.cli import main
+
+    folders, calibration = seeded_model
+    out = tmp_path / "cli.gguf"
+    assert main(["quantize", str(folders["odd"]), "--out", str(out), "--gguf", "Q4_K_M", "--method", "rtn",
+                 "--search", "min_max", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["preset"] == "Q4_K_M" and summary["method"] == "rtn" and 4.5 < summary["bits_per_weight"] < 6
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.1.attn_q.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q8_0"
+    assert types["token_embd.weight"] == "Q6_K"  # tied: llama.cpp's output type
+    assert main(["quantize", str(folders["odd"]), "--out", str(out), "--gguf", "Q4_K_M", "--method", "gptq",
+                 "--calib", str(calibration), "--quiet"]) != 0
+    assert "method must be brecq or rtn" in capsys.readouterr().err

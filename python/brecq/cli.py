@@ -38,6 +38,8 @@ def _quantize(args) -> int:
     from .reconstruct import InputSource, LossKind, ReconstructionConfig
 
     method = Method(args.method)
+    if args.gguf:
+        return _quantize_gguf(args, method)
     recipe = get_recipe(args.recipe, method)
     calibration = None
     if method is not Method.RTN:
@@ -59,6 +61,41 @@ def _quantize(args) -> int:
     if w.is_main:
         print(report.table())
         print(f"saved to {args.out} ({report.seconds:.1f} s, peak resident memory {report.peak_rss_mib:.0f} MiB)")
+    return 0
+
+
+def _quantize_gguf(args, method) -> int:
+    import json
+
+    from .calibration import CalibrationSpec
+    from .kquants import quantize_gguf
+    from .recipe import Method
+    from .reconstruct import InputSource, LossKind, ReconstructionConfig
+
+    if method is Method.GPTQ:
+        raise UserError("quantize --gguf: method must be brecq or rtn (llama.cpp's grids with learned or searched "
+                        "codes)")
+    if (method is Method.BRECQ or args.imatrix) and not args.calib:
+        raise UserError("quantize --gguf: --calib is required for brecq and --imatrix")
+    if args.loss != "mse" or args.input_source != "quantized":
+        raise UserError("quantize --gguf: only --loss mse and --input-source quantized")
+    calibration = None
+    if args.calib:
+        calibration = CalibrationSpec(args.calib, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                                      columns=tuple(args.calib_columns or ()), chat_template=args.chat_template)
+    reconstruction = ReconstructionConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+                                          reg_weight=args.reg_weight, loss=LossKind.MSE,
+                                          input_source=InputSource.QUANTIZED, seed=args.seed)
+    _, report = quantize_gguf(args.model, args.out, preset=args.gguf, method=method, calibration=calibration,
+                              reconstruction=reconstruction, search=args.search, importance=args.imatrix,
+                              device=args.device, show_progress=not args.quiet)
+    for block in report.blocks:
+        if "loss_learned" in block:
+            print(f"block {block['index']}: error {block['loss_searched']:.4g} (searched codes) -> "
+                  f"{block['loss_learned']:.4g} (learned)")
+    print(json.dumps({"file": args.out, "preset": report.preset, "method": report.method, "search": report.search,
+                      "importance": report.importance, "bits_per_weight": round(report.bits_per_weight(), 4),
+                      "seconds": round(report.seconds, 1)}))
     return 0
 
 
@@ -292,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "way; docs/SCALE.md)")
     q.add_argument("--activation-dir", help="keep cached block inputs/targets in memory-mapped files here "
                                             "(calibration sets larger than memory)")
+    q.add_argument("--gguf", choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"],
+                   help="write one GGUF file (--out) in llama.cpp's block types with this llama-quantize type map "
+                        "instead of a brecq folder; --method brecq learns the codes on llama.cpp's grids, rtn keeps "
+                        "the search's (--recipe is not used; docs/FORMAT.md)")
+    q.add_argument("--search", default="llama.cpp", choices=["llama.cpp", "min_max"],
+                   help="--gguf: who picks the scales and mins: llama.cpp's own quantizer (needs llama-cpp-python) "
+                        "or brecq's min/max")
+    q.add_argument("--imatrix", action="store_true",
+                   help="--gguf: weight llama.cpp's scale search by an importance matrix from the calibration data")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(run=_quantize)
 
@@ -390,7 +436,7 @@ class UserError(Exception):
 
 
 # Errors that come from the user's input (files, configs, data, checkpoints), not from a bug.
-USER_ERRORS = (UserError, OSError, ValueError)
+USER_ERRORS = (UserError, OSError, ValueError, ImportError)
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,21 @@ from .layouts import BlockType, Grid, dequantize, read_grid, write_codes
 from .presets import PRESETS, KQuantPreset, get_preset
 from .search import Search, SearchUnavailable, quantize_blocks
 
-__all__ = ["BlockType", "Grid", "dequantize", "read_grid", "write_codes", "PRESETS", "KQuantPreset", "get_preset",
-           "Search", "SearchUnavailable", "quantize_blocks", "quantize_gguf", "load_gguf_weights"]
+__all__ = [
+    "PRESETS",
+    "BlockType",
+    "Grid",
+    "KQuantPreset",
+    "Search",
+    "SearchUnavailable",
+    "dequantize",
+    "get_preset",
+    "load_gguf_weights",
+    "quantize_blocks",
+    "quantize_gguf",
+    "read_grid",
+    "write_codes",
+]
 
 
 def __getattr__(name):  # the pipeline imports transformers: only when asked for

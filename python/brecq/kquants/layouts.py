@@ -49,7 +49,7 @@ class BlockType(enum.Enum):
     Q6_K = "Q6_K"
 
     @property
-    def spec(self) -> "_Spec":
+    def spec(self) -> _Spec:
         return _SPECS[self]
 
     @property

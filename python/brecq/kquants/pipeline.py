@@ -13,15 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..blocks import capture_block_inputs, decoder_blocks, linear_layers, run_block
-from ..reconstruct import ReconstructionConfig, reconstruct_block
 from ..recipe import Method
+from ..reconstruct import ReconstructionConfig, reconstruct_block
 from .layouts import BlockType, dequantize, read_grid, write_codes
 from .presets import BLOCK_ROLES, KQuantPreset, get_preset
 from .rounding import GridAdaRoundLinear
@@ -108,7 +107,7 @@ def _quantize_tensor(weight: torch.Tensor, block_type: BlockType | None, search:
 
 
 def quantize_gguf(model_dir, out_path, *, preset: str = "Q4_K_M", method: Method | str = Method.BRECQ,
-                  calibration=None, reconstruction: ReconstructionConfig = ReconstructionConfig(),
+                  calibration=None, reconstruction: ReconstructionConfig | None = None,
                   search: Search | str = Search.LLAMA_CPP, importance: bool = False, device: str = "cpu",
                   forward_batch_size: int = 8, show_progress: bool = True):
     """Quantize the Hugging Face model at ``model_dir`` to the GGUF file ``out_path`` with the
@@ -125,6 +124,7 @@ def quantize_gguf(model_dir, out_path, *, preset: str = "Q4_K_M", method: Method
     from ..io import check_model_path
 
     started = time.perf_counter()
+    reconstruction = reconstruction or ReconstructionConfig()
     method, search, chosen = Method(method), Search(search), get_preset(preset)
     if method not in (Method.BRECQ, Method.RTN):
         raise ValueError(f"quantize_gguf: method must be brecq or rtn (the search's own codes), got {method.value}")
@@ -139,7 +139,7 @@ def quantize_gguf(model_dir, out_path, *, preset: str = "Q4_K_M", method: Method
     packed: dict[str, tuple] = {}
     params = dict(model.named_parameters(remove_duplicate=False))
 
-    def record(name: str, data: np.ndarray, block_type: BlockType | None, grid, codes) -> None:
+    def record(name: str, data: np.ndarray, block_type: BlockType | None, grid) -> None:
         role, layer, _ = roles[name]
         weight = params[name]
         values = (dequantize(block_type, data, weight.shape[1]) if grid is not None
@@ -180,7 +180,7 @@ def quantize_gguf(model_dir, out_path, *, preset: str = "Q4_K_M", method: Method
             entry.update(loss_searched=result.loss_nearest, loss_learned=result.loss_final, seconds=result.seconds)
         for rel, g in grids.items():
             data = datas[rel] if g is None else write_codes(g.block_type, datas[rel], g, codes[rel].numpy())
-            record(f"{prefix}{i}.{rel}.weight", data, g.block_type if g is not None else None, g, codes.get(rel))
+            record(f"{prefix}{i}.{rel}.weight", data, g.block_type if g is not None else None, g)
         report.blocks.append(entry)
         if hidden is not None:
             q_in, fp_in = run_block(block, q_in, call, device, forward_batch_size), targets
@@ -190,7 +190,7 @@ def quantize_gguf(model_dir, out_path, *, preset: str = "Q4_K_M", method: Method
         if role in ("token_embd", "output"):  # the output matrix's importance is the head's inputs'
             data, grid = _quantize_tensor(params[name], block_type, search,
                                           imatrix.get(head_name) if role == "output" else None)
-            record(name, data, block_type, grid, None if grid is None else grid.codes)
+            record(name, data, block_type, grid)
     write_gguf(read_full_precision(model_dir), out_path, packed=packed, file_type=chosen.llama_ftype)
     report.seconds = time.perf_counter() - started
     log.info("wrote %s: %s, %s rounding on %s grids, %.3f bits per weight", out_path, chosen.name, method.value,

@@ -27,7 +27,7 @@ class Search(enum.Enum):
     MIN_MAX = "min_max"
 
 
-class SearchUnavailable(RuntimeError):
+class SearchUnavailable(ImportError):
     """llama.cpp's quantizer library cannot be loaded."""
 
 

@@ -1,0 +1,155 @@
+"""BRECQ rounding in llama.cpp's own block types against llama.cpp's quantizer, same file types.
+
+    python bench/kquants.py [--model stories260k|seeded|DIR] [--preset Q4_K_M] [--iters 400]
+
+For one model and one llama-quantize type map (Q4_K_M by default), every row is a GGUF file with
+the same tensor types, read back into the same PyTorch model (``brecq.kquants.load_gguf_weights``)
+and evaluated with the same code on the same held-out text:
+
+* ``llama-quantize``: ``llama_cpp.llama_model_quantize`` on the full-precision GGUF;
+* ``llama-quantize + imatrix``: llama.cpp's search weighted by an importance matrix computed by
+  brecq from the calibration text (``quantize_gguf(method=rtn, importance=True)``; llama.cpp's own
+  ``llama-imatrix`` tool is not in the Python package, so it is not run);
+* ``brecq BRECQ``: the same scales and mins as each of those, the codes learned block by block.
+
+Columns: bits per weight of the quantized matrices as stored (scales and mins counted), perplexity,
+mean KL(full precision || quantized) per token, top-1 agreement with the full-precision model,
+seconds to quantize. ``--model stories260k`` is a real pretrained model (its 64-wide rows take
+llama.cpp's fallbacks: Q5_0/Q8_0, and its 172-wide down_proj F16); ``--model seeded`` is a seeded
+Qwen3-shaped model whose rows 256-blocks divide: it shows the pipeline on real K-quant types, its
+quality numbers mean nothing. Calibration and held-out text: the two halves of
+../shared/data/tinystories_val_head.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT.parent / "shared" / "models" / "stories260k"
+TEXT = ROOT.parent / "shared" / "data" / "tinystories_val_head.txt"
+
+
+def seeded_model(folder: Path, texts) -> Path:
+    from brecq.models import build_model, byte_level_bpe_tokenizer, small_config
+
+    if not (folder / "config.json").exists():
+        tokenizer = byte_level_bpe_tokenizer(texts[:2000], 2048, folder)
+        config = small_config("qwen3", 2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                              num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                              eos_token_id=tokenizer.eos_token_id)
+        build_model(config, seed=0).save_pretrained(str(folder))
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="stories260k")
+    parser.add_argument("--preset", default="Q4_K_M")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=400)
+    parser.add_argument("--eval-tokens", type=int, default=60000)
+    parser.add_argument("--workdir")
+    parser.add_argument("--json", default=None, help="default bench/results/kquants_<model>_<preset>.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("bench/kquants.py compares with llama.cpp: pip install 'brecq[llamacpp]'") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from brecq.calibration import CalibrationSpec, load_documents
+    from brecq.evaluation.fidelity import fidelity
+    from brecq.evaluation.perplexity import perplexity, token_stream
+    from brecq.export import export_gguf_full_precision
+    from brecq.kquants import get_preset, load_gguf_weights, quantize_gguf
+    from brecq.reconstruct import ReconstructionConfig
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="brecq-kquants-"))
+    work.mkdir(parents=True, exist_ok=True)
+    docs = load_documents(TEXT)
+    half = len(docs) // 2
+    model_dir = {"stories260k": STORIES, "seeded": None}.get(args.model, Path(args.model))
+    if model_dir is None:
+        model_dir = seeded_model(work / "seeded", docs[:half])
+    calib_file = work / "calibration.txt"
+    calib_file.write_text("\n\n".join(docs[:half]))
+    calibration = CalibrationSpec(str(calib_file), args.samples, args.seq_len, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eval_ids = token_stream(tokenizer, docs[half:])[:args.eval_tokens]
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    reference = load()
+    fp_ppl = perplexity(reference, eval_ids).perplexity
+    files = {}
+    seconds = {}
+    preset = get_preset(args.preset)
+    fp_gguf = work / "fp.gguf"
+    export_gguf_full_precision(model_dir, fp_gguf)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = preset.llama_ftype
+    params.nthread = torch.get_num_threads()
+    started = time.perf_counter()
+    files["llama-quantize"] = work / "llama.gguf"
+    if llama_cpp.llama_model_quantize(str(fp_gguf).encode(), str(files["llama-quantize"]).encode(), params) != 0:
+        raise SystemExit("llama_model_quantize failed")
+    seconds["llama-quantize"] = time.perf_counter() - started
+    reconstruction = ReconstructionConfig(iters=args.iters)
+    runs = [("llama-quantize + imatrix", "rtn", True), ("brecq BRECQ (llama.cpp scales)", "brecq", False),
+            ("brecq BRECQ (llama.cpp imatrix scales)", "brecq", True)]
+    for label, method, importance in runs:
+        path = work / f"{method}_{int(importance)}.gguf"
+        started = time.perf_counter()
+        quantize_gguf(model_dir, path, preset=args.preset, method=method, importance=importance,
+                      calibration=calibration, reconstruction=reconstruction, show_progress=False)
+        seconds[label] = time.perf_counter() - started
+        files[label] = path
+        print(f"{label}: {seconds[label]:.0f} s", file=sys.stderr, flush=True)
+
+    import gguf
+    rows = {}
+    for label, path in files.items():
+        model = load()
+        types = load_gguf_weights(model, path)
+        stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2}
+        weights = sum(int(t.n_elements) for t in stored.values())
+        bpw = 8.0 * sum(int(t.n_bytes) for t in stored.values()) / weights
+        ppl = perplexity(model, eval_ids).perplexity
+        fid = fidelity(model, reference, eval_ids)
+        rows[label] = {"bits_per_weight": bpw, "perplexity": ppl, "mean_kl": fid.mean_kl,
+                       "top1_agreement": fid.top1_agreement, "seconds": seconds[label],
+                       "types": sorted(set(types.values()))}
+        print(json.dumps({label: rows[label]}), file=sys.stderr, flush=True)
+
+    out = Path(args.json or ROOT / "bench" / "results" / f"kquants_{Path(str(args.model)).name}_{args.preset}.json")
+    summary = {"model": str(args.model), "preset": args.preset, "full_precision_perplexity": fp_ppl,
+               "eval_tokens": int(eval_ids.numel()), "calibration": calibration.describe(),
+               "iters": args.iters, "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg(),
+               "command": "python bench/kquants.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+               "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{args.model}, {args.preset} type map; full precision perplexity {fp_ppl:.4f} on {eval_ids.numel()} "
+          "tokens\n")
+    print("| file | bits/weight | perplexity | mean KL | top-1 agreement | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, r in rows.items():
+        print(f"| {label} | {r['bits_per_weight']:.3f} | {r['perplexity']:.4f} | {r['mean_kl']:.5f} | "
+              f"{r['top1_agreement']:.4f} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
