@@ -63,13 +63,12 @@ def gptq_layer(weight: torch.Tensor, hessian: torch.Tensor, rule: LayerRule, cli
         zero = torch.empty(n, groups, dtype=torch.uint8)
         perm = torch.arange(k)
     H.diagonal().add_(config.damp * torch.mean(torch.diag(H)))  # + damp * I, without a [K, K] identity
-    # One [K, K] factor alive at a time besides the one it is computed from.
-    factor = torch.linalg.cholesky(H)
+    # Cholesky, inverse, upper Cholesky of the inverse, each in H's own storage (LAPACK works in
+    # place): one [K, K] buffer, however long the caller keeps its reference to the Hessian.
+    torch.linalg.cholesky(H, out=H)
+    torch.cholesky_inverse(H, out=H)
+    Hinv = torch.linalg.cholesky(H, upper=True, out=H)
     del H
-    inverse = torch.cholesky_inverse(factor)
-    del factor
-    Hinv = torch.linalg.cholesky(inverse, upper=True)
-    del inverse
 
     codes = torch.empty(n, k, dtype=torch.uint8)
     block = max(g, config.block_size // g * g)
