@@ -1,6 +1,6 @@
 """BRECQ rounding in llama.cpp's own block types against llama.cpp's quantizer, same file types.
 
-    python bench/kquants.py [--model stories260k|seeded|DIR] [--preset Q4_K_M] [--iters 400]
+    python bench/kquants.py [--model stories260k|trained|seeded|DIR] [--preset Q4_K_M] [--iters 400]
 
 For one model and one llama-quantize type map (Q4_K_M by default), every row is a GGUF file with
 the same tensor types, read back into the same PyTorch model (``brecq.kquants.load_gguf_weights``)
@@ -17,7 +17,8 @@ mean KL(full precision || quantized) per token, top-1 agreement with the full-pr
 seconds to quantize. ``--model stories260k`` is a real pretrained model (its 64-wide rows take
 llama.cpp's fallbacks: Q5_0/Q8_0, and its 172-wide down_proj F16); ``--model seeded`` is a seeded
 Qwen3-shaped model whose rows 256-blocks divide: it shows the pipeline on real K-quant types, its
-quality numbers mean nothing. Calibration and held-out text: the two halves of
+quality numbers mean nothing; ``--model trained`` is a small Qwen3 trained on the calibration half
+(``brecq.models.stories_model``, 600 steps), whose 256-wide rows take real K-types. Calibration and held-out text: the two halves of
 ../shared/data/tinystories_val_head.txt.
 """
 from __future__ import annotations
@@ -32,22 +33,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_models import seeded_model, trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT.parent / "shared" / "models" / "stories260k"
 TEXT = ROOT.parent / "shared" / "data" / "tinystories_val_head.txt"
-
-
-def seeded_model(folder: Path, texts) -> Path:
-    from brecq.models import build_model, byte_level_bpe_tokenizer, small_config
-
-    if not (folder / "config.json").exists():
-        tokenizer = byte_level_bpe_tokenizer(texts[:2000], 2048, folder)
-        config = small_config("qwen3", 2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                              num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-                              eos_token_id=tokenizer.eos_token_id)
-        build_model(config, seed=0).save_pretrained(str(folder))
-    return folder
 
 
 def main() -> None:
@@ -64,25 +54,26 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401 (checked here, used through brecq.export.llamacpp)
     except ImportError:
         raise SystemExit("bench/kquants.py compares with llama.cpp: pip install 'brecq[llamacpp]'") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from brecq.calibration import CalibrationSpec, load_documents
     from brecq.evaluation.fidelity import fidelity
     from brecq.evaluation.perplexity import perplexity, token_stream
     from brecq.export import export_gguf_full_precision
+    from brecq.export.llamacpp import llama_quantize
     from brecq.kquants import get_preset, load_gguf_weights, quantize_gguf
     from brecq.reconstruct import ReconstructionConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="brecq-kquants-"))
     work.mkdir(parents=True, exist_ok=True)
     docs = load_documents(TEXT)
     half = len(docs) // 2
-    model_dir = {"stories260k": STORIES, "seeded": None}.get(args.model, Path(args.model))
+    model_dir = {"stories260k": STORIES, "seeded": None, "trained": None}.get(args.model, Path(args.model))
     if model_dir is None:
-        model_dir = seeded_model(work / "seeded", docs[:half])
+        model_dir = (seeded_model(work / "seeded", docs[:half]) if args.model == "seeded"
+                     else trained_model(work / "trained", docs[:half]))
     calib_file = work / "calibration.txt"
     calib_file.write_text("\n\n".join(docs[:half]))
     calibration = CalibrationSpec(str(calib_file), args.samples, args.seq_len, seed=0)
@@ -99,13 +90,9 @@ def main() -> None:
     preset = get_preset(args.preset)
     fp_gguf = work / "fp.gguf"
     export_gguf_full_precision(model_dir, fp_gguf)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = preset.llama_ftype
-    params.nthread = torch.get_num_threads()
     started = time.perf_counter()
     files["llama-quantize"] = work / "llama.gguf"
-    if llama_cpp.llama_model_quantize(str(fp_gguf).encode(), str(files["llama-quantize"]).encode(), params) != 0:
-        raise SystemExit("llama_model_quantize failed")
+    llama_quantize(fp_gguf, files["llama-quantize"], preset.llama_ftype, torch.get_num_threads())
     seconds["llama-quantize"] = time.perf_counter() - started
     reconstruction = ReconstructionConfig(iters=args.iters)
     runs = [("llama-quantize + imatrix", "rtn", True), ("brecq BRECQ (llama.cpp scales)", "brecq", False),

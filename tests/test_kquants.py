@@ -167,14 +167,12 @@ def seeded_model(tmp_path_factory):
 
 
 def _llama_quantize(source_dir, preset, out):
-    import llama_cpp
     from brecq.export import export_gguf_full_precision
+    from brecq.export.llamacpp import llama_quantize
 
     fp = out.with_suffix(".fp.gguf")
     export_gguf_full_precision(source_dir, fp)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = get_preset(preset).llama_ftype
-    assert llama_cpp.llama_model_quantize(str(fp).encode(), str(out).encode(), params) == 0
+    llama_quantize(fp, out, get_preset(preset).llama_ftype)
     return {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
 
 

@@ -36,6 +36,19 @@ def open_llama(path, n_ctx: int = 512, n_threads: int = 2, logits_all: bool = Tr
         llama_module.llama_cpp.llama_model_default_params = default_params
 
 
+def llama_quantize(source, out, ftype: int, threads: int = 0) -> None:
+    """llama.cpp's own quantizer (``llama-quantize``, through ``llama_cpp.llama_model_quantize``):
+    the GGUF ``source`` to ``out`` as ``ftype`` (a ``LLAMA_FTYPE_MOSTLY_*`` value: Q4_0 2, Q4_1 3,
+    Q8_0 7, Q4_K_M 15, Q5_K_M 17, Q6_K 18)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize failed: {source} -> {out} (ftype {ftype})")
+
+
 def llama_tokenize(llm, text: str, add_bos: bool) -> list[int]:
     return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
 

@@ -1,0 +1,234 @@
+"""brecq against the field's quantizers on one model, one calibration text, one held-out text.
+
+    python bench/peers.py [--model stories260k|trained|DIR] [--recipes w4g64_mix_attn6 w4g64 w3g64] [--iters 800]
+
+Every row is scored by the same code on the same held-out windows (256 tokens, no overlap):
+perplexity, mean KL(full precision || quantized) per token, top-1 agreement with the full-precision
+model, and the bits per weight the method stores for the decoder blocks' linear layers (scales,
+zeros and mins counted; layers a method leaves unquantized counted at 16 bits). Embeddings and the
+head stay in full precision in every row, so only the blocks are compared: for llama.cpp's files
+the token embeddings / output matrix it quantized are put back to full precision after reading.
+
+Methods, each skipped with a note when its package is missing:
+
+* brecq RTN, GPTQ and BRECQ with the recipe (asymmetric, group 64, MSE clipping);
+* AutoRound (``auto-round``): same bits, group size and asymmetry per layer (``layer_config`` for
+  the W6 attention of the mixed recipe), its default 200 iterations, float32 (``amp=False``), the
+  same calibration documents (its own tokenization and windows);
+* llama.cpp's quantizer (``llama-cpp-python``): ``llama_model_quantize`` to Q4_0, Q4_1, Q4_K_M and
+  Q8_0 from the full-precision GGUF, read back with the ``gguf`` package's dequantizers; Q4_K_M also
+  with an importance matrix from the calibration text (llama.cpp's search through
+  ``brecq.kquants``, as ``llama-quantize --imatrix`` applies one);
+* llm-compressor's GPTQ and AWQ are not run: its releases pin transformers <= 5.17 and
+  compressed-tensors 0.19, which this environment's brecq (transformers 5.25, compressed-tensors
+  0.20) does not share; a separate environment would be needed.
+
+Calibration: the first half of ../shared/data/tinystories_val_head.txt; held-out: the second half.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_models import trained_model
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT.parent / "shared" / "models" / "stories260k"
+TEXT = ROOT.parent / "shared" / "data" / "tinystories_val_head.txt"
+LLAMA_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K_M": 15, "Q8_0": 7}
+
+
+def block_linears(model):
+    """The decoder blocks' linear layers, dense or packed."""
+    from brecq.blocks import decoder_blocks
+
+    from brecq_ext import QuantLinear
+
+    return [m for block in decoder_blocks(model) for m in block.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="stories260k")
+    parser.add_argument("--recipes", nargs="*", default=["w4g64_mix_attn6", "w4g64", "w3g64"])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=800, help="BRECQ iterations a block")
+    parser.add_argument("--autoround-iters", type=int, default=200)
+    parser.add_argument("--workdir")
+    parser.add_argument("--json", help="default bench/results/peers_<model>.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from brecq.calibration import CalibrationSpec, build_calibration, load_documents
+    from brecq.evaluation.fidelity import fidelity
+    from brecq.evaluation.perplexity import perplexity, token_stream
+    from brecq.quantize import quantize
+    from brecq.recipe import Method, get_recipe
+    from brecq.reconstruct import ReconstructionConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from brecq_ext import QuantLinear
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="brecq-peers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    docs = load_documents(TEXT)
+    half = len(docs) // 2
+    model_dir = {"stories260k": STORIES, "trained": None}.get(args.model, Path(args.model))
+    if model_dir is None:
+        model_dir = trained_model(work / "trained", docs[:half])
+    calib_file = work / "calibration.txt"
+    calib_file.write_text("\n\n".join(docs[:half]))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    calibration = CalibrationSpec(str(calib_file), args.samples, args.seq_len, seed=0)
+    calib_ids = build_calibration(tokenizer, calibration)
+    eval_ids = token_stream(tokenizer, docs[half:])
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    reference = load()
+    rows: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+
+    def score(label, model, bits_per_weight, seconds, **extra):
+        model = model.float().eval()
+        ppl = perplexity(model, eval_ids).perplexity
+        fid = fidelity(model, reference, eval_ids)
+        rows[label] = {"bits_per_weight": bits_per_weight, "perplexity": ppl, "mean_kl": fid.mean_kl,
+                       "top1_agreement": fid.top1_agreement, "seconds": seconds, **extra}
+        print(json.dumps({label: rows[label]}), file=sys.stderr, flush=True)
+
+    for recipe_name in args.recipes:
+        for method in (Method.RTN, Method.GPTQ, Method.BRECQ):
+            model = load()
+            recipe = get_recipe(recipe_name, method)
+            started = time.perf_counter()
+            quantize(model, recipe, None if method is Method.RTN else calib_ids,
+                     reconstruction=ReconstructionConfig(iters=args.iters), show_progress=False)
+            seconds = time.perf_counter() - started
+            layers = block_linears(model)
+            stored = sum(layer.memory_bytes() * 8 if isinstance(layer, QuantLinear) else 16 * layer.weight.numel()
+                         for layer in layers)
+            weights = sum(layer.in_features * layer.out_features for layer in layers)
+            score(f"{recipe_name} brecq {method.value}", model, stored / weights, seconds)
+
+        if importlib.util.find_spec("auto_round") is None:
+            skipped["AutoRound"] = "auto-round is not installed (pip install auto-round)"
+        else:
+            from auto_round import AutoRound
+
+            recipe = get_recipe(recipe_name, Method.RTN)
+            model = load()
+            layer_config = {name: {"bits": rule.bits, "group_size": rule.group_size, "sym": False}
+                             for name, rule in recipe.assign(model).items()}
+            main_rule = next(iter(layer_config.values()))
+            # brecq's own calibration windows, token for token (as a DataLoader of input_ids).
+            windows = torch.utils.data.DataLoader([{"input_ids": row} for row in calib_ids], batch_size=8)
+            started = time.perf_counter()
+            rounder = AutoRound(model, tokenizer, bits=main_rule["bits"], group_size=main_rule["group_size"],
+                                sym=False, dataset=windows, iters=args.autoround_iters, seqlen=args.seq_len,
+                                nsamples=args.samples, batch_size=8, layer_config=layer_config, device_map="cpu",
+                                amp=False, seed=0)
+            quantized, _ = rounder.quantize()
+            seconds = time.perf_counter() - started
+            names = {id(m): n for n, m in quantized.named_modules()}
+            original = dict(reference.named_parameters())
+            stored = weights = 0
+            left = []
+            for layer in block_linears(quantized):
+                name = names[id(layer)]
+                n = layer.in_features * layer.out_features
+                # A layer it left alone still holds the original weights.
+                if not torch.equal(layer.weight.float(), original[name + ".weight"]):
+                    # its auto_round export: packed codes, float16 scale and packed zero per group
+                    bits, group = layer_config[name]["bits"], layer_config[name]["group_size"]
+                    stored += n * bits + layer.out_features * -(-layer.in_features // group) * (16 + bits)
+                else:
+                    stored += 16 * n
+                    left.append(name)
+                weights += n
+            score(f"{recipe_name} AutoRound", quantized, stored / weights, seconds,
+                  left_unquantized=sorted({n.split(".")[-1] for n in left}))
+
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
+        skipped["llama.cpp"] = "llama-cpp-python or gguf is not installed (pip install 'brecq[export,llamacpp]')"
+    else:
+        import gguf
+        from brecq.export import export_gguf_full_precision
+        from brecq.export.llamacpp import llama_quantize
+        from brecq.kquants import load_gguf_weights, quantize_gguf
+
+        fp = work / "fp.gguf"
+        export_gguf_full_precision(model_dir, fp)
+        files = {}
+        for name, ftype in LLAMA_TYPES.items():
+            out = work / f"{name}.gguf"
+            started = time.perf_counter()
+            llama_quantize(fp, out, ftype, torch.get_num_threads())
+            files[f"llama.cpp {name}"] = (out, time.perf_counter() - started)
+        started = time.perf_counter()
+        quantize_gguf(model_dir, work / "imatrix.gguf", preset="Q4_K_M", method="rtn", importance=True,
+                      calibration=calibration, show_progress=False)
+        files["llama.cpp Q4_K_M + imatrix"] = (work / "imatrix.gguf", time.perf_counter() - started)
+        for label, (path, seconds) in files.items():
+            model = load()
+            types = load_gguf_weights(model, path)
+            embed = model.get_input_embeddings().weight
+            embed.data.copy_(reference.get_input_embeddings().weight)  # blocks only, as the other rows
+            head = model.get_output_embeddings()
+            if head is not None and head.weight is not embed:
+                head.weight.data.copy_(reference.get_output_embeddings().weight)
+            tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+            names = {id(m): n for n, m in model.named_modules()}
+            stored = weights = 0
+            kinds = set()
+            for layer in block_linears(model):
+                hf = names[id(layer)] + ".weight"
+                g = next(t for t in tensors.values() if int(t.n_elements) == layer.weight.numel()
+                         and t.name.endswith(_gguf_suffix(hf)) and f"blk.{_layer_index(hf)}." in t.name)
+                stored += 8 * int(g.n_bytes)
+                weights += layer.weight.numel()
+                kinds.add(types[hf])
+            score(label, model, stored / weights, seconds, types=sorted(kinds))
+
+    summary = {"model": str(args.model), "full_precision_perplexity": perplexity(reference, eval_ids).perplexity,
+               "eval_tokens": int(eval_ids.numel()), "calibration": calibration.describe(), "iters": args.iters,
+               "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg(), "skipped": skipped,
+               "command": "python bench/peers.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+               "rows": rows}
+    out = Path(args.json or ROOT / "bench" / "results" / f"peers_{Path(str(args.model)).name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{args.model}: full precision perplexity {summary['full_precision_perplexity']:.4f} on "
+          f"{summary['eval_tokens']} tokens\n")
+    print("| method | bits/weight (blocks) | perplexity | mean KL | top-1 agreement | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, r in sorted(rows.items(), key=lambda kv: kv[1]["bits_per_weight"]):
+        print(f"| {label} | {r['bits_per_weight']:.3f} | {r['perplexity']:.4f} | {r['mean_kl']:.5f} | "
+              f"{r['top1_agreement']:.4f} | {r['seconds']:.1f} |")
+    for name, why in skipped.items():
+        print(f"\nskipped {name}: {why}")
+
+
+def _gguf_suffix(hf_name: str) -> str:
+    roles = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    return roles[hf_name.split(".")[-2]] + ".weight"
+
+
+def _layer_index(hf_name: str) -> int:
+    parts = hf_name.split(".")
+    return int(parts[parts.index("layers") + 1])
+
+
+if __name__ == "__main__":
+    main()
