@@ -211,7 +211,7 @@ def _write_metadata(writer, checkpoint: QuantizedCheckpoint, name, heads, kv_hea
 
 
 def _tensors(checkpoint: QuantizedCheckpoint, arch: str, heads: int, kv_heads: int, fallback: Fallback,
-             exact_8bit: bool, packed: dict):
+             exact_8bit: bool, prepacked: dict):
     """(Hugging Face name, array, GGUF type, report row) for every tensor, in state-dict order."""
     permute = arch in INTERLEAVED_ROPE
     done = set()
@@ -226,8 +226,8 @@ def _tensors(checkpoint: QuantizedCheckpoint, arch: str, heads: int, kv_heads: i
             row_heads = heads
         elif permute and module.endswith("self_attn.k_proj"):
             row_heads = kv_heads
-        if key in packed:
-            array, ggml_type, row = packed[key]
+        if key in prepacked:
+            array, ggml_type, row = prepacked[key]
             if row_heads:
                 array = array[_rope_permutation(array.shape[0], row_heads).numpy()]
             yield key, array, ggml_type, row
