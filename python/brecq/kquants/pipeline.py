@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..blocks import capture_block_inputs, decoder_blocks, linear_layers, run_block
 from ..recipe import Method
@@ -71,11 +72,16 @@ def importance_matrix(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) 
     return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
 
 
+def _blocks_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
+    """The name under which the decoder blocks hang, with its dot: ``model.layers.``."""
+    return next(name for name, module in model.named_modules() if module is blocks) + "."
+
+
 def _role_map(model: nn.Module, preset: KQuantPreset) -> dict[str, tuple[str, int | None, BlockType | None]]:
     """Hugging Face weight name -> (role, layer, block type or None for F16)."""
     blocks = decoder_blocks(model)
     n = len(blocks)
-    prefix = next(name for name, module in model.named_modules() if module is blocks) + "."
+    prefix = _blocks_prefix(model, blocks)
     out = {}
     for i, block in enumerate(blocks):
         for rel, linear in linear_layers(block).items():
@@ -156,12 +162,11 @@ def quantize_gguf(model_dir, out_path, *, preset: str = "Q4_K_M", method: Method
                                "weights": weight.numel(), "bytes": int(data.nbytes)})
 
     blocks = decoder_blocks(model)
-    prefix = next(name for name, module in model.named_modules() if module is blocks) + "."
+    prefix = _blocks_prefix(model, blocks)
     hidden = call = None
     if method is Method.BRECQ:
         hidden, call = capture_block_inputs(model, ids)
     fp_in = q_in = hidden
-    from tqdm.auto import tqdm
     for i, block in enumerate(tqdm(blocks, desc=f"{method.value} {chosen.name}", disable=not show_progress)):
         layers = linear_layers(block)
         targets = run_block(block, fp_in, call, device, forward_batch_size) if hidden is not None else None
