@@ -10,7 +10,10 @@ and evaluated with the same code on the same held-out text:
 * ``llama-quantize + imatrix``: llama.cpp's search weighted by an importance matrix computed by
   brecq from the calibration text (``quantize_gguf(method=rtn, importance=True)``; llama.cpp's own
   ``llama-imatrix`` tool is not in the Python package, so it is not run);
-* ``brecq BRECQ``: the same scales and mins as each of those, the codes learned block by block.
+* ``brecq BRECQ``: the same scales and mins as each of those, the codes learned block by block;
+* ``AutoRound gguf:<preset>`` (``--llama-cpp-source DIR``): AutoRound's own GGUF k-quant export on the
+  same calibration windows, at 0 iterations (what AutoRound recommends for GGUF) and at its default 200
+  (``bench/autoround_gguf.py``, in a subprocess: it needs a llama.cpp source tree, see there).
 
 Columns: bits per weight of the quantized matrices as stored (scales and mins counted), perplexity,
 mean KL(full precision || quantized) per token, top-1 agreement with the full-precision model,
@@ -24,9 +27,11 @@ quality numbers mean nothing; ``--model trained`` is a small Qwen3 trained on th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +53,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--iters", type=int, default=400)
     parser.add_argument("--eval-tokens", type=int, default=60000)
+    parser.add_argument("--llama-cpp-source", default=os.environ.get("BRECQ_LLAMA_CPP_SOURCE"),
+                        help="llama.cpp source tree for AutoRound's GGUF export (default $BRECQ_LLAMA_CPP_SOURCE)")
+    parser.add_argument("--autoround-iters", type=int, nargs="*", default=[0, 200])
     parser.add_argument("--workdir")
     parser.add_argument("--json", default=None, help="default bench/results/kquants_<model>_<preset>.json")
     args = parser.parse_args()
@@ -106,6 +114,29 @@ def main() -> None:
         files[label] = path
         print(f"{label}: {seconds[label]:.0f} s", file=sys.stderr, flush=True)
 
+    skipped = {}
+    if importlib.util.find_spec("auto_round") is None:
+        skipped["AutoRound"] = "auto-round is not installed"
+    elif not args.llama_cpp_source:
+        skipped["AutoRound"] = "no --llama-cpp-source (AutoRound's GGUF export needs llama.cpp's conversion code)"
+    else:
+        from brecq.calibration import build_calibration
+
+        torch.save(build_calibration(tokenizer, calibration), work / "calibration_ids.pt")
+        for iters in args.autoround_iters:
+            label = f"AutoRound gguf:{args.preset.lower()} ({iters} iterations)"
+            path = work / f"autoround_{iters}.gguf"
+            command = [sys.executable, str(ROOT / "bench" / "autoround_gguf.py"), "--model", str(model_dir),
+                       "--calibration", str(work / "calibration_ids.pt"), "--scheme", f"gguf:{args.preset.lower()}",
+                       "--iters", str(iters), "--llama-cpp-source", args.llama_cpp_source, "--out", str(path)]
+            done = subprocess.run(command, check=False, capture_output=True, text=True)
+            if done.returncode != 0:
+                skipped[label] = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                continue
+            files[label] = path
+            seconds[label] = json.loads(path.with_suffix(".json").read_text())["seconds"]
+            print(f"{label}: {seconds[label]:.0f} s", file=sys.stderr, flush=True)
+
     import gguf
     rows = {}
     for label, path in files.items():
@@ -126,7 +157,7 @@ def main() -> None:
                "eval_tokens": int(eval_ids.numel()), "calibration": calibration.describe(),
                "iters": args.iters, "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg(),
                "command": "python bench/kquants.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-               "rows": rows}
+               "skipped": skipped, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{args.model}, {args.preset} type map; full precision perplexity {fp_ppl:.4f} on {eval_ids.numel()} "
@@ -136,6 +167,8 @@ def main() -> None:
     for label, r in rows.items():
         print(f"| {label} | {r['bits_per_weight']:.3f} | {r['perplexity']:.4f} | {r['mean_kl']:.5f} | "
               f"{r['top1_agreement']:.4f} | {r['seconds']:.0f} |")
+    for name, why in skipped.items():
+        print(f"\nskipped {name}: {why}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """brecq against the field's quantizers on one model, one calibration text, one held-out text.
 
     python bench/peers.py [--model stories260k|trained|DIR] [--recipes w4g64_mix_attn6 w4g64 w3g64] [--iters 800]
+                          [--llmcompressor-python .venv-llmc/bin/python]
 
 Every row is scored by the same code on the same held-out windows (256 tokens, no overlap):
 perplexity, mean KL(full precision || quantized) per token, top-1 agreement with the full-precision
@@ -19,9 +20,14 @@ Methods, each skipped with a note when its package is missing:
   Q8_0 from the full-precision GGUF, read back with the ``gguf`` package's dequantizers; Q4_K_M also
   with an importance matrix from the calibration text (llama.cpp's search through
   ``brecq.kquants``, as ``llama-quantize --imatrix`` applies one);
-* llm-compressor's GPTQ and AWQ are not run: its releases pin transformers <= 5.17 and
-  compressed-tensors 0.19, which this environment's brecq (transformers 5.25, compressed-tensors
-  0.20) does not share; a separate environment would be needed.
+* llm-compressor's GPTQ and AWQ (``--llmcompressor-python``): its releases pin transformers and
+  compressed-tensors versions brecq's environment does not share, so it runs in a second venv
+  (``python3 -m venv .venv-llmc && .venv-llmc/bin/pip install torch==2.13.0 llmcompressor``) as
+  ``bench/peers_llmcompressor.py``, on brecq's calibration windows and the recipe's bits and groups;
+  the dequantized weights it writes are scored here. Its scales are counted at 16 bits (its packed
+  checkpoint stores them in the model's dtype: bfloat16 for a bfloat16 model).
+
+Only some methods: ``--methods brecq autoround llmcompressor llamacpp``.
 
 Calibration: the first half of ../shared/data/tinystories_val_head.txt; held-out: the second half.
 """
@@ -32,6 +38,7 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT.parent / "shared" / "models" / "stories260k"
 TEXT = ROOT.parent / "shared" / "data" / "tinystories_val_head.txt"
 LLAMA_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K_M": 15, "Q8_0": 7}
+METHODS = ("brecq", "autoround", "llmcompressor", "llamacpp")
 
 
 def block_linears(model):
@@ -63,6 +71,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--iters", type=int, default=800, help="BRECQ iterations a block")
     parser.add_argument("--autoround-iters", type=int, default=200)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--llmcompressor-python", default=os.environ.get("BRECQ_LLMCOMPRESSOR_PYTHON"),
+                        help="interpreter of a venv with llmcompressor (default $BRECQ_LLMCOMPRESSOR_PYTHON)")
     parser.add_argument("--workdir")
     parser.add_argument("--json", help="default bench/results/peers_<model>.json")
     args = parser.parse_args()
@@ -107,8 +118,14 @@ def main() -> None:
                        "top1_agreement": fid.top1_agreement, "seconds": seconds, **extra}
         print(json.dumps({label: rows[label]}), file=sys.stderr, flush=True)
 
+    def group_bits(layer, bits, group):
+        """Codes plus a 16-bit scale and a packed zero point per group: what AutoRound's and
+        llm-compressor's packed checkpoints store for an asymmetric grouped layer."""
+        n = layer.in_features * layer.out_features
+        return n * bits + layer.out_features * -(-layer.in_features // group) * (16 + bits)
+
     for recipe_name in args.recipes:
-        for method in (Method.RTN, Method.GPTQ, Method.BRECQ):
+        for method in (Method.RTN, Method.GPTQ, Method.BRECQ) if "brecq" in args.methods else ():
             model = load()
             recipe = get_recipe(recipe_name, method)
             started = time.perf_counter()
@@ -121,7 +138,9 @@ def main() -> None:
             weights = sum(layer.in_features * layer.out_features for layer in layers)
             score(f"{recipe_name} brecq {method.value}", model, stored / weights, seconds)
 
-        if importlib.util.find_spec("auto_round") is None:
+        if "autoround" not in args.methods:
+            pass
+        elif importlib.util.find_spec("auto_round") is None:
             skipped["AutoRound"] = "auto-round is not installed (pip install auto-round)"
         else:
             from auto_round import AutoRound
@@ -150,8 +169,7 @@ def main() -> None:
                 # A layer it left alone still holds the original weights.
                 if not torch.equal(layer.weight.float(), original[name + ".weight"]):
                     # its auto_round export: packed codes, float16 scale and packed zero per group
-                    bits, group = layer_config[name]["bits"], layer_config[name]["group_size"]
-                    stored += n * bits + layer.out_features * -(-layer.in_features // group) * (16 + bits)
+                    stored += group_bits(layer, layer_config[name]["bits"], layer_config[name]["group_size"])
                 else:
                     stored += 16 * n
                     left.append(name)
@@ -159,7 +177,51 @@ def main() -> None:
             score(f"{recipe_name} AutoRound", quantized, stored / weights, seconds,
                   left_unquantized=sorted({n.split(".")[-1] for n in left}))
 
-    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
+        if "llmcompressor" not in args.methods:
+            pass
+        elif not args.llmcompressor_python:
+            skipped["llm-compressor"] = ("no --llmcompressor-python: llm-compressor needs its own venv "
+                                         "(python3 -m venv .venv-llmc && .venv-llmc/bin/pip install "
+                                         "torch==2.13.0 llmcompressor)")
+        else:
+            from safetensors.torch import load_file
+
+            recipe = get_recipe(recipe_name, Method.RTN)
+            layer_rules = {name: {"bits": rule.bits, "group_size": rule.group_size}
+                           for name, rule in recipe.assign(reference).items()}
+            (work / "layers.json").write_text(json.dumps(layer_rules))
+            torch.save(calib_ids, work / "calibration_ids.pt")
+            for peer in ("gptq", "awq"):
+                out = work / f"llmcompressor_{recipe_name}_{peer}.safetensors"
+                command = [args.llmcompressor_python, str(ROOT / "bench" / "peers_llmcompressor.py"),
+                           "--model", str(model_dir), "--calibration", str(work / "calibration_ids.pt"),
+                           "--layers", str(work / "layers.json"), "--method", peer, "--out", str(out)]
+                started = time.perf_counter()
+                done = subprocess.run(command, check=False, capture_output=True, text=True)
+                seconds = time.perf_counter() - started
+                if done.returncode != 0:
+                    skipped[f"{recipe_name} llm-compressor {peer}"] = (
+                        done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                    continue
+                info = json.loads(out.with_suffix(".json").read_text())
+                model = load()
+                state = load_file(str(out))
+                own = model.state_dict()
+                if set(state) != set(own):
+                    raise SystemExit(f"llm-compressor {peer} wrote other tensors: {sorted(set(state) ^ set(own))[:5]}")
+                model.load_state_dict(state)
+                modules = dict(model.named_modules())
+                stored = sum(group_bits(modules[n], layer_rules[n]["bits"], layer_rules[n]["group_size"])
+                             for n in info["quantized"])
+                stored += sum(16 * modules[n].in_features * modules[n].out_features for n in info["ignored"])
+                weights = sum(m.in_features * m.out_features for m in block_linears(model))
+                score(f"{recipe_name} llm-compressor {peer.upper()}", model, stored / weights, info["seconds"],
+                      left_unquantized=sorted({n.split(".")[-1] for n in info["ignored"]}),
+                      seconds_with_startup=seconds)
+
+    if "llamacpp" not in args.methods:
+        pass
+    elif importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
         skipped["llama.cpp"] = "llama-cpp-python or gguf is not installed (pip install 'brecq[export,llamacpp]')"
     else:
         import gguf
