@@ -108,15 +108,17 @@ def main() -> None:
 
     reference = load()
     rows: dict[str, dict] = {}
+    per_window: dict[str, tuple] = {}  # per-window NLL and KL of each row, for the paired comparisons
     skipped: dict[str, str] = {}
 
     def score(label, model, bits_per_weight, seconds, **extra):
         model = model.float().eval()
-        ppl = perplexity(model, eval_ids).perplexity
+        ppl = perplexity(model, eval_ids)
         fid = fidelity(model, reference, eval_ids)
-        rows[label] = {"bits_per_weight": bits_per_weight, "perplexity": ppl, "mean_kl": fid.mean_kl,
+        rows[label] = {"bits_per_weight": bits_per_weight, "perplexity": ppl.perplexity, "mean_kl": fid.mean_kl,
                        "top1_agreement": fid.top1_agreement, "seconds": seconds, **extra}
         print(json.dumps({label: rows[label]}), file=sys.stderr, flush=True)
+        per_window[label] = (ppl.window_nll, fid.window_kl)
 
     def group_bits(layer, bits, group):
         """Codes plus a 16-bit scale and a packed zero point per group: what AutoRound's and
@@ -262,11 +264,12 @@ def main() -> None:
                 kinds.add(types[hf])
             score(label, model, stored / weights, seconds, types=sorted(kinds))
 
+    paired = paired_with_brecq(rows, per_window, args.recipes)
     summary = {"model": str(args.model), "full_precision_perplexity": perplexity(reference, eval_ids).perplexity,
                "eval_tokens": int(eval_ids.numel()), "calibration": calibration.describe(), "iters": args.iters,
                "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg(), "skipped": skipped,
                "command": "python bench/peers.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-               "rows": rows}
+               "rows": rows, "paired_with_brecq": paired}
     out = Path(args.json or ROOT / "bench" / "results" / f"peers_{Path(str(args.model)).name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
@@ -277,8 +280,39 @@ def main() -> None:
     for label, r in sorted(rows.items(), key=lambda kv: kv[1]["bits_per_weight"]):
         print(f"| {label} | {r['bits_per_weight']:.3f} | {r['perplexity']:.4f} | {r['mean_kl']:.5f} | "
               f"{r['top1_agreement']:.4f} | {r['seconds']:.1f} |")
+    if paired:
+        print("\nEach row against brecq BRECQ of its recipe (llama.cpp's files against the study recipe's), "
+              "paired over the same held-out windows: mean of (row - BRECQ) per window, bootstrap 95 % interval. "
+              "An interval that excludes 0 is a difference this text resolves.\n")
+        print("| method | against | NLL difference (nats/token) | KL difference (nats/token) |")
+        print("|---|---|---:|---:|")
+        for label, p in paired.items():
+            nll, kl = p["nll_difference"], p["kl_difference"]
+            print(f"| {label} | {p['against']} | {nll[0]:+.5f} ({nll[1]:+.5f} to {nll[2]:+.5f}) | "
+                  f"{kl[0]:+.5f} ({kl[1]:+.5f} to {kl[2]:+.5f}) |")
     for name, why in skipped.items():
         print(f"\nskipped {name}: {why}")
+
+
+def paired_with_brecq(rows: dict, windows: dict, recipes: list[str]) -> dict:
+    """Every row against the BRECQ row of its recipe on the same windows (perplexity and KL are
+    window means of per-token values, so the windows pair two rows): mean difference and its
+    bootstrap 95 % interval."""
+    from brecq.evaluation.metrics import paired_bootstrap_difference
+
+    study = f"{recipes[0]} brecq brecq" if recipes else None
+    paired = {}
+    for label in rows:
+        recipe = next((r for r in recipes if label.startswith(r + " ")), None)
+        against = f"{recipe} brecq brecq" if recipe else study
+        if against not in windows or label == against:
+            continue
+        entry = {"against": against}
+        for key, index in (("nll_difference", 0), ("kl_difference", 1)):
+            mean, (lo, hi) = paired_bootstrap_difference(windows[against][index], windows[label][index])
+            entry[key] = [mean, lo, hi]
+        paired[label] = entry
+    return paired
 
 
 def _gguf_suffix(hf_name: str) -> str:

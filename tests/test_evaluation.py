@@ -338,3 +338,47 @@ def test_calibration_warns_when_windows_overlap_heavily(caplog):
         build_calibration(tokenizer, CalibrationSpec(str(text), num_samples=1000, seq_len=512), stats)
     assert stats["distinct_tokens"] <= stats["stream_tokens"] < stats["requested_tokens"] == 512_000
     assert any("cover only" in r.getMessage() for r in caplog.records)
+
+
+# --- per-window perplexity and KL, for paired comparisons ----------------------------------------
+def _seeded_pair():
+    import torch
+    from brecq.models import build_model, small_config
+
+    config = small_config("qwen3", 96, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=32)
+    reference = build_model(config, 0).eval()
+    other = build_model(config, 0).eval()
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # a perturbed copy
+    return reference, other
+
+
+@pytest.mark.parametrize("length,window,stride", [(301, 64, None), (256, 64, None), (200, 64, 48), (70, 64, None)],
+                         ids=["short-last-window", "whole-windows", "overlapping", "one-and-a-bit"])
+def test_per_window_nll_and_kl_add_up_to_the_totals_in_stream_order(length, window, stride):
+    import torch
+    from brecq.evaluation.fidelity import fidelity
+
+    reference, other = _seeded_pair()
+    ids = torch.randint(0, 96, (length,), generator=torch.Generator().manual_seed(length))
+    result = perplexity(other, ids, window=window, stride=stride, batch_size=3)
+    # Each token predicted at most once: all but the first with overlapping windows, all but each
+    # window's first without.
+    assert result.tokens == (length - 1 if stride else length - len(range(0, length - 1, window)))
+    assert sum(result.window_tokens) == result.tokens
+    weighted = sum(t * v for t, v in zip(result.window_tokens, result.window_nll)) / result.tokens
+    assert weighted == pytest.approx(result.mean_nll, rel=1e-9)
+    if stride is None:  # each window alone gives its own figure, in stream order
+        for i, start in enumerate(range(0, length - 1, window)):
+            alone = perplexity(other, ids[start:start + window], window=window)
+            assert result.window_nll[i] == pytest.approx(alone.mean_nll, rel=1e-5)
+        fid = fidelity(other, reference, ids, window=window, batch_size=3)
+        starts = list(range(0, length - 1, window))
+        assert len(fid.window_kl) == len(starts)
+        sizes = [min(window, length - s) for s in starts]
+        assert sum(k * n for k, n in zip(fid.window_kl, sizes)) / fid.tokens == pytest.approx(fid.mean_kl, rel=1e-6)
+        for i, start in enumerate(starts):
+            alone = fidelity(other, reference, ids[start:start + window], window=window)
+            assert fid.window_kl[i] == pytest.approx(alone.mean_kl, rel=1e-5, abs=1e-9)
+        assert max(fid.window_kl) > 0

@@ -14,6 +14,7 @@ class FidelityResult:
     mean_kl: float  # nats per token
     top1_agreement: float
     window: int
+    window_kl: tuple[float, ...] = ()  # mean KL of each window, in stream order (for paired comparisons)
 
 
 @torch.no_grad()
@@ -22,16 +23,21 @@ def fidelity(model, reference, ids: torch.Tensor, window: int = 256, batch_size:
     if ids.dim() != 1 or ids.numel() < 2:
         raise ValueError(f"fidelity: ids must be a 1-D stream of at least 2 tokens, got {tuple(ids.shape)}")
     windows = [ids[s:s + window] for s in range(0, ids.numel() - 1, window)]
-    by_length: dict[int, list] = {}
-    for w in windows:
-        by_length.setdefault(len(w), []).append(w)
+    by_length: dict[int, list[int]] = {}
+    for index, w in enumerate(windows):
+        by_length.setdefault(len(w), []).append(index)
     kl_sum, agree, count = 0.0, 0, 0
+    window_kl = [0.0] * len(windows)
     for group in by_length.values():
         for b in range(0, len(group), batch_size):
-            batch = torch.stack(group[b:b + batch_size])
+            indices = group[b:b + batch_size]
+            batch = torch.stack([windows[i] for i in indices])
             p = F.log_softmax(reference(batch.to(next(reference.parameters()).device)).logits.float(), -1).cpu()
             q = F.log_softmax(model(batch.to(next(model.parameters()).device)).logits.float(), -1).cpu()
-            kl_sum += F.kl_div(q, p, log_target=True, reduction="none").sum(-1).sum().item()
+            kl = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)
+            for row, index in enumerate(indices):
+                window_kl[index] = kl[row].mean().item()
+            kl_sum += kl.sum().item()
             agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
             count += batch.numel()
-    return FidelityResult(count, kl_sum / count, agree / count, window)
+    return FidelityResult(count, kl_sum / count, agree / count, window, tuple(window_kl))

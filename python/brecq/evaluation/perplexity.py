@@ -23,6 +23,10 @@ class PerplexityResult:
     perplexity: float
     window: int
     stride: int
+    # Per window, in stream order: tokens scored and their mean NLL, for paired comparisons of two
+    # models on the same windows (brecq.evaluation.metrics.paired_bootstrap_difference).
+    window_tokens: tuple[int, ...] = ()
+    window_nll: tuple[float, ...] = ()
 
 
 def token_stream(tokenizer, texts) -> torch.Tensor:
@@ -54,6 +58,7 @@ def perplexity(model, ids: torch.Tensor, window: int = 256, stride: int | None =
     device = next(model.parameters()).device
     starts = list(range(0, max(1, ids.numel() - 1), stride))
     total_nll, total_tokens = 0.0, 0
+    window_tokens, window_nll = [], []
     batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
     for batch_starts in tqdm(batches, desc="perplexity", disable=not show_progress):
         windows, scored = [], []
@@ -75,8 +80,15 @@ def perplexity(model, ids: torch.Tensor, window: int = 256, stride: int | None =
         nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         for i, w in enumerate(windows):
             lo = max(scored[i] - 1, 0) if scored[i] > 0 else 0
-            hi = len(w) - 1
-            total_nll += nll[i, lo:hi].sum().item()
+            # A trailing window shorter than the overlap scores nothing new (hi < lo there: counting
+            # hi - lo would subtract tokens from the total).
+            hi = max(len(w) - 1, lo)
+            window_sum = nll[i, lo:hi].sum().item()
+            total_nll += window_sum
             total_tokens += hi - lo
+            if hi > lo:
+                window_tokens.append(hi - lo)
+                window_nll.append(window_sum / (hi - lo))
     mean = total_nll / total_tokens
-    return PerplexityResult(total_tokens, mean, math.exp(mean), window, stride)
+    return PerplexityResult(total_tokens, mean, math.exp(mean), window, stride, tuple(window_tokens),
+                            tuple(window_nll))
