@@ -23,8 +23,14 @@ MiB, between depths): the floor of a step is the bytes it reads (weights as stor
 at that depth) over that bandwidth. The runtime's own profile splits its depth-0 step into weight
 streaming (linear layers and lm_head) and the rest.
 
+``--llama-bench PATH`` adds llama.cpp's own benchmark tool (``llama-bench``, built from the llama.cpp
+tree vendored in llama-cpp-python's sdist, see bench/README.md) on the same files: within each repeat
+at each depth, one ``llama-bench -p 0 -n TOKENS -d DEPTH -r 1`` per file runs between the rounds of
+the in-process engines, in random order; its row is the median of those runs' mean ms per token
+(it reports no per-token times), where the in-process rows are medians of single steps.
+
     python bench/cpu_runtime.py [--depths 0 128 512 2048] [--tokens 16] [--repeats 3] [--layers 28]
-                                [--no-llama-cpp] [--json bench/results/cpu_runtime.json]
+                                [--no-llama-cpp] [--llama-bench PATH] [--json bench/results/cpu_runtime.json]
 """
 from __future__ import annotations
 
@@ -131,6 +137,19 @@ class LlamaCppEngine:
         self.token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
 
 
+def llama_bench_ms(binary: str, path: Path, depth: int, tokens: int, threads: int) -> float:
+    """One ``llama-bench`` run of ``tokens`` decode steps after ``depth`` cached tokens: mean ms/token."""
+    import subprocess
+
+    command = [binary, "-m", str(path), "-p", "0", "-n", str(tokens), "-d", str(depth), "-r", "1",
+               "-t", str(threads), "-o", "json"]
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    (run,) = json.loads(done.stdout)
+    return run["avg_ns"] / 1e6 / tokens
+
+
 def weight_bytes(model) -> int:
     """Bytes a decode step reads for weights: every linear layer's stored weights (packed codes,
     scales and zeros, or dense), biases, norms; the embedding row is negligible."""
@@ -165,6 +184,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even where it is installed")
+    parser.add_argument("--llama-bench", help="path of a llama-bench binary to time the llama.cpp files with too")
     parser.add_argument("--no-bf16", action="store_true", help="leave the unquantized transformers model out")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -207,9 +227,12 @@ def main() -> None:
 
             result["llama_cpp_python"] = llama_cpp.__version__
             n_ctx = max(args.depths + args.prefill) + args.repeats * args.tokens + 16
-            for name, path in llama_files(workdir, fp).items():
+            files = llama_files(workdir, fp)
+            for name, path in files.items():
                 engines[f"llama.cpp {name}"] = LlamaCppEngine(path, n_ctx, args.threads)
                 result["bytes_per_token"][f"llama.cpp {name} (file)"] = path.stat().st_size
+            if args.llama_bench:
+                result["llama_bench"] = args.llama_bench
         config = models["w4w6_head8"].config
         order = random.Random(0)
         labels = list(engines)
@@ -240,11 +263,20 @@ def main() -> None:
                 if label.endswith("runtime"):
                     engines[label].decoder._runtime.reset_profile()
                     engines[label].decoder._runtime.set_profiling(True)
-            for _ in range(args.repeats * args.tokens):
-                for label in order.sample(labels, len(labels)):
-                    started = time.perf_counter()
-                    engines[label].step()
-                    samples[label].append(1e3 * (time.perf_counter() - started))
+            units = ["in-process"] + ([f"llama-bench {name}" for name in files] if args.llama_bench else [])
+            for label in units[1:]:
+                samples[label] = []
+            for _ in range(args.repeats):
+                for unit in order.sample(units, len(units)):
+                    if unit != "in-process":
+                        path = files[unit.split()[-1]]
+                        samples[unit].append(llama_bench_ms(args.llama_bench, path, depth, args.tokens, args.threads))
+                        continue
+                    for _ in range(args.tokens):
+                        for label in order.sample(labels, len(labels)):
+                            started = time.perf_counter()
+                            engines[label].step()
+                            samples[label].append(1e3 * (time.perf_counter() - started))
             for label in labels:
                 if label.endswith("runtime"):
                     runtime = engines[label].decoder._runtime
@@ -298,7 +330,7 @@ def report(result: dict, args) -> None:
     print("\nPrefill tokens/s (range of 3 in ms):\n")
     print("| engine | " + " | ".join(f"{p} tokens" for p in result["prefill"]) + " |")
     print("|---|" + "---:|" * len(result["prefill"]))
-    for label in labels:
+    for label in (label for label in labels if label in next(iter(result["prefill"].values()), {})):
         cells = [f"{r[label]['tokens_per_s']:.0f} ({r[label]['ms_range'][0]:.0f}-{r[label]['ms_range'][1]:.0f})"
                  for r in result["prefill"].values()]
         print(f"| {label} | " + " | ".join(cells) + " |")
