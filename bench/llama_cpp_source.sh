@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# llama.cpp's source tree for the peer benches, from PyPI only (no git host needed): the tree that
+# llama-cpp-python vendors in its sdist, at the version installed here (or VERSION).
+#
+#   bash bench/llama_cpp_source.sh DIR [--llama-bench]
+#
+# Unpacks DIR/llama_cpp_python-VERSION/vendor/llama.cpp and prints the line to export:
+#   BRECQ_LLAMA_CPP_SOURCE  for bench/kquants.py (AutoRound's GGUF export needs its gguf-py and conversion/)
+# With --llama-bench it also builds llama.cpp's llama-bench there (Release, -march=native, AMX off:
+# llama.cpp's AMX matmuls crashed on this machine's CPU, bench/README.md) for bench/cpu_runtime.py
+# --llama-bench; about 15 minutes on 2 cores.
+set -euo pipefail
+dir=${1:?usage: bash bench/llama_cpp_source.sh DIR [--llama-bench]}
+python=${PYTHON:-python3}
+version=${VERSION:-$("$python" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)}
+if [ -z "$version" ]; then
+  echo "llama-cpp-python is not installed: set VERSION=0.3.36 (or install it)" >&2
+  exit 1
+fi
+mkdir -p "$dir"
+sdist="$dir/llama_cpp_python-$version.tar.gz"
+if [ ! -f "$sdist" ]; then
+  "$python" -m pip download --quiet --no-deps --no-binary :all: -d "$dir" "llama-cpp-python==$version"
+fi
+tree="$dir/llama_cpp_python-$version/vendor/llama.cpp"
+if [ ! -f "$tree/conversion/__init__.py" ]; then
+  tar xzf "$sdist" -C "$dir"
+fi
+tree=$(cd "$tree" && pwd)
+if [ "${2:-}" = "--llama-bench" ]; then
+  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  cmake -S "$tree" -B "$tree/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    "-DCMAKE_C_FLAGS=$noamx" "-DCMAKE_CXX_FLAGS=$noamx" >/dev/null
+  cmake --build "$tree/build" --target llama-bench -j"$(nproc)"
+  echo "llama-bench: $tree/build/bin/llama-bench"
+fi
+echo "export BRECQ_LLAMA_CPP_SOURCE=$tree"
