@@ -17,9 +17,9 @@ Methods, each skipped with a note when its package is missing:
   the W6 attention of the mixed recipe), its default 200 iterations, float32 (``amp=False``), the
   same calibration documents (its own tokenization and windows);
 * llama.cpp's quantizer (``llama-cpp-python``): ``llama_model_quantize`` to Q4_0, Q4_1, Q4_K_M and
-  Q8_0 from the full-precision GGUF, read back with the ``gguf`` package's dequantizers; Q4_K_M also
-  with an importance matrix from the calibration text (llama.cpp's search through
-  ``brecq.kquants``, as ``llama-quantize --imatrix`` applies one);
+  Q8_0 from the full-precision GGUF, read back with the ``gguf`` package's dequantizers; Q4_0, Q4_1
+  and Q4_K_M also with an importance matrix from the calibration text (llama.cpp's search through
+  ``brecq.kquants``, as ``llama-quantize --imatrix`` applies one; Q8_0's quantizer takes none);
 * llm-compressor's GPTQ and AWQ (``--llmcompressor-python``): its releases pin transformers and
   compressed-tensors versions brecq's environment does not share, so it runs in a second venv
   (``python3 -m venv .venv-llmc && .venv-llmc/bin/pip install torch==2.13.0 llmcompressor``) as
@@ -27,7 +27,8 @@ Methods, each skipped with a note when its package is missing:
   the dequantized weights it writes are scored here. Its scales are counted at 16 bits (its packed
   checkpoint stores them in the model's dtype: bfloat16 for a bfloat16 model).
 
-Only some methods: ``--methods brecq autoround llmcompressor llamacpp``.
+Only some methods: ``--methods brecq autoround llmcompressor llamacpp``; with ``--merge`` their rows
+replace or join those of an earlier run's JSON (which keeps every row's per-window NLL and KL).
 
 Calibration: the first half of ../shared/data/tinystories_val_head.txt; held-out: the second half.
 """
@@ -51,6 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT.parent / "shared" / "models" / "stories260k"
 TEXT = ROOT.parent / "shared" / "data" / "tinystories_val_head.txt"
 LLAMA_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K_M": 15, "Q8_0": 7}
+# llama.cpp's Q8_0 quantizer takes no importance matrix (its scale is the block's largest magnitude)
+IMATRIX_TYPES = ("Q4_0", "Q4_1", "Q4_K_M")
 METHODS = ("brecq", "autoround", "llmcompressor", "llamacpp")
 
 
@@ -74,6 +77,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--llmcompressor-python", default=os.environ.get("BRECQ_LLMCOMPRESSOR_PYTHON"),
                         help="interpreter of a venv with llmcompressor (default $BRECQ_LLMCOMPRESSOR_PYTHON)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an earlier run's JSON (same model, calibration and held-out text) "
+                             "and replace or add only the rows of --methods")
     parser.add_argument("--workdir")
     parser.add_argument("--json", help="default bench/results/peers_<model>.json")
     args = parser.parse_args()
@@ -110,6 +116,14 @@ def main() -> None:
     rows: dict[str, dict] = {}
     per_window: dict[str, tuple] = {}  # per-window NLL and KL of each row, for the paired comparisons
     skipped: dict[str, str] = {}
+    out = Path(args.json or ROOT / "bench" / "results" / f"peers_{Path(str(args.model)).name}.json")
+    setting = {"model": str(args.model), "eval_tokens": int(eval_ids.numel()), "calibration": calibration.describe()}
+    if args.merge and out.exists():
+        earlier = json.loads(out.read_text())
+        if any(earlier.get(key) != value for key, value in setting.items()):
+            raise SystemExit(f"--merge: {out} was made with another model, calibration or held-out text")
+        rows = earlier["rows"]
+        per_window = {label: (row["window_nll"], row["window_kl"]) for label, row in rows.items() if "window_nll" in row}
 
     def score(label, model, bits_per_weight, seconds, **extra):
         model = model.float().eval()
@@ -119,6 +133,7 @@ def main() -> None:
                        "top1_agreement": fid.top1_agreement, "seconds": seconds, **extra}
         print(json.dumps({label: rows[label]}), file=sys.stderr, flush=True)
         per_window[label] = (ppl.window_nll, fid.window_kl)
+        rows[label].update(window_nll=list(ppl.window_nll), window_kl=list(fid.window_kl))
 
     def group_bits(layer, bits, group):
         """Codes plus a 16-bit scale and a packed zero point per group: what AutoRound's and
@@ -239,10 +254,11 @@ def main() -> None:
             started = time.perf_counter()
             llama_quantize(fp, out, ftype, torch.get_num_threads())
             files[f"llama.cpp {name}"] = (out, time.perf_counter() - started)
-        started = time.perf_counter()
-        quantize_gguf(model_dir, work / "imatrix.gguf", preset="Q4_K_M", method="rtn", importance=True,
-                      calibration=calibration, show_progress=False)
-        files["llama.cpp Q4_K_M + imatrix"] = (work / "imatrix.gguf", time.perf_counter() - started)
+        for name in IMATRIX_TYPES:
+            started = time.perf_counter()
+            quantize_gguf(model_dir, work / f"{name}-imatrix.gguf", preset=name, method="rtn", importance=True,
+                          calibration=calibration, show_progress=False)
+            files[f"llama.cpp {name} + imatrix"] = (work / f"{name}-imatrix.gguf", time.perf_counter() - started)
         for label, (path, seconds) in files.items():
             model = load()
             types = load_gguf_weights(model, path)
@@ -265,14 +281,14 @@ def main() -> None:
             score(label, model, stored / weights, seconds, types=sorted(kinds))
 
     paired = paired_with_brecq(rows, per_window, args.recipes)
-    summary = {"model": str(args.model), "full_precision_perplexity": perplexity(reference, eval_ids).perplexity,
-               "eval_tokens": int(eval_ids.numel()), "calibration": calibration.describe(), "iters": args.iters,
+    summary = {**setting, "full_precision_perplexity": perplexity(reference, eval_ids).perplexity, "iters": args.iters,
                "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg(), "skipped": skipped,
                "command": "python bench/peers.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                "rows": rows, "paired_with_brecq": paired}
-    out = Path(args.json or ROOT / "bench" / "results" / f"peers_{Path(str(args.model)).name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out)
     print(f"{args.model}: full precision perplexity {summary['full_precision_perplexity']:.4f} on "
           f"{summary['eval_tokens']} tokens\n")
     print("| method | bits/weight (blocks) | perplexity | mean KL | top-1 agreement | seconds |")

@@ -177,7 +177,7 @@ def _llama_quantize(source_dir, preset, out):
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
-@pytest.mark.parametrize("preset", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("model", ["even", "odd"])
 def test_searched_codes_are_llama_quantize_byte_for_byte(seeded_model, preset, model, tmp_path):
     """RTN with llama.cpp's search writes the file llama-quantize writes: the same tensor types

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "way; docs/SCALE.md)")
     q.add_argument("--activation-dir", help="keep cached block inputs/targets in memory-mapped files here "
                                             "(calibration sets larger than memory)")
-    q.add_argument("--gguf", choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"],
+    q.add_argument("--gguf", choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q4_1"],
                    help="write one GGUF file (--out) in llama.cpp's block types with this llama-quantize type map "
                         "instead of a brecq folder; --method brecq learns the codes on llama.cpp's grids, rtn keeps "
                         "the search's (--recipe is not used; docs/FORMAT.md)")

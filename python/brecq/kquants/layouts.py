@@ -15,6 +15,7 @@ brackets; ``d``, ``dmin`` float16 super-block scales):
 
 * Q4_0 (4.5)  per 32: ``d``, ``qs[16]``; input j in the low nibble of ``qs[j]``, j+16 in the high;
   ``value = d * (q - 8)``.
+* Q4_1 (5.0)  per 32: ``d``, ``m``, ``qs[16]`` as Q4_0; ``value = d * q + m``.
 * Q5_0 (5.5)  per 32: ``d``, ``qh`` uint32, ``qs[16]``; low nibbles as Q4_0, bit 4 of input j in
   bit j of ``qh``; ``value = d * (q - 16)``.
 * Q5_1 (6.0)  per 32: ``d``, ``m``, ``qh``, ``qs[16]`` as Q5_0; ``value = d * q + m``.
@@ -41,6 +42,7 @@ QK_K = 256
 
 class BlockType(enum.Enum):
     Q4_0 = "Q4_0"
+    Q4_1 = "Q4_1"
     Q5_0 = "Q5_0"
     Q5_1 = "Q5_1"
     Q8_0 = "Q8_0"
@@ -91,6 +93,7 @@ class _Spec:
 
 _SPECS = {
     BlockType.Q4_0: _Spec(32, 2 + 16, 32, 4, 2),
+    BlockType.Q4_1: _Spec(32, 2 + 2 + 16, 32, 4, 3),
     BlockType.Q5_0: _Spec(32, 2 + 4 + 16, 32, 5, 6),
     BlockType.Q5_1: _Spec(32, 2 + 2 + 4 + 16, 32, 5, 7),
     BlockType.Q8_0: _Spec(32, 2 + 32, 32, 8, 8),
@@ -98,7 +101,7 @@ _SPECS = {
     BlockType.Q5_K: _Spec(QK_K, 2 + 2 + 12 + 32 + 128, 32, 5, 13),
     BlockType.Q6_K: _Spec(QK_K, 128 + 64 + 16 + 2, 16, 6, 14),
 }
-assert [t.bits_per_weight for t in BlockType] == [4.5, 5.5, 6.0, 8.5, 4.5, 5.5, 6.5625]
+assert [t.bits_per_weight for t in BlockType] == [4.5, 5.0, 5.5, 6.0, 8.5, 4.5, 5.5, 6.5625]
 
 
 @dataclass
@@ -244,9 +247,11 @@ def read_grid(block_type: BlockType, data: np.ndarray, in_features: int) -> Grid
         centre = 8 if t is BlockType.Q4_0 else 16
         scale, zero, codes, neg = _mirror(d, q.reshape(rows, -1), centre, (1 << t.bits) - 1, 32)
         return Grid(t, scale, zero, zeros, codes, neg)
-    if t is BlockType.Q5_1:
+    if t in (BlockType.Q4_1, BlockType.Q5_1):
         d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        q = _nibbles_32(b[..., 8:24]) | (_high_bits_32(b[..., 4:8]) << 4)
+        q = _nibbles_32(b[..., -16:])
+        if t is BlockType.Q5_1:
+            q = q | (_high_bits_32(b[..., 4:8]) << 4)
         return Grid(t, d, zeros, -m, q.reshape(rows, -1).astype(np.uint8), zeros.astype(bool))
     if t is BlockType.Q8_0:
         d = _f16(b[..., 0:2])
@@ -282,10 +287,10 @@ def write_codes(block_type: BlockType, data: np.ndarray, grid: Grid, codes: np.n
     if int(codes.max(initial=0)) > grid.qmax:
         raise ValueError(f"{t.value}: codes must be at most {grid.qmax}, got {int(codes.max())}")
     q = np.where(grid.expand(grid.mirrored), grid.qmax - codes, codes).astype(np.uint8)
-    if t in (BlockType.Q4_0, BlockType.Q5_0, BlockType.Q5_1):
+    if t in (BlockType.Q4_0, BlockType.Q4_1, BlockType.Q5_0, BlockType.Q5_1):
         q = q.reshape(rows, nb, 32)
         out[..., -16:] = (q[..., :16] & 0xF) | ((q[..., 16:] & 0xF) << 4)
-        if t is not BlockType.Q4_0:
+        if t in (BlockType.Q5_0, BlockType.Q5_1):
             at = 2 if t is BlockType.Q5_0 else 4
             out[..., at:at + 4] = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")
     elif t is BlockType.Q8_0:

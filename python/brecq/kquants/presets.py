@@ -1,4 +1,4 @@
-"""Which block type each tensor gets: llama.cpp's type maps for its K-quant file types.
+"""Which block type each tensor gets: llama.cpp's type maps for its K-quant file types (and Q4_0, Q4_1, Q8_0).
 
 The rules are llama.cpp's (``llama_tensor_get_type`` in ``src/llama-quant.cpp``), for dense
 Llama/Qwen-style models:
@@ -54,6 +54,8 @@ class KQuantPreset:
 
 
 PRESETS = {p.name: p for p in (
+    KQuantPreset("Q4_0", 2, BlockType.Q4_0, None, BlockType.Q6_K),
+    KQuantPreset("Q4_1", 3, BlockType.Q4_1, None, BlockType.Q6_K),
     KQuantPreset("Q4_K_M", 15, BlockType.Q4_K, BlockType.Q6_K, BlockType.Q6_K),
     KQuantPreset("Q5_K_M", 17, BlockType.Q5_K, BlockType.Q6_K, BlockType.Q6_K),
     KQuantPreset("Q6_K", 18, BlockType.Q6_K, None, BlockType.Q6_K),

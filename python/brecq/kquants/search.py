@@ -134,11 +134,22 @@ def _q5_0(w):
     return np.concatenate([_f16_bytes(d[..., 0]), qh, (q[..., :16] & 0xF) | ((q[..., 16:] & 0xF) << 4)], axis=-1)
 
 
-def _q5_1(w):
+def _offset(w, qmax: int):
+    """Step and codes for ``value = d * q + m`` (Q4_1, Q5_1): the group's min at code 0, its max at qmax."""
     lo, hi = w.min(axis=-1, keepdims=True), w.max(axis=-1, keepdims=True)
-    d = ((hi - lo) / 31).astype(np.float16)
+    d = ((hi - lo) / qmax).astype(np.float16)
     m = lo.astype(np.float16)
-    q = np.clip(_round((w - m.astype(np.float32)) * _inverse(d.astype(np.float32))), 0, 31).astype(np.uint8)
+    q = np.clip(_round((w - m.astype(np.float32)) * _inverse(d.astype(np.float32))), 0, qmax).astype(np.uint8)
+    return d, m, q
+
+
+def _q4_1(w):
+    d, m, q = _offset(w, 15)
+    return np.concatenate([_f16_bytes(d[..., 0]), _f16_bytes(m[..., 0]), q[..., :16] | (q[..., 16:] << 4)], axis=-1)
+
+
+def _q5_1(w):
+    d, m, q = _offset(w, 31)
     qh = np.packbits(q >> 4, axis=-1, bitorder="little")
     return np.concatenate([_f16_bytes(d[..., 0]), _f16_bytes(m[..., 0]), qh,
                            (q[..., :16] & 0xF) | ((q[..., 16:] & 0xF) << 4)], axis=-1)
@@ -195,6 +206,6 @@ def _q6_k(w):
     return np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], -1)
 
 
-_MIN_MAX = {BlockType.Q4_0: _q4_0, BlockType.Q5_0: _q5_0, BlockType.Q5_1: _q5_1, BlockType.Q8_0: _q8_0,
+_MIN_MAX = {BlockType.Q4_0: _q4_0, BlockType.Q4_1: _q4_1, BlockType.Q5_0: _q5_0, BlockType.Q5_1: _q5_1, BlockType.Q8_0: _q8_0,
             BlockType.Q4_K: _q4_k, BlockType.Q5_K: _q5_k, BlockType.Q6_K: _q6_k}
 assert set(_MIN_MAX) == set(BlockType) and QK_K == 256
