@@ -116,12 +116,12 @@ def main() -> None:
     rows: dict[str, dict] = {}
     per_window: dict[str, tuple] = {}  # per-window NLL and KL of each row, for the paired comparisons
     skipped: dict[str, str] = {}
-    out = Path(args.json or ROOT / "bench" / "results" / f"peers_{Path(str(args.model)).name}.json")
+    results_path = Path(args.json or ROOT / "bench" / "results" / f"peers_{Path(str(args.model)).name}.json")
     setting = {"model": str(args.model), "eval_tokens": int(eval_ids.numel()), "calibration": calibration.describe()}
-    if args.merge and out.exists():
-        earlier = json.loads(out.read_text())
+    if args.merge and results_path.exists():
+        earlier = json.loads(results_path.read_text())
         if any(earlier.get(key) != value for key, value in setting.items()):
-            raise SystemExit(f"--merge: {out} was made with another model, calibration or held-out text")
+            raise SystemExit(f"--merge: {results_path} was made with another model, calibration or held-out text")
         rows = earlier["rows"]
         per_window = {label: (row["window_nll"], row["window_kl"]) for label, row in rows.items() if "window_nll" in row}
 
@@ -285,10 +285,10 @@ def main() -> None:
                "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg(), "skipped": skipped,
                "command": "python bench/peers.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                "rows": rows, "paired_with_brecq": paired}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out)
+    os.replace(tmp, results_path)
     print(f"{args.model}: full precision perplexity {summary['full_precision_perplexity']:.4f} on "
           f"{summary['eval_tokens']} tokens\n")
     print("| method | bits/weight (blocks) | perplexity | mean KL | top-1 agreement | seconds |")
