@@ -102,20 +102,16 @@ def build(workdir: Path, layers: int) -> tuple[Path, dict]:
 
 
 def llama_files(workdir: Path, fp: Path) -> dict:
-    import llama_cpp
     from brecq.export import export_gguf_full_precision
+    from brecq.export.llamacpp import llama_quantize
 
     source = workdir / "fp.gguf"
     export_gguf_full_precision(fp, source)
     files = {}
     for name, ftype in LLAMA_TYPES.items():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.nthread = torch.get_num_threads()
         out = workdir / f"{name}.gguf"
         started = time.perf_counter()
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
-            raise RuntimeError(f"llama_model_quantize failed for {name}")
+        llama_quantize(source, out, ftype, torch.get_num_threads())
         log.info("llama.cpp %s: %.0f MB in %.0f s", name, out.stat().st_size / 1e6, time.perf_counter() - started)
         files[name] = out
     return files

@@ -267,17 +267,15 @@ def main() -> None:
             head = model.get_output_embeddings()
             if head is not None and head.weight is not embed:
                 head.weight.data.copy_(reference.get_output_embeddings().weight)
-            tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
             names = {id(m): n for n, m in model.named_modules()}
             stored = weights = 0
             kinds = set()
             for layer in block_linears(model):
-                hf = names[id(layer)] + ".weight"
-                g = next(t for t in tensors.values() if int(t.n_elements) == layer.weight.numel()
-                         and t.name.endswith(_gguf_suffix(hf)) and f"blk.{_layer_index(hf)}." in t.name)
-                stored += 8 * int(g.n_bytes)
+                kind = types[names[id(layer)] + ".weight"]  # the GGUF type load_gguf_weights read it as
+                block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+                stored += 8 * layer.weight.numel() // block * block_bytes
                 weights += layer.weight.numel()
-                kinds.add(types[hf])
+                kinds.add(kind)
             score(label, model, stored / weights, seconds, types=sorted(kinds))
 
     paired = paired_with_brecq(rows, per_window, args.recipes)
@@ -329,17 +327,6 @@ def paired_with_brecq(rows: dict, windows: dict, recipes: list[str]) -> dict:
             entry[key] = [mean, lo, hi]
         paired[label] = entry
     return paired
-
-
-def _gguf_suffix(hf_name: str) -> str:
-    roles = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-    return roles[hf_name.split(".")[-2]] + ".weight"
-
-
-def _layer_index(hf_name: str) -> int:
-    parts = hf_name.split(".")
-    return int(parts[parts.index("layers") + 1])
 
 
 if __name__ == "__main__":
