@@ -205,7 +205,7 @@ def packed_matmul(x, packed, scale, zero, bias, bits: int, group_size: int, in_f
 DIGIT_BITS = 14
 DIGIT_EXPONENT_RANGE = 100
 # Largest group whose integer sums of code x digit products stay below 2^31, by code width.
-DIGIT_MAX_GROUP = {4: 4096, 8: 256}
+DIGIT_MAX_GROUP = {4: 4096, 6: 1024, 8: 256}
 
 
 def digit_rounded_activations(x: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
@@ -213,8 +213,9 @@ def digit_rounded_activations(x: torch.Tensor, group_size: int, bits: int) -> to
     weights (docs/CPU.md): each group of ``group_size`` inputs of a row rounded, half to even, to a
     multiple of 2^(E - 14), where 2^E is the smallest power of two above the group's largest
     magnitude; exact for every bfloat16 within a factor 2^7 of that magnitude. float32 ``[M, K]``;
-    unchanged where the kernel keeps floats for the call instead: 6-bit weights, a group larger than
-    ``DIGIT_MAX_GROUP[bits]``, a non-finite value, or a nonzero group magnitude outside 2^+-100."""
+    unchanged where the kernel keeps floats for the call instead: a code width without an integer
+    kernel (not 4, 6 or 8), a group larger than ``DIGIT_MAX_GROUP[bits]``, a non-finite value, or a
+    nonzero group magnitude outside 2^+-100."""
     xf = x.float()
     if group_size > DIGIT_MAX_GROUP.get(bits, 0):
         return xf

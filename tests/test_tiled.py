@@ -253,11 +253,12 @@ def _wide_range_rows(rows, in_features, group_size, seed):
     return x.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 8), (4, 64), (4, 128), (8, 8), (8, 64), (8, 256), (4, 8192), (8, 512)],
+@pytest.mark.parametrize("bits,group_size", [(4, 8), (4, 64), (4, 128), (6, 16), (6, 64), (6, 1024), (8, 8), (8, 64),
+                                              (8, 256), (4, 8192), (6, 2048), (8, 512)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("rows", [1, 5, 8], ids=lambda m: f"m{m}")
 def test_avx512_bfloat16_activations_are_rounded_as_documented(isa, bits, group_size, rows):
-    """The AVX-512 4- and 8-bit kernels multiply bfloat16 activations rounded as
+    """The AVX-512 4-, 6- and 8-bit kernels multiply bfloat16 activations rounded as
     reference.digit_rounded_activations says, groups too large for int32 sums excepted (those
     keep floats, and the model says so)."""
     if isa != "avx512":
@@ -275,7 +276,7 @@ def test_avx512_bfloat16_activations_are_rounded_as_documented(isa, bits, group_
     # for int32 sums keep, add offset * s x to both (a bfloat16 code holds 128 + q; 2176 at 8 bits,
     # docs/CPU.md) and sum a whole 1000-input group in float32 (measured: up to 16 units).
     keeps_floats = group_size > ref.DIGIT_MAX_GROUP[bits]
-    offset = (128 if bits == 4 else 2176) if keeps_floats else 0
+    offset = (2176 if bits == 8 else 128) if keeps_floats else 0
     s_z = (scale.double() * (zero.double() + offset)).repeat_interleave(group_size, 1)[:, :in_features]
     units = 64 if keeps_floats else 4
     float32_bound = units * 2.0 ** -24 * (x.double().abs() @ (w_deq.double().abs() + 2 * s_z).t())
@@ -288,7 +289,7 @@ def test_avx512_bfloat16_activations_are_rounded_as_documented(isa, bits, group_
     assert ((y - exact).abs() <= w_deq.double().abs().sum(1) * 2.0 ** -7 + float32_bound).all()
 
 
-@pytest.mark.parametrize("bits", [4, 8], ids=lambda b: f"w{b}")
+@pytest.mark.parametrize("bits", [4, 6, 8], ids=lambda b: f"w{b}")
 def test_non_finite_and_extreme_activations_keep_floats(isa, bits):
     """A call with Inf or NaN, or a group magnitude outside 2^+-100, runs the float kernel: other
     rows stay exact, the row carries the non-finite value, and the model says the same."""

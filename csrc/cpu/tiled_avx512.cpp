@@ -30,7 +30,7 @@
 
 #if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi,avx2,fma,f16c")
 #include "dequant_avx512.h"
 
 namespace brecq {
@@ -299,7 +299,8 @@ void tile6_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, 
 constexpr int kDigitBits = 14;
 constexpr int kDigitExponentRange = 100;  // 2^(14 - E) and 2^(E - 14) stay normal floats
 
-constexpr int64_t digit_max_group(int bits) { return bits == 4 ? 4096 : bits == 8 ? 256 : 0; }
+// Largest group whose int32 sums of code x digit products cannot overflow: g qmax 2^14 < 2^31.
+constexpr int64_t digit_max_group(int bits) { return bits == 4 ? 4096 : bits == 6 ? 1024 : bits == 8 ? 256 : 0; }
 
 // 2^e for a normal float's exponent range, from its bits (std::ldexp is a library call).
 inline float power_of_two(int e) {
@@ -310,7 +311,7 @@ inline float power_of_two(int e) {
 }
 
 // Row x [k_padded] float32 (bfloat16 values) as digits, four dwords per 8 inputs: the high bytes,
-// then the low bytes, of two code vectors of a round of tile_digits. 4 bits: x[8u + 0, 2, 4, 6] and
+// then the low bytes, of two code vectors of a round of tile_digits. 4 and 6 bits: x[8u + 0, 2, 4, 6] and
 // x[8u + 1, 3, 5, 7] (a lane's low and high nibbles); 8 bits: x[8u + 0..3] and x[8u + 4..7] (a
 // lane of two consecutive steps). factor[grp] = 2^(E - 14) and sum[grp] the group's rounded inputs
 // added up (exact for g <= 1024, whose integer sums stay below 2^24). False when a group holds a
@@ -319,7 +320,7 @@ inline float power_of_two(int e) {
 bool activation_digits(const float* x, int64_t k_padded, int64_t g, int bits, uint32_t* digits, float* factor,
                        float* sum) {
   const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), half = _mm256_set1_epi32(128);
-  const __m128i order = bits == 4 ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
+  const __m128i order = bits != 8 ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
                                   : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t grp = 0; grp < k_padded / g; ++grp) {
     const float* xg = x + grp * g;
@@ -363,42 +364,73 @@ BRECQ_ALWAYS_INLINE __m512i dot_digits(__m512i acc, __m512i codes, const uint32_
   return acc;
 }
 
+// 6 bits as bytes: the multishift control that moves the top two bits of the step's codes
+// (2b + odd, b = 0..3) of step P of a pair to bits 4-5 of byte b of each 32-bit lane (the lanes of a
+// qword are two rows; a window start below 0 wraps within the qword and still lands right). Code c
+// of step P has its top bits at 2(4P + c) for c < 4 and 16 + 2(4P + c - 4) otherwise (FORMAT.md).
+constexpr int64_t six_bit_top_control(int step, int odd) {
+  uint64_t control = 0;
+  for (int b = 0; b < 4; ++b) {
+    const int c = 2 * b + odd;
+    const int at = c < 4 ? 2 * (4 * step + c) : 16 + 2 * (4 * step + c - 4);
+    control |= static_cast<uint64_t>((at - 4) & 63) << (8 * b);
+    control |= static_cast<uint64_t>((at + 28) & 63) << (8 * (b + 4));
+  }
+  return static_cast<int64_t>(control);
+}
+
 // One tile against MR rows of digits (activation_digits; the m rows of factors and then of sums
 // follow the m rows of digits), a round of 8 codes a row at a time: one 64-byte step at 4 bits,
-// split into low and high nibbles, or two steps at 8 bits. Per row, accumulators 0 and 1 take the
-// two code vectors' high digits, 2 and 3 their low ones, so each takes one VPDPBUSD a round.
+// split into low and high nibbles; two steps at 8 bits; at 6 bits one step of a pair, its low and
+// high nibbles each joined by their top two bits from the pair's third vector (one multishift and
+// one ternary-logic op each), so 6-bit codes meet the digits as bytes 0..63 in the 4-bit order.
+// Per row, accumulators 0 and 1 take the two code vectors' high digits, 2 and 3 their low ones, so
+// each takes one VPDPBUSD a round.
 template <int MR, int Bits>
 void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64_t tile, __m512* out) {
-  constexpr int64_t kRoundBytes = Bits == 4 ? kTileStepBytes : 2 * kTileStepBytes;
-  const int64_t rounds_per_group = p.g / 8, digit_row = p.k_padded / 2;
+  constexpr int kRoundsPerLoad = Bits == 6 ? 2 : 1;  // a 6-bit pair of steps is loaded whole
+  constexpr int64_t kLoadBytes = Bits == 4 ? kTileStepBytes : Bits == 6 ? kTile6PairBytes : 2 * kTileStepBytes;
+  const int64_t loads_per_group = p.g / (8 * kRoundsPerLoad), digit_row = p.k_padded / 2;
   const float* factor = reinterpret_cast<const float*>(digits + p.m * digit_row);
   const float* rounded_sum = factor + p.m * p.groups;
   const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
-  const __m512i low_nibbles = _mm512_set1_epi32(0x0f0f0f0f);
+  const __m512i low_nibbles = _mm512_set1_epi32(0x0f0f0f0f), top_bits = _mm512_set1_epi32(0x30303030);
   __m512 total[MR], correction[MR];
   for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
     __m512i acc[MR][4];
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_si512();
-    for (int64_t u = grp * rounds_per_group; u < grp * rounds_per_group + rounds_per_group; ++u) {
-      const uint8_t* round = w + u * kRoundBytes;
-      for (int64_t line = 0; line < kRoundBytes; line += 64) __builtin_prefetch(round + kPrefetchBytes + line, 0, 3);
-      __m512i first, second;
-      if constexpr (Bits == 4) {
-        const __m512i lanes = _mm512_loadu_si512(round);
-        first = _mm512_and_si512(lanes, low_nibbles);
-        second = _mm512_and_si512(_mm512_srli_epi32(lanes, 4), low_nibbles);
-      } else {
-        first = _mm512_loadu_si512(round);
-        second = _mm512_loadu_si512(round + kTileStepBytes);
-      }
-      for (int r = 0; r < MR; ++r) {
-        const uint32_t* d = digits + (r0 + r) * digit_row + 4 * u;
-        acc[r][0] = dot_digits(acc[r][0], first, d);
-        acc[r][1] = dot_digits(acc[r][1], second, d + 1);
-        acc[r][2] = dot_digits(acc[r][2], first, d + 2);
-        acc[r][3] = dot_digits(acc[r][3], second, d + 3);
+    for (int64_t l = grp * loads_per_group; l < grp * loads_per_group + loads_per_group; ++l) {
+      const uint8_t* bytes = w + l * kLoadBytes;
+      for (int64_t line = 0; line < kLoadBytes; line += 64) __builtin_prefetch(bytes + kPrefetchBytes + line, 0, 3);
+      for (int step = 0; step < kRoundsPerLoad; ++step) {
+        __m512i first, second;
+        if constexpr (Bits == 8) {
+          first = _mm512_loadu_si512(bytes);
+          second = _mm512_loadu_si512(bytes + kTileStepBytes);
+        } else {
+          const __m512i lanes = _mm512_loadu_si512(bytes + step * kTileStepBytes);
+          first = _mm512_and_si512(lanes, low_nibbles);
+          second = _mm512_and_si512(_mm512_srli_epi32(lanes, 4), low_nibbles);
+          if constexpr (Bits == 6) {
+            const __m512i high = _mm512_loadu_si512(bytes + 2 * kTileStepBytes);
+            const __m512i even_top = _mm512_multishift_epi64_epi8(
+                _mm512_set1_epi64(step == 0 ? six_bit_top_control(0, 0) : six_bit_top_control(1, 0)), high);
+            const __m512i odd_top = _mm512_multishift_epi64_epi8(
+                _mm512_set1_epi64(step == 0 ? six_bit_top_control(0, 1) : six_bit_top_control(1, 1)), high);
+            first = _mm512_ternarylogic_epi32(even_top, top_bits, first, 0xEA);  // (A & B) | C
+            second = _mm512_ternarylogic_epi32(odd_top, top_bits, second, 0xEA);
+          }
+        }
+        const int64_t u = l * kRoundsPerLoad + step;
+        for (int r = 0; r < MR; ++r) {
+          const uint32_t* d = digits + (r0 + r) * digit_row + 4 * u;
+          acc[r][0] = dot_digits(acc[r][0], first, d);
+          acc[r][1] = dot_digits(acc[r][1], second, d + 1);
+          acc[r][2] = dot_digits(acc[r][2], first, d + 2);
+          acc[r][3] = dot_digits(acc[r][3], second, d + 3);
+        }
       }
     }
     __m512 scaled_zero;
@@ -594,6 +626,8 @@ bool tiled_gemv_avx512(const GemvProblem& p) {
       if (representable) {
         if (p.bits == 4)
           run_tiles<tile_digits<1, 4>, tile_digits<2, 4>, tile_digits<3, 4>, tile_digits<4, 4>>(p, digits);
+        else if (p.bits == 6)
+          run_tiles<tile_digits<1, 6>, tile_digits<2, 6>, tile_digits<3, 6>, tile_digits<4, 6>>(p, digits);
         else
           run_tiles<tile_digits<1, 8>, tile_digits<2, 8>, tile_digits<3, 8>, tile_digits<4, 8>>(p, digits);
         return true;
