@@ -23,6 +23,8 @@ namespace {
 // Rows per pass of the packed kernels: tiled_gemv re-reads a tile from cache every 4 rows and is
 // meant for up to 8, so longer prompts go through in chunks of 8 tokens.
 constexpr int64_t kChunk = 8;
+// Elements per share of an elementwise step split among the team.
+constexpr int64_t kEltwiseBlock = 512;
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -111,7 +113,7 @@ Decoder::Decoder(DecoderConfig config, const void* embedding, bool embedding_bf1
   up_.resize(kChunk * c.intermediate);
   q_bits_.resize(qd);
   attn_bits_.resize(qd);
-  x_bits_.resize(kChunk * std::max({c.hidden, qd, c.intermediate}));
+  rotary_.resize(kChunk * c.head_dim);
   reserve(256);
 }
 
@@ -180,18 +182,22 @@ void Decoder::norm_rows(const float* x, int64_t rows, int64_t n, const float* we
   }
 }
 
-// Rotary embedding of `heads` heads of one token, as transformers' rotate_half form:
-// x * cos + rotate_half(x) * sin, with cos and sin in the activations' dtype.
-void Decoder::rotate(float* x, int64_t heads, int64_t position) const {
-  const int64_t d = config_.head_dim, half = d / 2;
-  const bool bf16 = config_.bf16;
-  float cos_v[512], sin_v[512];  // head_dim <= 1024 is checked in Python
-  for (int64_t i = 0; i < half; ++i) {
+// The rotary cos and sin of a position, in the activations' dtype (head_dim / 2 each): computed
+// once per token, not once per layer and projection.
+void Decoder::rotary_tables(int64_t position, float* cos_v, float* sin_v) const {
+  for (int64_t i = 0; i < config_.head_dim / 2; ++i) {
     const float angle = config_.inv_freq[i] * static_cast<float>(position);
     float c = std::cos(angle) * config_.rope_attention_scaling, s = std::sin(angle) * config_.rope_attention_scaling;
-    if (bf16) c = round_bf16(c), s = round_bf16(s);
+    if (config_.bf16) c = round_bf16(c), s = round_bf16(s);
     cos_v[i] = c, sin_v[i] = s;
   }
+}
+
+// Rotary embedding of `heads` heads of one token, as transformers' rotate_half form:
+// x * cos + rotate_half(x) * sin.
+void Decoder::rotate(float* x, int64_t heads, const float* cos_v, const float* sin_v) const {
+  const int64_t d = config_.head_dim, half = d / 2;
+  const bool bf16 = config_.bf16;
   for (int64_t h = 0; h < heads; ++h) {
     float* xh = x + h * d;
     for (int64_t i = 0; i < half; ++i) {
@@ -217,12 +223,14 @@ void Decoder::linear(const LinearWeights& w, const float* x, int64_t rows, float
   // A bfloat16 model's activations are bfloat16 values already: handing them to the packed kernels
   // as bfloat16 lets the AVX-512 ones multiply pairs with VDPBF16PS, as the transformers path does.
   const bool packed = w.kind == WeightKind::kPackedRows || w.kind == WeightKind::kTile16;
+  // Each thread converts its own copy (a few thousand values): cheaper than a barrier.
   const bool as_bits = config_.bf16 && packed;
+  thread_local std::vector<uint16_t> x_bits;
   if (as_bits) {
-#pragma omp single
-    for (int64_t i = 0; i < rows * w.k; ++i) x_bits_[i] = numeric::f32_to_bf16(x[i]);
+    if (x_bits.size() < static_cast<size_t>(rows * w.k)) x_bits.resize(static_cast<size_t>(kChunk * w.k));
+    for (int64_t i = 0; i < rows * w.k; ++i) x_bits[i] = numeric::f32_to_bf16(x[i]);
   }
-  const void* input = as_bits ? static_cast<const void*>(x_bits_.data()) : static_cast<const void*>(x);
+  const void* input = as_bits ? static_cast<const void*>(x_bits.data()) : static_cast<const void*>(x);
   switch (w.kind) {
     case WeightKind::kPackedRows:
       packed_gemv(input, as_bits, rows, w.k, w.codes, w.scale, w.zero, w.bias, w.n, w.k, w.bits, w.group_size, y,
@@ -287,6 +295,7 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
 
 #pragma omp single
   for (int64_t r = 0; r < rows; ++r) {
+    rotary_tables(start + r, rotary_.data() + r * d, rotary_.data() + r * d + d / 2);
     float* h = hidden + r * hid;
     if (embedding_bf16_) {
       const uint16_t* e = static_cast<const uint16_t*>(embedding_) + tokens[r] * hid;
@@ -311,8 +320,9 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
         norm_rows(qr, c.q_heads, d, layer.q_norm, qr);
         norm_rows(kr, c.kv_heads, d, layer.k_norm, kr);
       }
-      rotate(qr, c.q_heads, start + r);
-      rotate(kr, c.kv_heads, start + r);
+      const float* cos_r = rotary_.data() + r * d;  // cos then sin, head_dim / 2 each
+      rotate(qr, c.q_heads, cos_r, cos_r + d / 2);
+      rotate(kr, c.kv_heads, cos_r, cos_r + d / 2);
       // Append this token's key and value to the cache, in the cache's dtype.
       const float* vr = v_.data() + r * kvd;
       for (int pass = 0; pass < 2; ++pass) {
@@ -361,16 +371,20 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
     }
     linear(layer.gate, normed_.data(), rows, gate_.data());
     linear(layer.up, normed_.data(), rows, up_.data());
-#pragma omp single
     {
+      // SiLU(gate) x up, shared among the team: its exponentials are the longest of the short
+      // steps between kernels (intermediate_size of them per layer and token).
       float* g = gate_.data();
       const float* u = up_.data();
-      for (int64_t i = 0; i < rows * inter; ++i) {
-        float silu = g[i] / (1.0f + std::exp(-g[i]));
-        if (c.bf16) silu = round_bf16(silu);
-        g[i] = silu * u[i];
-      }
-      round_activations(g, rows * inter);
+      const int64_t total = rows * inter;
+      detail::for_each_index((total + kEltwiseBlock - 1) / kEltwiseBlock, threads_, [&](int64_t b) {
+        const int64_t end = std::min(total, (b + 1) * kEltwiseBlock);
+        for (int64_t i = b * kEltwiseBlock; i < end; ++i) {
+          float silu = g[i] / (1.0f + std::exp(-g[i]));
+          if (c.bf16) silu = round_bf16(silu);
+          g[i] = c.bf16 ? round_bf16(silu * u[i]) : silu * u[i];
+        }
+      });
     }
     linear(layer.down, gate_.data(), rows, proj_.data());
 #pragma omp single

@@ -90,7 +90,8 @@ class Decoder {
   void linear(const LinearWeights& w, const float* x, int64_t rows, float* y);
   void round_activations(float* x, int64_t count) const;
   void norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, float* out) const;
-  void rotate(float* x, int64_t heads, int64_t position) const;
+  void rotary_tables(int64_t position, float* cos_v, float* sin_v) const;
+  void rotate(float* x, int64_t heads, const float* cos_v, const float* sin_v) const;
   size_t cache_elements(int64_t positions) const;
 
   DecoderConfig config_;
@@ -107,8 +108,8 @@ class Decoder {
   // Per layer [kv_heads, capacity, head_dim]: float32, or bfloat16 bits for a bfloat16 model.
   std::vector<std::vector<uint8_t>> keys_, values_;
   // Activations of one chunk.
-  std::vector<float> hidden_, normed_, q_, k_, v_, attn_, proj_, gate_, up_;
-  std::vector<uint16_t> q_bits_, attn_bits_, x_bits_;
+  std::vector<float> hidden_, normed_, q_, k_, v_, attn_, proj_, gate_, up_, rotary_;
+  std::vector<uint16_t> q_bits_, attn_bits_;
 };
 
 }  // namespace brecq
