@@ -313,3 +313,46 @@ def test_non_finite_and_extreme_activations_keep_floats(isa, bits):
             assert_matmul_close(y[row:row + 1], x[row:row + 1].float(), w_deq, bias)
         torch.testing.assert_close(ref.digit_rounded_activations(x, group_size, bits), x.float(), rtol=0, atol=0,
                                    equal_nan=True, msg=name)
+
+
+# ---- several products of one input in one loop (the C++ decoder's q/k/v and gate/up) ----------
+
+@pytest.mark.parametrize("members", [((6, 64, 40), (6, 64, 17), (6, 64, 17)), ((4, 64, 48), (4, 64, 48)),
+                                     ((4, 32, 17), (6, 64, 33), (8, 64, 16), (4, 128, 1))],
+                         ids=["qkv-w6", "gate-up-w4", "mixed-w4-w6-w8"])
+@pytest.mark.parametrize("x_bf16", [True, False], ids=["bf16", "f32"])
+@pytest.mark.parametrize("rows", [1, 3, 8], ids=lambda m: f"m{m}")
+def test_batch_of_products_equals_each_product_alone(isa, members, x_bf16, rows):
+    """tiled_gemv_batch runs its calls' tiles as one loop: each output is exactly what tiled_gemv
+    gives for that call on its own, on every code path, with and without bias."""
+    in_features = 1000
+    layers = [_tiled_layer(n, in_features, bits, group, seed=i + rows) for i, (bits, group, n) in enumerate(members)]
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    x = x.to(torch.bfloat16) if x_bf16 else x
+    calls, outputs, alone = [], [], []
+    for (bits, group, n), (packed, scale, zero, bias, _) in zip(members, layers):
+        bias = bias.float() if bias is not None and bits != 8 else None  # one call without bias
+        y = torch.full((rows, n), float("nan"))
+        calls.append((packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                      n, bits, group, y.data_ptr()))
+        outputs.append(y)
+        expected = torch.empty(rows, n)
+        cpu_kernels().tiled_gemv(x.data_ptr(), x_bf16, rows, in_features, packed.data_ptr(), scale.data_ptr(),
+                                 zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n, in_features, bits,
+                                 group, expected.data_ptr(), False, torch.get_num_threads())
+        alone.append(expected)
+    cpu_kernels().tiled_gemv_batch(x.data_ptr(), x_bf16, rows, in_features, calls, torch.get_num_threads())
+    for y, expected in zip(outputs, alone):
+        assert torch.isfinite(expected).all()
+        assert torch.equal(y, expected)
+
+
+def test_batch_of_products_refuses_a_count_it_cannot_hold():
+    x = torch.zeros(1, 64)
+    with pytest.raises(ValueError, match="count must be 1-4, got 0"):
+        cpu_kernels().tiled_gemv_batch(x.data_ptr(), False, 1, 64, [], 1)
+    packed, scale, zero, _, _ = _tiled_layer(16, 64, 4, 64, seed=0)
+    y = torch.empty(1, 16)
+    call = (packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), 0, 16, 4, 64, y.data_ptr())
+    with pytest.raises(ValueError, match="count must be 1-4, got 5"):
+        cpu_kernels().tiled_gemv_batch(x.data_ptr(), False, 1, 64, [call] * 5, 1)

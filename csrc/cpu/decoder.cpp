@@ -223,14 +223,8 @@ void Decoder::linear(const LinearWeights& w, const float* x, int64_t rows, float
   // A bfloat16 model's activations are bfloat16 values already: handing them to the packed kernels
   // as bfloat16 lets the AVX-512 ones multiply pairs with VDPBF16PS, as the transformers path does.
   const bool packed = w.kind == WeightKind::kPackedRows || w.kind == WeightKind::kTile16;
-  // Each thread converts its own copy (a few thousand values): cheaper than a barrier.
   const bool as_bits = config_.bf16 && packed;
-  thread_local std::vector<uint16_t> x_bits;
-  if (as_bits) {
-    if (x_bits.size() < static_cast<size_t>(rows * w.k)) x_bits.resize(static_cast<size_t>(kChunk * w.k));
-    for (int64_t i = 0; i < rows * w.k; ++i) x_bits[i] = numeric::f32_to_bf16(x[i]);
-  }
-  const void* input = as_bits ? static_cast<const void*>(x_bits.data()) : static_cast<const void*>(x);
+  const void* input = as_bits ? static_cast<const void*>(bf16_copy(x, rows * w.k)) : static_cast<const void*>(x);
   switch (w.kind) {
     case WeightKind::kPackedRows:
       packed_gemv(input, as_bits, rows, w.k, w.codes, w.scale, w.zero, w.bias, w.n, w.k, w.bits, w.group_size, y,
@@ -248,6 +242,45 @@ void Decoder::linear(const LinearWeights& w, const float* x, int64_t rows, float
     round_activations(y, rows * w.n);
   }
   if (timing) profile_[&w == &lm_head_ ? kLmHead : kLinear] += now_seconds() - started;
+}
+
+// x as bfloat16 bits in the calling thread's own buffer: each thread of the team converts its copy
+// (a few thousand values), which costs less than one thread converting behind a barrier.
+const uint16_t* Decoder::bf16_copy(const float* x, int64_t count) {
+  thread_local std::vector<uint16_t> bits;
+  if (bits.size() < static_cast<size_t>(count)) bits.resize(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) bits[i] = numeric::f32_to_bf16(x[i]);
+  return bits.data();
+}
+
+// Projections of one input (q/k/v, gate/up): when all are TILE16, one loop over all their tiles
+// (tiled_gemv_batch), so the team meets at one barrier instead of one per projection; otherwise
+// one linear() each.
+void Decoder::linear_batch(const LinearWeights* const* weights, float* const* outputs, int count, const float* x,
+                           int64_t rows) {
+  bool together = count > 1 && count <= kMaxTiledBatch;
+  for (int i = 0; i < count && together; ++i)
+    together = weights[i]->kind == WeightKind::kTile16 && weights[i]->k == weights[0]->k;
+  if (!together) {
+    for (int i = 0; i < count; ++i) linear(*weights[i], x, rows, outputs[i]);
+    return;
+  }
+  const bool timing = profiling_ && omp_get_thread_num() == 0;
+  const double started = timing ? now_seconds() : 0.0;
+  const int64_t k = weights[0]->k;
+  const void* input = config_.bf16 ? static_cast<const void*>(bf16_copy(x, rows * k)) : static_cast<const void*>(x);
+  TiledGemvCall calls[kMaxTiledBatch];
+  for (int i = 0; i < count; ++i) {
+    const LinearWeights& w = *weights[i];
+    calls[i].codes = w.codes, calls[i].scale = w.scale, calls[i].zero = w.zero, calls[i].bias = w.bias;
+    calls[i].n = w.n, calls[i].bits = w.bits, calls[i].g = w.group_size, calls[i].y = outputs[i];
+  }
+  tiled_gemv_batch(input, config_.bf16, rows, k, calls, count, threads_);
+  if (config_.bf16) {
+#pragma omp single
+    for (int i = 0; i < count; ++i) round_activations(outputs[i], rows * weights[i]->n);
+  }
+  if (timing) profile_[kLinear] += now_seconds() - started;
 }
 
 void Decoder::forward(const int64_t* tokens, int64_t count, float* logits, bool all_logits) {
@@ -309,9 +342,11 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
     const DecoderLayerWeights& layer = layers_[li];
 #pragma omp single
     norm_rows(hidden, rows, hid, layer.input_norm, normed_.data());
-    linear(layer.q, normed_.data(), rows, q_.data());
-    linear(layer.k, normed_.data(), rows, k_.data());
-    linear(layer.v, normed_.data(), rows, v_.data());
+    {
+      const LinearWeights* weights[] = {&layer.q, &layer.k, &layer.v};
+      float* outputs[] = {q_.data(), k_.data(), v_.data()};
+      linear_batch(weights, outputs, 3, normed_.data(), rows);
+    }
 #pragma omp single
     for (int64_t r = 0; r < rows; ++r) {
       float* qr = q_.data() + r * qd;
@@ -369,8 +404,11 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
       round_activations(hidden, rows * hid);
       norm_rows(hidden, rows, hid, layer.post_attention_norm, normed_.data());
     }
-    linear(layer.gate, normed_.data(), rows, gate_.data());
-    linear(layer.up, normed_.data(), rows, up_.data());
+    {
+      const LinearWeights* weights[] = {&layer.gate, &layer.up};
+      float* outputs[] = {gate_.data(), up_.data()};
+      linear_batch(weights, outputs, 2, normed_.data(), rows);
+    }
     {
       // SiLU(gate) x up, shared among the team: its exponentials are the longest of the short
       // steps between kernels (intermediate_size of them per layer and token).

@@ -3,6 +3,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "brecq/format.h"
@@ -85,13 +87,19 @@ float sum_floats(const float* v, int64_t count) {
   return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
 }
 
+struct PreparedInput {
+  std::vector<float> x_f32, xsum, scratch;
+  std::vector<uint16_t> x_bf16;
+};
+
 // The problem's shape and weights, with x copied into per-thread buffers: a natural-order,
 // zero-padded float32 copy (and bfloat16 copy when x is bfloat16), plus the per-group sums used
 // by the zero-point correction. Reused across calls: decode-sized calls are short enough for
-// allocation to show.
+// allocation to show. `slot` picks one of kMaxTiledBatch sets of buffers, so that the problems
+// of one tiled_gemv_batch keep theirs side by side.
 detail::GemvProblem prepare(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* packed,
                             const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k,
-                            int bits, int64_t g, void* y, bool y_is_bf16, int threads) {
+                            int bits, int64_t g, void* y, bool y_is_bf16, int threads, int slot = 0) {
   detail::GemvProblem p;
   p.m = m;
   p.n = n;
@@ -109,8 +117,11 @@ detail::GemvProblem prepare(const void* x, bool x_is_bf16, int64_t m, int64_t x_
   p.y_bf16 = y_is_bf16 ? static_cast<uint16_t*>(y) : nullptr;
   p.threads = threads;
 
-  thread_local std::vector<float> x_f32, xsum, scratch;
-  thread_local std::vector<uint16_t> x_bf16;
+  thread_local PreparedInput buffers[kMaxTiledBatch];
+  std::vector<float>& x_f32 = buffers[slot].x_f32;
+  std::vector<float>& xsum = buffers[slot].xsum;
+  std::vector<float>& scratch = buffers[slot].scratch;
+  std::vector<uint16_t>& x_bf16 = buffers[slot].x_bf16;
   const size_t x_elems = static_cast<size_t>(m * p.k_padded);
   if (x_f32.size() < x_elems) x_f32.resize(x_elems);
   if (scratch.size() < x_elems) scratch.resize(x_elems);
@@ -158,6 +169,21 @@ void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, cons
       prepare(x, x_is_bf16, m, x_stride, codes, scale, zero, bias, n, k, bits, g, y, y_is_bf16, threads);
   if (active_isa() == Isa::kAvx512 && detail::tiled_gemv_avx512(p)) return;
   detail::tiled_gemv_scalar(p);
+}
+
+void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const TiledGemvCall* calls, int count,
+                      int threads) {
+  if (count < 1 || count > kMaxTiledBatch)
+    throw std::invalid_argument("tiled_gemv_batch: count must be 1-" + std::to_string(kMaxTiledBatch) + ", got " +
+                                std::to_string(count));
+  detail::GemvProblem problems[kMaxTiledBatch];
+  for (int i = 0; i < count; ++i) {
+    const TiledGemvCall& c = calls[i];
+    problems[i] = prepare(x, x_is_bf16, m, k, c.codes, c.scale, c.zero, c.bias, c.n, k, c.bits, c.g, c.y, false,
+                          threads, i);
+  }
+  if (active_isa() == Isa::kAvx512 && detail::tiled_gemv_avx512_batch(problems, count)) return;
+  for (int i = 0; i < count; ++i) detail::tiled_gemv_scalar(problems[i]);
 }
 
 }  // namespace brecq

@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include "brecq/format.h"
+#include "brecq/kernels.h"
 #include "gemv.h"
 
 #if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
@@ -448,32 +449,46 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
 
 using TileFn = void (*)(const GemvProblem&, const uint32_t*, int64_t, int64_t, __m512*);
 
+// One tile's outputs for every activation row, through the kernel instantiated for each count of
+// rows in a pass.
 template <TileFn Tile1, TileFn Tile2, TileFn Tile3, TileFn Tile4>
-void run_tiles(const GemvProblem& p, const uint32_t* pairs) {
-  for_each_index(tile_count(p.n), p.threads, [&](int64_t tile) {
-    prefetch_tile_params(p, tile + 1);
-    const int64_t rows_here = p.n - tile * kTileRows < kTileRows ? p.n - tile * kTileRows : kTileRows;
-    const __mmask16 mask = static_cast<__mmask16>((1u << rows_here) - 1u);
-    const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + tile * kTileRows) : _mm512_setzero_ps();
-    for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
-      const int64_t pass = p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0;
-      __m512 out[kRowsPerPass];
-      switch (pass) {
-        case 1: Tile1(p, pairs, r0, tile, out); break;
-        case 2: Tile2(p, pairs, r0, tile, out); break;
-        case 3: Tile3(p, pairs, r0, tile, out); break;
-        default: Tile4(p, pairs, r0, tile, out); break;
-      }
-      for (int64_t r = 0; r < pass; ++r) {
-        const __m512 y = _mm512_add_ps(out[r], bias);
-        const int64_t at = (r0 + r) * p.n + tile * kTileRows;
-        if (p.y_bf16)  // round to nearest even, as GemvProblem::store
-          _mm256_mask_storeu_epi16(p.y_bf16 + at, mask, (__m256i)_mm512_cvtneps_pbh(y));
-        else
-          _mm512_mask_storeu_ps(p.y + at, mask, y);
-      }
+void run_tile(const GemvProblem& p, const uint32_t* pairs, int64_t tile) {
+  prefetch_tile_params(p, tile + 1);
+  const int64_t rows_here = p.n - tile * kTileRows < kTileRows ? p.n - tile * kTileRows : kTileRows;
+  const __mmask16 mask = static_cast<__mmask16>((1u << rows_here) - 1u);
+  const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + tile * kTileRows) : _mm512_setzero_ps();
+  for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
+    const int64_t pass = p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0;
+    __m512 out[kRowsPerPass];
+    switch (pass) {
+      case 1: Tile1(p, pairs, r0, tile, out); break;
+      case 2: Tile2(p, pairs, r0, tile, out); break;
+      case 3: Tile3(p, pairs, r0, tile, out); break;
+      default: Tile4(p, pairs, r0, tile, out); break;
     }
-  });
+    for (int64_t r = 0; r < pass; ++r) {
+      const __m512 y = _mm512_add_ps(out[r], bias);
+      const int64_t at = (r0 + r) * p.n + tile * kTileRows;
+      if (p.y_bf16)  // round to nearest even, as GemvProblem::store
+        _mm256_mask_storeu_epi16(p.y_bf16 + at, mask, (__m256i)_mm512_cvtneps_pbh(y));
+      else
+        _mm512_mask_storeu_ps(p.y + at, mask, y);
+    }
+  }
+}
+
+// A problem ready to run tile by tile: its kernel, and its activations as that kernel takes them.
+struct TilePlan {
+  void (*run)(const GemvProblem&, const uint32_t*, int64_t) = nullptr;
+  const uint32_t* activations = nullptr;
+};
+
+template <TileFn Tile1, TileFn Tile2, TileFn Tile3, TileFn Tile4>
+TilePlan plan_of(const uint32_t* activations) {
+  TilePlan plan;
+  plan.run = run_tile<Tile1, Tile2, Tile3, Tile4>;
+  plan.activations = activations;
+  return plan;
 }
 
 // ---- dequantization into dense rows (the GEMM path's workspace) -----------------------------
@@ -610,8 +625,12 @@ bool dequantize_tiled_avx512(const uint8_t* codes, const uint16_t* scale, const 
   return false;
 }
 
-bool tiled_gemv_avx512(const GemvProblem& p) {
-  static_assert(kRowsPerPass == 4, "tile dispatch below handles up to 4 rows per pass");
+namespace {
+
+// Prepares p's activations in p.scratch (integer digits, or bfloat16 pairs) and picks its kernel;
+// false when TILE16 does not hold p's width and group size.
+bool plan_tiles(const GemvProblem& p, TilePlan* plan) {
+  static_assert(kRowsPerPass == 4, "tile dispatch handles up to 4 rows per pass");
   if (!tile16_supports(p.bits, p.g)) return false;
   if (p.x_bf16) {
     uint32_t* pairs = reinterpret_cast<uint32_t*>(p.scratch);  // m * k_padded dwords fit
@@ -625,33 +644,57 @@ bool tiled_gemv_avx512(const GemvProblem& p) {
                                           factor + r * p.groups, rounded_sum + r * p.groups);
       if (representable) {
         if (p.bits == 4)
-          run_tiles<tile_digits<1, 4>, tile_digits<2, 4>, tile_digits<3, 4>, tile_digits<4, 4>>(p, digits);
+          *plan = plan_of<tile_digits<1, 4>, tile_digits<2, 4>, tile_digits<3, 4>, tile_digits<4, 4>>(digits);
         else if (p.bits == 6)
-          run_tiles<tile_digits<1, 6>, tile_digits<2, 6>, tile_digits<3, 6>, tile_digits<4, 6>>(p, digits);
+          *plan = plan_of<tile_digits<1, 6>, tile_digits<2, 6>, tile_digits<3, 6>, tile_digits<4, 6>>(digits);
         else
-          run_tiles<tile_digits<1, 8>, tile_digits<2, 8>, tile_digits<3, 8>, tile_digits<4, 8>>(p, digits);
+          *plan = plan_of<tile_digits<1, 8>, tile_digits<2, 8>, tile_digits<3, 8>, tile_digits<4, 8>>(digits);
         return true;
       }
     }
     if (p.bits == 8) {
       for (int64_t r = 0; r < p.m; ++r) pair_activations8(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded);
-      run_tiles<tile_bf16<1, 8, NibbleStep>, tile_bf16<2, 8, NibbleStep>, tile_bf16<3, 8, NibbleStep>,
-                tile_bf16<4, 8, NibbleStep>>(p, pairs);
+      *plan = plan_of<tile_bf16<1, 8, NibbleStep>, tile_bf16<2, 8, NibbleStep>, tile_bf16<3, 8, NibbleStep>,
+                      tile_bf16<4, 8, NibbleStep>>(pairs);
       return true;
     }
     for (int64_t r = 0; r < p.m; ++r) pair_activations(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded / 2);
     if (p.bits == 4)
-      run_tiles<tile_bf16<1, 4, NibbleStep>, tile_bf16<2, 4, NibbleStep>, tile_bf16<3, 4, NibbleStep>,
-                tile_bf16<4, 4, NibbleStep>>(p, pairs);
+      *plan = plan_of<tile_bf16<1, 4, NibbleStep>, tile_bf16<2, 4, NibbleStep>, tile_bf16<3, 4, NibbleStep>,
+                      tile_bf16<4, 4, NibbleStep>>(pairs);
     else
-      run_tiles<tile6_bf16<1>, tile6_bf16<2>, tile6_bf16<3>, tile6_bf16<4>>(p, pairs);
+      *plan = plan_of<tile6_bf16<1>, tile6_bf16<2>, tile6_bf16<3>, tile6_bf16<4>>(pairs);
   } else if (p.bits == 4) {
-    run_tiles<tile_f32<1, 4>, tile_f32<2, 4>, tile_f32<3, 4>, tile_f32<4, 4>>(p, nullptr);
+    *plan = plan_of<tile_f32<1, 4>, tile_f32<2, 4>, tile_f32<3, 4>, tile_f32<4, 4>>(nullptr);
   } else if (p.bits == 8) {
-    run_tiles<tile_f32<1, 8>, tile_f32<2, 8>, tile_f32<3, 8>, tile_f32<4, 8>>(p, nullptr);
+    *plan = plan_of<tile_f32<1, 8>, tile_f32<2, 8>, tile_f32<3, 8>, tile_f32<4, 8>>(nullptr);
   } else {
-    run_tiles<tile6_f32<1>, tile6_f32<2>, tile6_f32<3>, tile6_f32<4>>(p, nullptr);
+    *plan = plan_of<tile6_f32<1>, tile6_f32<2>, tile6_f32<3>, tile6_f32<4>>(nullptr);
   }
+  return true;
+}
+
+}  // namespace
+
+bool tiled_gemv_avx512(const GemvProblem& p) {
+  TilePlan plan;
+  if (!plan_tiles(p, &plan)) return false;
+  for_each_index(tile_count(p.n), p.threads, [&](int64_t tile) { plan.run(p, plan.activations, tile); });
+  return true;
+}
+
+bool tiled_gemv_avx512_batch(const GemvProblem* problems, int count) {
+  TilePlan plans[kMaxTiledBatch];
+  int64_t first_tile[kMaxTiledBatch + 1] = {0};
+  for (int i = 0; i < count; ++i) {
+    if (!plan_tiles(problems[i], &plans[i])) return false;
+    first_tile[i + 1] = first_tile[i] + tile_count(problems[i].n);
+  }
+  for_each_index(first_tile[count], problems[0].threads, [&](int64_t tile) {
+    int i = 0;
+    while (tile >= first_tile[i + 1]) ++i;
+    plans[i].run(problems[i], plans[i].activations, tile - first_tile[i]);
+  });
   return true;
 }
 
@@ -663,6 +706,7 @@ bool tiled_gemv_avx512(const GemvProblem& p) {
 namespace brecq {
 namespace detail {
 bool tiled_gemv_avx512(const GemvProblem&) { return false; }
+bool tiled_gemv_avx512_batch(const GemvProblem*, int) { return false; }
 bool dequantize_tiled_avx512(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int, int64_t, void*,
                              bool, int) {
   return false;

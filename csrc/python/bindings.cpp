@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "brecq/decoder.h"
 #include "brecq/format.h"
@@ -113,6 +115,21 @@ PYBIND11_MODULE(_C, m) {
     brecq::tiled_gemv(ptr<const void>(x), x_is_bf16, m_rows, x_stride, ptr<const uint8_t>(codes),
                       ptr<const uint16_t>(scale), ptr<const uint8_t>(zero), bias ? ptr<const float>(bias) : nullptr,
                       n, k, bits, g, ptr<void>(y), y_is_bf16, threads);
+  }, nogil);
+  // calls: (codes, scale, zero, bias, n, bits, g, y) per product, y float32 [m, n].
+  m.def("tiled_gemv_batch", [](std::uintptr_t x, bool x_is_bf16, int64_t m_rows, int64_t k,
+                               const std::vector<std::tuple<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
+                                                            int64_t, int, int64_t, std::uintptr_t>>& calls,
+                               int threads) {
+    std::vector<brecq::TiledGemvCall> list(calls.size());
+    for (size_t i = 0; i < calls.size(); ++i) {
+      const auto& [codes, scale, zero, bias, n, bits, g, y] = calls[i];
+      list[i].codes = ptr<const uint8_t>(codes), list[i].scale = ptr<const uint16_t>(scale);
+      list[i].zero = ptr<const uint8_t>(zero), list[i].bias = bias ? ptr<const float>(bias) : nullptr;
+      list[i].n = n, list[i].bits = bits, list[i].g = g, list[i].y = ptr<float>(y);
+    }
+    brecq::tiled_gemv_batch(ptr<const void>(x), x_is_bf16, m_rows, k, list.data(), static_cast<int>(list.size()),
+                            threads);
   }, nogil);
   m.def("decode_attention", [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t key_mask,
                                bool bf16, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t kv_len,

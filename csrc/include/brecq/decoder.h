@@ -88,6 +88,9 @@ class Decoder {
   void run_chunk(const int64_t* tokens, int64_t count, float* logits, bool all_logits);
   void run_layers(const int64_t* tokens, int64_t count, float* logits, bool all_logits);
   void linear(const LinearWeights& w, const float* x, int64_t rows, float* y);
+  void linear_batch(const LinearWeights* const* weights, float* const* outputs, int count, const float* x,
+                    int64_t rows);
+  static const uint16_t* bf16_copy(const float* x, int64_t count);
   void round_activations(float* x, int64_t count) const;
   void norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, float* out) const;
   void rotary_tables(int64_t position, float* cos_v, float* sin_v) const;

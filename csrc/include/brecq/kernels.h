@@ -76,6 +76,26 @@ void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, cons
                 const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k, int bits,
                 int64_t g, void* y, bool y_is_bf16, int threads);
 
+// One TILE16 product of a tiled_gemv_batch: weights as tiled_gemv's, output y [m, n] float32.
+struct TiledGemvCall {
+  const uint8_t* codes = nullptr;
+  const uint16_t* scale = nullptr;
+  const uint8_t* zero = nullptr;
+  const float* bias = nullptr;
+  int64_t n = 0;
+  int bits = 0;
+  int64_t g = 0;
+  float* y = nullptr;
+};
+constexpr int kMaxTiledBatch = 4;
+
+// Up to kMaxTiledBatch TILE16 products of the same x [m, k] (row stride k) in one pass over all
+// their tiles, shared among the threads as one loop: a decoder's q/k/v or gate/up projections
+// with one work-sharing loop (and one barrier) instead of one per projection. Results equal
+// tiled_gemv's for each call.
+void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const TiledGemvCall* calls, int count,
+                      int threads);
+
 // Dense rows [0, n) of TILE16 weights whose first tile starts at codes / scale / zero (pass the
 // tile holding a range's first row to dequantize a range whose start is a multiple of 16): out
 // [n, k] float32, or bfloat16 bits when out_bf16; the same values as dequantize_packed on the
