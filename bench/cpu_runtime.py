@@ -11,7 +11,8 @@ quality). brecq variants, quantized by round to nearest (the method changes neit
 * ``w4``: W4 everywhere, lm_head included.
 
 Engines: ``runtime`` (brecq.runtime.CpuDecoder: one C++ call per token, prompt prefilled by
-transformers and handed over, as ``brecq generate`` does), ``transformers`` (today's study path: the
+transformers and handed over, as ``brecq generate`` does; the model prepared as the study prepares it,
+brecq_sdpa attention and fused RMSNorm, so that its prefill is the study's), ``transformers`` (today's study path: the
 same quantized model through transformers with brecq_sdpa attention and fused RMSNorm), ``bf16``
 (the unquantized model through transformers), and llama.cpp (llama-cpp-python, built from its sdist,
 same thread count) on GGUF files that its own quantizer made from brecq's full-precision GGUF export.
@@ -23,14 +24,15 @@ MiB, between depths): the floor of a step is the bytes it reads (weights as stor
 at that depth) over that bandwidth. The runtime's own profile splits its depth-0 step into weight
 streaming (linear layers and lm_head) and the rest.
 
-``--llama-bench PATH`` adds llama.cpp's own benchmark tool (``llama-bench``, built from the llama.cpp
-tree vendored in llama-cpp-python's sdist, see bench/README.md) on the same files: within each repeat
+``--llama-bench [LABEL=]PATH`` (repeatable: one per build, e.g. ``llama-bench-amx=...``) adds llama.cpp's
+own benchmark tool (``llama-bench``, built from the llama.cpp tree vendored in llama-cpp-python's sdist,
+see bench/README.md and bench/llama_cpp_source.sh) on the same files: within each repeat
 at each depth, one ``llama-bench -p 0 -n TOKENS -d DEPTH -r 1`` per file runs between the rounds of
 the in-process engines, in random order; its row is the median of those runs' mean ms per token
 (it reports no per-token times), where the in-process rows are medians of single steps.
 
     python bench/cpu_runtime.py [--depths 0 128 512 2048] [--tokens 16] [--repeats 3] [--layers 28]
-                                [--no-llama-cpp] [--llama-bench PATH] [--json bench/results/cpu_runtime.json]
+                                [--no-llama-cpp] [--llama-bench [LABEL=]PATH ...] [--json bench/results/cpu_runtime.json]
 """
 from __future__ import annotations
 
@@ -133,15 +135,21 @@ class LlamaCppEngine:
         self.token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
 
 
+class LlamaBenchFailed(RuntimeError):
+    """A llama-bench run that exited with an error or a signal (its row records it, the run goes on)."""
+
+
 def llama_bench_ms(binary: str, path: Path, depth: int, tokens: int, threads: int) -> float:
     """One ``llama-bench`` run of ``tokens`` decode steps after ``depth`` cached tokens: mean ms/token."""
+    import signal
     import subprocess
 
     command = [binary, "-m", str(path), "-p", "0", "-n", str(tokens), "-d", str(depth), "-r", "1",
                "-t", str(threads), "-o", "json"]
     done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        how = (signal.Signals(-done.returncode).name if done.returncode < 0 else f"exit code {done.returncode}")
+        raise LlamaBenchFailed(f"{how} at depth {depth}: {done.stderr.strip()[-300:]}")
     (run,) = json.loads(done.stdout)
     return run["avg_ns"] / 1e6 / tokens
 
@@ -165,7 +173,9 @@ def kv_bytes(config, depth: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * depth * 2  # bfloat16
 
 
-def summarise(samples: list[float]) -> dict:
+def summarise(samples: list[float], failure: str | None = None) -> dict:
+    if not samples:
+        return {"failed": failure or "no samples"}
     ordered = sorted(samples)
     return {"median_ms": statistics.median(ordered), "p10_ms": ordered[len(ordered) // 10],
             "p90_ms": ordered[(9 * len(ordered)) // 10], "n": len(ordered)}
@@ -180,7 +190,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even where it is installed")
-    parser.add_argument("--llama-bench", help="path of a llama-bench binary to time the llama.cpp files with too")
+    parser.add_argument("--llama-bench", action="append", default=[], metavar="[LABEL=]PATH",
+                        help="a llama-bench binary to time the llama.cpp files with too (repeatable; rows are "
+                             "named LABEL, default llama-bench)")
     parser.add_argument("--no-bf16", action="store_true", help="leave the unquantized transformers model out")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -194,6 +206,15 @@ def main() -> None:
 
     from brecq_ext import fuse_rms_norms_
 
+    benches = {}
+    for spec in args.llama_bench:
+        label, _, path = spec.rpartition("=")
+        label = label or "llama-bench"
+        if label in benches or " " in label:
+            parser.error(f"--llama-bench: label {label!r} is used twice or has a space")
+        if not Path(path).is_file():
+            parser.error(f"--llama-bench: {path} is not a file")
+        benches[label] = path
     torch.set_num_threads(args.threads)
     has_llama = importlib.util.find_spec("llama_cpp") is not None and not args.no_llama_cpp
     if not has_llama and not args.no_llama_cpp:
@@ -207,17 +228,20 @@ def main() -> None:
         engines, models = {}, {}
         for label, path in quantized.items():
             models[label] = brecq.load_quantized(path).to(torch.bfloat16).eval()
+            # Prepared as the study prepares the models it times (study/runner.py: brecq_sdpa and fused
+            # norms), so that the runtime's prefill, which transformers runs, is the study's too.
+            use_decode_attention(models[label])
+            fuse_rms_norms_(models[label])
             engines[f"{label} runtime"] = RuntimeDecode(models[label])
             result["bytes_per_token"][label] = weight_bytes(models[label])
-        today = use_decode_attention(copy.deepcopy(models["w4w6_head8"]))
-        fuse_rms_norms_(today)
-        engines["w4w6_head8 transformers"] = TransformersDecode(today)
+        engines["w4w6_head8 transformers"] = TransformersDecode(copy.deepcopy(models["w4w6_head8"]))
         if not args.no_bf16:
             from transformers import AutoModelForCausalLM
 
             dense = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.bfloat16).eval()
             engines["bf16 transformers"] = TransformersDecode(dense)
             result["bytes_per_token"]["bf16"] = weight_bytes(dense)
+        files = {}
         if has_llama:
             import llama_cpp
 
@@ -227,8 +251,8 @@ def main() -> None:
             for name, path in files.items():
                 engines[f"llama.cpp {name}"] = LlamaCppEngine(path, n_ctx, args.threads)
                 result["bytes_per_token"][f"llama.cpp {name} (file)"] = path.stat().st_size
-            if args.llama_bench:
-                result["llama_bench"] = args.llama_bench
+            if benches:
+                result["llama_bench"] = benches
         config = models["w4w6_head8"].config
         order = random.Random(0)
         labels = list(engines)
@@ -259,14 +283,23 @@ def main() -> None:
                 if label.endswith("runtime"):
                     engines[label].decoder._runtime.reset_profile()
                     engines[label].decoder._runtime.set_profiling(True)
-            units = ["in-process"] + ([f"llama-bench {name}" for name in files] if args.llama_bench else [])
+            units = ["in-process"] + [f"{bench} {name}" for bench in benches for name in files]
+            failures = {}
             for label in units[1:]:
                 samples[label] = []
             for _ in range(args.repeats):
                 for unit in order.sample(units, len(units)):
                     if unit != "in-process":
+                        if unit in failures:
+                            continue
                         path = files[unit.split()[-1]]
-                        samples[unit].append(llama_bench_ms(args.llama_bench, path, depth, args.tokens, args.threads))
+                        bench = unit.rsplit(" ", 1)[0]
+                        try:
+                            samples[unit].append(llama_bench_ms(benches[bench], path, depth, args.tokens,
+                                                                args.threads))
+                        except LlamaBenchFailed as error:
+                            log.warning("%s: %s", unit, error)
+                            failures[unit] = str(error).split(":")[0]
                         continue
                     for _ in range(args.tokens):
                         for label in order.sample(labels, len(labels)):
@@ -281,7 +314,8 @@ def main() -> None:
                     steps = len(samples[label])
                     profiles[label] = {"linear_ms": 1e3 * seconds[0] / steps, "lm_head_ms": 1e3 * seconds[1] / steps,
                                        "attention_ms": 1e3 * seconds[2] / steps, "other_ms": 1e3 * seconds[3] / steps}
-            result["depths"][str(depth)] = {"decode": {label: summarise(s) for label, s in samples.items()},
+            result["depths"][str(depth)] = {"decode": {label: summarise(s, failures.get(label))
+                                                       for label, s in samples.items()},
                                             "runtime_profile": profiles, "kv_bytes": kv_bytes(config, depth)}
             log.info("depth %d done", depth)
         result["bandwidth_gbs"].append(read_bandwidth_gbs())
@@ -305,7 +339,8 @@ def report(result: dict, args) -> None:
         cells = []
         for d in depths:
             s = result["depths"][d]["decode"][label]
-            cells.append(f"{s['median_ms']:.1f} ({s['p10_ms']:.1f}-{s['p90_ms']:.1f})")
+            cells.append(f"failed ({s['failed']})" if "failed" in s else
+                         f"{s['median_ms']:.1f} ({s['p10_ms']:.1f}-{s['p90_ms']:.1f})")
         print(f"| {label} | " + " | ".join(cells) + " |")
     print("\nbrecq runtime against its floor (bytes read per token / read bandwidth):\n")
     print("| variant | depth | bytes/token (MB) | floor ms | measured ms | x floor | not weight streaming |")

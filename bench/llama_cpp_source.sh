@@ -2,13 +2,14 @@
 # llama.cpp's source tree for the peer benches, from PyPI only (no git host needed): the tree that
 # llama-cpp-python vendors in its sdist, at the version installed here (or VERSION).
 #
-#   bash bench/llama_cpp_source.sh DIR [--llama-bench]
+#   bash bench/llama_cpp_source.sh DIR [--llama-bench | --llama-bench-amx]
 #
 # Unpacks DIR/llama_cpp_python-VERSION/vendor/llama.cpp and prints the line to export:
 #   BRECQ_LLAMA_CPP_SOURCE  for bench/kquants.py (AutoRound's GGUF export needs its gguf-py and conversion/)
 # With --llama-bench it also builds llama.cpp's llama-bench there (Release, -march=native, AMX off:
-# llama.cpp's AMX matmuls crashed on this machine's CPU, bench/README.md) for bench/cpu_runtime.py
-# --llama-bench; about 15 minutes on 2 cores.
+# llama-cpp-python's AMX build crashed on this machine's CPU, bench/README.md) for bench/cpu_runtime.py
+# --llama-bench; about 15 minutes on 2 cores. --llama-bench-amx builds it with AMX as well (build-amx/):
+# its llama-bench runs here, and decodes Q4_0 and Q8_0 about twice as fast as the build without.
 set -euo pipefail
 dir=${1:?usage: bash bench/llama_cpp_source.sh DIR [--llama-bench]}
 python=${PYTHON:-python3}
@@ -27,12 +28,17 @@ if [ ! -f "$tree/conversion/__init__.py" ]; then
   tar xzf "$sdist" -C "$dir"
 fi
 tree=$(cd "$tree" && pwd)
-if [ "${2:-}" = "--llama-bench" ]; then
-  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  cmake -S "$tree" -B "$tree/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+case "${2:-}" in
+  --llama-bench) build=build; flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;;
+  --llama-bench-amx) build=build-amx; flags="" ;;
+  "") build="" ;;
+  *) echo "unknown option ${2}: expected --llama-bench or --llama-bench-amx" >&2; exit 2 ;;
+esac
+if [ -n "$build" ]; then
+  cmake -S "$tree" -B "$tree/$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    "-DCMAKE_C_FLAGS=$noamx" "-DCMAKE_CXX_FLAGS=$noamx" >/dev/null
-  cmake --build "$tree/build" --target llama-bench -j"$(nproc)"
-  echo "llama-bench: $tree/build/bin/llama-bench"
+    "-DCMAKE_C_FLAGS=$flags" "-DCMAKE_CXX_FLAGS=$flags" >/dev/null
+  cmake --build "$tree/$build" --target llama-bench -j"$(nproc)"
+  echo "llama-bench: $tree/$build/bin/llama-bench"
 fi
 echo "export BRECQ_LLAMA_CPP_SOURCE=$tree"
