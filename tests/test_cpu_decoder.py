@@ -120,6 +120,28 @@ def test_every_width_and_layout_with_a_quantized_head(bits, layout, isa):
     assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_projections_of_one_input_with_mixed_widths_layouts_and_dense(dtype, isa):
+    """q/k/v and gate/up run as one loop when all are TILE16 (any widths and group sizes), one by
+    one otherwise: both give transformers' logits."""
+    rules = {r"q_proj$": (6, 64), r"k_proj$": (5, 32), r"o_proj$": (4, 64), r"gate_proj$": (4, 64),
+             r"up_proj$": (8, 32), r"down_proj$": (6, 64)}  # v_proj stays dense
+    model = _model("qwen3", dtype=dtype, rules=rules)
+    for name, layer in quant_linear_layers(model):
+        layer.use_layout(Layout.ROWS if name.endswith("k_proj") else Layout.TILE16)
+    ids = _ids(12)
+    if dtype is torch.float32:
+        expected = _transformers_logits(model, ids)
+        got = CpuDecoder(model).forward(ids, all_logits=True)
+        assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
+        return
+    exact = _float64_logits(model, ids)
+    transformers_error = (_transformers_logits(model, ids).double() - exact).abs()
+    decoder = CpuDecoder(model)
+    ours = torch.stack([decoder.forward(ids[0, i:i + 1]).clone() for i in range(ids.shape[1])]).double()
+    assert (ours - exact).abs().max() <= 1.5 * transformers_error.max() + 0.02
+
+
 def test_cache_grows_past_its_first_allocation_and_truncates():
     model = _model("qwen3")
     ids = _ids(300)  # the cache starts with room for 256 positions
