@@ -103,7 +103,7 @@ def build(workdir: Path, layers: int) -> tuple[Path, dict]:
     return fp, quantized
 
 
-def llama_files(workdir: Path, fp: Path) -> dict:
+def llama_files(workdir: Path, fp: Path, quantize_binary: str | None = None) -> dict:
     from brecq.export import export_gguf_full_precision
     from brecq.export.llamacpp import llama_quantize
 
@@ -113,7 +113,7 @@ def llama_files(workdir: Path, fp: Path) -> dict:
     for name, ftype in LLAMA_TYPES.items():
         out = workdir / f"{name}.gguf"
         started = time.perf_counter()
-        llama_quantize(source, out, ftype, torch.get_num_threads())
+        llama_quantize(source, out, ftype, torch.get_num_threads(), binary=quantize_binary)
         log.info("llama.cpp %s: %.0f MB in %.0f s", name, out.stat().st_size / 1e6, time.perf_counter() - started)
         files[name] = out
     return files
@@ -193,6 +193,9 @@ def main() -> None:
     parser.add_argument("--llama-bench", action="append", default=[], metavar="[LABEL=]PATH",
                         help="a llama-bench binary to time the llama.cpp files with too (repeatable; rows are "
                              "named LABEL, default llama-bench)")
+    parser.add_argument("--llama-quantize", default=None, metavar="PATH",
+                        help="llama.cpp's llama-quantize binary, to make the files without llama-cpp-python (default: "
+                             "the one beside the first --llama-bench, where llama-cpp-python is not installed)")
     parser.add_argument("--no-bf16", action="store_true", help="leave the unquantized transformers model out")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -217,8 +220,15 @@ def main() -> None:
         benches[label] = path
     torch.set_num_threads(args.threads)
     has_llama = importlib.util.find_spec("llama_cpp") is not None and not args.no_llama_cpp
+    quantize_binary = args.llama_quantize
+    if quantize_binary is None and benches and not has_llama:
+        beside = Path(next(iter(benches.values()))).with_name("llama-quantize")
+        quantize_binary = str(beside) if beside.is_file() else None
+    if quantize_binary is not None and not Path(quantize_binary).is_file():
+        parser.error(f"--llama-quantize: {quantize_binary} is not a file")
     if not has_llama and not args.no_llama_cpp:
-        log.warning("llama-cpp-python is not installed: llama.cpp is left out (pip install '.[llamacpp]')")
+        log.warning("llama-cpp-python is not installed: its rows are left out (pip install '.[llamacpp]')%s",
+                    "" if quantize_binary else ", and so are llama-bench's (no llama-quantize to make its files)")
     result = {"layers": args.layers, "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats,
               "environment": environment(torch.device("cpu"), torch.bfloat16), "loadavg_before": loadavg(),
               "depths": {}, "prefill": {}, "bandwidth_gbs": [], "bytes_per_token": {}}
@@ -242,17 +252,19 @@ def main() -> None:
             engines["bf16 transformers"] = TransformersDecode(dense)
             result["bytes_per_token"]["bf16"] = weight_bytes(dense)
         files = {}
+        if has_llama or (benches and quantize_binary and not args.no_llama_cpp):
+            files = llama_files(workdir, fp, None if has_llama else quantize_binary)
+            for name, path in files.items():
+                result["bytes_per_token"][f"llama.cpp {name} (file)"] = path.stat().st_size
+            if benches:
+                result["llama_bench"] = benches
         if has_llama:
             import llama_cpp
 
             result["llama_cpp_python"] = llama_cpp.__version__
             n_ctx = max(args.depths + args.prefill) + args.repeats * args.tokens + 16
-            files = llama_files(workdir, fp)
             for name, path in files.items():
                 engines[f"llama.cpp {name}"] = LlamaCppEngine(path, n_ctx, args.threads)
-                result["bytes_per_token"][f"llama.cpp {name} (file)"] = path.stat().st_size
-            if benches:
-                result["llama_bench"] = benches
         config = models["w4w6_head8"].config
         order = random.Random(0)
         labels = list(engines)

@@ -6,7 +6,8 @@
 #
 # Unpacks DIR/llama_cpp_python-VERSION/vendor/llama.cpp and prints the line to export:
 #   BRECQ_LLAMA_CPP_SOURCE  for bench/kquants.py (AutoRound's GGUF export needs its gguf-py and conversion/)
-# With --llama-bench it also builds llama.cpp's llama-bench there (Release, -march=native, AMX off:
+# With --llama-bench it also builds llama.cpp's llama-bench and llama-quantize there (the latter makes
+# bench/cpu_runtime.py's GGUF files where llama-cpp-python is not installed; Release, -march=native, AMX off:
 # llama-cpp-python's AMX build crashed on this machine's CPU, bench/README.md) for bench/cpu_runtime.py
 # --llama-bench; about 15 minutes on 2 cores. --llama-bench-amx builds it with AMX as well (build-amx/):
 # its llama-bench runs here, and decodes Q4_0 and Q8_0 about twice as fast as the build without.
@@ -38,7 +39,7 @@ if [ -n "$build" ]; then
   cmake -S "$tree" -B "$tree/$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     "-DCMAKE_C_FLAGS=$flags" "-DCMAKE_CXX_FLAGS=$flags" >/dev/null
-  cmake --build "$tree/$build" --target llama-bench -j"$(nproc)"
-  echo "llama-bench: $tree/$build/bin/llama-bench"
+  cmake --build "$tree/$build" --target llama-bench llama-quantize -j"$(nproc)"
+  echo "llama-bench: $tree/$build/bin/llama-bench (llama-quantize beside it)"
 fi
 echo "export BRECQ_LLAMA_CPP_SOURCE=$tree"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,6 +278,48 @@ def test_full_precision_model_exports_exactly(tmp_path):
     sequences = [tokenizer("Once upon a time there was a little dog who liked to run")["input_ids"]]
     agreement = compare_logits(model, open_llama(path, extra_buffer_types=False), sequences)
     assert agreement.top1 == 1.0 and agreement.mean_kl <= 1e-3, agreement
+
+
+def _stub_quantizer(tmp_path, body):
+    stub = tmp_path / "llama-quantize"
+    stub.write_text("#!/bin/sh\n" + body)
+    stub.chmod(0o755)
+    return stub
+
+
+def test_llama_quantize_binary_gets_llama_cpp_arguments(tmp_path):
+    """Without llama-cpp-python, a llama-quantize built from source makes the files: it is called as
+    ``llama-quantize IN OUT TYPE [THREADS]`` with llama.cpp's own name for the file type."""
+    from brecq.export.llamacpp import llama_quantize
+
+    stub = _stub_quantizer(tmp_path, 'echo "$@" > "$2"\n')
+    llama_quantize(tmp_path / "in.gguf", tmp_path / "a.gguf", 15, 2, binary=stub)
+    assert (tmp_path / "a.gguf").read_text().split() == [str(tmp_path / "in.gguf"), str(tmp_path / "a.gguf"),
+                                                         "Q4_K_M", "2"]
+    llama_quantize(tmp_path / "in.gguf", tmp_path / "b.gguf", 2, binary=stub)
+    assert (tmp_path / "b.gguf").read_text().split()[2:] == ["Q4_0"], "threads 0: llama.cpp's own default"
+    with pytest.raises(ValueError, match="ftype: expected one of"):
+        llama_quantize(tmp_path / "in.gguf", tmp_path / "c.gguf", 99, binary=stub)
+    failing = _stub_quantizer(tmp_path, 'echo "failed to read $1" >&2\nexit 3\n')
+    with pytest.raises(RuntimeError, match="exit code 3: failed to read"):
+        llama_quantize(tmp_path / "in.gguf", tmp_path / "d.gguf", 7, binary=failing)
+
+
+@pytest.mark.skipif(not os.environ.get("BRECQ_LLAMA_CPP_SOURCE"),
+                    reason="needs a llama.cpp tree with llama-quantize built (bench/llama_cpp_source.sh --llama-bench)")
+def test_llama_quantize_binary_makes_a_q8_0_file(tmp_path):
+    """The real llama-quantize from a source build turns the full-precision export into Q8_0."""
+    from brecq.export.llamacpp import llama_quantize
+
+    binary = Path(os.environ["BRECQ_LLAMA_CPP_SOURCE"]) / "build" / "bin" / "llama-quantize"
+    if not binary.is_file():
+        pytest.skip(f"{binary} is not built")
+    source = tmp_path / "fp.gguf"
+    export_gguf_full_precision(require_shared(STORIES260K), source)
+    llama_quantize(source, tmp_path / "q8.gguf", 7, 1, binary=binary)
+    fields, tensors = read_back(tmp_path / "q8.gguf")
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert tensors["blk.0.attn_q.weight"][0] == "Q8_0"
 
 
 def _quantized_folder(tmp_path):

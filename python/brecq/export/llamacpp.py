@@ -36,17 +36,32 @@ def open_llama(path, n_ctx: int = 512, n_threads: int = 2, logits_all: bool = Tr
         llama_module.llama_cpp.llama_model_default_params = default_params
 
 
-def llama_quantize(source, out, ftype: int, threads: int = 0) -> None:
-    """llama.cpp's own quantizer (``llama-quantize``, through ``llama_cpp.llama_model_quantize``):
-    the GGUF ``source`` to ``out`` as ``ftype`` (a ``LLAMA_FTYPE_MOSTLY_*`` value: Q4_0 2, Q4_1 3,
-    Q8_0 7, Q4_K_M 15, Q5_K_M 17, Q6_K 18)."""
-    import llama_cpp
+# LLAMA_FTYPE_MOSTLY_* values and the names llama.cpp's ``llama-quantize`` tool takes for them.
+LLAMA_FTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K"}
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
-        raise RuntimeError(f"llama_model_quantize failed: {source} -> {out} (ftype {ftype})")
+
+def llama_quantize(source, out, ftype: int, threads: int = 0, binary=None) -> None:
+    """llama.cpp's own quantizer: the GGUF ``source`` to ``out`` as ``ftype`` (a
+    ``LLAMA_FTYPE_MOSTLY_*`` value: Q4_0 2, Q4_1 3, Q8_0 7, Q4_K_M 15, Q5_K_M 17, Q6_K 18), through
+    ``llama_cpp.llama_model_quantize`` or, with ``binary``, a ``llama-quantize`` executable built
+    from a llama.cpp tree (for a llama.cpp built from source without llama-cpp-python)."""
+    if binary is None:
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = threads
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+            raise RuntimeError(f"llama_model_quantize failed: {source} -> {out} (ftype {ftype})")
+        return
+    import subprocess
+
+    if ftype not in LLAMA_FTYPE_NAMES:
+        raise ValueError(f"ftype: expected one of {sorted(LLAMA_FTYPE_NAMES)} (LLAMA_FTYPE_MOSTLY_*), got {ftype}")
+    command = [str(binary), str(source), str(out), LLAMA_FTYPE_NAMES[ftype]] + ([str(threads)] if threads > 0 else [])
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {done.returncode}: {done.stderr.strip()[-500:]}")
 
 
 def llama_tokenize(llm, text: str, add_bos: bool) -> list[int]:
