@@ -5,8 +5,8 @@
 // buffer and reduces each score horizontally: at 2048 cached tokens it read the cache at about 5 GB/s
 // per thread, far below memory. Here a key row is never widened: VDPBF16PS multiplies it with the
 // query (kept as bfloat16, exact: the decoder's queries are bfloat16 values) in pairs, 32 products
-// an instruction, and the scale is applied to the finished score. The value pass widens each row
-// once into registers and adds it to every query head's accumulator. Same contract as
+// an instruction, four rows side by side, and the scale is applied to the finished score. The value
+// pass widens each row once into registers and adds it to every query head's accumulator. Same contract as
 // decode_attention (brecq/kernels.h); taken for bfloat16 without a key mask and head_dim a multiple
 // of 32 up to 256, else the portable kernel runs.
 #include <cmath>
@@ -68,24 +68,68 @@ inline __m512 sums16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xdd));
 }
 
-// The value pass with every accumulator in a register: G query heads of C2 x 16 elements.
-template <int G, int C2>
+// The value pass with every accumulator in a register: G query heads of C x 32 elements. A 512-bit
+// load of 32 bfloat16 values gives their even elements as float32 by a shift and the odd ones by a
+// mask, two cheap lane-wise operations where widening 16 at a time (VPMOVZXWD) costs a shuffle each;
+// the accumulators hold even and odd elements apart and are interleaved once at the end. Every
+// element sees the same multiply-adds in the same order either way.
+template <int G, int C>
 void weighted_values(const uint16_t* v, int64_t kv_len, int64_t v_stride_l, const float* scores, int64_t padded,
                      float* acc) {
-  __m512 sum[G][C2];
+  __m512 even[G][C], odd[G][C];
   for (int j = 0; j < G; ++j)
-    for (int c = 0; c < C2; ++c) sum[j][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) even[j][c] = odd[j][c] = _mm512_setzero_ps();
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t l = 0; l < kv_len; ++l) {
     const uint16_t* row = v + l * v_stride_l;
-    __m512 value[C2];
-    for (int c = 0; c < C2; ++c) value[c] = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * c)));
+    __m512 value_even[C], value_odd[C];
+    for (int c = 0; c < C; ++c) {
+      const __m512i pair = _mm512_loadu_si512(row + 32 * c);
+      value_even[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      value_odd[c] = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
+    }
     for (int j = 0; j < G; ++j) {
       const __m512 p = _mm512_set1_ps(scores[j * padded + l]);
-      for (int c = 0; c < C2; ++c) sum[j][c] = _mm512_fmadd_ps(p, value[c], sum[j][c]);
+      for (int c = 0; c < C; ++c) {
+        even[j][c] = _mm512_fmadd_ps(p, value_even[c], even[j][c]);
+        odd[j][c] = _mm512_fmadd_ps(p, value_odd[c], odd[j][c]);
+      }
     }
   }
+  const __m512i low_order = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high_order = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   for (int j = 0; j < G; ++j)
-    for (int c = 0; c < C2; ++c) _mm512_storeu_ps(acc + j * 16 * C2 + 16 * c, sum[j][c]);
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(acc + j * 32 * C + 32 * c, _mm512_permutex2var_ps(even[j][c], low_order, odd[j][c]));
+      _mm512_storeu_ps(acc + j * 32 * C + 32 * c + 16, _mm512_permutex2var_ps(even[j][c], high_order, odd[j][c]));
+    }
+}
+
+// Scores of 16 keys for G query heads of C x 32 elements: four key rows at a time, so that G x 4
+// chains of VDPBF16PS run side by side instead of one (a chain is C dependent instructions; alone,
+// its latency, not the loads, set the pace). Each chain adds its chunks in order, as the generic
+// loop does, so the scores are the same bit for bit.
+template <int G, int C>
+void scores16(const uint16_t* k, int64_t at, int64_t kv_len, int64_t k_stride_l, const __m512i (*query)[kMaxDim / 32],
+              __m512 (*sums)[16]) {
+  for (int64_t r = 0; r < 16; r += 4) {
+    const uint16_t* row[4];
+    for (int i = 0; i < 4; ++i) {
+      const int64_t l = at + r + i < kv_len ? at + r + i : kv_len - 1;  // past the end: a real row, masked later
+      row[i] = k + l * k_stride_l;
+    }
+    __m512 sum[G][4];
+    for (int j = 0; j < G; ++j)
+      for (int i = 0; i < 4; ++i) sum[j][i] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) {
+      __m512i key[4];
+      for (int i = 0; i < 4; ++i) key[i] = _mm512_loadu_si512(row[i] + 32 * c);
+      for (int j = 0; j < G; ++j)
+        for (int i = 0; i < 4; ++i) sum[j][i] = _mm512_dpbf16_ps(sum[j][i], (__m512bh)key[i], (__m512bh)query[j][c]);
+    }
+    for (int j = 0; j < G; ++j)
+      for (int i = 0; i < 4; ++i) sums[j][r + i] = sum[j][i];
+  }
 }
 
 struct Scratch {
@@ -108,6 +152,17 @@ void attend_item(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_
   const __m512 scale_v = _mm512_set1_ps(scale);
   for (int64_t at = 0; at < padded; at += 16) {
     __m512 sums[kMaxGroup][16];
+    if (group == 2 && chunks == 4) {
+      scores16<2, 4>(k, at, kv_len, k_stride_l, query, sums);
+    } else if (group == 1 && chunks == 4) {
+      scores16<1, 4>(k, at, kv_len, k_stride_l, query, sums);
+    } else if (group == 2 && chunks == 2) {
+      scores16<2, 2>(k, at, kv_len, k_stride_l, query, sums);
+    } else if (group == 4 && chunks == 2) {
+      scores16<4, 2>(k, at, kv_len, k_stride_l, query, sums);
+    } else if (group == 4 && chunks == 4) {
+      scores16<4, 4>(k, at, kv_len, k_stride_l, query, sums);
+    } else {
     for (int64_t r = 0; r < 16; ++r) {
       const int64_t l = at + r < kv_len ? at + r : kv_len - 1;  // past the end: a real row, masked below
       const uint16_t* row = k + l * k_stride_l;
@@ -119,6 +174,7 @@ void attend_item(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_
           sum = _mm512_dpbf16_ps(sum, (__m512bh)key[c], (__m512bh)query[j][c]);
         sums[j][r] = sum;
       }
+    }
     }
     for (int64_t j = 0; j < group; ++j) _mm512_storeu_ps(scores + j * padded + at, _mm512_mul_ps(sums16(sums[j]), scale_v));
   }
@@ -147,13 +203,13 @@ void attend_item(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_
   // Weighted sum of values: each row widened once, added to every head's accumulator.
   float* acc = scratch.acc.data();
   if (group == 1 && d == 128) {
-    weighted_values<1, 8>(v, kv_len, v_stride_l, scores, padded, acc);
+    weighted_values<1, 4>(v, kv_len, v_stride_l, scores, padded, acc);
   } else if (group == 2 && d == 128) {
-    weighted_values<2, 8>(v, kv_len, v_stride_l, scores, padded, acc);
-  } else if (group == 2 && d == 64) {
     weighted_values<2, 4>(v, kv_len, v_stride_l, scores, padded, acc);
+  } else if (group == 2 && d == 64) {
+    weighted_values<2, 2>(v, kv_len, v_stride_l, scores, padded, acc);
   } else if (group == 4 && d == 64) {
-    weighted_values<4, 4>(v, kv_len, v_stride_l, scores, padded, acc);
+    weighted_values<4, 2>(v, kv_len, v_stride_l, scores, padded, acc);
   } else {
   for (int64_t i = 0; i < group * d; ++i) acc[i] = 0.0f;
   for (int64_t l = 0; l < kv_len; ++l) {
