@@ -20,9 +20,11 @@ same thread count) on GGUF files that its own quantizer made from brecq's full-p
 For each depth, every engine prefills the same random prompt once, then decode steps of all engines
 run interleaved in a fresh random order each round. Prefill speed at 128 and 512 tokens is timed
 separately, interleaved, 3 times. The read bandwidth is measured in the same run (torch sum over 512
-MiB, between depths): the floor of a step is the bytes it reads (weights as stored, plus the KV cache
-at that depth) over that bandwidth. The runtime's own profile splits its depth-0 step into weight
-streaming (linear layers and lm_head) and the rest.
+MiB, before each round of each depth, as the host's rate drifts): the floor of a step is the bytes it
+reads (weights as stored, plus the KV cache at that depth) over the median rate of that depth's
+rounds. The runtime's own profile splits its step into weight streaming (linear layers and lm_head)
+and the rest. A table of ratios gives how many times faster each runtime variant decodes than each
+llama.cpp row, depth by depth.
 
 ``--llama-bench [LABEL=]PATH`` (repeatable: one per build, e.g. ``llama-bench-amx=...``) adds llama.cpp's
 own benchmark tool (``llama-bench``, built from the llama.cpp tree vendored in llama-cpp-python's sdist,
@@ -299,7 +301,11 @@ def main() -> None:
             failures = {}
             for label in units[1:]:
                 samples[label] = []
+            bandwidths = []
             for _ in range(args.repeats):
+                # The host's read rate drifts (35-61 GB/s within one run here): each depth's floor
+                # uses the rate read between its own rounds.
+                bandwidths.append(read_bandwidth_gbs(repeats=3))
                 for unit in order.sample(units, len(units)):
                     if unit != "in-process":
                         if unit in failures:
@@ -328,7 +334,8 @@ def main() -> None:
                                        "attention_ms": 1e3 * seconds[2] / steps, "other_ms": 1e3 * seconds[3] / steps}
             result["depths"][str(depth)] = {"decode": {label: summarise(s, failures.get(label))
                                                        for label, s in samples.items()},
-                                            "runtime_profile": profiles, "kv_bytes": kv_bytes(config, depth)}
+                                            "runtime_profile": profiles, "kv_bytes": kv_bytes(config, depth),
+                                            "bandwidth_gbs": bandwidths}
             log.info("depth %d done", depth)
         result["bandwidth_gbs"].append(read_bandwidth_gbs())
     result["loadavg_after"] = loadavg()
@@ -354,21 +361,37 @@ def report(result: dict, args) -> None:
             cells.append(f"failed ({s['failed']})" if "failed" in s else
                          f"{s['median_ms']:.1f} ({s['p10_ms']:.1f}-{s['p90_ms']:.1f})")
         print(f"| {label} | " + " | ".join(cells) + " |")
-    print("\nbrecq runtime against its floor (bytes read per token / read bandwidth):\n")
-    print("| variant | depth | bytes/token (MB) | floor ms | measured ms | x floor | not weight streaming |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    llama_rows = [label for label in labels if label.startswith("llama")]
+    runtime_rows = [label for label in labels if label.endswith("runtime")]
+    if llama_rows and runtime_rows:
+        print("\nHow many times faster the runtime decodes than each llama.cpp row (ratio of medians):\n")
+        print("| runtime | against | " + " | ".join(f"depth {d}" for d in depths) + " |")
+        print("|---|---|" + "---:|" * len(depths))
+        for label in runtime_rows:
+            for other in llama_rows:
+                cells = []
+                for d in depths:
+                    ours, theirs = result["depths"][d]["decode"][label], result["depths"][d]["decode"][other]
+                    cells.append("-" if "failed" in theirs or "failed" in ours
+                                 else f"{theirs['median_ms'] / ours['median_ms']:.2f}")
+                print(f"| {label.split()[0]} | {other} | " + " | ".join(cells) + " |")
+    print("\nbrecq runtime against its floor (bytes read per token / the read bandwidth measured between that "
+          "depth's rounds):\n")
+    print("| variant | depth | bytes/token (MB) | read GB/s | floor ms | measured ms | x floor | not weight streaming |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label in labels:
         if not label.endswith("runtime"):
             continue
         variant = label.split()[0]
         for d in depths:
             nbytes = result["bytes_per_token"][variant] + result["depths"][d]["kv_bytes"]
-            floor = nbytes / (bandwidth * 1e9) * 1e3
+            depth_bandwidth = statistics.median(result["depths"][d].get("bandwidth_gbs") or [bandwidth])
+            floor = nbytes / (depth_bandwidth * 1e9) * 1e3
             measured = result["depths"][d]["decode"][label]["median_ms"]
             profile = result["depths"][d]["runtime_profile"][label]
             total = sum(profile.values())
             rest = (profile["attention_ms"] + profile["other_ms"]) / total if total else float("nan")
-            print(f"| {variant} | {d} | {nbytes / 1e6:.0f} | {floor:.1f} | {measured:.1f} | {measured / floor:.2f} | "
+            print(f"| {variant} | {d} | {nbytes / 1e6:.0f} | {depth_bandwidth:.1f} | {floor:.1f} | {measured:.1f} | {measured / floor:.2f} | "
                   f"{100 * rest:.0f} % |")
     print("\nPrefill tokens/s (range of 3 in ms):\n")
     print("| engine | " + " | ".join(f"{p} tokens" for p in result["prefill"]) + " |")
