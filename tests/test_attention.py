@@ -41,8 +41,8 @@ def _inputs(batch, q_heads, kv_heads, kv_len, head_dim, dtype, seed=0):
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16, 17], ids=lambda g: f"g{g}")
 def test_bfloat16_cache_kernel_on_every_isa(isa, group, kv_len, head_dim):
     """bfloat16 without a mask is where the AVX-512 kernel (VDPBF16PS scores, register accumulators
-    for the common shapes) takes over; head sizes not a multiple of 32 and groups over 16 stay on the
-    portable one. Every ISA against the reference, in the decoder's shape: one sequence, a strided
+    for the common shapes) and, on the avx2 path, the AVX2 one (even/odd halves, FMA) take over; head
+    sizes not a multiple of 32 and groups over 16 stay on the portable one. Every ISA against the reference, in the decoder's shape: one sequence, a strided
     cache with room beyond the filled positions."""
     kv_heads = 2
     q, k, v = _inputs(1, kv_heads * group, kv_heads, kv_len + 5, head_dim, torch.bfloat16, seed=kv_len)

@@ -76,6 +76,11 @@ bool decode_attention_avx512(const void* q, const void* k, const void* v, const 
                              int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t kv_len, int64_t head_dim,
                              int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_l, int64_t v_stride_b,
                              int64_t v_stride_h, int64_t v_stride_l, float scale, void* out, int threads);
+// attention_avx2.cpp: the same cases with AVX2 and FMA.
+bool decode_attention_avx2(const void* q, const void* k, const void* v, const uint8_t* key_mask, bool bf16,
+                           int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t kv_len, int64_t head_dim,
+                           int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_l, int64_t v_stride_b,
+                           int64_t v_stride_h, int64_t v_stride_l, float scale, void* out, int threads);
 }  // namespace detail
 
 void decode_attention(const void* q, const void* k, const void* v, const uint8_t* key_mask, bool bf16,
@@ -86,6 +91,10 @@ void decode_attention(const void* q, const void* k, const void* v, const uint8_t
   if (active_isa() == Isa::kAvx512 &&
       detail::decode_attention_avx512(q, k, v, key_mask, bf16, batch, q_heads, kv_heads, kv_len, head_dim, k_stride_b,
                                       k_stride_h, k_stride_l, v_stride_b, v_stride_h, v_stride_l, scale, out, threads))
+    return;
+  if (active_isa() == Isa::kAvx2 &&
+      detail::decode_attention_avx2(q, k, v, key_mask, bf16, batch, q_heads, kv_heads, kv_len, head_dim, k_stride_b,
+                                    k_stride_h, k_stride_l, v_stride_b, v_stride_h, v_stride_l, scale, out, threads))
     return;
   const int64_t group = q_heads / kv_heads;
   const int64_t items = batch * kv_heads;
