@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "attention_items.h"
 #include "brecq/kernels.h"
 #include "gemv.h"
 #include "numeric.h"
@@ -242,28 +243,8 @@ bool decode_attention_avx512(const void* q, const void* k, const void* v, const 
                              int64_t v_stride_h, int64_t v_stride_l, float scale, void* out, int threads) {
   const int64_t group = q_heads / kv_heads;
   if (!bf16 || key_mask || kv_len < 1 || head_dim % 32 || head_dim > kMaxDim || group > kMaxGroup) return false;
-  const int64_t items = batch * kv_heads;
-  const uint16_t* qb = static_cast<const uint16_t*>(q);
-  const uint16_t* kb = static_cast<const uint16_t*>(k);
-  const uint16_t* vb = static_cast<const uint16_t*>(v);
-  uint16_t* ob = static_cast<uint16_t*>(out);
-  auto attend = [&] {
-    static thread_local Scratch scratch;
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / kv_heads, h = item % kv_heads;
-      const int64_t first_head = b * q_heads + h * group;  // repeat_kv's order
-      attend_item(qb + first_head * head_dim, kb + b * k_stride_b + h * k_stride_h,
-                  vb + b * v_stride_b + h * v_stride_h, group, kv_len, head_dim, k_stride_l, v_stride_l, scale,
-                  ob + first_head * head_dim, scratch);
-    }
-  };
-  if (in_split_team()) {
-    attend();
-  } else {
-#pragma omp parallel num_threads(threads > items ? static_cast<int>(items) : threads)
-    attend();
-  }
+  attend_bf16_items<Scratch>(attend_item, q, k, v, batch, q_heads, kv_heads, kv_len, head_dim, k_stride_b, k_stride_h,
+                             k_stride_l, v_stride_b, v_stride_h, v_stride_l, scale, out, threads);
   return true;
 }
 
