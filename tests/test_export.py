@@ -289,17 +289,15 @@ def _stub_quantizer(tmp_path, body):
 
 def test_llama_quantize_binary_gets_llama_cpp_arguments(tmp_path):
     """Without llama-cpp-python, a llama-quantize built from source makes the files: it is called as
-    ``llama-quantize IN OUT TYPE [THREADS]`` with llama.cpp's own name for the file type."""
+    ``llama-quantize IN OUT FTYPE [THREADS]`` with the LLAMA_FTYPE_MOSTLY_* number."""
     from brecq.export.llamacpp import llama_quantize
 
     stub = _stub_quantizer(tmp_path, 'echo "$@" > "$2"\n')
     llama_quantize(tmp_path / "in.gguf", tmp_path / "a.gguf", 15, 2, binary=stub)
     assert (tmp_path / "a.gguf").read_text().split() == [str(tmp_path / "in.gguf"), str(tmp_path / "a.gguf"),
-                                                         "Q4_K_M", "2"]
+                                                         "15", "2"]
     llama_quantize(tmp_path / "in.gguf", tmp_path / "b.gguf", 2, binary=stub)
-    assert (tmp_path / "b.gguf").read_text().split()[2:] == ["Q4_0"], "threads 0: llama.cpp's own default"
-    with pytest.raises(ValueError, match="ftype: expected one of"):
-        llama_quantize(tmp_path / "in.gguf", tmp_path / "c.gguf", 99, binary=stub)
+    assert (tmp_path / "b.gguf").read_text().split()[2:] == ["2"], "threads 0: llama.cpp's own default"
     failing = _stub_quantizer(tmp_path, 'echo "failed to read $1" >&2\nexit 3\n')
     with pytest.raises(RuntimeError, match="exit code 3: failed to read"):
         llama_quantize(tmp_path / "in.gguf", tmp_path / "d.gguf", 7, binary=failing)
@@ -320,6 +318,8 @@ def test_llama_quantize_binary_makes_a_q8_0_file(tmp_path):
     fields, tensors = read_back(tmp_path / "q8.gguf")
     assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     assert tensors["blk.0.attn_q.weight"][0] == "Q8_0"
+    with pytest.raises(RuntimeError, match="invalid ftype"):
+        llama_quantize(source, tmp_path / "bad.gguf", 99, 1, binary=binary)
 
 
 def _quantized_folder(tmp_path):

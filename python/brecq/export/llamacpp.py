@@ -36,10 +36,6 @@ def open_llama(path, n_ctx: int = 512, n_threads: int = 2, logits_all: bool = Tr
         llama_module.llama_cpp.llama_model_default_params = default_params
 
 
-# LLAMA_FTYPE_MOSTLY_* values and the names llama.cpp's ``llama-quantize`` tool takes for them.
-LLAMA_FTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K"}
-
-
 def llama_quantize(source, out, ftype: int, threads: int = 0, binary=None) -> None:
     """llama.cpp's own quantizer: the GGUF ``source`` to ``out`` as ``ftype`` (a
     ``LLAMA_FTYPE_MOSTLY_*`` value: Q4_0 2, Q4_1 3, Q8_0 7, Q4_K_M 15, Q5_K_M 17, Q6_K 18), through
@@ -56,9 +52,8 @@ def llama_quantize(source, out, ftype: int, threads: int = 0, binary=None) -> No
         return
     import subprocess
 
-    if ftype not in LLAMA_FTYPE_NAMES:
-        raise ValueError(f"ftype: expected one of {sorted(LLAMA_FTYPE_NAMES)} (LLAMA_FTYPE_MOSTLY_*), got {ftype}")
-    command = [str(binary), str(source), str(out), LLAMA_FTYPE_NAMES[ftype]] + ([str(threads)] if threads > 0 else [])
+    # llama-quantize takes the LLAMA_FTYPE_MOSTLY_* number as it is, and refuses one it does not know.
+    command = [str(binary), str(source), str(out), str(ftype)] + ([str(threads)] if threads > 0 else [])
     done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit code {done.returncode}: {done.stderr.strip()[-500:]}")
