@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="leave the unquantized transformers model out")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.repeats < 1 or args.tokens < 1:
+        parser.error(f"--repeats and --tokens must be at least 1, got {args.repeats} and {args.tokens}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import importlib.util
 
@@ -233,7 +235,7 @@ def main() -> None:
                     "" if quantize_binary else ", and so are llama-bench's (no llama-quantize to make its files)")
     result = {"layers": args.layers, "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats,
               "environment": environment(torch.device("cpu"), torch.bfloat16), "loadavg_before": loadavg(),
-              "depths": {}, "prefill": {}, "bandwidth_gbs": [], "bytes_per_token": {}}
+              "depths": {}, "prefill": {}, "bytes_per_token": {}}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         workdir = Path(tmp)
         fp, quantized = build(workdir, args.layers)
@@ -287,7 +289,6 @@ def main() -> None:
 
         # Decode at each depth.
         for depth in args.depths:
-            result["bandwidth_gbs"].append(read_bandwidth_gbs())
             ids = torch.randint(3, 1024, (1, max(depth, 1)), generator=torch.Generator().manual_seed(depth))
             for label in labels:
                 engines[label].prefill(ids)
@@ -337,7 +338,6 @@ def main() -> None:
                                             "runtime_profile": profiles, "kv_bytes": kv_bytes(config, depth),
                                             "bandwidth_gbs": bandwidths}
             log.info("depth %d done", depth)
-        result["bandwidth_gbs"].append(read_bandwidth_gbs())
     result["loadavg_after"] = loadavg()
     report(result, args)
     if args.json:
@@ -345,9 +345,9 @@ def main() -> None:
 
 
 def report(result: dict, args) -> None:
-    bandwidth = statistics.median(result["bandwidth_gbs"])
-    print(f"Qwen3-0.6B shape, {args.layers} layers, {args.threads} threads; read bandwidth {bandwidth:.1f} GB/s "
-          f"(range {min(result['bandwidth_gbs']):.1f}-{max(result['bandwidth_gbs']):.1f}); loadavg "
+    reads = [gbs for depth in result["depths"].values() for gbs in depth["bandwidth_gbs"]]
+    print(f"Qwen3-0.6B shape, {args.layers} layers, {args.threads} threads; read bandwidth "
+          f"{statistics.median(reads):.1f} GB/s (range {min(reads):.1f}-{max(reads):.1f}); loadavg "
           f"{result['loadavg_before']} -> {result['loadavg_after']}\n")
     depths = list(result["depths"])
     labels = list(next(iter(result["depths"].values()))["decode"])
@@ -385,7 +385,7 @@ def report(result: dict, args) -> None:
         variant = label.split()[0]
         for d in depths:
             nbytes = result["bytes_per_token"][variant] + result["depths"][d]["kv_bytes"]
-            depth_bandwidth = statistics.median(result["depths"][d].get("bandwidth_gbs") or [bandwidth])
+            depth_bandwidth = statistics.median(result["depths"][d]["bandwidth_gbs"])
             floor = nbytes / (depth_bandwidth * 1e9) * 1e3
             measured = result["depths"][d]["decode"][label]["median_ms"]
             profile = result["depths"][d]["runtime_profile"][label]
