@@ -35,9 +35,8 @@ EVAL_SCRIPT = textwrap.dedent("""
         runner.score_arc_loglikelihood = failing
     model, tokenizer = load_model_any(model_path)
     evaluate(model, tokenizer, Task.ARC, data, out, limit=int(limit), show_progress=False)
-    import torch.distributed
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    from brecq.distributed import shutdown
+    shutdown()
 """)
 
 
@@ -181,9 +180,8 @@ QUANTIZE_SCRIPT = textwrap.dedent("""
                       show_progress=False)
     state = {f"{n}.{k}": v.clone() for n, layer in quant_linear_layers(model) for k, v in layer.state_dict().items()}
     torch.save({"state": state, "losses": [b.loss_final for b in report.blocks]}, f"{out}.rank{w.rank}.pt")
-    import torch.distributed
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    from brecq.distributed import shutdown
+    shutdown()
 """)
 
 
@@ -265,9 +263,8 @@ STREAMED_SCRIPT = textwrap.dedent("""
                         reconstruction=ReconstructionConfig(iters=20, batch_size=4,
                                                             input_source=InputSource.FULL_PRECISION),
                         streamed=True, show_progress=False)
-    import torch.distributed
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    from brecq.distributed import shutdown
+    shutdown()
 """)
 
 

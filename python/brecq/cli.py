@@ -446,8 +446,11 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if getattr(args, "quiet", False):
         _hide_library_progress_bars()
+    finished = False
     try:
-        return args.run(args)
+        code = args.run(args)
+        finished = True
+        return code
     except RuntimeError as exc:
         if type(exc).__name__ != "RankFailed":  # brecq.distributed's, without importing torch here
             raise
@@ -468,9 +471,10 @@ def main(argv=None) -> int:
         print(f"brecq: error: {message.splitlines()[0]} (-v for the traceback)", file=sys.stderr)
         return 2
     finally:
-        dist = sys.modules.get("torch.distributed")  # never imported just for this
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if "torch.distributed" in sys.modules:  # never imported just for this
+            from .distributed import shutdown
+
+            shutdown(wait=finished)
 
 
 if __name__ == "__main__":

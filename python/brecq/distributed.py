@@ -67,6 +67,19 @@ def init_from_environment(device: str = "cpu") -> World:
     return w
 
 
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group, if any. With ``wait`` every rank meets first: a rank that tears its
+    gloo connections down while another is still tearing down its own can make that one abort
+    ("terminate called without an active exception"; 3 of 31 two-rank streamed quantizations here
+    without the barrier, 0 of 30 with it). Pass ``wait=False`` where a rank may be leaving alone
+    (an error only it saw), which a barrier would hold until the timeout."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def rank_device(device: str) -> str:
     """The device this rank uses: ``cuda`` becomes ``cuda:<LOCAL_RANK>`` under torchrun."""
     if str(device) == "cuda" and world().distributed:
