@@ -135,11 +135,11 @@ def _pair(out_features=37, in_features=1000, bias=True, bits=4):
 
 
 def test_default_layout_follows_the_cpu_kernels(isa):
-    expected = Layout.TILE16 if isa == "avx512" else Layout.ROWS
-    assert QuantLinear(172, 17, 4, 64).layout is expected
-    assert QuantLinear(172, 17, 6, 64).layout is expected
+    # TILE16 wherever the active ISA has its fast kernel: all widths on AVX-512, 4 and 6 bits on AVX2.
+    tiled = {"avx512": (4, 6, 8), "avx2": (4, 6)}.get(isa, ())
+    for bits in (4, 6, 8):
+        assert QuantLinear(172, 17, bits, 64).layout is (Layout.TILE16 if bits in tiled else Layout.ROWS), bits
     assert QuantLinear(172, 17, 6, 8).layout is Layout.ROWS  # 6-bit TILE16 needs groups of whole step pairs
-    assert QuantLinear(172, 17, 8, 64).layout is expected
     assert QuantLinear(172, 17, 3, 64).layout is Layout.ROWS
     assert preferred_layout("meta", 4, 64) is Layout.ROWS
 
@@ -234,6 +234,11 @@ def test_gemm_path_in_several_workspace_tiles(monkeypatch, bits, dtype):
 
 # ---- the AVX-512 4- and 8-bit kernels' integer activations (reference.digit_rounded_activations) ----
 
+# Code widths with an integer-activation TILE16 kernel, per ISA (csrc/cpu/tiled_avx2.cpp: 8-bit codes
+# would saturate VPMADDUBSW's int16 pairs).
+INTEGER_KERNEL_WIDTHS = {"avx512": (4, 6, 8), "avx2": (4, 6)}
+
+
 def _tiled_gemv_float32_out(x_bf16, packed, scale, zero, bits, group_size, in_features, out_features):
     """The compiled TILE16 GEMV with a float32 output, which a bfloat16 op result would round away."""
     y = torch.empty(x_bf16.shape[0], out_features)
@@ -257,12 +262,12 @@ def _wide_range_rows(rows, in_features, group_size, seed):
                                               (8, 256), (4, 8192), (6, 2048), (8, 512)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("rows", [1, 5, 8], ids=lambda m: f"m{m}")
-def test_avx512_bfloat16_activations_are_rounded_as_documented(isa, bits, group_size, rows):
-    """The AVX-512 4-, 6- and 8-bit kernels multiply bfloat16 activations rounded as
-    reference.digit_rounded_activations says, groups too large for int32 sums excepted (those
-    keep floats, and the model says so)."""
-    if isa != "avx512":
-        pytest.skip("the integer-activation kernels are the AVX-512 ones")
+def test_integer_kernels_round_bfloat16_activations_as_documented(isa, bits, group_size, rows):
+    """The integer-activation kernels (AVX-512: 4, 6 and 8 bits; AVX2: 4 and 6) multiply bfloat16
+    activations rounded as reference.digit_rounded_activations says, groups too large for int32
+    sums excepted (those keep floats, and the model says so)."""
+    if bits not in INTEGER_KERNEL_WIDTHS.get(isa, ()):
+        pytest.skip(f"no integer-activation kernel for {bits}-bit codes on {isa}")
     in_features, out_features = 1000, 40
     packed, scale, zero, _, w_deq = _layer(out_features, in_features, bits, group_size, seed=rows)
     tiled = to_tile16(packed, scale, zero, bits, group_size, in_features)
@@ -287,6 +292,51 @@ def test_avx512_bfloat16_activations_are_rounded_as_documented(isa, bits, group_
     assert ((modelled - exact).abs() > 10 * float32_bound).any()  # the case does round, visibly
     # The documented bound: each input off by at most half its group's quantum 2^(8 - 14).
     assert ((y - exact).abs() <= w_deq.double().abs().sum(1) * 2.0 ** -7 + float32_bound).all()
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 8), (4, 24), (4, 64), (4, 4096), (6, 16), (6, 48), (6, 64),
+                                              (6, 1024)], ids=lambda v: str(v))
+@pytest.mark.parametrize("sign", [-1, 1], ids=["negative", "positive"])
+def test_integer_sums_at_the_largest_codes_and_digits(isa, bits, group_size, sign):
+    """Every code at its largest value against activations whose digits are the largest the format
+    makes (|high| 63, |low| 128, all of one sign): the partial sums the kernels keep in int16 (AVX2)
+    or int32 reach their bounds and must not saturate or wrap. Exact: the products are integers
+    times powers of two, well inside float32."""
+    in_features, out_features, qmax = 2 * group_size + 8 * (group_size > 8), 24, (1 << bits) - 1
+    codes = torch.full((out_features, in_features), qmax, dtype=torch.uint8)
+    groups = -(-in_features // group_size)
+    scale = torch.full((out_features, groups), 0.5, dtype=torch.float16)
+    zero = torch.zeros(out_features, groups, dtype=torch.uint8)
+    packed = ops.pack(codes, bits, group_size)
+    tiled = to_tile16(packed, scale, zero, bits, group_size, in_features)
+    # -127 * 2^-7 in a group whose largest magnitude is below 1: m = -16256 = 256 * -63 - 128.
+    x = torch.full((3, in_features), sign * 127 * 2.0 ** -7).to(torch.bfloat16)
+    y = _tiled_gemv_float32_out(x, *tiled, bits, group_size, in_features, out_features).double()
+    expected = x.double() @ (codes.double() * 0.5).t()
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 8), (4, 64), (4, 128), (6, 16), (6, 64), (6, 128)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9], ids=lambda m: f"m{m}")
+def test_avx2_and_avx512_integer_kernels_agree_exactly(bits, group_size, rows):
+    """Both ISAs' integer kernels read the same digits and add them exactly, then do the same float32
+    arithmetic per output: their results are equal bit for bit (where this CPU runs both)."""
+    if brecq_ext.detected_cpu_isa() != "avx512":
+        pytest.skip("needs a CPU that runs the AVX-512 kernels")
+    in_features, out_features = 1000, 40  # a part-filled last tile, and groups cut by the padding
+    packed, scale, zero, _, _ = _layer(out_features, in_features, bits, group_size, seed=rows)
+    tiled = to_tile16(packed, scale, zero, bits, group_size, in_features)
+    x = _wide_range_rows(rows, in_features, group_size, seed=rows)
+    previous, results = brecq_ext.cpu_isa(), {}
+    try:
+        for isa in ("avx512", "avx2"):
+            brecq_ext.set_cpu_isa(isa)
+            results[isa] = _tiled_gemv_float32_out(x, *tiled, bits, group_size, in_features, out_features)
+    finally:
+        brecq_ext.set_cpu_isa(previous)
+    assert torch.isfinite(results["avx2"]).all()
+    assert torch.equal(results["avx2"], results["avx512"])
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8], ids=lambda b: f"w{b}")

@@ -162,13 +162,22 @@ void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, con
   detail::gemv_scalar(p);
 }
 
+namespace {
+
+// The fastest TILE16 kernel that holds p.
+void run_tiled(const detail::GemvProblem& p) {
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512 && detail::tiled_gemv_avx512(p)) return;
+  if (isa >= Isa::kAvx2 && detail::tiled_gemv_avx2(p)) return;
+  detail::tiled_gemv_scalar(p);
+}
+
+}  // namespace
+
 void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, const uint8_t* codes,
                 const uint16_t* scale, const uint8_t* zero, const float* bias, int64_t n, int64_t k, int bits,
                 int64_t g, void* y, bool y_is_bf16, int threads) {
-  const detail::GemvProblem p =
-      prepare(x, x_is_bf16, m, x_stride, codes, scale, zero, bias, n, k, bits, g, y, y_is_bf16, threads);
-  if (active_isa() == Isa::kAvx512 && detail::tiled_gemv_avx512(p)) return;
-  detail::tiled_gemv_scalar(p);
+  run_tiled(prepare(x, x_is_bf16, m, x_stride, codes, scale, zero, bias, n, k, bits, g, y, y_is_bf16, threads));
 }
 
 void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const TiledGemvCall* calls, int count,
@@ -182,8 +191,12 @@ void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const
     problems[i] = prepare(x, x_is_bf16, m, k, c.codes, c.scale, c.zero, c.bias, c.n, k, c.bits, c.g, c.y, false,
                           threads, i);
   }
-  if (active_isa() == Isa::kAvx512 && detail::tiled_gemv_avx512_batch(problems, count)) return;
-  for (int i = 0; i < count; ++i) detail::tiled_gemv_scalar(problems[i]);
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512 && detail::tiled_gemv_avx512_batch(problems, count)) return;
+  if (isa >= Isa::kAvx2 && detail::tiled_gemv_avx2_batch(problems, count)) return;
+  // A member no batch kernel holds (8 bits on AVX2): each call on its own, each through the kernel
+  // it would get alone, so that results never depend on the company a call keeps.
+  for (int i = 0; i < count; ++i) run_tiled(problems[i]);
 }
 
 }  // namespace brecq

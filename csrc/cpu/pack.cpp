@@ -109,8 +109,10 @@ void dequantize_packed(const uint8_t* packed, const uint16_t* scale, const uint8
 
 void dequantize_tiled(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                       int bits, int64_t g, void* out, bool out_bf16, int threads) {
-  if (active_isa() == Isa::kAvx512 &&
-      detail::dequantize_tiled_avx512(codes, scale, zero, n, k, bits, g, out, out_bf16, threads))
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512 && detail::dequantize_tiled_avx512(codes, scale, zero, n, k, bits, g, out, out_bf16, threads))
+    return;
+  if (isa >= Isa::kAvx2 && detail::dequantize_tiled_avx2(codes, scale, zero, n, k, bits, g, out, out_bf16, threads))
     return;
   const int64_t tile_bytes = tile_code_bytes(k, g, bits), groups = num_groups(k, g);
 #pragma omp parallel for schedule(static) num_threads(threads)

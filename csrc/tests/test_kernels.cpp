@@ -185,9 +185,10 @@ void test_dequantize_tiled(Isa isa) {
   for (int bits : {4, 6, 8})
   for (int64_t g : {16, 32, 64, 128}) {
     if (!tile16_supports(bits, g)) continue;
-    for (int64_t n : {13, 33}) {
+    for (int64_t n : {13, 33})
+    for (int64_t k : {200, 203}) {  // 203: a last step of 3 codes
       for (bool bf16 : {false, true}) {
-        const int64_t k = 200, groups = num_groups(k, g), width = bf16 ? 2 : 4;
+        const int64_t groups = num_groups(k, g), width = bf16 ? 2 : 4;
         std::vector<uint8_t> codes(n * k), zero(n * groups), packed(n * packed_row_bytes(k, g, bits)), tiled, tiled_zero;
         std::vector<uint16_t> scale(n * groups), tiled_scale;
         for (auto& c : codes) c = static_cast<uint8_t>(rng() & max_code(bits));
@@ -198,8 +199,8 @@ void test_dequantize_tiled(Isa isa) {
         std::vector<uint8_t> rows(n * k * width), from_tiles(n * k * width, 0xAB);
         dequantize_packed(packed.data(), scale.data(), zero.data(), n, k, bits, g, rows.data(), bf16, 2);
         dequantize_tiled(tiled.data(), tiled_scale.data(), tiled_zero.data(), n, k, bits, g, from_tiles.data(), bf16, 2);
-        CHECK(rows == from_tiles, "dequantize_tiled W%d %s g=%lld n=%lld bf16=%d", bits, isa_name(isa),
-              static_cast<long long>(g), static_cast<long long>(n), bf16);
+        CHECK(rows == from_tiles, "dequantize_tiled W%d %s g=%lld n=%lld k=%lld bf16=%d", bits, isa_name(isa),
+              static_cast<long long>(g), static_cast<long long>(n), static_cast<long long>(k), bf16);
         if (n <= kTileRows) continue;
         // Rows 16.. only, from the second tile on: the GEMM path's ranges.
         std::vector<uint8_t> tail((n - 16) * k * width, 0xAB);

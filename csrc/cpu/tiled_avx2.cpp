@@ -1,0 +1,466 @@
+// AVX2 GEMV on 4- and 6-bit TILE16 weights (format.h), for CPUs without the AVX-512 kernels.
+// Each 32-bit lane of a 64-byte step holds codes of one of a tile's 16 rows, so each 32-byte half
+// of a step is eight rows: the AVX-512 arrangement carries over as two 8-lane vectors per step, and
+// a tile's outputs still build up lane by lane with no horizontal sums.
+//
+// bfloat16 activations (the default): the same integer digits as the AVX-512 kernel (digits.h),
+// hence the same int32 sums per group and the same float32 arithmetic after them: both ISAs give
+// equal results. AVX2 has no VPDPBUSD; a lane's dot product of 4 code bytes with 4 digit bytes is
+// VPMADDUBSW (pairs, into int16) and VPMADDWD by ones (into int32). The int16 sums cannot saturate:
+// with codes <= 63 and digits in [-128, 127] a pair is at most 2 * 63 * 128 = 16128 in magnitude, so
+// the pairs of a round's two code vectors add up in int16 (32256) before one VPMADDWD. 8-bit codes
+// (2 * 255 * 128 = 65280) would saturate: 8-bit layers keep the row-major layout on AVX2 CPUs
+// (preferred_layout), and a TILE16 8-bit layer there runs the portable kernel.
+// float32 activations, and bfloat16 ones the digits cannot hold (non-finite, or magnitudes outside
+// 2^+-100): codes to float32 and a multiply-add with the broadcast activation, as on AVX-512.
+#include <cstdint>
+#include <immintrin.h>
+
+#include "brecq/format.h"
+#include "brecq/kernels.h"
+#include "gemv.h"
+
+#if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace brecq {
+namespace detail {
+namespace {
+
+#include "digits.h"
+
+constexpr int64_t kPrefetchBytes = 4096;  // as tiled_avx512.cpp: codes requested ahead of use
+constexpr int kHalfRows = 8;              // rows of a tile in one 8-lane vector
+
+// The next tile's scales and zeros (a stream of their own, small enough to fetch whole).
+BRECQ_ALWAYS_INLINE void prefetch_tile_params(const GemvProblem& p, int64_t tile) {
+  if (tile >= tile_count(p.n)) return;
+  prefetch_range(p.scale + tile * p.groups * kTileRows, 2 * p.groups * kTileRows);
+  prefetch_range(p.zero + tile * p.groups * kTileRows, p.groups * kTileRows);
+}
+
+// A group's float32 scales for rows 8h..8h+7 of the tile, and scale * zero.
+BRECQ_ALWAYS_INLINE __m256 half_scale(const GemvProblem& p, int64_t tile, int64_t grp, int half, __m256* scaled_zero) {
+  const int64_t at = (tile * p.groups + grp) * kTileRows + kHalfRows * half;
+  const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scale + at)));
+  const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.zero + at))));
+  *scaled_zero = _mm256_mul_ps(s, z);
+  return s;
+}
+
+// Bytes of the step that holds codes 8t..8t+7 of every row: steps of nibbles one after the other,
+// or at 6 bits in pairs with their vector of top bits.
+template <int Bits>
+BRECQ_ALWAYS_INLINE const uint8_t* step_nibbles(const uint8_t* w, int64_t t) {
+  if constexpr (Bits == 4) return w + t * kTileStepBytes;
+  else return w + (t / 2) * kTile6PairBytes + (t % 2) * kTileStepBytes;
+}
+
+// Lane shifts by a signed count (a template argument: AVX2 shifts by an immediate).
+template <int Left>
+BRECQ_ALWAYS_INLINE __m256i shift_lanes(__m256i v) {
+  if constexpr (Left > 0) return _mm256_slli_epi32(v, Left);
+  else if constexpr (Left < 0) return _mm256_srli_epi32(v, -Left);
+  else return v;
+}
+
+// The top two bits of code c of step P of a 6-bit pair sit at bit 2(4P + c % 4) + 16 (c / 4) of
+// the row's lane of the pair's third vector (FORMAT.md). Odd = 0: codes 0, 2, 4, 6 (the low nibbles
+// of bytes 0-3), Odd = 1: codes 1, 3, 5, 7; either way code 2b + Odd's top bits land on bits 4-5
+// of byte b, beside its low nibble. Bytes 0 and 2 move by one count, bytes 1 and 3 by 4 more.
+template <int P, int Odd>
+BRECQ_ALWAYS_INLINE __m256i six_bit_tops(__m256i high) {
+  constexpr int kFirst = 4 - 8 * P - 2 * Odd;  // byte 0: from bit 8P + 2 Odd to bit 4
+  return _mm256_or_si256(_mm256_and_si256(shift_lanes<kFirst>(high), _mm256_set1_epi32(0x00300030)),
+                         _mm256_and_si256(shift_lanes<kFirst + 4>(high), _mm256_set1_epi32(0x30003000)));
+}
+
+// Codes 8t + 0, 2, 4, 6 (first) and 8t + 1, 3, 5, 7 (second) of the eight rows of `half`, one
+// byte each, in the order of the digits.
+template <int Bits, int P>
+BRECQ_ALWAYS_INLINE void code_bytes(const uint8_t* nibbles, const uint8_t* pair, int half, __m256i& first,
+                                    __m256i& second) {
+  const __m256i low_nibbles = _mm256_set1_epi32(0x0f0f0f0f);
+  const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + 32 * half));
+  first = _mm256_and_si256(lanes, low_nibbles);
+  second = _mm256_and_si256(_mm256_srli_epi32(lanes, 4), low_nibbles);
+  if constexpr (Bits == 6) {
+    const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair + 2 * kTileStepBytes + 32 * half));
+    first = _mm256_or_si256(first, six_bit_tops<P, 0>(high));
+    second = _mm256_or_si256(second, six_bit_tops<P, 1>(high));
+  }
+}
+
+// One round: step t's codes of the halves against the digits of its 8 inputs, for MR rows of
+// digits from `digits` on, added into int16 sums of high- and low-digit products.
+template <int MR, int Bits, int FirstHalf, int Halves, int P>
+BRECQ_ALWAYS_INLINE void digits_round(const uint8_t* w, int64_t t, const uint32_t* digits, int64_t digit_row,
+                                      __m256i (&high)[MR][Halves], __m256i (&low)[MR][Halves]) {
+  const uint8_t* nibbles = step_nibbles<Bits>(w, t);
+  __m256i first[Halves], second[Halves];
+  for (int h = 0; h < Halves; ++h)
+    code_bytes<Bits, P>(nibbles, nibbles - P * kTileStepBytes, FirstHalf + h, first[h], second[h]);
+  for (int r = 0; r < MR; ++r) {
+    const uint32_t* d = digits + r * digit_row + 4 * t;
+    const __m256i d0 = _mm256_set1_epi32(static_cast<int>(d[0])), d1 = _mm256_set1_epi32(static_cast<int>(d[1]));
+    const __m256i d2 = _mm256_set1_epi32(static_cast<int>(d[2])), d3 = _mm256_set1_epi32(static_cast<int>(d[3]));
+    for (int h = 0; h < Halves; ++h) {
+      high[r][h] = _mm256_add_epi16(high[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d0),
+                                                                 _mm256_maddubs_epi16(second[h], d1)));
+      low[r][h] = _mm256_add_epi16(low[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d2),
+                                                               _mm256_maddubs_epi16(second[h], d3)));
+    }
+  }
+}
+
+// int16 sums into the group's int32 sum of code x activation-integer products: high digits weigh 256.
+template <int MR, int Halves>
+BRECQ_ALWAYS_INLINE void widen_sums(__m256i (&sum)[MR][Halves], __m256i (&sixteen)[MR][Halves], __m256i weight) {
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < Halves; ++h) {
+      sum[r][h] = _mm256_add_epi32(sum[r][h], _mm256_madd_epi16(sixteen[r][h], weight));
+      sixteen[r][h] = _mm256_setzero_si256();
+    }
+}
+
+// Halves (1 or 2) vectors of eight rows from half FirstHalf on, against MR rows of digits
+// (activation_digits; the m rows of factors and then of sums follow the m rows of digits).
+// out[r][h] = rows 8 (FirstHalf + h) .. + 7 of the tile for activation row r0 + r, before bias.
+// The int16 sums take as many rounds as cannot overflow them (the bounds from digits.h: high
+// digits in [-64, 64], low in [-128, 127]): at 4 bits a round adds at most 2 * 2 * 15 * 64 = 3840
+// to the high sums and 7680 to the low ones, so four rounds fit; at 6 bits 16128 and 32256, so a
+// pair of rounds for the high sums and one round for the low.
+template <int MR, int Bits, int FirstHalf, int Halves>
+void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64_t tile, __m256 (*out)[2]) {
+  constexpr int64_t kRoundsPerWiden = Bits == 4 ? 4 : 2;  // a 6-bit pair of steps shares its top bits
+  const int64_t steps_per_group = p.g / kTileStepCodes, digit_row = p.k_padded / 2;
+  const float* factor = reinterpret_cast<const float*>(digits + p.m * digit_row);
+  const float* rounded_sum = factor + p.m * p.groups;
+  const uint32_t* pass_digits = digits + r0 * digit_row;
+  const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
+  const __m256i ones = _mm256_set1_epi16(1), times256 = _mm256_set1_epi16(256);
+  __m256 total[MR][Halves], correction[MR][Halves];
+  __m256i high[MR][Halves], low[MR][Halves];
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < Halves; ++h) {
+      total[r][h] = correction[r][h] = _mm256_setzero_ps();
+      high[r][h] = low[r][h] = _mm256_setzero_si256();
+    }
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m256i sum[MR][Halves];
+    for (int r = 0; r < MR; ++r)
+      for (int h = 0; h < Halves; ++h) sum[r][h] = _mm256_setzero_si256();
+    const int64_t end = grp * steps_per_group + steps_per_group;
+    for (int64_t t0 = grp * steps_per_group; t0 < end; t0 += kRoundsPerWiden) {
+      const uint8_t* load = step_nibbles<Bits>(w, t0);
+      if constexpr (Bits == 6) {
+        for (int64_t line = 0; line < kTile6PairBytes; line += 64) __builtin_prefetch(load + kPrefetchBytes + line, 0, 3);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, high, low);
+        widen_sums(sum, low, ones);
+        digits_round<MR, Bits, FirstHalf, Halves, 1>(w, t0 + 1, pass_digits, digit_row, high, low);
+      } else if (t0 + kRoundsPerWiden <= end) {  // written out: a loop of unknown count kept a round an iteration
+        for (int64_t line = 0; line < kRoundsPerWiden * kTileStepBytes; line += 64)
+          __builtin_prefetch(load + kPrefetchBytes + line, 0, 3);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, high, low);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 1, pass_digits, digit_row, high, low);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 2, pass_digits, digit_row, high, low);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 3, pass_digits, digit_row, high, low);
+      } else {
+        for (int64_t t = t0; t < end; ++t) {
+          __builtin_prefetch(step_nibbles<Bits>(w, t) + kPrefetchBytes, 0, 3);
+          digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t, pass_digits, digit_row, high, low);
+        }
+      }
+      widen_sums(sum, low, ones);
+      widen_sums(sum, high, times256);
+    }
+    for (int h = 0; h < Halves; ++h) {
+      __m256 scaled_zero;
+      const __m256 s = half_scale(p, tile, grp, FirstHalf + h, &scaled_zero);
+      for (int r = 0; r < MR; ++r) {
+        total[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]),
+                                      _mm256_mul_ps(s, _mm256_set1_ps(factor[(r0 + r) * p.groups + grp])), total[r][h]);
+        correction[r][h] = _mm256_fmadd_ps(scaled_zero, _mm256_set1_ps(rounded_sum[(r0 + r) * p.groups + grp]),
+                                           correction[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < Halves; ++h) out[r][FirstHalf + h] = _mm256_sub_ps(total[r][h], correction[r][h]);
+}
+
+// Code C (0-7) of step P of the eight rows of a half, as float32.
+template <int Bits, int P, int C>
+BRECQ_ALWAYS_INLINE __m256 code_f32(__m256i lanes, __m256i high) {
+  const __m256i low = _mm256_and_si256(shift_lanes<-4 * C>(lanes), _mm256_set1_epi32(0xf));
+  if constexpr (Bits == 4) {
+    return _mm256_cvtepi32_ps(low);
+  } else {
+    constexpr int kTop = 2 * (4 * P + C % 4) + 16 * (C / 4);
+    const __m256i top = _mm256_and_si256(shift_lanes<4 - kTop>(high), _mm256_set1_epi32(0x30));
+    return _mm256_cvtepi32_ps(_mm256_or_si256(low, top));
+  }
+}
+
+template <int Bits, int P, int C, int MR, int Halves>
+BRECQ_ALWAYS_INLINE void f32_codes(const GemvProblem& p, int64_t r0, int64_t at, const __m256i (&lanes)[Halves],
+                                   const __m256i (&high)[Halves], __m256 (&acc)[MR][Halves][2]) {
+  for (int h = 0; h < Halves; ++h) {
+    const __m256 q = code_f32<Bits, P, C>(lanes[h], high[h]);
+    for (int r = 0; r < MR; ++r)
+      acc[r][h][C % 2] = _mm256_fmadd_ps(q, _mm256_set1_ps(p.x[(r0 + r) * p.k_padded + at + C]), acc[r][h][C % 2]);
+  }
+  if constexpr (C + 1 < kTileStepCodes) f32_codes<Bits, P, C + 1, MR, Halves>(p, r0, at, lanes, high, acc);
+}
+
+template <int MR, int Bits, int FirstHalf, int Halves, int P>
+BRECQ_ALWAYS_INLINE void f32_round(const GemvProblem& p, const uint8_t* w, int64_t t, int64_t r0,
+                                   __m256 (&acc)[MR][Halves][2]) {
+  const uint8_t* nibbles = step_nibbles<Bits>(w, t);
+  __m256i lanes[Halves], high[Halves];
+  for (int h = 0; h < Halves; ++h) {
+    lanes[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + 32 * (FirstHalf + h)));
+    high[h] = Bits == 6 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                              nibbles - P * kTileStepBytes + 2 * kTileStepBytes + 32 * (FirstHalf + h)))
+                        : lanes[h];
+  }
+  f32_codes<Bits, P, 0, MR, Halves>(p, r0, kTileStepCodes * t, lanes, high, acc);
+}
+
+// The same tile through float32 activations (p.x), in the AVX-512 float kernel's order of sums.
+template <int MR, int Bits, int FirstHalf, int Halves>
+void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, __m256 (*out)[2]) {
+  constexpr int kStepsPerLoad = Bits == 6 ? 2 : 1;
+  const int64_t steps_per_group = p.g / kTileStepCodes;
+  const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
+  __m256 total[MR][Halves], correction[MR][Halves];
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < Halves; ++h) total[r][h] = correction[r][h] = _mm256_setzero_ps();
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m256 acc[MR][Halves][2];
+    for (int r = 0; r < MR; ++r)
+      for (int h = 0; h < Halves; ++h) acc[r][h][0] = acc[r][h][1] = _mm256_setzero_ps();
+    for (int64_t t = grp * steps_per_group; t < grp * steps_per_group + steps_per_group; t += kStepsPerLoad) {
+      const uint8_t* load = step_nibbles<Bits>(w, t);
+      for (int64_t line = 0; line < kStepsPerLoad * kTileStepBytes + (Bits == 6 ? kTileStepBytes : 0); line += 64)
+        __builtin_prefetch(load + kPrefetchBytes + line, 0, 3);
+      f32_round<MR, Bits, FirstHalf, Halves, 0>(p, w, t, r0, acc);
+      if constexpr (Bits == 6) f32_round<MR, Bits, FirstHalf, Halves, 1>(p, w, t + 1, r0, acc);
+    }
+    for (int h = 0; h < Halves; ++h) {
+      __m256 scaled_zero;
+      const __m256 s = half_scale(p, tile, grp, FirstHalf + h, &scaled_zero);
+      for (int r = 0; r < MR; ++r) {
+        total[r][h] = _mm256_fmadd_ps(_mm256_add_ps(acc[r][h][0], acc[r][h][1]), s, total[r][h]);
+        correction[r][h] = _mm256_fmadd_ps(scaled_zero, _mm256_set1_ps(p.xsum[(r0 + r) * p.groups + grp]),
+                                           correction[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < Halves; ++h) out[r][FirstHalf + h] = _mm256_sub_ps(total[r][h], correction[r][h]);
+}
+
+using HalfTileFn = void (*)(const GemvProblem&, const uint32_t*, int64_t, int64_t, __m256 (*)[2]);
+
+// One tile's outputs for every activation row. Up to two rows of a pass take both halves in one
+// loop (the digits' broadcasts serve both); with three or four, each half has a loop of its own so
+// that the accumulators stay in the 16 registers.
+template <HalfTileFn One, HalfTileFn Two, HalfTileFn ThreeA, HalfTileFn ThreeB, HalfTileFn FourA, HalfTileFn FourB>
+void run_tile(const GemvProblem& p, const uint32_t* activations, int64_t tile) {
+  prefetch_tile_params(p, tile + 1);
+  const int64_t rows_here = p.n - tile * kTileRows < kTileRows ? p.n - tile * kTileRows : kTileRows;
+  for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
+    const int64_t pass = p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0;
+    __m256 out[kRowsPerPass][2];
+    switch (pass) {
+      case 1: One(p, activations, r0, tile, out); break;
+      case 2: Two(p, activations, r0, tile, out); break;
+      case 3: ThreeA(p, activations, r0, tile, out); ThreeB(p, activations, r0, tile, out); break;
+      default: FourA(p, activations, r0, tile, out); FourB(p, activations, r0, tile, out); break;
+    }
+    for (int64_t r = 0; r < pass; ++r)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t first_row = tile * kTileRows + kHalfRows * h, rows = rows_here - kHalfRows * h;
+        if (rows <= 0) break;
+        __m256 y = out[r][h];
+        if (p.bias) {
+          alignas(32) float bias[kHalfRows] = {0, 0, 0, 0, 0, 0, 0, 0};
+          for (int64_t i = 0; i < (rows < kHalfRows ? rows : kHalfRows); ++i) bias[i] = p.bias[first_row + i];
+          y = _mm256_add_ps(y, _mm256_load_ps(bias));
+        }
+        const int64_t at = (r0 + r) * p.n + first_row;
+        if (!p.y_bf16 && rows >= kHalfRows) {
+          _mm256_storeu_ps(p.y + at, y);
+        } else {
+          alignas(32) float values[kHalfRows];
+          _mm256_store_ps(values, y);
+          for (int64_t i = 0; i < (rows < kHalfRows ? rows : kHalfRows); ++i) p.store(at + i, values[i]);
+        }
+      }
+  }
+}
+
+template <int MR, int Bits, int FirstHalf, int Halves>
+struct DigitsKernel {
+  static constexpr HalfTileFn fn = tile_digits<MR, Bits, FirstHalf, Halves>;
+};
+template <int MR, int Bits, int FirstHalf, int Halves>
+struct FloatKernel {
+  static constexpr HalfTileFn fn = tile_f32<MR, Bits, FirstHalf, Halves>;
+};
+
+using TileRunFn = void (*)(const GemvProblem&, const uint32_t*, int64_t);
+
+template <template <int, int, int, int> class Kernel, int Bits>
+constexpr TileRunFn tile_runner() {
+  return run_tile<Kernel<1, Bits, 0, 2>::fn, Kernel<2, Bits, 0, 2>::fn, Kernel<3, Bits, 0, 1>::fn,
+                  Kernel<3, Bits, 1, 1>::fn, Kernel<4, Bits, 0, 1>::fn, Kernel<4, Bits, 1, 1>::fn>;
+}
+
+// A problem ready to run tile by tile: its kernel, and its activations as that kernel takes them.
+struct TilePlan {
+  TileRunFn run = nullptr;
+  const uint32_t* activations = nullptr;
+};
+
+// Prepares p's digits in p.scratch when it takes them and picks its kernel; false for a width or
+// group size these kernels do not hold.
+bool plan_tiles(const GemvProblem& p, TilePlan* plan) {
+  static_assert(kRowsPerPass == 4, "tile dispatch handles up to 4 rows per pass");
+  if ((p.bits != 4 && p.bits != 6) || !tile16_supports(p.bits, p.g)) return false;
+  if (p.x_bf16 && p.g <= digit_max_group(p.bits)) {
+    uint32_t* digits = reinterpret_cast<uint32_t*>(p.scratch);  // m * k_padded / 2 dwords, then factors and sums
+    float* factor = reinterpret_cast<float*>(digits + p.m * p.k_padded / 2);
+    float* rounded_sum = factor + p.m * p.groups;
+    bool representable = true;
+    for (int64_t r = 0; r < p.m && representable; ++r)
+      representable = activation_digits(p.x + r * p.k_padded, p.k_padded, p.g, p.bits, digits + r * p.k_padded / 2,
+                                        factor + r * p.groups, rounded_sum + r * p.groups);
+    if (representable) {
+      plan->run = p.bits == 4 ? tile_runner<DigitsKernel, 4>() : tile_runner<DigitsKernel, 6>();
+      plan->activations = digits;
+      return true;
+    }
+  }
+  plan->run = p.bits == 4 ? tile_runner<FloatKernel, 4>() : tile_runner<FloatKernel, 6>();
+  plan->activations = nullptr;
+  return true;
+}
+
+// ---- dequantization into dense rows (the GEMM path's workspace) -----------------------------
+// Row by row within a tile (the tile's codes stay in L1): a row's 8 codes of a step come from its
+// one 32-bit lane (and at 6 bits its lane of top bits) by variable shifts, and are stored as the
+// portable loop computes them, (q - z) * s, so values equal the row-major ones bit for bit.
+template <int Bits>
+void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+                      int64_t g, void* out, bool out_bf16, int threads) {
+  const int64_t tile_bytes = tile_code_bytes(k, g, Bits), groups = num_groups(k, g);
+  const int64_t steps = (k + kTileStepCodes - 1) / kTileStepCodes;
+  const __m256i nibble_shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(0xf);
+  // Top bits of code c of step P at 2 (4P + c % 4) + 16 (c / 4) (FORMAT.md).
+  const __m256i top_shifts[2] = {_mm256_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22),
+                                 _mm256_setr_epi32(8, 10, 12, 14, 24, 26, 28, 30)};
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t tile = 0; tile < tile_count(n); ++tile) {
+    const uint8_t* w = codes + tile * tile_bytes;
+    const int64_t rows_here = n - tile * kTileRows < kTileRows ? n - tile * kTileRows : kTileRows;
+    for (int64_t lane = 0; lane < rows_here; ++lane) {
+      const int64_t row = tile * kTileRows + lane;
+      for (int64_t t = 0; t < steps; ++t) {
+        const int64_t at = (tile * groups + kTileStepCodes * t / g) * kTileRows + lane;
+        uint32_t word;
+        __m256i q;
+        if constexpr (Bits == 4) {
+          __builtin_memcpy(&word, w + t * kTileStepBytes + 4 * lane, 4);
+          q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), nibble_shifts), low4);
+        } else {
+          const uint8_t* pair = w + (t / 2) * kTile6PairBytes;
+          uint32_t high;
+          __builtin_memcpy(&word, pair + (t % 2) * kTileStepBytes + 4 * lane, 4);
+          __builtin_memcpy(&high, pair + 2 * kTileStepBytes + 4 * lane, 4);
+          const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), nibble_shifts), low4);
+          const __m256i top = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(high)), top_shifts[t % 2]),
+                                               _mm256_set1_epi32(3));
+          q = _mm256_or_si256(low, _mm256_slli_epi32(top, 4));
+        }
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[at])), z = _mm256_set1_ps(static_cast<float>(zero[at]));
+        const __m256 value = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), z), s);
+        const int64_t c0 = kTileStepCodes * t, left = k - c0 < kTileStepCodes ? k - c0 : kTileStepCodes;
+        if (out_bf16) {  // round to nearest even, as numeric::f32_to_bf16 (the values are finite)
+          const __m256i bits = _mm256_castps_si256(value);
+          const __m256i rounded = _mm256_srli_epi32(
+              _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)),
+                               _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1))), 16);
+          const __m128i halves = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+          uint16_t* dst = static_cast<uint16_t*>(out) + row * k + c0;
+          if (left == kTileStepCodes) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), halves);
+          else {
+            alignas(16) uint16_t staged[kTileStepCodes];
+            _mm_store_si128(reinterpret_cast<__m128i*>(staged), halves);
+            for (int64_t i = 0; i < left; ++i) dst[i] = staged[i];
+          }
+        } else {
+          float* dst = static_cast<float*>(out) + row * k + c0;
+          if (left == kTileStepCodes) _mm256_storeu_ps(dst, value);
+          else {
+            alignas(32) float staged[kTileStepCodes];
+            _mm256_store_ps(staged, value);
+            for (int64_t i = 0; i < left; ++i) dst[i] = staged[i];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool dequantize_tiled_avx2(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
+                           int bits, int64_t g, void* out, bool out_bf16, int threads) {
+  if (!tile16_supports(bits, g)) return false;
+  if (bits == 4) dequantize_tiles<4>(codes, scale, zero, n, k, g, out, out_bf16, threads);
+  else if (bits == 6) dequantize_tiles<6>(codes, scale, zero, n, k, g, out, out_bf16, threads);
+  else return false;
+  return true;
+}
+
+bool tiled_gemv_avx2(const GemvProblem& p) {
+  TilePlan plan;
+  if (!plan_tiles(p, &plan)) return false;
+  for_each_index(tile_count(p.n), p.threads, [&](int64_t tile) { plan.run(p, plan.activations, tile); });
+  return true;
+}
+
+bool tiled_gemv_avx2_batch(const GemvProblem* problems, int count) {
+  TilePlan plans[kMaxTiledBatch];
+  int64_t first_tile[kMaxTiledBatch + 1] = {0};
+  for (int i = 0; i < count; ++i) {
+    if (!plan_tiles(problems[i], &plans[i])) return false;
+    first_tile[i + 1] = first_tile[i] + tile_count(problems[i].n);
+  }
+  for_each_index(first_tile[count], problems[0].threads, [&](int64_t tile) {
+    int i = 0;
+    while (tile >= first_tile[i + 1]) ++i;
+    plans[i].run(problems[i], plans[i].activations, tile - first_tile[i]);
+  });
+  return true;
+}
+
+}  // namespace detail
+}  // namespace brecq
+
+#pragma GCC pop_options
+#else
+namespace brecq {
+namespace detail {
+bool tiled_gemv_avx2(const GemvProblem&) { return false; }
+bool tiled_gemv_avx2_batch(const GemvProblem*, int) { return false; }
+bool dequantize_tiled_avx2(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int, int64_t, void*, bool,
+                           int) {
+  return false;
+}
+}  // namespace detail
+}  // namespace brecq
+#endif
