@@ -59,20 +59,15 @@ def tile16_shapes(out_features: int, in_features: int, bits: int, group_size: in
     return codes, (tiles, num_groups(in_features, group_size), TILE_ROWS)
 
 
-# Bit widths whose TILE16 kernels beat the row-major ones, per active CPU kernel set: all three on
-# AVX-512 (1.3-2.6x, bench/README.md); 4 and 6 bits on AVX2 (2.7-4.3x from cache), whose integer
-# kernel cannot take 8-bit codes (csrc/cpu/tiled_avx2.cpp) and would leave them to the portable one.
-_TILE16_WIDTHS = {"avx512": (4, 6, 8), "avx2": (4, 6)}
-
-
 def preferred_layout(device, bits: int, group_size: int) -> Layout:
-    """TILE16 for the layers it holds where the active CPU kernels run it fastest
-    (``_TILE16_WIDTHS``); ROWS everywhere else."""
+    """TILE16 for the layers it holds on a CPU whose active kernels are the AVX-512 or AVX2 ones
+    (where its kernels are 1.3-4x faster than the row-major ones, bench/README.md and docs/CPU.md);
+    ROWS everywhere else."""
     from ._extension import cpu_isa  # late: the compiled module is probed on first use
 
     on_cpu = torch.device(device if device is not None else "cpu").type == "cpu"
-    fast = bits in _TILE16_WIDTHS.get(cpu_isa(), ())
-    return Layout.TILE16 if on_cpu and fast and tile16_supports(bits, group_size) else Layout.ROWS
+    return (Layout.TILE16 if on_cpu and tile16_supports(bits, group_size) and cpu_isa() in ("avx512", "avx2")
+            else Layout.ROWS)
 
 
 def _check_tile16_bits(op: str, bits: int, group_size: int) -> None:

@@ -135,10 +135,9 @@ def _pair(out_features=37, in_features=1000, bias=True, bits=4):
 
 
 def test_default_layout_follows_the_cpu_kernels(isa):
-    # TILE16 wherever the active ISA has its fast kernel: all widths on AVX-512, 4 and 6 bits on AVX2.
-    tiled = {"avx512": (4, 6, 8), "avx2": (4, 6)}.get(isa, ())
+    expected = Layout.TILE16 if isa in ("avx512", "avx2") else Layout.ROWS
     for bits in (4, 6, 8):
-        assert QuantLinear(172, 17, bits, 64).layout is (Layout.TILE16 if bits in tiled else Layout.ROWS), bits
+        assert QuantLinear(172, 17, bits, 64).layout is expected, bits
     assert QuantLinear(172, 17, 6, 8).layout is Layout.ROWS  # 6-bit TILE16 needs groups of whole step pairs
     assert QuantLinear(172, 17, 3, 64).layout is Layout.ROWS
     assert preferred_layout("meta", 4, 64) is Layout.ROWS
@@ -234,11 +233,6 @@ def test_gemm_path_in_several_workspace_tiles(monkeypatch, bits, dtype):
 
 # ---- the AVX-512 4- and 8-bit kernels' integer activations (reference.digit_rounded_activations) ----
 
-# Code widths with an integer-activation TILE16 kernel, per ISA (csrc/cpu/tiled_avx2.cpp: 8-bit codes
-# would saturate VPMADDUBSW's int16 pairs).
-INTEGER_KERNEL_WIDTHS = {"avx512": (4, 6, 8), "avx2": (4, 6)}
-
-
 def _tiled_gemv_float32_out(x_bf16, packed, scale, zero, bits, group_size, in_features, out_features):
     """The compiled TILE16 GEMV with a float32 output, which a bfloat16 op result would round away."""
     y = torch.empty(x_bf16.shape[0], out_features)
@@ -263,11 +257,11 @@ def _wide_range_rows(rows, in_features, group_size, seed):
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("rows", [1, 5, 8], ids=lambda m: f"m{m}")
 def test_integer_kernels_round_bfloat16_activations_as_documented(isa, bits, group_size, rows):
-    """The integer-activation kernels (AVX-512: 4, 6 and 8 bits; AVX2: 4 and 6) multiply bfloat16
+    """The integer-activation kernels (AVX-512 and AVX2, 4, 6 and 8 bits) multiply bfloat16
     activations rounded as reference.digit_rounded_activations says, groups too large for int32
     sums excepted (those keep floats, and the model says so)."""
-    if bits not in INTEGER_KERNEL_WIDTHS.get(isa, ()):
-        pytest.skip(f"no integer-activation kernel for {bits}-bit codes on {isa}")
+    if isa not in ("avx512", "avx2"):
+        pytest.skip(f"no integer-activation kernels on {isa}")
     in_features, out_features = 1000, 40
     packed, scale, zero, _, w_deq = _layer(out_features, in_features, bits, group_size, seed=rows)
     tiled = to_tile16(packed, scale, zero, bits, group_size, in_features)
@@ -295,7 +289,7 @@ def test_integer_kernels_round_bfloat16_activations_as_documented(isa, bits, gro
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 8), (4, 24), (4, 64), (4, 4096), (6, 16), (6, 48), (6, 64),
-                                              (6, 1024)], ids=lambda v: str(v))
+                                              (6, 1024), (8, 8), (8, 24), (8, 64), (8, 256)], ids=lambda v: str(v))
 @pytest.mark.parametrize("sign", [-1, 1], ids=["negative", "positive"])
 def test_integer_sums_at_the_largest_codes_and_digits(isa, bits, group_size, sign):
     """Every code at its largest value against activations whose digits are the largest the format
@@ -316,8 +310,8 @@ def test_integer_sums_at_the_largest_codes_and_digits(isa, bits, group_size, sig
     assert torch.equal(y, expected)
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 8), (4, 64), (4, 128), (6, 16), (6, 64), (6, 128)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("bits,group_size", [(4, 8), (4, 64), (4, 128), (6, 16), (6, 64), (6, 128), (8, 8), (8, 64),
+                                              (8, 256)], ids=lambda v: str(v))
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9], ids=lambda m: f"m{m}")
 def test_avx2_and_avx512_integer_kernels_agree_exactly(bits, group_size, rows):
     """Both ISAs' integer kernels read the same digits and add them exactly, then do the same float32

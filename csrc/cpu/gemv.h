@@ -70,7 +70,7 @@ bool dequantize_packed_avx512(const uint8_t* packed, const uint16_t* scale, cons
 // (false) only for a width or group size TILE16 does not hold, or without an AVX-512 build; the
 // portable one handles everything.
 bool tiled_gemv_avx512(const GemvProblem& p);
-// The AVX2 kernels hold 4- and 6-bit TILE16 weights (tiled_avx2.cpp says why not 8); false otherwise.
+// The same on AVX2 (tiled_avx2.cpp); false only for a width or group size TILE16 does not hold.
 bool tiled_gemv_avx2(const GemvProblem& p);
 void tiled_gemv_scalar(const GemvProblem& p);
 // count problems (each prepared into its own buffers) as one loop over all their tiles; false,
@@ -78,7 +78,7 @@ void tiled_gemv_scalar(const GemvProblem& p);
 bool tiled_gemv_avx512_batch(const GemvProblem* problems, int count);
 bool tiled_gemv_avx2_batch(const GemvProblem* problems, int count);
 bool dequantize_tiled_avx2(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
-                           int bits, int64_t g, void* out, bool out_bf16, int threads);  // 4 and 6 bits
+                           int bits, int64_t g, void* out, bool out_bf16, int threads);
 bool dequantize_tiled_avx512(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,
                              int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads);
 

@@ -1,4 +1,4 @@
-// AVX2 GEMV on 4- and 6-bit TILE16 weights (format.h), for CPUs without the AVX-512 kernels.
+// AVX2 GEMV on TILE16 weights (format.h), 4, 6 and 8 bits, for CPUs without the AVX-512 kernels.
 // Each 32-bit lane of a 64-byte step holds codes of one of a tile's 16 rows, so each 32-byte half
 // of a step is eight rows: the AVX-512 arrangement carries over as two 8-lane vectors per step, and
 // a tile's outputs still build up lane by lane with no horizontal sums.
@@ -6,13 +6,13 @@
 // bfloat16 activations (the default): the same integer digits as the AVX-512 kernel (digits.h),
 // hence the same int32 sums per group and the same float32 arithmetic after them: both ISAs give
 // equal results. AVX2 has no VPDPBUSD; a lane's dot product of 4 code bytes with 4 digit bytes is
-// VPMADDUBSW (pairs, into int16) and VPMADDWD by ones (into int32). The int16 sums cannot saturate:
-// with codes <= 63 and digits in [-128, 127] a pair is at most 2 * 63 * 128 = 16128 in magnitude, so
-// the pairs of a round's two code vectors add up in int16 (32256) before one VPMADDWD. 8-bit codes
-// (2 * 255 * 128 = 65280) would saturate: 8-bit layers keep the row-major layout on AVX2 CPUs
-// (preferred_layout), and a TILE16 8-bit layer there runs the portable kernel.
+// VPMADDUBSW (byte pairs, into int16) and, every few rounds, VPMADDWD against the sum's weight (into
+// int32). VPMADDUBSW saturates a pair above 32767: codes up to 63 against digits down to -128 stay
+// within 2 * 63 * 128 = 16128, but 8-bit codes would not (2 * 255 * 128), so they go as two nibbles
+// whose products are weighted 16 and 1 when widened; per byte of weights that is the 4-bit kernel's work.
 // float32 activations, and bfloat16 ones the digits cannot hold (non-finite, or magnitudes outside
-// 2^+-100): codes to float32 and a multiply-add with the broadcast activation, as on AVX-512.
+// 2^+-100): codes to float32 and a multiply-add with the broadcast activation, as on AVX-512, in the
+// same order of sums.
 #include <cstdint>
 #include <immintrin.h>
 
@@ -49,12 +49,15 @@ BRECQ_ALWAYS_INLINE __m256 half_scale(const GemvProblem& p, int64_t tile, int64_
   return s;
 }
 
-// Bytes of the step that holds codes 8t..8t+7 of every row: steps of nibbles one after the other,
-// or at 6 bits in pairs with their vector of top bits.
+// Codes of every row per round: 8 (one step of nibbles; at 8 bits two steps of 4 bytes a row).
+// Bytes of a round, and where round t starts: rounds one after the other, or at 6 bits in pairs
+// with their vector of top bits.
+template <int Bits>
+constexpr int64_t kRoundBytes = Bits == 8 ? 2 * kTileStepBytes : kTileStepBytes;
 template <int Bits>
 BRECQ_ALWAYS_INLINE const uint8_t* step_nibbles(const uint8_t* w, int64_t t) {
-  if constexpr (Bits == 4) return w + t * kTileStepBytes;
-  else return w + (t / 2) * kTile6PairBytes + (t % 2) * kTileStepBytes;
+  if constexpr (Bits == 6) return w + (t / 2) * kTile6PairBytes + (t % 2) * kTileStepBytes;
+  else return w + t * kRoundBytes<Bits>;
 }
 
 // Lane shifts by a signed count (a template argument: AVX2 shifts by an immediate).
@@ -92,60 +95,90 @@ BRECQ_ALWAYS_INLINE void code_bytes(const uint8_t* nibbles, const uint8_t* pair,
   }
 }
 
-// One round: step t's codes of the halves against the digits of its 8 inputs, for MR rows of
-// digits from `digits` on, added into int16 sums of high- and low-digit products.
+// int16 sums a round adds to: at 4 and 6 bits code x high digit (weight 256 in the group's sum)
+// and code x low digit (weight 1); at 8 bits the codes go as their high and low nibbles (weights 16
+// and 1), so four: high nibble x high digit (4096), low x high (256), high x low (16), low x low (1).
+template <int Bits>
+constexpr int kSums = Bits == 8 ? 4 : 2;
+template <int Bits>
+constexpr int16_t kSumWeight[4] = {Bits == 8 ? 4096 : 256, Bits == 8 ? 256 : 1, 16, 1};
+
+// One round: round t's codes of the halves against the digits of its 8 inputs, for MR rows of
+// digits from `digits` on, added into the int16 sums.
 template <int MR, int Bits, int FirstHalf, int Halves, int P>
 BRECQ_ALWAYS_INLINE void digits_round(const uint8_t* w, int64_t t, const uint32_t* digits, int64_t digit_row,
-                                      __m256i (&high)[MR][Halves], __m256i (&low)[MR][Halves]) {
-  const uint8_t* nibbles = step_nibbles<Bits>(w, t);
-  __m256i first[Halves], second[Halves];
-  for (int h = 0; h < Halves; ++h)
-    code_bytes<Bits, P>(nibbles, nibbles - P * kTileStepBytes, FirstHalf + h, first[h], second[h]);
+                                      __m256i (&sums)[MR][Halves][kSums<Bits>]) {
+  const uint8_t* at = step_nibbles<Bits>(w, t);
+  // Per half, the code vectors meeting digit dwords 0/2 and 1/3 (two per nibble at 8 bits).
+  __m256i first[Halves], second[Halves], first_high[Halves], second_high[Halves];
+  for (int h = 0; h < Halves; ++h) {
+    if constexpr (Bits == 8) {  // codes 8t + 0..3 in the first step, 8t + 4..7 in the second
+      const __m256i low_nibbles = _mm256_set1_epi32(0x0f0f0f0f);
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 32 * (FirstHalf + h)));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + kTileStepBytes + 32 * (FirstHalf + h)));
+      first[h] = _mm256_and_si256(a, low_nibbles);
+      second[h] = _mm256_and_si256(b, low_nibbles);
+      first_high[h] = _mm256_and_si256(_mm256_srli_epi32(a, 4), low_nibbles);
+      second_high[h] = _mm256_and_si256(_mm256_srli_epi32(b, 4), low_nibbles);
+    } else {
+      code_bytes<Bits, P>(at, at - P * kTileStepBytes, FirstHalf + h, first[h], second[h]);
+    }
+  }
   for (int r = 0; r < MR; ++r) {
     const uint32_t* d = digits + r * digit_row + 4 * t;
     const __m256i d0 = _mm256_set1_epi32(static_cast<int>(d[0])), d1 = _mm256_set1_epi32(static_cast<int>(d[1]));
     const __m256i d2 = _mm256_set1_epi32(static_cast<int>(d[2])), d3 = _mm256_set1_epi32(static_cast<int>(d[3]));
     for (int h = 0; h < Halves; ++h) {
-      high[r][h] = _mm256_add_epi16(high[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d0),
-                                                                 _mm256_maddubs_epi16(second[h], d1)));
-      low[r][h] = _mm256_add_epi16(low[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d2),
-                                                               _mm256_maddubs_epi16(second[h], d3)));
+      __m256i* sum = sums[r][h];
+      const int low = Bits == 8 ? 1 : 0;  // the sums of low-nibble (or whole) codes: high digits, then low
+      sum[low] = _mm256_add_epi16(sum[low], _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d0),
+                                                             _mm256_maddubs_epi16(second[h], d1)));
+      sum[low + kSums<Bits> / 2] = _mm256_add_epi16(sum[low + kSums<Bits> / 2],
+                                                     _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d2),
+                                                                      _mm256_maddubs_epi16(second[h], d3)));
+      if constexpr (Bits == 8) {
+        sum[0] = _mm256_add_epi16(sum[0], _mm256_add_epi16(_mm256_maddubs_epi16(first_high[h], d0),
+                                                           _mm256_maddubs_epi16(second_high[h], d1)));
+        sum[2] = _mm256_add_epi16(sum[2], _mm256_add_epi16(_mm256_maddubs_epi16(first_high[h], d2),
+                                                           _mm256_maddubs_epi16(second_high[h], d3)));
+      }
     }
   }
 }
 
-// int16 sums into the group's int32 sum of code x activation-integer products: high digits weigh 256.
-template <int MR, int Halves>
-BRECQ_ALWAYS_INLINE void widen_sums(__m256i (&sum)[MR][Halves], __m256i (&sixteen)[MR][Halves], __m256i weight) {
+// int16 sums First..Last - 1 into the group's int32 sum of code x activation-integer products.
+template <int Bits, int First, int Last, int MR, int Halves>
+BRECQ_ALWAYS_INLINE void widen_sums(__m256i (&total)[MR][Halves], __m256i (&sums)[MR][Halves][kSums<Bits>]) {
   for (int r = 0; r < MR; ++r)
-    for (int h = 0; h < Halves; ++h) {
-      sum[r][h] = _mm256_add_epi32(sum[r][h], _mm256_madd_epi16(sixteen[r][h], weight));
-      sixteen[r][h] = _mm256_setzero_si256();
-    }
+    for (int h = 0; h < Halves; ++h)
+      for (int i = First; i < Last; ++i) {
+        total[r][h] = _mm256_add_epi32(total[r][h],
+                                       _mm256_madd_epi16(sums[r][h][i], _mm256_set1_epi16(kSumWeight<Bits>[i])));
+        sums[r][h][i] = _mm256_setzero_si256();
+      }
 }
 
 // Halves (1 or 2) vectors of eight rows from half FirstHalf on, against MR rows of digits
 // (activation_digits; the m rows of factors and then of sums follow the m rows of digits).
 // out[r][h] = rows 8 (FirstHalf + h) .. + 7 of the tile for activation row r0 + r, before bias.
 // The int16 sums take as many rounds as cannot overflow them (the bounds from digits.h: high
-// digits in [-64, 64], low in [-128, 127]): at 4 bits a round adds at most 2 * 2 * 15 * 64 = 3840
-// to the high sums and 7680 to the low ones, so four rounds fit; at 6 bits 16128 and 32256, so a
-// pair of rounds for the high sums and one round for the low.
+// digits in [-64, 64], low in [-128, 127]): with codes (or nibbles) up to 15 a round adds at most
+// 2 * 2 * 15 * 64 = 3840 to a high-digit sum and 7680 to a low-digit one, so four rounds fit; at 6
+// bits 16128 and 32256, so a pair of rounds for the high-digit sums and one round for the low.
 template <int MR, int Bits, int FirstHalf, int Halves>
 void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64_t tile, __m256 (*out)[2]) {
-  constexpr int64_t kRoundsPerWiden = Bits == 4 ? 4 : 2;  // a 6-bit pair of steps shares its top bits
+  constexpr int64_t kRoundsPerWiden = Bits == 6 ? 2 : 4;  // a 6-bit pair of steps shares its top bits
   const int64_t steps_per_group = p.g / kTileStepCodes, digit_row = p.k_padded / 2;
   const float* factor = reinterpret_cast<const float*>(digits + p.m * digit_row);
   const float* rounded_sum = factor + p.m * p.groups;
   const uint32_t* pass_digits = digits + r0 * digit_row;
   const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
-  const __m256i ones = _mm256_set1_epi16(1), times256 = _mm256_set1_epi16(256);
   __m256 total[MR][Halves], correction[MR][Halves];
-  __m256i high[MR][Halves], low[MR][Halves];
+  __m256i sixteen[MR][Halves][kSums<Bits>];
   for (int r = 0; r < MR; ++r)
     for (int h = 0; h < Halves; ++h) {
       total[r][h] = correction[r][h] = _mm256_setzero_ps();
-      high[r][h] = low[r][h] = _mm256_setzero_si256();
+      for (int i = 0; i < kSums<Bits>; ++i) sixteen[r][h][i] = _mm256_setzero_si256();
     }
   for (int64_t grp = 0; grp < p.groups; ++grp) {
     __m256i sum[MR][Halves];
@@ -156,24 +189,24 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
       const uint8_t* load = step_nibbles<Bits>(w, t0);
       if constexpr (Bits == 6) {
         for (int64_t line = 0; line < kTile6PairBytes; line += 64) __builtin_prefetch(load + kPrefetchBytes + line, 0, 3);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, high, low);
-        widen_sums(sum, low, ones);
-        digits_round<MR, Bits, FirstHalf, Halves, 1>(w, t0 + 1, pass_digits, digit_row, high, low);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, sixteen);
+        widen_sums<Bits, 1, 2>(sum, sixteen);
+        digits_round<MR, Bits, FirstHalf, Halves, 1>(w, t0 + 1, pass_digits, digit_row, sixteen);
       } else if (t0 + kRoundsPerWiden <= end) {  // written out: a loop of unknown count kept a round an iteration
-        for (int64_t line = 0; line < kRoundsPerWiden * kTileStepBytes; line += 64)
+        for (int64_t line = 0; line < kRoundsPerWiden * kRoundBytes<Bits>; line += 64)
           __builtin_prefetch(load + kPrefetchBytes + line, 0, 3);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, high, low);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 1, pass_digits, digit_row, high, low);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 2, pass_digits, digit_row, high, low);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 3, pass_digits, digit_row, high, low);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, sixteen);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 1, pass_digits, digit_row, sixteen);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 2, pass_digits, digit_row, sixteen);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 3, pass_digits, digit_row, sixteen);
       } else {
         for (int64_t t = t0; t < end; ++t) {
-          __builtin_prefetch(step_nibbles<Bits>(w, t) + kPrefetchBytes, 0, 3);
-          digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t, pass_digits, digit_row, high, low);
+          for (int64_t line = 0; line < kRoundBytes<Bits>; line += 64)
+            __builtin_prefetch(step_nibbles<Bits>(w, t) + kPrefetchBytes + line, 0, 3);
+          digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t, pass_digits, digit_row, sixteen);
         }
       }
-      widen_sums(sum, low, ones);
-      widen_sums(sum, high, times256);
+      widen_sums<Bits, 0, kSums<Bits>>(sum, sixteen);
     }
     for (int h = 0; h < Halves; ++h) {
       __m256 scaled_zero;
@@ -191,8 +224,11 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
 }
 
 // Code C (0-7) of step P of the eight rows of a half, as float32.
+// At 8 bits, codes 0-3 are the bytes of `lanes` and codes 4-7 those of `high` (the round's second step).
 template <int Bits, int P, int C>
 BRECQ_ALWAYS_INLINE __m256 code_f32(__m256i lanes, __m256i high) {
+  if constexpr (Bits == 8)
+    return _mm256_cvtepi32_ps(_mm256_and_si256(shift_lanes<-8 * (C % 4)>(C < 4 ? lanes : high), _mm256_set1_epi32(0xff)));
   const __m256i low = _mm256_and_si256(shift_lanes<-4 * C>(lanes), _mm256_set1_epi32(0xf));
   if constexpr (Bits == 4) {
     return _mm256_cvtepi32_ps(low);
@@ -221,9 +257,13 @@ BRECQ_ALWAYS_INLINE void f32_round(const GemvProblem& p, const uint8_t* w, int64
   __m256i lanes[Halves], high[Halves];
   for (int h = 0; h < Halves; ++h) {
     lanes[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + 32 * (FirstHalf + h)));
-    high[h] = Bits == 6 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                              nibbles - P * kTileStepBytes + 2 * kTileStepBytes + 32 * (FirstHalf + h)))
-                        : lanes[h];
+    if constexpr (Bits == 6)  // the pair's top bits
+      high[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles - P * kTileStepBytes + 2 * kTileStepBytes +
+                                                                     32 * (FirstHalf + h)));
+    else if constexpr (Bits == 8)  // the round's second step
+      high[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + kTileStepBytes + 32 * (FirstHalf + h)));
+    else
+      high[h] = lanes[h];
   }
   f32_codes<Bits, P, 0, MR, Halves>(p, r0, kTileStepCodes * t, lanes, high, acc);
 }
@@ -243,7 +283,7 @@ void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, _
       for (int h = 0; h < Halves; ++h) acc[r][h][0] = acc[r][h][1] = _mm256_setzero_ps();
     for (int64_t t = grp * steps_per_group; t < grp * steps_per_group + steps_per_group; t += kStepsPerLoad) {
       const uint8_t* load = step_nibbles<Bits>(w, t);
-      for (int64_t line = 0; line < kStepsPerLoad * kTileStepBytes + (Bits == 6 ? kTileStepBytes : 0); line += 64)
+      for (int64_t line = 0; line < (Bits == 6 ? kTile6PairBytes : kRoundBytes<Bits>); line += 64)
         __builtin_prefetch(load + kPrefetchBytes + line, 0, 3);
       f32_round<MR, Bits, FirstHalf, Halves, 0>(p, w, t, r0, acc);
       if constexpr (Bits == 6) f32_round<MR, Bits, FirstHalf, Halves, 1>(p, w, t + 1, r0, acc);
@@ -264,10 +304,31 @@ void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, _
 
 using HalfTileFn = void (*)(const GemvProblem&, const uint32_t*, int64_t, int64_t, __m256 (*)[2]);
 
-// One tile's outputs for every activation row. Up to two rows of a pass take both halves in one
-// loop (the digits' broadcasts serve both); with three or four, each half has a loop of its own so
-// that the accumulators stay in the 16 registers.
-template <HalfTileFn One, HalfTileFn Two, HalfTileFn ThreeA, HalfTileFn ThreeB, HalfTileFn FourA, HalfTileFn FourB>
+template <int MR, int Bits, int FirstHalf, int Halves>
+struct DigitsKernel {
+  static constexpr HalfTileFn fn = tile_digits<MR, Bits, FirstHalf, Halves>;
+};
+template <int MR, int Bits, int FirstHalf, int Halves>
+struct FloatKernel {
+  static constexpr HalfTileFn fn = tile_f32<MR, Bits, FirstHalf, Halves>;
+};
+
+// Up to two activation rows of a pass take both halves of a tile in one loop (the digits'
+// broadcasts serve both); with more rows, or the four int16 sums of 8-bit codes, each half has a
+// loop of its own so that the accumulators stay in the 16 registers.
+template <template <int, int, int, int> class Kernel, int MR, int Bits>
+BRECQ_ALWAYS_INLINE void run_pass(const GemvProblem& p, const uint32_t* activations, int64_t r0, int64_t tile,
+                                  __m256 (*out)[2]) {
+  if constexpr (MR <= 2 && Bits != 8) {
+    Kernel<MR, Bits, 0, 2>::fn(p, activations, r0, tile, out);
+  } else {
+    Kernel<MR, Bits, 0, 1>::fn(p, activations, r0, tile, out);
+    Kernel<MR, Bits, 1, 1>::fn(p, activations, r0, tile, out);
+  }
+}
+
+// One tile's outputs for every activation row.
+template <template <int, int, int, int> class Kernel, int Bits>
 void run_tile(const GemvProblem& p, const uint32_t* activations, int64_t tile) {
   prefetch_tile_params(p, tile + 1);
   const int64_t rows_here = p.n - tile * kTileRows < kTileRows ? p.n - tile * kTileRows : kTileRows;
@@ -275,10 +336,10 @@ void run_tile(const GemvProblem& p, const uint32_t* activations, int64_t tile) {
     const int64_t pass = p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0;
     __m256 out[kRowsPerPass][2];
     switch (pass) {
-      case 1: One(p, activations, r0, tile, out); break;
-      case 2: Two(p, activations, r0, tile, out); break;
-      case 3: ThreeA(p, activations, r0, tile, out); ThreeB(p, activations, r0, tile, out); break;
-      default: FourA(p, activations, r0, tile, out); FourB(p, activations, r0, tile, out); break;
+      case 1: run_pass<Kernel, 1, Bits>(p, activations, r0, tile, out); break;
+      case 2: run_pass<Kernel, 2, Bits>(p, activations, r0, tile, out); break;
+      case 3: run_pass<Kernel, 3, Bits>(p, activations, r0, tile, out); break;
+      default: run_pass<Kernel, 4, Bits>(p, activations, r0, tile, out); break;
     }
     for (int64_t r = 0; r < pass; ++r)
       for (int h = 0; h < 2; ++h) {
@@ -302,21 +363,11 @@ void run_tile(const GemvProblem& p, const uint32_t* activations, int64_t tile) {
   }
 }
 
-template <int MR, int Bits, int FirstHalf, int Halves>
-struct DigitsKernel {
-  static constexpr HalfTileFn fn = tile_digits<MR, Bits, FirstHalf, Halves>;
-};
-template <int MR, int Bits, int FirstHalf, int Halves>
-struct FloatKernel {
-  static constexpr HalfTileFn fn = tile_f32<MR, Bits, FirstHalf, Halves>;
-};
-
 using TileRunFn = void (*)(const GemvProblem&, const uint32_t*, int64_t);
 
-template <template <int, int, int, int> class Kernel, int Bits>
-constexpr TileRunFn tile_runner() {
-  return run_tile<Kernel<1, Bits, 0, 2>::fn, Kernel<2, Bits, 0, 2>::fn, Kernel<3, Bits, 0, 1>::fn,
-                  Kernel<3, Bits, 1, 1>::fn, Kernel<4, Bits, 0, 1>::fn, Kernel<4, Bits, 1, 1>::fn>;
+template <template <int, int, int, int> class Kernel>
+TileRunFn tile_runner(int bits) {
+  return bits == 4 ? run_tile<Kernel, 4> : bits == 6 ? run_tile<Kernel, 6> : run_tile<Kernel, 8>;
 }
 
 // A problem ready to run tile by tile: its kernel, and its activations as that kernel takes them.
@@ -329,7 +380,7 @@ struct TilePlan {
 // group size these kernels do not hold.
 bool plan_tiles(const GemvProblem& p, TilePlan* plan) {
   static_assert(kRowsPerPass == 4, "tile dispatch handles up to 4 rows per pass");
-  if ((p.bits != 4 && p.bits != 6) || !tile16_supports(p.bits, p.g)) return false;
+  if (!tile16_supports(p.bits, p.g)) return false;
   if (p.x_bf16 && p.g <= digit_max_group(p.bits)) {
     uint32_t* digits = reinterpret_cast<uint32_t*>(p.scratch);  // m * k_padded / 2 dwords, then factors and sums
     float* factor = reinterpret_cast<float*>(digits + p.m * p.k_padded / 2);
@@ -339,12 +390,12 @@ bool plan_tiles(const GemvProblem& p, TilePlan* plan) {
       representable = activation_digits(p.x + r * p.k_padded, p.k_padded, p.g, p.bits, digits + r * p.k_padded / 2,
                                         factor + r * p.groups, rounded_sum + r * p.groups);
     if (representable) {
-      plan->run = p.bits == 4 ? tile_runner<DigitsKernel, 4>() : tile_runner<DigitsKernel, 6>();
+      plan->run = tile_runner<DigitsKernel>(p.bits);
       plan->activations = digits;
       return true;
     }
   }
-  plan->run = p.bits == 4 ? tile_runner<FloatKernel, 4>() : tile_runner<FloatKernel, 6>();
+  plan->run = tile_runner<FloatKernel>(p.bits);
   plan->activations = nullptr;
   return true;
 }
@@ -372,7 +423,12 @@ void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t
         const int64_t at = (tile * groups + kTileStepCodes * t / g) * kTileRows + lane;
         uint32_t word;
         __m256i q;
-        if constexpr (Bits == 4) {
+        if constexpr (Bits == 8) {  // codes 8t..8t+3 in unit 2t, 8t+4..8t+7 in unit 2t+1
+          uint32_t second;
+          __builtin_memcpy(&word, w + 2 * t * kTileStepBytes + 4 * lane, 4);
+          __builtin_memcpy(&second, w + (2 * t + 1) * kTileStepBytes + 4 * lane, 4);
+          q = _mm256_cvtepu8_epi32(_mm_setr_epi32(static_cast<int>(word), static_cast<int>(second), 0, 0));
+        } else if constexpr (Bits == 4) {
           __builtin_memcpy(&word, w + t * kTileStepBytes + 4 * lane, 4);
           q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), nibble_shifts), low4);
         } else {
@@ -422,7 +478,7 @@ bool dequantize_tiled_avx2(const uint8_t* codes, const uint16_t* scale, const ui
   if (!tile16_supports(bits, g)) return false;
   if (bits == 4) dequantize_tiles<4>(codes, scale, zero, n, k, g, out, out_bf16, threads);
   else if (bits == 6) dequantize_tiles<6>(codes, scale, zero, n, k, g, out, out_bf16, threads);
-  else return false;
+  else dequantize_tiles<8>(codes, scale, zero, n, k, g, out, out_bf16, threads);
   return true;
 }
 
