@@ -1,5 +1,7 @@
 """brecq_ext.arena: a model's packed weights in one region, with the layers behaving as before."""
 import copy
+import ctypes
+import mmap
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from brecq_ext import Layout, QuantLinear, gather_quantized_weights, quant_linear_layers
-from brecq_ext.arena import HUGE_PAGE_BYTES, TENSOR_ALIGNMENT, place_tensors
+from brecq_ext.arena import HUGE_PAGE_BYTES, TENSOR_ALIGNMENT, _huge_page_bytes, place_tensors
 
 # (in, out, bits, bias, layout): odd sizes, every packed width, both layouts, with and without bias.
 LAYERS = [(172, 33, 4, True, None), (128, 48, 6, False, None), (1000, 17, 8, True, None),
@@ -141,10 +143,31 @@ def _transparent_huge_pages() -> str:
     return path.read_text().split("[")[1].split("]")[0]
 
 
+def _control_huge_page_bytes(nbytes: int) -> int:
+    """Huge-page bytes the kernel gives right now to a plain anonymous mapping advised the same way
+    (MADV_HUGEPAGE before the first write), made without brecq's code."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared ones are shmem
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+        for offset in range(0, nbytes, mmap.PAGESIZE):
+            region[offset] = 1
+        view = ctypes.c_char.from_buffer(region)
+        try:
+            return _huge_page_bytes(ctypes.addressof(view), nbytes) or 0
+        finally:
+            del view
+    finally:
+        region.close()
+
+
 @pytest.mark.skipif(_transparent_huge_pages() in ("absent", "never"), reason="no transparent huge pages here")
 def test_the_region_is_backed_by_huge_pages():
     arena, _ = place_tensors([torch.ones(4 * HUGE_PAGE_BYTES, dtype=torch.uint8)])
     assert arena.huge_pages_requested
+    if arena.huge_page_bytes() < HUGE_PAGE_BYTES and _control_huge_page_bytes(4 * HUGE_PAGE_BYTES) < HUGE_PAGE_BYTES:
+        # Seen once in a long test session: memory too fragmented for the kernel to hand out any
+        # huge page at that moment. The arena asked correctly; the host could not deliver.
+        pytest.skip("the kernel gave no huge pages to a control mapping either (fragmented memory)")
     assert arena.huge_page_bytes() >= HUGE_PAGE_BYTES
 
 
