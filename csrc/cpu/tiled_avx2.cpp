@@ -19,6 +19,7 @@
 #include "brecq/format.h"
 #include "brecq/kernels.h"
 #include "gemv.h"
+#include "tile_plan.h"
 
 #if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
 #pragma GCC push_options
@@ -174,11 +175,11 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
   const uint32_t* pass_digits = digits + r0 * digit_row;
   const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
   __m256 total[MR][Halves], correction[MR][Halves];
-  __m256i sixteen[MR][Halves][kSums<Bits>];
+  __m256i int16_sums[MR][Halves][kSums<Bits>];
   for (int r = 0; r < MR; ++r)
     for (int h = 0; h < Halves; ++h) {
       total[r][h] = correction[r][h] = _mm256_setzero_ps();
-      for (int i = 0; i < kSums<Bits>; ++i) sixteen[r][h][i] = _mm256_setzero_si256();
+      for (int i = 0; i < kSums<Bits>; ++i) int16_sums[r][h][i] = _mm256_setzero_si256();
     }
   for (int64_t grp = 0; grp < p.groups; ++grp) {
     __m256i sum[MR][Halves];
@@ -189,24 +190,24 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
       const uint8_t* load = step_nibbles<Bits>(w, t0);
       if constexpr (Bits == 6) {
         for (int64_t line = 0; line < kTile6PairBytes; line += 64) __builtin_prefetch(load + kPrefetchBytes + line, 0, 3);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, sixteen);
-        widen_sums<Bits, 1, 2>(sum, sixteen);
-        digits_round<MR, Bits, FirstHalf, Halves, 1>(w, t0 + 1, pass_digits, digit_row, sixteen);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, int16_sums);
+        widen_sums<Bits, 1, 2>(sum, int16_sums);
+        digits_round<MR, Bits, FirstHalf, Halves, 1>(w, t0 + 1, pass_digits, digit_row, int16_sums);
       } else if (t0 + kRoundsPerWiden <= end) {  // written out: a loop of unknown count kept a round an iteration
         for (int64_t line = 0; line < kRoundsPerWiden * kRoundBytes<Bits>; line += 64)
           __builtin_prefetch(load + kPrefetchBytes + line, 0, 3);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, sixteen);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 1, pass_digits, digit_row, sixteen);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 2, pass_digits, digit_row, sixteen);
-        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 3, pass_digits, digit_row, sixteen);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, int16_sums);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 1, pass_digits, digit_row, int16_sums);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 2, pass_digits, digit_row, int16_sums);
+        digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0 + 3, pass_digits, digit_row, int16_sums);
       } else {
         for (int64_t t = t0; t < end; ++t) {
           for (int64_t line = 0; line < kRoundBytes<Bits>; line += 64)
             __builtin_prefetch(step_nibbles<Bits>(w, t) + kPrefetchBytes + line, 0, 3);
-          digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t, pass_digits, digit_row, sixteen);
+          digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t, pass_digits, digit_row, int16_sums);
         }
       }
-      widen_sums<Bits, 0, kSums<Bits>>(sum, sixteen);
+      widen_sums<Bits, 0, kSums<Bits>>(sum, int16_sums);
     }
     for (int h = 0; h < Halves; ++h) {
       __m256 scaled_zero;
@@ -363,18 +364,10 @@ void run_tile(const GemvProblem& p, const uint32_t* activations, int64_t tile) {
   }
 }
 
-using TileRunFn = void (*)(const GemvProblem&, const uint32_t*, int64_t);
-
 template <template <int, int, int, int> class Kernel>
 TileRunFn tile_runner(int bits) {
   return bits == 4 ? run_tile<Kernel, 4> : bits == 6 ? run_tile<Kernel, 6> : run_tile<Kernel, 8>;
 }
-
-// A problem ready to run tile by tile: its kernel, and its activations as that kernel takes them.
-struct TilePlan {
-  TileRunFn run = nullptr;
-  const uint32_t* activations = nullptr;
-};
 
 // Prepares p's digits in p.scratch when it takes them and picks its kernel; false for a width or
 // group size these kernels do not hold.
@@ -482,26 +475,10 @@ bool dequantize_tiled_avx2(const uint8_t* codes, const uint16_t* scale, const ui
   return true;
 }
 
-bool tiled_gemv_avx2(const GemvProblem& p) {
-  TilePlan plan;
-  if (!plan_tiles(p, &plan)) return false;
-  for_each_index(tile_count(p.n), p.threads, [&](int64_t tile) { plan.run(p, plan.activations, tile); });
-  return true;
-}
+bool tiled_gemv_avx2(const GemvProblem& p) { return run_tile_plan<plan_tiles>(p); }
 
 bool tiled_gemv_avx2_batch(const GemvProblem* problems, int count) {
-  TilePlan plans[kMaxTiledBatch];
-  int64_t first_tile[kMaxTiledBatch + 1] = {0};
-  for (int i = 0; i < count; ++i) {
-    if (!plan_tiles(problems[i], &plans[i])) return false;
-    first_tile[i + 1] = first_tile[i] + tile_count(problems[i].n);
-  }
-  for_each_index(first_tile[count], problems[0].threads, [&](int64_t tile) {
-    int i = 0;
-    while (tile >= first_tile[i + 1]) ++i;
-    plans[i].run(problems[i], plans[i].activations, tile - first_tile[i]);
-  });
-  return true;
+  return run_tile_plans<plan_tiles>(problems, count);
 }
 
 }  // namespace detail

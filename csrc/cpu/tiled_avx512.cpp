@@ -28,6 +28,7 @@
 #include "brecq/format.h"
 #include "brecq/kernels.h"
 #include "gemv.h"
+#include "tile_plan.h"
 
 #if defined(__x86_64__) && defined(BRECQ_HAVE_X86_DISPATCH)
 #pragma GCC push_options
@@ -411,12 +412,6 @@ void run_tile(const GemvProblem& p, const uint32_t* pairs, int64_t tile) {
   }
 }
 
-// A problem ready to run tile by tile: its kernel, and its activations as that kernel takes them.
-struct TilePlan {
-  void (*run)(const GemvProblem&, const uint32_t*, int64_t) = nullptr;
-  const uint32_t* activations = nullptr;
-};
-
 template <TileFn Tile1, TileFn Tile2, TileFn Tile3, TileFn Tile4>
 TilePlan plan_of(const uint32_t* activations) {
   TilePlan plan;
@@ -610,26 +605,10 @@ bool plan_tiles(const GemvProblem& p, TilePlan* plan) {
 
 }  // namespace
 
-bool tiled_gemv_avx512(const GemvProblem& p) {
-  TilePlan plan;
-  if (!plan_tiles(p, &plan)) return false;
-  for_each_index(tile_count(p.n), p.threads, [&](int64_t tile) { plan.run(p, plan.activations, tile); });
-  return true;
-}
+bool tiled_gemv_avx512(const GemvProblem& p) { return run_tile_plan<plan_tiles>(p); }
 
 bool tiled_gemv_avx512_batch(const GemvProblem* problems, int count) {
-  TilePlan plans[kMaxTiledBatch];
-  int64_t first_tile[kMaxTiledBatch + 1] = {0};
-  for (int i = 0; i < count; ++i) {
-    if (!plan_tiles(problems[i], &plans[i])) return false;
-    first_tile[i + 1] = first_tile[i] + tile_count(problems[i].n);
-  }
-  for_each_index(first_tile[count], problems[0].threads, [&](int64_t tile) {
-    int i = 0;
-    while (tile >= first_tile[i + 1]) ++i;
-    plans[i].run(problems[i], plans[i].activations, tile - first_tile[i]);
-  });
-  return true;
+  return run_tile_plans<plan_tiles>(problems, count);
 }
 
 }  // namespace detail
