@@ -8,8 +8,8 @@
 // equal results. AVX2 has no VPDPBUSD; a lane's dot product of 4 code bytes with 4 digit bytes is
 // VPMADDUBSW (byte pairs, into int16) and, every few rounds, VPMADDWD against the sum's weight (into
 // int32). VPMADDUBSW saturates a pair above 32767: codes up to 63 against digits down to -128 stay
-// within 2 * 63 * 128 = 16128, but 8-bit codes would not (2 * 255 * 128), so they go as two nibbles
-// whose products are weighted 16 and 1 when widened; per byte of weights that is the 4-bit kernel's work.
+// within 2 * 63 * 128 = 16128, but 8-bit codes would not (2 * 255 * 128); they meet the activation
+// integers as int16 words in VPMADDWD instead (tile_words).
 // float32 activations, and bfloat16 ones the digits cannot hold (non-finite, or magnitudes outside
 // 2^+-100): codes to float32 and a multiply-add with the broadcast activation, as on AVX-512, in the
 // same order of sums.
@@ -96,65 +96,40 @@ BRECQ_ALWAYS_INLINE void code_bytes(const uint8_t* nibbles, const uint8_t* pair,
   }
 }
 
-// int16 sums a round adds to: at 4 and 6 bits code x high digit (weight 256 in the group's sum)
-// and code x low digit (weight 1); at 8 bits the codes go as their high and low nibbles (weights 16
-// and 1), so four: high nibble x high digit (4096), low x high (256), high x low (16), low x low (1).
-template <int Bits>
-constexpr int kSums = Bits == 8 ? 4 : 2;
-template <int Bits>
-constexpr int16_t kSumWeight[4] = {Bits == 8 ? 4096 : 256, Bits == 8 ? 256 : 1, 16, 1};
+// int16 sums a round adds to (4 and 6 bits): code x high digit, weighing 256 in the group's sum,
+// and code x low digit, weighing 1.
+constexpr int kSums = 2;
+constexpr int16_t kSumWeight[kSums] = {256, 1};
 
 // One round: round t's codes of the halves against the digits of its 8 inputs, for MR rows of
 // digits from `digits` on, added into the int16 sums.
 template <int MR, int Bits, int FirstHalf, int Halves, int P>
 BRECQ_ALWAYS_INLINE void digits_round(const uint8_t* w, int64_t t, const uint32_t* digits, int64_t digit_row,
-                                      __m256i (&sums)[MR][Halves][kSums<Bits>]) {
+                                      __m256i (&sums)[MR][Halves][kSums]) {
   const uint8_t* at = step_nibbles<Bits>(w, t);
-  // Per half, the code vectors meeting digit dwords 0/2 and 1/3 (two per nibble at 8 bits).
-  __m256i first[Halves], second[Halves], first_high[Halves], second_high[Halves];
-  for (int h = 0; h < Halves; ++h) {
-    if constexpr (Bits == 8) {  // codes 8t + 0..3 in the first step, 8t + 4..7 in the second
-      const __m256i low_nibbles = _mm256_set1_epi32(0x0f0f0f0f);
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 32 * (FirstHalf + h)));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + kTileStepBytes + 32 * (FirstHalf + h)));
-      first[h] = _mm256_and_si256(a, low_nibbles);
-      second[h] = _mm256_and_si256(b, low_nibbles);
-      first_high[h] = _mm256_and_si256(_mm256_srli_epi32(a, 4), low_nibbles);
-      second_high[h] = _mm256_and_si256(_mm256_srli_epi32(b, 4), low_nibbles);
-    } else {
-      code_bytes<Bits, P>(at, at - P * kTileStepBytes, FirstHalf + h, first[h], second[h]);
-    }
-  }
+  __m256i first[Halves], second[Halves];  // the code vectors meeting digit dwords 0/2 and 1/3
+  for (int h = 0; h < Halves; ++h) code_bytes<Bits, P>(at, at - P * kTileStepBytes, FirstHalf + h, first[h], second[h]);
   for (int r = 0; r < MR; ++r) {
     const uint32_t* d = digits + r * digit_row + 4 * t;
     const __m256i d0 = _mm256_set1_epi32(static_cast<int>(d[0])), d1 = _mm256_set1_epi32(static_cast<int>(d[1]));
     const __m256i d2 = _mm256_set1_epi32(static_cast<int>(d[2])), d3 = _mm256_set1_epi32(static_cast<int>(d[3]));
     for (int h = 0; h < Halves; ++h) {
-      __m256i* sum = sums[r][h];
-      const int low = Bits == 8 ? 1 : 0;  // the sums of low-nibble (or whole) codes: high digits, then low
-      sum[low] = _mm256_add_epi16(sum[low], _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d0),
-                                                             _mm256_maddubs_epi16(second[h], d1)));
-      sum[low + kSums<Bits> / 2] = _mm256_add_epi16(sum[low + kSums<Bits> / 2],
-                                                     _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d2),
-                                                                      _mm256_maddubs_epi16(second[h], d3)));
-      if constexpr (Bits == 8) {
-        sum[0] = _mm256_add_epi16(sum[0], _mm256_add_epi16(_mm256_maddubs_epi16(first_high[h], d0),
-                                                           _mm256_maddubs_epi16(second_high[h], d1)));
-        sum[2] = _mm256_add_epi16(sum[2], _mm256_add_epi16(_mm256_maddubs_epi16(first_high[h], d2),
-                                                           _mm256_maddubs_epi16(second_high[h], d3)));
-      }
+      sums[r][h][0] = _mm256_add_epi16(sums[r][h][0], _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d0),
+                                                                       _mm256_maddubs_epi16(second[h], d1)));
+      sums[r][h][1] = _mm256_add_epi16(sums[r][h][1], _mm256_add_epi16(_mm256_maddubs_epi16(first[h], d2),
+                                                                       _mm256_maddubs_epi16(second[h], d3)));
     }
   }
 }
 
 // int16 sums First..Last - 1 into the group's int32 sum of code x activation-integer products.
-template <int Bits, int First, int Last, int MR, int Halves>
-BRECQ_ALWAYS_INLINE void widen_sums(__m256i (&total)[MR][Halves], __m256i (&sums)[MR][Halves][kSums<Bits>]) {
+template <int First, int Last, int MR, int Halves>
+BRECQ_ALWAYS_INLINE void widen_sums(__m256i (&total)[MR][Halves], __m256i (&sums)[MR][Halves][kSums]) {
   for (int r = 0; r < MR; ++r)
     for (int h = 0; h < Halves; ++h)
       for (int i = First; i < Last; ++i) {
         total[r][h] = _mm256_add_epi32(total[r][h],
-                                       _mm256_madd_epi16(sums[r][h][i], _mm256_set1_epi16(kSumWeight<Bits>[i])));
+                                       _mm256_madd_epi16(sums[r][h][i], _mm256_set1_epi16(kSumWeight[i])));
         sums[r][h][i] = _mm256_setzero_si256();
       }
 }
@@ -163,11 +138,12 @@ BRECQ_ALWAYS_INLINE void widen_sums(__m256i (&total)[MR][Halves], __m256i (&sums
 // (activation_digits; the m rows of factors and then of sums follow the m rows of digits).
 // out[r][h] = rows 8 (FirstHalf + h) .. + 7 of the tile for activation row r0 + r, before bias.
 // The int16 sums take as many rounds as cannot overflow them (the bounds from digits.h: high
-// digits in [-64, 64], low in [-128, 127]): with codes (or nibbles) up to 15 a round adds at most
-// 2 * 2 * 15 * 64 = 3840 to a high-digit sum and 7680 to a low-digit one, so four rounds fit; at 6
-// bits 16128 and 32256, so a pair of rounds for the high-digit sums and one round for the low.
+// digits in [-64, 64], low in [-128, 127]): at 4 bits a round adds at most 2 * 2 * 15 * 64 = 3840
+// to a high-digit sum and 7680 to a low-digit one, so four rounds fit; at 6 bits 16128 and 32256,
+// so a pair of rounds for the high-digit sums and one round for the low.
 template <int MR, int Bits, int FirstHalf, int Halves>
 void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64_t tile, __m256 (*out)[2]) {
+  static_assert(Bits == 4 || Bits == 6, "8-bit codes take tile_words");
   constexpr int64_t kRoundsPerWiden = Bits == 6 ? 2 : 4;  // a 6-bit pair of steps shares its top bits
   const int64_t steps_per_group = p.g / kTileStepCodes, digit_row = p.k_padded / 2;
   const float* factor = reinterpret_cast<const float*>(digits + p.m * digit_row);
@@ -175,11 +151,11 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
   const uint32_t* pass_digits = digits + r0 * digit_row;
   const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, Bits);
   __m256 total[MR][Halves], correction[MR][Halves];
-  __m256i int16_sums[MR][Halves][kSums<Bits>];
+  __m256i int16_sums[MR][Halves][kSums];
   for (int r = 0; r < MR; ++r)
     for (int h = 0; h < Halves; ++h) {
       total[r][h] = correction[r][h] = _mm256_setzero_ps();
-      for (int i = 0; i < kSums<Bits>; ++i) int16_sums[r][h][i] = _mm256_setzero_si256();
+      for (int i = 0; i < kSums; ++i) int16_sums[r][h][i] = _mm256_setzero_si256();
     }
   for (int64_t grp = 0; grp < p.groups; ++grp) {
     __m256i sum[MR][Halves];
@@ -191,7 +167,7 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
       if constexpr (Bits == 6) {
         for (int64_t line = 0; line < kTile6PairBytes; line += 64) __builtin_prefetch(load + kPrefetchBytes + line, 0, 3);
         digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t0, pass_digits, digit_row, int16_sums);
-        widen_sums<Bits, 1, 2>(sum, int16_sums);
+        widen_sums<1, 2>(sum, int16_sums);
         digits_round<MR, Bits, FirstHalf, Halves, 1>(w, t0 + 1, pass_digits, digit_row, int16_sums);
       } else if (t0 + kRoundsPerWiden <= end) {  // written out: a loop of unknown count kept a round an iteration
         for (int64_t line = 0; line < kRoundsPerWiden * kRoundBytes<Bits>; line += 64)
@@ -207,7 +183,62 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
           digits_round<MR, Bits, FirstHalf, Halves, 0>(w, t, pass_digits, digit_row, int16_sums);
         }
       }
-      widen_sums<Bits, 0, kSums<Bits>>(sum, int16_sums);
+      widen_sums<0, kSums>(sum, int16_sums);
+    }
+    for (int h = 0; h < Halves; ++h) {
+      __m256 scaled_zero;
+      const __m256 s = half_scale(p, tile, grp, FirstHalf + h, &scaled_zero);
+      for (int r = 0; r < MR; ++r) {
+        total[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]),
+                                      _mm256_mul_ps(s, _mm256_set1_ps(factor[(r0 + r) * p.groups + grp])), total[r][h]);
+        correction[r][h] = _mm256_fmadd_ps(scaled_zero, _mm256_set1_ps(rounded_sum[(r0 + r) * p.groups + grp]),
+                                           correction[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < Halves; ++h) out[r][FirstHalf + h] = _mm256_sub_ps(total[r][h], correction[r][h]);
+}
+
+// 8-bit codes against the activation integers m as int16 words (activation_words): VPMADDUBSW on
+// whole 8-bit codes against low digits down to -128 would saturate its int16 pairs (2 * 255 * 128),
+// but VPMADDWD multiplies a lane's codes 0 and 2 (and 1 and 3), masked out as words, with the words
+// (m0, m2) (and (m1, m3)) exactly into int32. Per round of 8 codes a row: 6 decoding ops and 4
+// VPMADDWD, against 8 VPMADDUBSW and as many adds had the codes gone as nibbles against the
+// digits. |sum q m| < g * 255 * 2^14 < 2^31 for g <= digit_max_group(8), as in the digit kernels;
+// the sums are the same integers, so the result equals the AVX-512 kernel's.
+template <int MR, int FirstHalf, int Halves>
+void tile_words(const GemvProblem& p, const uint32_t* words, int64_t r0, int64_t tile, __m256 (*out)[2]) {
+  const int64_t rounds_per_group = p.g / kTileStepCodes, word_row = p.k_padded / 2;
+  const float* factor = reinterpret_cast<const float*>(words + p.m * word_row);
+  const float* rounded_sum = factor + p.m * p.groups;
+  const uint8_t* w = p.packed + tile * tile_code_bytes(p.k, p.g, 8);
+  const __m256i even_bytes = _mm256_set1_epi32(0x00ff00ff);
+  __m256 total[MR][Halves], correction[MR][Halves];
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < Halves; ++h) total[r][h] = correction[r][h] = _mm256_setzero_ps();
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    __m256i sum[MR][Halves];
+    for (int r = 0; r < MR; ++r)
+      for (int h = 0; h < Halves; ++h) sum[r][h] = _mm256_setzero_si256();
+    for (int64_t t = grp * rounds_per_group; t < grp * rounds_per_group + rounds_per_group; ++t) {
+      const uint8_t* at = w + t * kRoundBytes<8>;  // codes 8t..8t+3, then 8t+4..8t+7 a row
+      __m256i pairs[Halves][4];  // codes (0, 2), (1, 3), (4, 6), (5, 7) of each row, as words
+      for (int h = 0; h < Halves; ++h) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 32 * (FirstHalf + h)));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + kTileStepBytes + 32 * (FirstHalf + h)));
+        pairs[h][0] = _mm256_and_si256(a, even_bytes);
+        pairs[h][1] = _mm256_and_si256(_mm256_srli_epi32(a, 8), even_bytes);
+        pairs[h][2] = _mm256_and_si256(b, even_bytes);
+        pairs[h][3] = _mm256_and_si256(_mm256_srli_epi32(b, 8), even_bytes);
+      }
+      for (int r = 0; r < MR; ++r) {
+        const uint32_t* m = words + (r0 + r) * word_row + 4 * t;
+        for (int j = 0; j < 4; ++j) {
+          const __m256i mj = _mm256_set1_epi32(static_cast<int>(m[j]));
+          for (int h = 0; h < Halves; ++h) sum[r][h] = _mm256_add_epi32(sum[r][h], _mm256_madd_epi16(pairs[h][j], mj));
+        }
+      }
     }
     for (int h = 0; h < Halves; ++h) {
       __m256 scaled_zero;
@@ -306,21 +337,22 @@ void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, _
 using HalfTileFn = void (*)(const GemvProblem&, const uint32_t*, int64_t, int64_t, __m256 (*)[2]);
 
 template <int MR, int Bits, int FirstHalf, int Halves>
-struct DigitsKernel {
-  static constexpr HalfTileFn fn = tile_digits<MR, Bits, FirstHalf, Halves>;
+struct IntegerKernel {  // bfloat16 activations as integers: digits at 4 and 6 bits, words at 8
+  static constexpr HalfTileFn fn =
+      Bits == 8 ? tile_words<MR, FirstHalf, Halves> : tile_digits<MR, Bits == 8 ? 4 : Bits, FirstHalf, Halves>;
 };
 template <int MR, int Bits, int FirstHalf, int Halves>
 struct FloatKernel {
   static constexpr HalfTileFn fn = tile_f32<MR, Bits, FirstHalf, Halves>;
 };
 
-// Up to two activation rows of a pass take both halves of a tile in one loop (the digits'
-// broadcasts serve both); with more rows, or the four int16 sums of 8-bit codes, each half has a
-// loop of its own so that the accumulators stay in the 16 registers.
+// Up to two activation rows of a pass take both halves of a tile in one loop (the activations'
+// broadcasts serve both); with more rows, each half has a loop of its own so that the accumulators
+// stay in the 16 registers.
 template <template <int, int, int, int> class Kernel, int MR, int Bits>
 BRECQ_ALWAYS_INLINE void run_pass(const GemvProblem& p, const uint32_t* activations, int64_t r0, int64_t tile,
                                   __m256 (*out)[2]) {
-  if constexpr (MR <= 2 && Bits != 8) {
+  if constexpr (MR <= 2) {
     Kernel<MR, Bits, 0, 2>::fn(p, activations, r0, tile, out);
   } else {
     Kernel<MR, Bits, 0, 1>::fn(p, activations, r0, tile, out);
@@ -380,10 +412,13 @@ bool plan_tiles(const GemvProblem& p, TilePlan* plan) {
     float* rounded_sum = factor + p.m * p.groups;
     bool representable = true;
     for (int64_t r = 0; r < p.m && representable; ++r)
-      representable = activation_digits(p.x + r * p.k_padded, p.k_padded, p.g, p.bits, digits + r * p.k_padded / 2,
-                                        factor + r * p.groups, rounded_sum + r * p.groups);
+      representable =
+          p.bits == 8 ? activation_words(p.x + r * p.k_padded, p.k_padded, p.g, digits + r * p.k_padded / 2,
+                                         factor + r * p.groups, rounded_sum + r * p.groups)
+                      : activation_digits(p.x + r * p.k_padded, p.k_padded, p.g, p.bits, digits + r * p.k_padded / 2,
+                                          factor + r * p.groups, rounded_sum + r * p.groups);
     if (representable) {
-      plan->run = tile_runner<DigitsKernel>(p.bits);
+      plan->run = tile_runner<IntegerKernel>(p.bits);
       plan->activations = digits;
       return true;
     }
