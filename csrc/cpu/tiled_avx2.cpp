@@ -134,6 +134,25 @@ BRECQ_ALWAYS_INLINE void widen_sums(__m256i (&total)[MR][Halves], __m256i (&sums
       }
 }
 
+// The end of a group for the integer kernels: its exact int32 sums meet scale * 2^(E - 14) once,
+// and the zero-point correction takes the group's rounded activations (digits.h).
+template <int MR, int FirstHalf, int Halves>
+BRECQ_ALWAYS_INLINE void close_integer_group(const GemvProblem& p, int64_t tile, int64_t grp, int64_t r0,
+                                             const __m256i (&sum)[MR][Halves], const float* factor,
+                                             const float* rounded_sum, __m256 (&total)[MR][Halves],
+                                             __m256 (&correction)[MR][Halves]) {
+  for (int h = 0; h < Halves; ++h) {
+    __m256 scaled_zero;
+    const __m256 s = half_scale(p, tile, grp, FirstHalf + h, &scaled_zero);
+    for (int r = 0; r < MR; ++r) {
+      total[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]),
+                                    _mm256_mul_ps(s, _mm256_set1_ps(factor[(r0 + r) * p.groups + grp])), total[r][h]);
+      correction[r][h] = _mm256_fmadd_ps(scaled_zero, _mm256_set1_ps(rounded_sum[(r0 + r) * p.groups + grp]),
+                                         correction[r][h]);
+    }
+  }
+}
+
 // Halves (1 or 2) vectors of eight rows from half FirstHalf on, against MR rows of digits
 // (activation_digits; the m rows of factors and then of sums follow the m rows of digits).
 // out[r][h] = rows 8 (FirstHalf + h) .. + 7 of the tile for activation row r0 + r, before bias.
@@ -185,16 +204,7 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
       }
       widen_sums<0, kSums>(sum, int16_sums);
     }
-    for (int h = 0; h < Halves; ++h) {
-      __m256 scaled_zero;
-      const __m256 s = half_scale(p, tile, grp, FirstHalf + h, &scaled_zero);
-      for (int r = 0; r < MR; ++r) {
-        total[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]),
-                                      _mm256_mul_ps(s, _mm256_set1_ps(factor[(r0 + r) * p.groups + grp])), total[r][h]);
-        correction[r][h] = _mm256_fmadd_ps(scaled_zero, _mm256_set1_ps(rounded_sum[(r0 + r) * p.groups + grp]),
-                                           correction[r][h]);
-      }
-    }
+    close_integer_group<MR, FirstHalf, Halves>(p, tile, grp, r0, sum, factor, rounded_sum, total, correction);
   }
   for (int r = 0; r < MR; ++r)
     for (int h = 0; h < Halves; ++h) out[r][FirstHalf + h] = _mm256_sub_ps(total[r][h], correction[r][h]);
@@ -240,16 +250,7 @@ void tile_words(const GemvProblem& p, const uint32_t* words, int64_t r0, int64_t
         }
       }
     }
-    for (int h = 0; h < Halves; ++h) {
-      __m256 scaled_zero;
-      const __m256 s = half_scale(p, tile, grp, FirstHalf + h, &scaled_zero);
-      for (int r = 0; r < MR; ++r) {
-        total[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]),
-                                      _mm256_mul_ps(s, _mm256_set1_ps(factor[(r0 + r) * p.groups + grp])), total[r][h]);
-        correction[r][h] = _mm256_fmadd_ps(scaled_zero, _mm256_set1_ps(rounded_sum[(r0 + r) * p.groups + grp]),
-                                           correction[r][h]);
-      }
-    }
+    close_integer_group<MR, FirstHalf, Halves>(p, tile, grp, r0, sum, factor, rounded_sum, total, correction);
   }
   for (int r = 0; r < MR; ++r)
     for (int h = 0; h < Halves; ++h) out[r][FirstHalf + h] = _mm256_sub_ps(total[r][h], correction[r][h]);
