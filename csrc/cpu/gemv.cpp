@@ -194,8 +194,8 @@ void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const
   const Isa isa = active_isa();
   if (isa == Isa::kAvx512 && detail::tiled_gemv_avx512_batch(problems, count)) return;
   if (isa >= Isa::kAvx2 && detail::tiled_gemv_avx2_batch(problems, count)) return;
-  // A member no batch kernel holds (8 bits on AVX2): each call on its own, each through the kernel
-  // it would get alone, so that results never depend on the company a call keeps.
+  // No vector batch kernel (the portable path): each call through the kernel it gets alone, so that
+  // results never depend on the company a call keeps.
   for (int i = 0; i < count; ++i) run_tiled(problems[i]);
 }
 

@@ -10,6 +10,13 @@
 namespace brecq {
 namespace detail {
 
+// The next tile's scales and zeros (a stream of their own, small enough to fetch whole).
+BRECQ_ALWAYS_INLINE void prefetch_tile_params(const GemvProblem& p, int64_t tile) {
+  if (tile >= tile_count(p.n)) return;
+  prefetch_range(p.scale + tile * p.groups * kTileRows, 2 * p.groups * kTileRows);
+  prefetch_range(p.zero + tile * p.groups * kTileRows, p.groups * kTileRows);
+}
+
 // Runs one tile of a problem: every activation row's outputs of that tile.
 using TileRunFn = void (*)(const GemvProblem&, const uint32_t*, int64_t);
 

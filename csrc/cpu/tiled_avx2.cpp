@@ -34,13 +34,6 @@ namespace {
 constexpr int64_t kPrefetchBytes = 4096;  // as tiled_avx512.cpp: codes requested ahead of use
 constexpr int kHalfRows = 8;              // rows of a tile in one 8-lane vector
 
-// The next tile's scales and zeros (a stream of their own, small enough to fetch whole).
-BRECQ_ALWAYS_INLINE void prefetch_tile_params(const GemvProblem& p, int64_t tile) {
-  if (tile >= tile_count(p.n)) return;
-  prefetch_range(p.scale + tile * p.groups * kTileRows, 2 * p.groups * kTileRows);
-  prefetch_range(p.zero + tile * p.groups * kTileRows, p.groups * kTileRows);
-}
-
 // A group's float32 scales for rows 8h..8h+7 of the tile, and scale * zero.
 BRECQ_ALWAYS_INLINE __m256 half_scale(const GemvProblem& p, int64_t tile, int64_t grp, int half, __m256* scaled_zero) {
   const int64_t at = (tile * p.groups + grp) * kTileRows + kHalfRows * half;
@@ -339,8 +332,11 @@ using HalfTileFn = void (*)(const GemvProblem&, const uint32_t*, int64_t, int64_
 
 template <int MR, int Bits, int FirstHalf, int Halves>
 struct IntegerKernel {  // bfloat16 activations as integers: digits at 4 and 6 bits, words at 8
-  static constexpr HalfTileFn fn =
-      Bits == 8 ? tile_words<MR, FirstHalf, Halves> : tile_digits<MR, Bits == 8 ? 4 : Bits, FirstHalf, Halves>;
+  static constexpr HalfTileFn fn = tile_digits<MR, Bits, FirstHalf, Halves>;
+};
+template <int MR, int FirstHalf, int Halves>
+struct IntegerKernel<MR, 8, FirstHalf, Halves> {
+  static constexpr HalfTileFn fn = tile_words<MR, FirstHalf, Halves>;
 };
 template <int MR, int Bits, int FirstHalf, int Halves>
 struct FloatKernel {

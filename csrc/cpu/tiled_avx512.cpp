@@ -73,13 +73,6 @@ void pair_activations8(const uint16_t* x, int64_t k_padded, uint32_t* out) {
   }
 }
 
-// The next tile's scales and zeros (a stream of their own, small enough to fetch whole).
-BRECQ_ALWAYS_INLINE void prefetch_tile_params(const GemvProblem& p, int64_t tile) {
-  if (tile >= tile_count(p.n)) return;
-  prefetch_range(p.scale + tile * p.groups * kTileRows, 2 * p.groups * kTileRows);
-  prefetch_range(p.zero + tile * p.groups * kTileRows, p.groups * kTileRows);
-}
-
 // A group's float32 scales, and scale * (zero + offset), the correction's factor.
 BRECQ_ALWAYS_INLINE __m512 group_scale(const GemvProblem& p, int64_t tile, int64_t grp, __m512 offset,
                                        __m512* scaled_zero) {
