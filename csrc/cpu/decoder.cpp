@@ -1,7 +1,8 @@
 // The decoder step of brecq/decoder.h. Each linear layer and the attention are the project's own
 // kernels (packed_gemv, tiled_gemv, decode_attention); everything between them (norms, rotary,
 // cache appends, SiLU x up, residuals) is short loops over one token's few thousand activations,
-// done here on the calling thread: at decode size an OpenMP region costs more than the work.
+// done here inside the step's one OpenMP region: at decode size a region of their own, or a barrier
+// around one thread's work, costs more than the work.
 #include "brecq/decoder.h"
 
 #include <algorithm>
@@ -25,6 +26,8 @@ namespace {
 constexpr int64_t kChunk = 8;
 // Elements per share of an elementwise step split among the team.
 constexpr int64_t kEltwiseBlock = 512;
+// Logits per share of their bfloat16 rounding (a vocabulary of 150k is too long for one thread).
+constexpr int64_t kRoundBlock = 8192;
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -102,8 +105,7 @@ Decoder::Decoder(DecoderConfig config, const void* embedding, bool embedding_bf1
   check_linear(lm_head_, c.vocab, c.hidden, "lm_head");
   keys_.resize(layers_.size());
   values_.resize(layers_.size());
-  hidden_.resize(kChunk * c.hidden);
-  normed_.resize(kChunk * std::max(c.hidden, qd));
+  hidden_.resize(2 * kChunk * c.hidden);
   q_.resize(kChunk * qd);
   k_.resize(kChunk * kvd);
   v_.resize(kChunk * kvd);
@@ -111,8 +113,8 @@ Decoder::Decoder(DecoderConfig config, const void* embedding, bool embedding_bf1
   proj_.resize(kChunk * c.hidden);
   gate_.resize(kChunk * c.intermediate);
   up_.resize(kChunk * c.intermediate);
-  q_bits_.resize(qd);
-  attn_bits_.resize(qd);
+  q_bits_.resize(kChunk * qd);
+  attn_bits_.resize(kChunk * qd);
   rotary_.resize(kChunk * c.head_dim);
   reserve(256);
 }
@@ -193,38 +195,77 @@ void Decoder::rotary_tables(int64_t position, float* cos_v, float* sin_v) const 
   }
 }
 
-// Rotary embedding of `heads` heads of one token, as transformers' rotate_half form:
-// x * cos + rotate_half(x) * sin.
-void Decoder::rotate(float* x, int64_t heads, const float* cos_v, const float* sin_v) const {
-  const int64_t d = config_.head_dim, half = d / 2;
-  const bool bf16 = config_.bf16;
-  for (int64_t h = 0; h < heads; ++h) {
-    float* xh = x + h * d;
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = xh[i], b = xh[i + half];
-      if (bf16) {
-        xh[i] = round_bf16(round_bf16(a * cos_v[i]) + round_bf16(-b * sin_v[i]));
-        xh[i + half] = round_bf16(round_bf16(b * cos_v[i]) + round_bf16(a * sin_v[i]));
-      } else {
-        const float ac = a * cos_v[i], bs = -b * sin_v[i], bc = b * cos_v[i], as = a * sin_v[i];
-        xh[i] = ac + bs;
-        xh[i + half] = bc + as;
-      }
-    }
+// Rotary embedding of one head, as transformers' rotate_half form: x * cos + rotate_half(x) * sin.
+// Written through `out` (head_dim floats apart from x) so that the loops vectorize.
+void Decoder::rotate(float* x, const float* cos_v, const float* sin_v, float* out) const {
+  const int64_t half = config_.head_dim / 2;
+  if (config_.bf16) {
+    for (int64_t i = 0; i < half; ++i)
+      out[i] = round_bf16(round_bf16(x[i] * cos_v[i]) + round_bf16(-x[i + half] * sin_v[i]));
+    for (int64_t i = 0; i < half; ++i)
+      out[i + half] = round_bf16(round_bf16(x[i + half] * cos_v[i]) + round_bf16(x[i] * sin_v[i]));
+  } else {
+    for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos_v[i] + -x[i + half] * sin_v[i];
+    for (int64_t i = 0; i < half; ++i) out[i + half] = x[i + half] * cos_v[i] + x[i] * sin_v[i];
+  }
+  std::memcpy(x, out, 2 * half * sizeof(float));
+}
+
+// What happens to one head of the q/k/v projections between their kernels and the attention:
+// rounded as transformers stores them; q and k normed (Qwen3) and rotated; q as bfloat16 bits for
+// the attention kernel, k and v appended to the cache in its dtype. head: [0, q_heads) are q's,
+// then kv_heads of k, then kv_heads of v.
+void Decoder::finish_head(const DecoderLayerWeights& layer, size_t li, int64_t r, int64_t head) {
+  const DecoderConfig& c = config_;
+  const int64_t d = c.head_dim, qd = c.q_heads * d, kvd = c.kv_heads * d;
+  const float* cos_r = rotary_.data() + r * d;  // cos then sin, head_dim / 2 each
+  float* scratch = thread_floats(1, d);
+  const int64_t position = length_ + r;
+  if (head < c.q_heads) {
+    float* x = q_.data() + r * qd + head * d;
+    round_activations(x, d);
+    if (layer.q_norm) norm_rows(x, 1, d, layer.q_norm, x);
+    rotate(x, cos_r, cos_r + d / 2, scratch);
+    if (c.bf16)
+      for (int64_t i = 0; i < d; ++i) q_bits_[r * qd + head * d + i] = numeric::f32_to_bf16(x[i]);
+    return;
+  }
+  const bool key = head < c.q_heads + c.kv_heads;
+  const int64_t h = key ? head - c.q_heads : head - c.q_heads - c.kv_heads;
+  float* x = (key ? k_ : v_).data() + r * kvd + h * d;
+  round_activations(x, d);
+  if (key) {
+    if (layer.k_norm) norm_rows(x, 1, d, layer.k_norm, x);
+    rotate(x, cos_r, cos_r + d / 2, scratch);
+  }
+  uint8_t* dst = (key ? keys_ : values_)[li].data() + (h * capacity_ + position) * d * (c.bf16 ? 2 : 4);
+  if (c.bf16) {
+    uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < d; ++i) out[i] = numeric::f32_to_bf16(x[i]);
+  } else {
+    std::memcpy(dst, x, d * sizeof(float));
   }
 }
 
-// Called by every thread of the step's team (run_chunk): the kernels share out their rows, and
-// the conversions around them run once, on whichever thread comes first (omp single; its barrier
-// orders them before and after the product).
-void Decoder::linear(const LinearWeights& w, const float* x, int64_t rows, float* y) {
+// Called by every thread of the step's team (run_chunk): the kernels share out their rows and end
+// with the team's barrier. y is left as the kernels write it, in float32: for a bfloat16 model the
+// step that reads y next rounds it (there is no barrier to spare for a pass of its own).
+// x_bits, when given, is x as bfloat16 bits already (the attention's output).
+void Decoder::linear(const LinearWeights& w, const float* x, const uint16_t* x_bits, int64_t rows, float* y) {
   const bool timing = profiling_ && omp_get_thread_num() == 0;
   const double started = timing ? now_seconds() : 0.0;
   // A bfloat16 model's activations are bfloat16 values already: handing them to the packed kernels
   // as bfloat16 lets the AVX-512 ones multiply pairs with VDPBF16PS, as the transformers path does.
   const bool packed = w.kind == WeightKind::kPackedRows || w.kind == WeightKind::kTile16;
   const bool as_bits = config_.bf16 && packed;
-  const void* input = as_bits ? static_cast<const void*>(bf16_copy(x, rows * w.k)) : static_cast<const void*>(x);
+  if (x_bits && !as_bits) {  // a dense layer reads float32: each thread widens its own copy
+    float* widened = thread_floats(1, rows * w.k);
+    for (int64_t i = 0; i < rows * w.k; ++i) widened[i] = numeric::bf16_to_f32(x_bits[i]);
+    x = widened;
+  }
+  const void* input = !as_bits ? static_cast<const void*>(x)
+                      : x_bits ? static_cast<const void*>(x_bits)
+                               : static_cast<const void*>(bf16_copy(x, rows * w.k));
   switch (w.kind) {
     case WeightKind::kPackedRows:
       packed_gemv(input, as_bits, rows, w.k, w.codes, w.scale, w.zero, w.bias, w.n, w.k, w.bits, w.group_size, y,
@@ -236,10 +277,6 @@ void Decoder::linear(const LinearWeights& w, const float* x, int64_t rows, float
       break;
     case WeightKind::kDenseBf16: dense_gemv<true>(w, x, rows, y, threads_); break;
     default: dense_gemv<false>(w, x, rows, y, threads_); break;
-  }
-  if (config_.bf16) {
-#pragma omp single
-    round_activations(y, rows * w.n);
   }
   if (timing) profile_[&w == &lm_head_ ? kLmHead : kLinear] += now_seconds() - started;
 }
@@ -253,6 +290,32 @@ const uint16_t* Decoder::bf16_copy(const float* x, int64_t count) {
   return bits.data();
 }
 
+// A buffer of the calling thread's own (slot 0: a norm's output, slot 1: a widened input, slot 2:
+// a residual sum). Every thread of the team computes such short steps (a norm of one token's
+// hidden state) for itself, reading shared inputs and writing only here: the same values in each
+// thread, and no barrier between the step and the kernel that reads it.
+float* Decoder::thread_floats(int slot, int64_t count) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& buffer = buffers[slot];
+  if (buffer.size() < static_cast<size_t>(count)) buffer.resize(static_cast<size_t>(count));
+  return buffer.data();
+}
+
+// The residual stream after a projection: hidden + proj (each rounded as transformers rounds
+// them), or hidden itself when proj is null, in the calling thread's own buffer. Thread 0 also
+// stores it in `store`, the other copy of the stream, which nobody reads before the next barrier.
+const float* Decoder::residual_sum(const float* hidden, const float* proj, int64_t count, float* store) const {
+  if (!proj) return hidden;
+  float* sum = thread_floats(2, count);
+  if (config_.bf16) {
+    for (int64_t i = 0; i < count; ++i) sum[i] = round_bf16(hidden[i] + round_bf16(proj[i]));
+  } else {
+    for (int64_t i = 0; i < count; ++i) sum[i] = hidden[i] + proj[i];
+  }
+  if (omp_get_thread_num() == 0) std::memcpy(store, sum, count * sizeof(float));
+  return sum;
+}
+
 // Projections of one input (q/k/v, gate/up): when all are TILE16, one loop over all their tiles
 // (tiled_gemv_batch), so the team meets at one barrier instead of one per projection; otherwise
 // one linear() each.
@@ -262,7 +325,7 @@ void Decoder::linear_batch(const LinearWeights* const* weights, float* const* ou
   for (int i = 0; i < count && together; ++i)
     together = weights[i]->kind == WeightKind::kTile16 && weights[i]->k == weights[0]->k;
   if (!together) {
-    for (int i = 0; i < count; ++i) linear(*weights[i], x, rows, outputs[i]);
+    for (int i = 0; i < count; ++i) linear(*weights[i], x, nullptr, rows, outputs[i]);
     return;
   }
   const bool timing = profiling_ && omp_get_thread_num() == 0;
@@ -276,10 +339,6 @@ void Decoder::linear_batch(const LinearWeights* const* weights, float* const* ou
     calls[i].n = w.n, calls[i].bits = w.bits, calls[i].g = w.group_size, calls[i].y = outputs[i];
   }
   tiled_gemv_batch(input, config_.bf16, rows, k, calls, count, threads_);
-  if (config_.bf16) {
-#pragma omp single
-    for (int i = 0; i < count; ++i) round_activations(outputs[i], rows * weights[i]->n);
-  }
   if (timing) profile_[kLinear] += now_seconds() - started;
 }
 
@@ -301,9 +360,9 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
   const double started = profiling_ ? now_seconds() : 0.0;
   double timed_before = 0.0;
   for (double t : profile_) timed_before += t;
-  // One OpenMP region for the whole chunk: the linear layers and the attention share their work out
-  // among its threads (detail::for_each_index), and the short steps between them run on one thread
-  // while the others wait at the barrier, instead of a fork and join per kernel (8 per layer).
+  // One OpenMP region for the whole chunk: the linear layers, the attention and the short steps
+  // between them share their work out among its threads (detail::for_each_index, finish_head) or
+  // are computed by each thread for itself, instead of a fork and join per kernel (8 per layer).
 #pragma omp parallel num_threads(threads_)
   {
     detail::in_split_team() = true;
@@ -318,13 +377,20 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
   }
 }
 
+// Seven barriers a layer (17 before): after the q/k/v kernels, the per-head step (finish_head), the
+// attention, o, gate/up, SiLU x up and down. The norms and residual adds are computed by every
+// thread for itself (residual_sum, thread_floats), and each kernel's output is rounded by whichever
+// step reads it next, so none of them needs a barrier or a single thread of its own.
 void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, bool all_logits) {
   const DecoderConfig& c = config_;
-  const int64_t hid = c.hidden, d = c.head_dim, qd = c.q_heads * d, kvd = c.kv_heads * d, inter = c.intermediate;
+  const int64_t hid = c.hidden, d = c.head_dim, qd = c.q_heads * d, inter = c.intermediate;
   const int64_t start = length_;
   const int64_t elem = c.bf16 ? 2 : 4;
-  float* hidden = hidden_.data();
   const bool timing = profiling_ && omp_get_thread_num() == 0;
+  // The residual stream's two copies: `hidden` is read, `other` written (by thread 0), then swapped.
+  float* hidden = hidden_.data();
+  float* other = hidden_.data() + kChunk * hid;
+  const float* pending = nullptr;  // a projection not yet added to `hidden`
 
 #pragma omp single
   for (int64_t r = 0; r < rows; ++r) {
@@ -338,76 +404,54 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
     }
   }
 
+  // Adds the pending projection to the stream and returns its norm, in this thread's own buffer.
+  auto settle_and_norm = [&](const float* weight, int64_t first_row) {
+    const float* sum = residual_sum(hidden, pending, rows * hid, other);
+    if (pending) std::swap(hidden, other);
+    pending = nullptr;
+    float* normed = thread_floats(0, rows * hid);
+    norm_rows(sum + first_row * hid, rows - first_row, hid, weight, normed);
+    return normed;
+  };
+
   for (size_t li = 0; li < layers_.size(); ++li) {
     const DecoderLayerWeights& layer = layers_[li];
-#pragma omp single
-    norm_rows(hidden, rows, hid, layer.input_norm, normed_.data());
     {
+      const float* normed = settle_and_norm(layer.input_norm, 0);
       const LinearWeights* weights[] = {&layer.q, &layer.k, &layer.v};
       float* outputs[] = {q_.data(), k_.data(), v_.data()};
-      linear_batch(weights, outputs, 3, normed_.data(), rows);
+      linear_batch(weights, outputs, 3, normed, rows);
     }
-#pragma omp single
-    for (int64_t r = 0; r < rows; ++r) {
-      float* qr = q_.data() + r * qd;
-      float* kr = k_.data() + r * kvd;
-      if (layer.q_norm) {
-        norm_rows(qr, c.q_heads, d, layer.q_norm, qr);
-        norm_rows(kr, c.kv_heads, d, layer.k_norm, kr);
-      }
-      const float* cos_r = rotary_.data() + r * d;  // cos then sin, head_dim / 2 each
-      rotate(qr, c.q_heads, cos_r, cos_r + d / 2);
-      rotate(kr, c.kv_heads, cos_r, cos_r + d / 2);
-      // Append this token's key and value to the cache, in the cache's dtype.
-      const float* vr = v_.data() + r * kvd;
-      for (int pass = 0; pass < 2; ++pass) {
-        const float* src = pass == 0 ? kr : vr;
-        uint8_t* base = (pass == 0 ? keys_ : values_)[li].data();
-        for (int64_t hh = 0; hh < c.kv_heads; ++hh) {
-          uint8_t* dst = base + ((hh * capacity_ + start + r) * d) * elem;
-          if (c.bf16) {
-            uint16_t* out = reinterpret_cast<uint16_t*>(dst);
-            for (int64_t i = 0; i < d; ++i) out[i] = numeric::f32_to_bf16(src[hh * d + i]);
-          } else {
-            std::memcpy(dst, src + hh * d, d * sizeof(float));
-          }
-        }
-      }
+    {
+      // Every thread takes every team-size-th head: q's heads (normed, rotated) and k's and v's
+      // come out evenly shared, where a block of them each would leave one thread all of q.
+      const int64_t heads = c.q_heads + 2 * c.kv_heads;
+      const int team = omp_get_num_threads(), me = omp_get_thread_num();
+      for (int64_t item = me; item < rows * heads; item += team) finish_head(layer, li, item / heads, item % heads);
+#pragma omp barrier
     }
-    // Attention of each token over the cache up to and including itself.
+    // Attention of each token over the cache up to and including itself; a bfloat16 model's
+    // output stays as bits, which o's kernel takes as they are.
     const double attention_started = timing ? now_seconds() : 0.0;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t visible_end = start + r + 1;
       const int64_t first = layer.sliding_window > 0 ? std::max<int64_t>(0, visible_end - layer.sliding_window) : 0;
       const uint8_t* kbase = keys_[li].data() + first * d * elem;
       const uint8_t* vbase = values_[li].data() + first * d * elem;
-      float* out = attn_.data() + r * qd;
-      const float* qr = q_.data() + r * qd;
-      if (c.bf16) {
-#pragma omp single
-        for (int64_t i = 0; i < qd; ++i) q_bits_[i] = numeric::f32_to_bf16(qr[i]);
-        decode_attention(q_bits_.data(), kbase, vbase, nullptr, true, 1, c.q_heads, c.kv_heads, visible_end - first, d,
-                         0, capacity_ * d, d, 0, capacity_ * d, d, 0, c.attention_scale, attn_bits_.data(), threads_);
-#pragma omp single
-        for (int64_t i = 0; i < qd; ++i) out[i] = numeric::bf16_to_f32(attn_bits_[i]);
-      } else {
-        decode_attention(qr, kbase, vbase, nullptr, false, 1, c.q_heads, c.kv_heads, visible_end - first, d, 0,
-                         capacity_ * d, d, 0, capacity_ * d, d, 0, c.attention_scale, out, threads_);
-      }
+      const void* query = c.bf16 ? static_cast<const void*>(q_bits_.data() + r * qd)
+                                 : static_cast<const void*>(q_.data() + r * qd);
+      void* out = c.bf16 ? static_cast<void*>(attn_bits_.data() + r * qd) : static_cast<void*>(attn_.data() + r * qd);
+      decode_attention(query, kbase, vbase, nullptr, c.bf16, 1, c.q_heads, c.kv_heads, visible_end - first, d, 0,
+                       capacity_ * d, d, 0, capacity_ * d, d, 0, c.attention_scale, out, threads_);
     }
-#pragma omp barrier
     if (timing) profile_[kAttention] += now_seconds() - attention_started;
-    linear(layer.o, attn_.data(), rows, proj_.data());
-#pragma omp single
+    linear(layer.o, attn_.data(), c.bf16 ? attn_bits_.data() : nullptr, rows, proj_.data());
+    pending = proj_.data();
     {
-      for (int64_t i = 0; i < rows * hid; ++i) hidden[i] += proj_[i];
-      round_activations(hidden, rows * hid);
-      norm_rows(hidden, rows, hid, layer.post_attention_norm, normed_.data());
-    }
-    {
+      const float* normed = settle_and_norm(layer.post_attention_norm, 0);
       const LinearWeights* weights[] = {&layer.gate, &layer.up};
       float* outputs[] = {gate_.data(), up_.data()};
-      linear_batch(weights, outputs, 2, normed_.data(), rows);
+      linear_batch(weights, outputs, 2, normed, rows);
     }
     {
       // SiLU(gate) x up, shared among the team: its exponentials are the longest of the short
@@ -417,27 +461,31 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
       const int64_t total = rows * inter;
       detail::for_each_index((total + kEltwiseBlock - 1) / kEltwiseBlock, threads_, [&](int64_t b) {
         const int64_t end = std::min(total, (b + 1) * kEltwiseBlock);
-        for (int64_t i = b * kEltwiseBlock; i < end; ++i) {
-          float silu = g[i] / (1.0f + std::exp(-g[i]));
-          if (c.bf16) silu = round_bf16(silu);
-          g[i] = c.bf16 ? round_bf16(silu * u[i]) : silu * u[i];
+        if (c.bf16) {
+          for (int64_t i = b * kEltwiseBlock; i < end; ++i) {
+            const float gi = round_bf16(g[i]);
+            g[i] = round_bf16(round_bf16(gi / (1.0f + numeric::exp_for_silu(-gi))) * round_bf16(u[i]));
+          }
+        } else {
+          for (int64_t i = b * kEltwiseBlock; i < end; ++i) g[i] = g[i] / (1.0f + numeric::exp_for_silu(-g[i])) * u[i];
         }
       });
     }
-    linear(layer.down, gate_.data(), rows, proj_.data());
-#pragma omp single
-    {
-      for (int64_t i = 0; i < rows * hid; ++i) hidden[i] += proj_[i];
-      round_activations(hidden, rows * hid);
-    }
+    linear(layer.down, gate_.data(), nullptr, rows, proj_.data());
+    pending = proj_.data();
   }
 
   if (logits) {
     const int64_t first_row = all_logits ? 0 : rows - 1;
     const int64_t out_rows = rows - first_row;
-#pragma omp single
-    norm_rows(hidden + first_row * hid, out_rows, hid, final_norm_, normed_.data());
-    linear(lm_head_, normed_.data(), out_rows, logits);
+    const float* normed = settle_and_norm(final_norm_, first_row);
+    linear(lm_head_, normed, nullptr, out_rows, logits);
+    if (c.bf16) {
+      const int64_t total = out_rows * c.vocab;
+      detail::for_each_index((total + kRoundBlock - 1) / kRoundBlock, threads_, [&](int64_t b) {
+        round_activations(logits + b * kRoundBlock, std::min(kRoundBlock, total - b * kRoundBlock));
+      });
+    }
   }
 }
 

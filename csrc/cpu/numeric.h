@@ -50,5 +50,38 @@ static inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
+// e^x for SiLU's denominator, written so that gcc vectorizes a loop of it (std::exp keeps a loop
+// scalar: SiLU's 3072 calls a layer were a third of a decode step's time between kernels).
+// x = n ln 2 + r with |r| <= ln 2 / 2, e^r by Cephes' expf polynomial, 2^n put into the exponent
+// bits: within 1 ulp of e^x on [-86, 88.72] (every third float32 there checked against double
+// std::exp: 0.98 ulp at worst), +inf above, where e^x overflows float32, and 0 below -86, where
+// 1 + e^x is 1 in float32 anyway. NaN stays NaN. No branches: out-of-range x runs the same
+// arithmetic on garbage and is replaced at the end by a select on the bits (clamping x first, or a
+// select on floats, let gcc 12 fold a constant path into a branch that kept the loop scalar).
+static inline float exp_for_silu(float x) {
+  // n = x log2(e) rounded to nearest by adding 1.5 * 2^23 (the float's last place is then 1),
+  // which also leaves n in the sum's low mantissa bits (std::floor and float -> int conversion
+  // are not vectorized without -ffast-math).
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  const uint32_t n_bits = f32_to_bits(shifted) - 0x4b400000u;  // n mod 2^32
+  // ln 2 split in two so that n * high is exact: r carries about 32 bits of ln 2 in all.
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  // 2^(n - 1) is a normal float for every n in range (-124 to 128); the factor 2 restores it.
+  const float scale = bits_to_f32((n_bits + 126u) << 23);
+  const uint32_t overflow = 0u - static_cast<uint32_t>(x > 88.72283935546875f);
+  const uint32_t underflow = 0u - static_cast<uint32_t>(x < -86.0f);
+  const uint32_t result = f32_to_bits(p * scale * 2.0f);
+  return bits_to_f32((result & ~(overflow | underflow)) | (0x7f800000u & overflow));
+}
+
 }  // namespace numeric
 }  // namespace brecq

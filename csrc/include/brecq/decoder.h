@@ -87,14 +87,17 @@ class Decoder {
  private:
   void run_chunk(const int64_t* tokens, int64_t count, float* logits, bool all_logits);
   void run_layers(const int64_t* tokens, int64_t count, float* logits, bool all_logits);
-  void linear(const LinearWeights& w, const float* x, int64_t rows, float* y);
+  void linear(const LinearWeights& w, const float* x, const uint16_t* x_bits, int64_t rows, float* y);
   void linear_batch(const LinearWeights* const* weights, float* const* outputs, int count, const float* x,
                     int64_t rows);
   static const uint16_t* bf16_copy(const float* x, int64_t count);
+  static float* thread_floats(int slot, int64_t count);
+  const float* residual_sum(const float* hidden, const float* proj, int64_t count, float* store) const;
   void round_activations(float* x, int64_t count) const;
   void norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, float* out) const;
   void rotary_tables(int64_t position, float* cos_v, float* sin_v) const;
-  void rotate(float* x, int64_t heads, const float* cos_v, const float* sin_v) const;
+  void rotate(float* x, const float* cos_v, const float* sin_v, float* out) const;
+  void finish_head(const DecoderLayerWeights& layer, size_t li, int64_t r, int64_t head);
   size_t cache_elements(int64_t positions) const;
 
   DecoderConfig config_;
@@ -110,8 +113,9 @@ class Decoder {
   int64_t length_ = 0, capacity_ = 0;
   // Per layer [kv_heads, capacity, head_dim]: float32, or bfloat16 bits for a bfloat16 model.
   std::vector<std::vector<uint8_t>> keys_, values_;
-  // Activations of one chunk.
-  std::vector<float> hidden_, normed_, q_, k_, v_, attn_, proj_, gate_, up_, rotary_;
+  // Activations of one chunk. hidden_ holds two copies of the residual stream, read and written in
+  // turn, so that one thread can store the new stream while the others still read the old one.
+  std::vector<float> hidden_, q_, k_, v_, attn_, proj_, gate_, up_, rotary_;
   std::vector<uint16_t> q_bits_, attn_bits_;
 };
 
