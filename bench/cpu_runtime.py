@@ -19,10 +19,11 @@ same thread count) on GGUF files that its own quantizer made from brecq's full-p
 
 For each depth, every engine prefills the same random prompt once, then decode steps of all engines
 run interleaved in a fresh random order each round. Prefill speed at 128 and 512 tokens is timed
-separately, interleaved, 3 times. The read bandwidth is measured in the same run (torch sum over 512
-MiB, before each round of each depth, as the host's rate drifts): the floor of a step is the bytes it
-reads (weights as stored, plus the KV cache at that depth) over the median rate of that depth's
-rounds. The runtime's own profile splits its step into weight streaming (linear layers and lm_head)
+separately, interleaved, 3 times. The floor of a runtime step is the time a plain read of the bytes
+it reads (weights as stored, plus the KV cache at its position; torch sum over float32 on 2 MiB pages,
+as the weight arena places weights) takes, timed right after that step: the host's read rate drifts
+(35-64 GB/s within one run here, within seconds), so each step is compared with a read of the same
+seconds, and the table gives the median of those ratios. The runtime's own profile splits its step into weight streaming (linear layers and lm_head)
 and the rest. A table of ratios gives how many times faster each runtime variant decodes than each
 llama.cpp row, depth by depth.
 
@@ -62,15 +63,28 @@ def loadavg() -> str:
         return "n/a"
 
 
-def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
-    data = torch.ones(mib << 18, dtype=torch.float32)  # mib MiB
-    data.sum()
-    times = []
-    for _ in range(repeats):
+class PlainRead:
+    """A plain read of the bytes a step reads, to put beside the step: float32 ones in a region on
+    2 MiB pages, as brecq's weight arena places a model's weights (brecq_ext.arena; 4 KiB pages
+    read 10-12 % slower on the development VM, which would make the floor too lenient)."""
+
+    def __init__(self, nbytes: int):
+        from brecq_ext.arena import place_tensors
+
+        self.arena, (self.data,) = place_tensors([torch.ones(nbytes // 4, dtype=torch.float32)], huge_pages=True)
+
+    def seconds(self, nbytes: int) -> float:
+        """Seconds one read of the first ``nbytes`` takes (torch sum over them, on torch's threads)."""
+        view = self.data[: nbytes // 4]
         started = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - started)
-    return data.numel() * 4 / statistics.median(times) / 1e9
+        view.sum()
+        return time.perf_counter() - started
+
+    def gbs(self, repeats: int = 3) -> float:
+        """The rate the whole buffer is read at, median of ``repeats`` reads after one unmeasured."""
+        nbytes = self.data.numel() * 4
+        self.seconds(nbytes)
+        return nbytes / statistics.median(self.seconds(nbytes) for _ in range(repeats)) / 1e9
 
 
 def recipes():
@@ -183,6 +197,12 @@ def summarise(samples: list[float], failure: str | None = None) -> dict:
             "p90_ms": ordered[(9 * len(ordered)) // 10], "n": len(ordered)}
 
 
+def summarise_values(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "p10": ordered[len(ordered) // 10],
+            "p90": ordered[(9 * len(ordered)) // 10], "n": len(ordered)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", type=int, nargs="+", default=[0, 128, 512, 2048])
@@ -270,6 +290,8 @@ def main() -> None:
             for name, path in files.items():
                 engines[f"llama.cpp {name}"] = LlamaCppEngine(path, n_ctx, args.threads)
         config = models["w4w6_head8"].config
+        most = max(nbytes for label, nbytes in result["bytes_per_token"].items() if label in quantized)
+        reader = PlainRead(most + kv_bytes(config, max(args.depths) + args.repeats * args.tokens + 1))
         order = random.Random(0)
         labels = list(engines)
 
@@ -303,10 +325,14 @@ def main() -> None:
             for label in units[1:]:
                 samples[label] = []
             bandwidths = []
+            # Each runtime step's floor: a plain read of the bytes that step reads (weights, and the
+            # KV cache at its position), timed right after it. The host's read rate drifts (35-64
+            # GB/s within one run here, changing within seconds), so a rate read once a round can
+            # belong to another regime than the steps it is compared with.
+            paired = {label: [] for label in labels if label.endswith("runtime")}
+            paired_reads = []
             for _ in range(args.repeats):
-                # The host's read rate drifts (35-61 GB/s within one run here): each depth's floor
-                # uses the rate read between its own rounds.
-                bandwidths.append(read_bandwidth_gbs(repeats=3))
+                bandwidths.append(reader.gbs())
                 for unit in order.sample(units, len(units)):
                     if unit != "in-process":
                         if unit in failures:
@@ -324,7 +350,14 @@ def main() -> None:
                         for label in order.sample(labels, len(labels)):
                             started = time.perf_counter()
                             engines[label].step()
-                            samples[label].append(1e3 * (time.perf_counter() - started))
+                            step_ms = 1e3 * (time.perf_counter() - started)
+                            samples[label].append(step_ms)
+                            if label in paired:
+                                position = depth + len(samples[label])
+                                nbytes = result["bytes_per_token"][label.split()[0]] + kv_bytes(config, position)
+                                read_s = reader.seconds(nbytes)
+                                paired[label].append(step_ms / (1e3 * read_s))
+                                paired_reads.append(nbytes / read_s / 1e9)
             for label in labels:
                 if label.endswith("runtime"):
                     runtime = engines[label].decoder._runtime
@@ -336,7 +369,9 @@ def main() -> None:
             result["depths"][str(depth)] = {"decode": {label: summarise(s, failures.get(label))
                                                        for label, s in samples.items()},
                                             "runtime_profile": profiles, "kv_bytes": kv_bytes(config, depth),
-                                            "bandwidth_gbs": bandwidths}
+                                            "bandwidth_gbs": bandwidths,
+                                            "paired_read_gbs": summarise_values(paired_reads),
+                                            "x_floor": {label: summarise_values(r) for label, r in paired.items()}}
             log.info("depth %d done", depth)
     result["loadavg_after"] = loadavg()
     report(result, args)
@@ -346,7 +381,7 @@ def main() -> None:
 
 def report(result: dict, args) -> None:
     reads = [gbs for depth in result["depths"].values() for gbs in depth["bandwidth_gbs"]]
-    print(f"Qwen3-0.6B shape, {args.layers} layers, {args.threads} threads; read bandwidth "
+    print(f"Qwen3-0.6B shape, {args.layers} layers, {args.threads} threads; read bandwidth once a round "
           f"{statistics.median(reads):.1f} GB/s (range {min(reads):.1f}-{max(reads):.1f}); loadavg "
           f"{result['loadavg_before']} -> {result['loadavg_after']}\n")
     depths = list(result["depths"])
@@ -375,23 +410,25 @@ def report(result: dict, args) -> None:
                     cells.append("-" if "failed" in theirs or "failed" in ours
                                  else f"{theirs['median_ms'] / ours['median_ms']:.2f}")
                 print(f"| {label.split()[0]} | {other} | " + " | ".join(cells) + " |")
-    print("\nbrecq runtime against its floor (bytes read per token / the read bandwidth measured between that "
-          "depth's rounds):\n")
-    print("| variant | depth | bytes/token (MB) | read GB/s | floor ms | measured ms | x floor | not weight streaming |")
+    print("\nbrecq runtime against its floor: each step beside a plain read of the bytes it reads (weights, KV "
+          "cache at its position; 2 MiB pages), timed right after it; x floor is the median (p10-p90) of the "
+          "steps' ratios, read GB/s the median of those reads:\n")
+    print("| variant | depth | bytes/token (MB) | read GB/s | floor ms | measured ms | x floor (p10-p90) | not weight streaming |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label in labels:
         if not label.endswith("runtime"):
             continue
         variant = label.split()[0]
         for d in depths:
-            nbytes = result["bytes_per_token"][variant] + result["depths"][d]["kv_bytes"]
-            depth_bandwidth = statistics.median(result["depths"][d]["bandwidth_gbs"])
-            floor = nbytes / (depth_bandwidth * 1e9) * 1e3
-            measured = result["depths"][d]["decode"][label]["median_ms"]
-            profile = result["depths"][d]["runtime_profile"][label]
+            at = result["depths"][d]
+            nbytes = result["bytes_per_token"][variant] + at["kv_bytes"]
+            read_gbs = at["paired_read_gbs"]["median"]
+            ratio = at["x_floor"][label]
+            profile = at["runtime_profile"][label]
             total = sum(profile.values())
             rest = (profile["attention_ms"] + profile["other_ms"]) / total if total else float("nan")
-            print(f"| {variant} | {d} | {nbytes / 1e6:.0f} | {depth_bandwidth:.1f} | {floor:.1f} | {measured:.1f} | {measured / floor:.2f} | "
+            print(f"| {variant} | {d} | {nbytes / 1e6:.0f} | {read_gbs:.1f} | {nbytes / (read_gbs * 1e9) * 1e3:.1f} | "
+                  f"{at['decode'][label]['median_ms']:.1f} | {ratio['median']:.2f} ({ratio['p10']:.2f}-{ratio['p90']:.2f}) | "
                   f"{100 * rest:.0f} % |")
     print("\nPrefill tokens/s (range of 3 in ms):\n")
     print("| engine | " + " | ".join(f"{p} tokens" for p in result["prefill"]) + " |")
