@@ -94,6 +94,19 @@ def test_bfloat16_as_close_as_transformers_own_bfloat16(model_type):
     assert runtime_error.mean() <= 1.5 * transformers_error.mean() + 1e-3
 
 
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_bfloat16_prompt_chunks_equal_single_steps(model_type):
+    """A prompt run in chunks of 8 rows (each row's q, attention output and cache append at its own
+    offset) gives the logits that one token per call gives, bit for bit."""
+    model = _model(model_type, dtype=torch.bfloat16)
+    ids = _ids(21)
+    decoder = CpuDecoder(model)
+    whole = decoder.forward(ids, all_logits=True).clone()
+    decoder.reset()
+    stepwise = torch.stack([decoder.forward(ids[0, i:i + 1]).clone() for i in range(ids.shape[1])])
+    assert torch.equal(whole, stepwise)
+
+
 @pytest.mark.parametrize("kv_heads", [8, 4, 2, 1], ids=lambda h: f"gqa{8 // h}")
 @pytest.mark.parametrize("head_dim", [24, 40, 72])
 def test_gqa_ratios_and_head_sizes(kv_heads, head_dim):
