@@ -20,10 +20,10 @@ same thread count) on GGUF files that its own quantizer made from brecq's full-p
 For each depth, every engine prefills the same random prompt once, then decode steps of all engines
 run interleaved in a fresh random order each round. Prefill speed at 128 and 512 tokens is timed
 separately, interleaved, 3 times. The floor of a runtime step is the time a plain read of the bytes
-it reads (weights as stored, plus the KV cache at its position; torch sum over float32 on 2 MiB pages,
-as the weight arena places weights) takes, timed right after that step: the host's read rate drifts
-(35-64 GB/s within one run here, within seconds), so each step is compared with a read of the same
-seconds, and the table gives the median of those ratios. The runtime's own profile splits its step into weight streaming (linear layers and lm_head)
+it reads takes, timed right after that step: its weights where they are (the model's arena on 2 MiB
+pages) and a buffer as large as the KV cache at its position (2 MiB pages too); the host's read rate
+drifts (35-64 GB/s within one run here, within seconds), so each step is compared with a read of the
+same seconds, and the table gives the median of those ratios. The runtime's own profile splits its step into weight streaming (linear layers and lm_head)
 and the rest. A table of ratios gives how many times faster each runtime variant decodes than each
 llama.cpp row, depth by depth.
 
@@ -64,25 +64,33 @@ def loadavg() -> str:
 
 
 class PlainRead:
-    """A plain read of the bytes a step reads, to put beside the step: float32 ones in a region on
-    2 MiB pages, as brecq's weight arena places a model's weights (brecq_ext.arena; 4 KiB pages
-    read 10-12 % slower on the development VM, which would make the floor too lenient)."""
+    """Plain reads (the max of int32 views, on torch's threads) to put beside a step: of a model's own
+    weights where they live (its ``brecq_ext`` arena on 2 MiB pages), and of a buffer on 2 MiB pages
+    standing in for the KV cache (the runtime's own is not reachable from Python). The weights are
+    read where they are because on this VM the same bytes at other addresses can read at another
+    rate (one brecq_gemv_bench process's pool read 2x slower in one half than the other)."""
 
     def __init__(self, nbytes: int):
         from brecq_ext.arena import place_tensors
 
-        self.arena, (self.data,) = place_tensors([torch.ones(nbytes // 4, dtype=torch.float32)], huge_pages=True)
+        self.arena, (self.data,) = place_tensors([torch.ones(nbytes // 4, dtype=torch.int32)], huge_pages=True)
 
-    def seconds(self, nbytes: int) -> float:
-        """Seconds one read of the first ``nbytes`` takes (torch sum over them, on torch's threads)."""
-        view = self.data[: nbytes // 4]
+    @staticmethod
+    def region_seconds(region: torch.Tensor, nbytes: int | None = None) -> float:
+        """Seconds one read of ``region``'s first ``nbytes`` (all of it by default) takes."""
+        count = (region.numel() if nbytes is None else nbytes) // 4
+        view = region[: 4 * count].view(torch.int32)
         started = time.perf_counter()
-        view.sum()
+        view.max()
         return time.perf_counter() - started
 
+    def seconds(self, nbytes: int) -> float:
+        """Seconds one read of the first ``nbytes`` of the stand-in buffer takes."""
+        return self.region_seconds(self.arena.region, nbytes)
+
     def gbs(self, repeats: int = 3) -> float:
-        """The rate the whole buffer is read at, median of ``repeats`` reads after one unmeasured."""
-        nbytes = self.data.numel() * 4
+        """The rate the whole stand-in buffer is read at, median of ``repeats`` reads after one unmeasured."""
+        nbytes = self.arena.nbytes
         self.seconds(nbytes)
         return nbytes / statistics.median(self.seconds(nbytes) for _ in range(repeats)) / 1e9
 
@@ -290,8 +298,15 @@ def main() -> None:
             for name, path in files.items():
                 engines[f"llama.cpp {name}"] = LlamaCppEngine(path, n_ctx, args.threads)
         config = models["w4w6_head8"].config
-        most = max(nbytes for label, nbytes in result["bytes_per_token"].items() if label in quantized)
-        reader = PlainRead(most + kv_bytes(config, max(args.depths) + args.repeats * args.tokens + 1))
+        reader = PlainRead(max(512 << 20, kv_bytes(config, max(args.depths) + args.repeats * args.tokens + 1)))
+        from brecq_ext.arena import gather_quantized_weights
+
+        weights = {}  # each runtime variant's arena (load_quantized made it; the call returns that one)
+        for label in quantized:
+            arena = gather_quantized_weights(models[label])
+            if arena is None or abs(arena.nbytes - result["bytes_per_token"][label]) > 0.01 * arena.nbytes:
+                raise SystemExit(f"{label}: its weights are not in one arena of {result['bytes_per_token'][label]} bytes")
+            weights[label] = arena.region
         order = random.Random(0)
         labels = list(engines)
 
@@ -325,10 +340,10 @@ def main() -> None:
             for label in units[1:]:
                 samples[label] = []
             bandwidths = []
-            # Each runtime step's floor: a plain read of the bytes that step reads (weights, and the
-            # KV cache at its position), timed right after it. The host's read rate drifts (35-64
-            # GB/s within one run here, changing within seconds), so a rate read once a round can
-            # belong to another regime than the steps it is compared with.
+            # Each runtime step's floor: a plain read of the bytes that step reads (its weights where
+            # they are, and as many bytes as the KV cache at its position), timed right after it. The
+            # host's read rate drifts (35-64 GB/s within one run here, changing within seconds), so a
+            # rate read once a round can belong to another regime than the steps it is compared with.
             paired = {label: [] for label in labels if label.endswith("runtime")}
             paired_reads = []
             for _ in range(args.repeats):
@@ -353,11 +368,11 @@ def main() -> None:
                             step_ms = 1e3 * (time.perf_counter() - started)
                             samples[label].append(step_ms)
                             if label in paired:
-                                position = depth + len(samples[label])
-                                nbytes = result["bytes_per_token"][label.split()[0]] + kv_bytes(config, position)
-                                read_s = reader.seconds(nbytes)
+                                variant = label.split()[0]
+                                kv = kv_bytes(config, depth + len(samples[label]))
+                                read_s = reader.region_seconds(weights[variant]) + (reader.seconds(kv) if kv else 0.0)
                                 paired[label].append(step_ms / (1e3 * read_s))
-                                paired_reads.append(nbytes / read_s / 1e9)
+                                paired_reads.append((weights[variant].numel() + kv) / read_s / 1e9)
             for label in labels:
                 if label.endswith("runtime"):
                     runtime = engines[label].decoder._runtime
@@ -410,9 +425,9 @@ def report(result: dict, args) -> None:
                     cells.append("-" if "failed" in theirs or "failed" in ours
                                  else f"{theirs['median_ms'] / ours['median_ms']:.2f}")
                 print(f"| {label.split()[0]} | {other} | " + " | ".join(cells) + " |")
-    print("\nbrecq runtime against its floor: each step beside a plain read of the bytes it reads (weights, KV "
-          "cache at its position; 2 MiB pages), timed right after it; x floor is the median (p10-p90) of the "
-          "steps' ratios, read GB/s the median of those reads:\n")
+    print("\nbrecq runtime against its floor: each step beside a plain read of the bytes it reads (its weights "
+          "where they are, and a buffer the size of the KV cache at its position; 2 MiB pages), timed right after "
+          "it; x floor is the median (p10-p90) of the steps' ratios, read GB/s the median of those reads:\n")
     print("| variant | depth | bytes/token (MB) | read GB/s | floor ms | measured ms | x floor (p10-p90) | not weight streaming |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label in labels:

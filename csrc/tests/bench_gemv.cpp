@@ -10,7 +10,10 @@
 // Each GEMV call alternates with a plain read of another copy's bytes on as many threads (the
 // same bytes a call streams, XOR-folded 64 bits at a time): the rate a buffer of this size can be
 // read at, measured in the same seconds. A call of a few hundred kilobytes never reaches the rate
-// of a large streaming read, so this is the GEMV's ceiling at its size.
+// of a large streaming read, so this is the GEMV's ceiling at its size. The GEMVs take the even
+// copies and the reads the odd ones, so both sample the same stretches of the pool: on the
+// development VM one half of a pool could read 2x slower than the other (the same bytes, other
+// host memory, by the look of it), which made a GEMV look 30 % as fast as a read half a pool away.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -46,22 +49,29 @@ int main(int argc, char** argv) {
     auto start = std::chrono::steady_clock::now();
     const void* xp = bf16 ? static_cast<const void*>(x.data()) : xf.data();
     if (tiled)
-      tiled_gemv(xp, bf16, m, k, pool.packed(i), pool.scale(i), pool.zero(i), nullptr, n, k, bits, g, y.data(), false,
+      tiled_gemv(xp, bf16, m, k, pool.packed(2 * i), pool.scale(2 * i), pool.zero(2 * i), nullptr, n, k, bits, g, y.data(), false,
                  threads);
     else
-      packed_gemv(xp, bf16, m, k, pool.packed(i), pool.scale(i), pool.zero(i), nullptr, n, k, bits, g, y.data(), false,
+      packed_gemv(xp, bf16, m, k, pool.packed(2 * i), pool.scale(2 * i), pool.zero(2 * i), nullptr, n, k, bits, g, y.data(), false,
                   threads);
     gemv_times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 
     start = std::chrono::steady_clock::now();
-    sink ^= brecq_bench::fold_bytes(pool.bytes(i + pool.copies() / 2), layer_bytes, threads);
+    sink ^= brecq_bench::fold_bytes(pool.bytes(2 * i + 1), layer_bytes, threads);
     read_times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   const double gemv = brecq_bench::median_of(gemv_times), read = brecq_bench::median_of(read_times);
+  char pages[96] = "";
+  if (pool.huge_pages()) {
+    const int64_t huge = pool.huge_page_bytes();
+    if (huge < 0) std::snprintf(pages, sizeof pages, "; huge pages advised");
+    else std::snprintf(pages, sizeof pages, "; %lld of %lld MiB on huge pages", static_cast<long long>(huge >> 20),
+                       static_cast<long long>(pool.region_bytes() >> 20));
+  }
   std::printf("W%d%s %lldx%lld rows=%lld %s threads=%d isa=%s: median %.1f us, %.1f GB/s of packed weights; "
               "plain read of the same bytes %.1f us, %.1f GB/s (GEMV at %.0f%% of it)%s%s\n",
               bits, tiled ? " TILE16" : "", static_cast<long long>(n), static_cast<long long>(k), static_cast<long long>(m),
               bf16 ? "bf16" : "f32", threads, isa_name(active_isa()), gemv * 1e6, layer_bytes / gemv / 1e9, read * 1e6,
-              layer_bytes / read / 1e9, 100.0 * read / gemv, pool.huge_pages() ? "; huge pages" : "", sink == 42 ? " " : "");
+              layer_bytes / read / 1e9, 100.0 * read / gemv, pages, sink == 42 ? " " : "");
   return 0;
 }

@@ -3,6 +3,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -33,11 +34,11 @@ class WeightPool {
         stride_((layer_bytes_ + 63) / 64 * 64),
         copies_(static_cast<int>(std::max<int64_t>(min_copies, footprint_bytes / layer_bytes_))) {
     const size_t huge = size_t{2} << 20;
-    const size_t region_bytes = (static_cast<size_t>(stride_) * copies_ + huge - 1) / huge * huge;
-    region_ = static_cast<uint8_t*>(std::aligned_alloc(huge, region_bytes));
+    region_bytes_ = (static_cast<size_t>(stride_) * copies_ + huge - 1) / huge * huge;
+    region_ = static_cast<uint8_t*>(std::aligned_alloc(huge, region_bytes_));
     if (region_ == nullptr) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
-    if (huge_pages) huge_pages_ = madvise(region_, region_bytes, MADV_HUGEPAGE) == 0;
+    if (huge_pages) huge_pages_ = madvise(region_, region_bytes_, MADV_HUGEPAGE) == 0;
 #endif
     std::mt19937 rng(0);
     const uint16_t half_2_pow_minus_7 = 0x2000;
@@ -55,6 +56,34 @@ class WeightPool {
   int copies() const { return copies_; }
   int64_t layer_bytes() const { return layer_bytes_; }
   bool huge_pages() const { return huge_pages_; }  // the advice was taken (not that every page is huge)
+  // Bytes of the region the kernel backs with huge pages (AnonHugePages of its mappings in
+  // /proc/self/smaps; -1 where that cannot be read): the advice can be taken and still leave pages
+  // of 4 KiB where the kernel found no free 2 MiB ones, and those read slower.
+  int64_t huge_page_bytes() const {
+#if defined(__linux__)
+    std::FILE* smaps = std::fopen("/proc/self/smaps", "r");
+    if (smaps == nullptr) return -1;
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(region_), end = begin + region_bytes_;
+    char line[512];
+    bool inside = false;
+    int64_t total = 0;
+    while (std::fgets(line, sizeof line, smaps)) {
+      unsigned long from = 0, to = 0;
+      long long kib = 0;
+      if (std::sscanf(line, "%lx-%lx ", &from, &to) == 2 && std::strchr(line, ':') != nullptr &&
+          std::strchr(line, '-') < std::strchr(line, ' ')) {
+        inside = from < end && to > begin;
+      } else if (inside && std::sscanf(line, "AnonHugePages: %lld kB", &kib) == 1) {
+        total += kib * 1024;
+      }
+    }
+    std::fclose(smaps);
+    return total;
+#else
+    return -1;
+#endif
+  }
+  int64_t region_bytes() const { return static_cast<int64_t>(region_bytes_); }
   const uint8_t* bytes(int copy) const { return region_ + static_cast<int64_t>(copy % copies_) * stride_; }
   const uint16_t* scale(int copy) const { return reinterpret_cast<const uint16_t*>(bytes(copy)); }
   const uint8_t* packed(int copy) const { return bytes(copy) + scale_bytes_; }
@@ -64,6 +93,7 @@ class WeightPool {
   int64_t scale_bytes_, packed_bytes_, layer_bytes_, stride_;
   int copies_;
   uint8_t* region_ = nullptr;
+  size_t region_bytes_ = 0;
   bool huge_pages_ = false;
 };
 
