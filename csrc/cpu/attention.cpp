@@ -7,7 +7,7 @@
 // query heads that share it, in two passes (scores, then the weighted sum of values).
 //
 // Portable C++ written so that GCC vectorises the inner loops at the build's baseline (AVX2 on
-// x86-64): simd reductions over the head dimension, and a branch-free exp.
+// x86-64): simd reductions over the head dimension, and a branch-free exp (numeric::exp_branchless).
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -18,26 +18,6 @@
 
 namespace brecq {
 namespace {
-
-// e^x for x <= 0 (a score minus its row's maximum). 2^(x log2 e) is split into 2^n, built in the
-// exponent bits, and 2^f with |f| <= 1/2, a degree-6 Taylor polynomial of e^(f ln 2): relative
-// error below 2e-7, about one float32 ulp. Inputs under -87 give e^-87 (~1.6e-38), not 0: at that
-// distance from the maximum a weight is already far below the float32 sum's resolution.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = std::floor(t + 0.5f);
-  const float r = (t - n) * 0.693147180559945309f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * numeric::bits_to_f32(static_cast<uint32_t>(exponent_bits));
-}
 
 inline void to_float(const void* src, bool bf16, int64_t count, float* dst) {
   if (bf16) {
@@ -155,7 +135,7 @@ void decode_attention(const void* q, const void* k, const void* v, const uint8_t
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < count; ++i) {
-          sj[i] = exp_nonpositive(sj[i] - top);
+          sj[i] = numeric::exp_branchless(sj[i] - top);  // x <= 0
           sum += sj[i];
         }
         for (int64_t i = count; i < padded; ++i) sj[i] = 0.0f;

@@ -8,7 +8,7 @@
 // float32 (a shift and a mask, both exact), and each half meets the matching half of the query:
 //   scores: four key rows side by side (a chain of FMAs per row and head, four rows interleaved to
 //           cover the FMA latency), reduced four at a time with horizontal adds, then scaled;
-//   softmax: the portable kernel's exp polynomial, eight lanes at a time;
+//   softmax: a branch-free exp (degree-6 Taylor polynomial), eight lanes at a time;
 //   values: the head dimension in slices of 32 elements, the accumulators of every query head
 //           of a slice in registers, over blocks of 64 rows so that the block's rows, read from
 //           memory by the first slice, come from L1 for the others.
@@ -35,7 +35,9 @@ constexpr int64_t kMaxGroup = 16;         // query heads per key/value head held
 constexpr int64_t kValueBlockRows = 64;   // value rows per block: 64 x 512 bytes at head_dim 256
 constexpr int kHeadsPerPass = 2;          // query heads whose value accumulators share the registers
 
-// e^x for x <= 0, eight at a time: the portable kernel's polynomial (attention.cpp), vectorised.
+// e^x for x <= 0, eight at a time: 2^(x log2 e) split into 2^n, built in the exponent bits, and
+// 2^f with |f| <= 1/2, a degree-6 Taylor polynomial of e^(f ln 2) (about one float32 ulp); inputs
+// under -87 give e^-87.
 inline __m256 exp_nonpositive(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));

@@ -30,7 +30,8 @@ namespace {
 constexpr int64_t kMaxDim = 256;    // head_dim in 32-element chunks: up to 8 of them
 constexpr int64_t kMaxGroup = 16;   // query heads per key/value head held here
 
-// e^x for x <= 0, sixteen at a time: the portable kernel's polynomial (attention.cpp), vectorised.
+// e^x for x <= 0, sixteen at a time: the AVX2 kernel's exp_nonpositive (attention_avx2.cpp) on
+// 512-bit registers.
 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));

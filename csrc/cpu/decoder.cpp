@@ -464,10 +464,10 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
         if (c.bf16) {
           for (int64_t i = b * kEltwiseBlock; i < end; ++i) {
             const float gi = round_bf16(g[i]);
-            g[i] = round_bf16(round_bf16(gi / (1.0f + numeric::exp_for_silu(-gi))) * round_bf16(u[i]));
+            g[i] = round_bf16(round_bf16(gi / (1.0f + numeric::exp_branchless(-gi))) * round_bf16(u[i]));
           }
         } else {
-          for (int64_t i = b * kEltwiseBlock; i < end; ++i) g[i] = g[i] / (1.0f + numeric::exp_for_silu(-g[i])) * u[i];
+          for (int64_t i = b * kEltwiseBlock; i < end; ++i) g[i] = g[i] / (1.0f + numeric::exp_branchless(-g[i])) * u[i];
         }
       });
     }

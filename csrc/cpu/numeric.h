@@ -50,15 +50,16 @@ static inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
-// e^x for SiLU's denominator, written so that gcc vectorizes a loop of it (std::exp keeps a loop
-// scalar: SiLU's 3072 calls a layer were a third of a decode step's time between kernels).
-// x = n ln 2 + r with |r| <= ln 2 / 2, e^r by Cephes' expf polynomial, 2^n put into the exponent
-// bits: within 1 ulp of e^x on [-86, 88.72] (every third float32 there checked against double
-// std::exp: 0.98 ulp at worst), +inf above, where e^x overflows float32, and 0 below -86, where
-// 1 + e^x is 1 in float32 anyway. NaN stays NaN. No branches: out-of-range x runs the same
-// arithmetic on garbage and is replaced at the end by a select on the bits (clamping x first, or a
-// select on floats, let gcc 12 fold a constant path into a branch that kept the loop scalar).
-static inline float exp_for_silu(float x) {
+// e^x for the kernels' elementwise loops (SiLU, softmax), written so that gcc vectorizes a loop
+// of it at the AVX2 baseline (std::exp keeps a loop scalar: SiLU's 3072 calls a layer were a third
+// of a decode step's time between kernels). x = n ln 2 + r with |r| <= ln 2 / 2, e^r by Cephes'
+// expf polynomial, 2^n put into the exponent bits: within 1 ulp of e^x on [-86, 88.72] (every third
+// float32 there checked against double std::exp: 0.98 ulp at worst), +inf above, where e^x
+// overflows float32, and 0 below -86 (where 1 + e^x is 1 in float32, and a softmax weight is far
+// below its sum's resolution). NaN stays NaN. No branches: out-of-range x runs the same arithmetic
+// on garbage and is replaced at the end by a select on the bits (clamping x first, or a select on
+// floats, let gcc 12 fold a constant path into a branch that kept the loop scalar).
+static inline float exp_branchless(float x) {
   // n = x log2(e) rounded to nearest by adding 1.5 * 2^23 (the float's last place is then 1),
   // which also leaves n in the sum's low mantissa bits (std::floor and float -> int conversion
   // are not vectorized without -ffast-math).

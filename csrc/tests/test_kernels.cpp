@@ -37,9 +37,9 @@ void test_half_conversions() {
   CHECK(numeric::f32_to_bf16(1.00390625f) == 0x3f80, "bf16 ties to even");
 }
 
-// exp_for_silu against double-precision exp on every 61st float32 of its range (about 24 million),
+// exp_branchless against double-precision exp on every 61st float32 of its range (about 24 million),
 // and its ends: +inf past overflow, 0 below -86, NaN through.
-void test_exp_for_silu() {
+void test_exp_branchless() {
   double worst = 0.0;
   float worst_at = 0.0f;
   for (uint32_t sign = 0; sign < 2; ++sign) {
@@ -49,17 +49,17 @@ void test_exp_for_silu() {
       const double exact = std::exp(static_cast<double>(x));
       const float rounded = static_cast<float>(exact);
       const double ulp = static_cast<double>(std::nextafter(rounded, INFINITY)) - rounded;
-      const double error = std::fabs(numeric::exp_for_silu(x) - exact) / ulp;
+      const double error = std::fabs(numeric::exp_branchless(x) - exact) / ulp;
       if (error > worst) worst = error, worst_at = x;
     }
   }
-  CHECK(worst <= 1.0, "exp_for_silu is %.2f ulp off at %.9g", worst, worst_at);
-  CHECK(std::isinf(numeric::exp_for_silu(88.7229f)) && std::isinf(numeric::exp_for_silu(1e30f)) &&
-            std::isinf(numeric::exp_for_silu(INFINITY)),
-        "exp_for_silu overflows to +inf");
-  CHECK(numeric::exp_for_silu(-86.5f) == 0.0f && numeric::exp_for_silu(-INFINITY) == 0.0f, "exp_for_silu below -86");
-  CHECK(std::isnan(numeric::exp_for_silu(NAN)), "exp_for_silu(NaN)");
-  CHECK(numeric::exp_for_silu(0.0f) == 1.0f, "exp_for_silu(0) = %g", numeric::exp_for_silu(0.0f));
+  CHECK(worst <= 1.0, "exp_branchless is %.2f ulp off at %.9g", worst, worst_at);
+  CHECK(std::isinf(numeric::exp_branchless(88.7229f)) && std::isinf(numeric::exp_branchless(1e30f)) &&
+            std::isinf(numeric::exp_branchless(INFINITY)),
+        "exp_branchless overflows to +inf");
+  CHECK(numeric::exp_branchless(-86.5f) == 0.0f && numeric::exp_branchless(-INFINITY) == 0.0f, "exp_branchless below -86");
+  CHECK(std::isnan(numeric::exp_branchless(NAN)), "exp_branchless(NaN)");
+  CHECK(numeric::exp_branchless(0.0f) == 1.0f, "exp_branchless(0) = %g", numeric::exp_branchless(0.0f));
 }
 
 void test_pack_round_trip() {
@@ -385,7 +385,7 @@ void test_rms_norm() {
 
 int main() {
   test_half_conversions();
-  test_exp_for_silu();
+  test_exp_branchless();
   test_pack_round_trip();
   const Isa best = detect_isa();
   for (int isa = static_cast<int>(best); isa >= 0; --isa) {
