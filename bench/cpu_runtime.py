@@ -23,8 +23,8 @@ separately, interleaved, 3 times. The floor of a runtime step is the time a plai
 it reads takes, timed right after that step: its weights where they are (the model's arena on 2 MiB
 pages) and a buffer as large as the KV cache at its position (2 MiB pages too); the host's read rate
 drifts (35-64 GB/s within one run here, within seconds), so each step is compared with a read of the
-same seconds, and the table gives the median of those ratios. The runtime's own profile splits its step into weight streaming (linear layers and lm_head)
-and the rest. A table of ratios gives how many times faster each runtime variant decodes than each
+same seconds, and the table gives the median of those ratios. The runtime's own profile splits its
+step into weight streaming (linear layers and lm_head) and the rest. A table of ratios gives how many times faster each runtime variant decodes than each
 llama.cpp row, depth by depth.
 
 ``--llama-bench [LABEL=]PATH`` (repeatable: one per build, e.g. ``llama-bench-amx=...``) adds llama.cpp's
@@ -73,7 +73,7 @@ class PlainRead:
     def __init__(self, nbytes: int):
         from brecq_ext.arena import place_tensors
 
-        self.arena, (self.data,) = place_tensors([torch.ones(nbytes // 4, dtype=torch.int32)], huge_pages=True)
+        self.arena, _ = place_tensors([torch.ones(nbytes // 4, dtype=torch.int32)], huge_pages=True)
 
     @staticmethod
     def region_seconds(region: torch.Tensor, nbytes: int | None = None) -> float:
@@ -197,18 +197,17 @@ def kv_bytes(config, depth: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * depth * 2  # bfloat16
 
 
-def summarise(samples: list[float], failure: str | None = None) -> dict:
-    if not samples:
-        return {"failed": failure or "no samples"}
-    ordered = sorted(samples)
-    return {"median_ms": statistics.median(ordered), "p10_ms": ordered[len(ordered) // 10],
-            "p90_ms": ordered[(9 * len(ordered)) // 10], "n": len(ordered)}
-
-
 def summarise_values(values: list[float]) -> dict:
     ordered = sorted(values)
     return {"median": statistics.median(ordered), "p10": ordered[len(ordered) // 10],
             "p90": ordered[(9 * len(ordered)) // 10], "n": len(ordered)}
+
+
+def summarise(samples: list[float], failure: str | None = None) -> dict:
+    """Step times in ms: median_ms, p10_ms, p90_ms and n, or the failure."""
+    if not samples:
+        return {"failed": failure or "no samples"}
+    return {key if key == "n" else f"{key}_ms": value for key, value in summarise_values(samples).items()}
 
 
 def main() -> None:
