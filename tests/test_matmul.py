@@ -132,12 +132,12 @@ def test_gemm_workspace_is_reused_per_thread_and_never_leaks_into_results(dtype)
     first = [run(0), run(1)]
     for i, (layer, x) in enumerate(zip(layers, inputs)):
         assert_matmul_close(first[i], x.float() if dtype == torch.float32 else x, layer[4], layer[3])
-    workspace = ops._thread_workspaces.by_dtype[dtype]
+    workspace = ops.matmul._thread_workspaces.by_dtype[dtype]
     for round_ in range(3):
         with torch.inference_mode(round_ % 2 == 0):
             for i in (1, 0):
                 assert torch.equal(run(i), first[i])
-    assert ops._thread_workspaces.by_dtype[dtype] is workspace  # grown once, then reused
+    assert ops.matmul._thread_workspaces.by_dtype[dtype] is workspace  # grown once, then reused
     assert not any(y.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr() for y in first)
 
     results, errors = {}, []

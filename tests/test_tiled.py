@@ -223,7 +223,7 @@ def test_forward_uses_the_tiled_kernel_and_compiles():
 def test_gemm_path_in_several_workspace_tiles(monkeypatch, bits, dtype):
     # Workspace tiles of a few rows: TILE16 ranges must start on whole tiles of 16 rows, and the
     # row-major path must stitch its tiles too.
-    monkeypatch.setattr(ops, "GEMM_TILE_ELEMENTS", 20 * 172)
+    monkeypatch.setattr(ops.matmul, "GEMM_TILE_ELEMENTS", 20 * 172)
     packed, scale, zero, bias, w_deq = _layer(45, 172, bits, 64, seed=bits)
     x = torch.randn(33, 172).to(dtype)
     tiled = to_tile16(packed, scale, zero, bits, 64, 172)
