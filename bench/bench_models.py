@@ -18,7 +18,7 @@ def trained_model(folder: Path, texts=None, *, steps: int = 800, seed: int = 0) 
     import torch
     import torch.nn.functional as F
     from brecq.models import build_model, small_config
-    from brecq.synthetic import _fit
+    from brecq.demo.synthetic import _fit
     from transformers import AutoModelForCausalLM
 
     if (folder / "config.json").exists():

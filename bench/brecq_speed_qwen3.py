@@ -17,9 +17,9 @@ import time
 import torch
 
 from brecq.models import build_model, qwen3_config
-from brecq.quantize import quantize
-from brecq.recipe import get_recipe
-from brecq.reconstruct import ReconstructionConfig
+from brecq.quantization.quantize import quantize
+from brecq.quantization.recipe import get_recipe
+from brecq.quantization.reconstruct import ReconstructionConfig
 
 
 def run(blocks: int, iters: int, samples: int, seq_len: int, device: str) -> list[float]:

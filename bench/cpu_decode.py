@@ -7,7 +7,7 @@ also runs with its 4-bit layers held row-major ("w4w6_rows") beside the TILE16 l
 QuantLinear picks there (brecq_ext.layout), and with its packed weights as separate allocations
 ("w4w6_scattered") beside the one huge-page region that ``quantize`` gathers them into
 (brecq_ext.arena). Timed side by side with
-``brecq.measure.paired_latency`` (steps of all models interleaved in random order, so the machine's
+``brecq.measurement.measure.paired_latency`` (steps of all models interleaved in random order, so the machine's
 drift falls on all alike). Writes JSON and prints a small table.
 
 With ``--attention``, bf16 and w4w6_head8 also run with ``attn_implementation="brecq_sdpa"``
@@ -16,7 +16,7 @@ kernel instead of torch's SDPA), in the same interleaved measurement. ``--norms`
 more with their RMSNorm modules fused as well ("..._brecq_attn_norms", brecq_ext.fuse_rms_norms_).
 
 With ``--static``, it then times bf16, w4w6_head8 and w4w6_head8_fused again with a static KV
-cache (``brecq.measure.StaticDecoder``), each eagerly and with the step compiled by torch.compile
+cache (``brecq.measurement.measure.StaticDecoder``), each eagerly and with the step compiled by torch.compile
 (inductor), all decoders taking turns by repeat.
 
     python bench/cpu_decode.py [--prompt 32] [--tokens 16] [--repeats 3] [--attention] [--norms] [--static]
@@ -37,10 +37,10 @@ from brecq_ext import Layout, fuse_projections_, fuse_rms_norms_, quant_linear_l
 
 from brecq.attention import use_decode_attention
 from brecq.io import atomic_write_text
-from brecq.measure import StaticDecoder, environment, paired_latency, storage
+from brecq.measurement.measure import StaticDecoder, environment, paired_latency, storage
 from brecq.models import build_model, qwen3_config
-from brecq.quantize import quantize
-from brecq.recipe import Method, get_recipe
+from brecq.quantization.quantize import quantize
+from brecq.quantization.recipe import Method, get_recipe
 
 log = logging.getLogger("brecq.bench")
 

@@ -23,8 +23,8 @@ import torch
 import transformers
 
 import brecq_ext
-from brecq.quantize import quantize
-from brecq.recipe import Method, get_recipe
+from brecq.quantization.quantize import quantize
+from brecq.quantization.recipe import Method, get_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "stories260k"

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from brecq.speed import random_packed_weights
+from brecq.measurement.speed import random_packed_weights
 from brecq_ext import QuantLinear, ops
 from brecq_ext._extension import cpu_kernels
 

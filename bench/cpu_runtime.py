@@ -96,7 +96,7 @@ class PlainRead:
 
 
 def recipes():
-    from brecq.recipe import ATTENTION, MLP, Method, Recipe, get_recipe
+    from brecq.quantization.recipe import ATTENTION, MLP, Method, Recipe, get_recipe
 
     from brecq_ext.quant_linear import LayerRule
 
@@ -149,7 +149,7 @@ class LlamaCppEngine:
 
         self.llm = open_llama(path, n_ctx=n_ctx, n_threads=threads, logits_all=False)
 
-    def prefill(self, ids: torch.Tensor) -> None:  # the protocol of brecq.measure.RuntimeDecode
+    def prefill(self, ids: torch.Tensor) -> None:  # the protocol of brecq.measurement.measure.RuntimeDecode
         self.llm.reset()
         self.llm.eval(ids[0].tolist())
         self.token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
@@ -236,7 +236,7 @@ def main() -> None:
     import brecq
     from brecq.attention import use_decode_attention
     from brecq.io import atomic_write_text
-    from brecq.measure import RuntimeDecode, TransformersDecode, environment
+    from brecq.measurement.measure import RuntimeDecode, TransformersDecode, environment
 
     from brecq_ext import fuse_rms_norms_
 

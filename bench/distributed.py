@@ -42,9 +42,9 @@ BRECQ = textwrap.dedent("""
     import sys, torch
     from brecq.distributed import init_from_environment
     from brecq.models import build_model, qwen3_config
-    from brecq.quantize import quantize
-    from brecq.recipe import get_recipe
-    from brecq.reconstruct import InputSource, ReconstructionConfig
+    from brecq.quantization.quantize import quantize
+    from brecq.quantization.recipe import get_recipe
+    from brecq.quantization.reconstruct import InputSource, ReconstructionConfig
     init_from_environment("cpu")
     model = build_model(qwen3_config("tiny", hidden_size=256, intermediate_size=768, num_hidden_layers=8), seed=0)
     ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(0))

@@ -34,10 +34,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from brecq.measure import _cache_keyword, _cache_of, environment, latency, static_decode_latency, storage
+from brecq.measurement.measure import _cache_keyword, _cache_of, environment, latency, static_decode_latency, storage
 from brecq.models import QWEN3_0_6B_LINEAR_SHAPES, build_model, qwen3_config
-from brecq.quantize import quantize
-from brecq.recipe import Method, Recipe, get_recipe
+from brecq.quantization.quantize import quantize
+from brecq.quantization.recipe import Method, Recipe, get_recipe
 from brecq_ext import LayerRule, fuse_projections_, ops
 from brecq_ext.format import layer_storage, num_groups, packed_row_bytes
 

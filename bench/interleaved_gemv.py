@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import brecq_ext
 from brecq.io import atomic_write_text
 from brecq.models import QWEN3_0_6B_LINEAR_SHAPES
-from brecq.speed import in_one_region, random_packed_weights
+from brecq.measurement.speed import in_one_region, random_packed_weights
 from brecq_ext import ops
 from brecq_ext._extension import cpu_kernels
 from brecq_ext.arena import place_tensors

@@ -65,13 +65,13 @@ def main() -> None:
         import llama_cpp  # noqa: F401 (checked here, used through brecq.export.llamacpp)
     except ImportError:
         raise SystemExit("bench/kquants.py compares with llama.cpp: pip install 'brecq[llamacpp]'") from None
-    from brecq.calibration import CalibrationSpec, load_documents
+    from brecq.quantization.calibration import CalibrationSpec, load_documents
     from brecq.evaluation.fidelity import fidelity
     from brecq.evaluation.perplexity import perplexity, token_stream
     from brecq.export import export_gguf_full_precision
     from brecq.export.llamacpp import llama_quantize
     from brecq.kquants import get_preset, load_gguf_weights, quantize_gguf
-    from brecq.reconstruct import ReconstructionConfig
+    from brecq.quantization.reconstruct import ReconstructionConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="brecq-kquants-"))
@@ -120,7 +120,7 @@ def main() -> None:
     elif not args.llama_cpp_source:
         skipped["AutoRound"] = "no --llama-cpp-source (AutoRound's GGUF export needs llama.cpp's conversion code)"
     else:
-        from brecq.calibration import build_calibration
+        from brecq.quantization.calibration import build_calibration
 
         torch.save(build_calibration(tokenizer, calibration), work / "calibration_ids.pt")
         for iters in args.autoround_iters:

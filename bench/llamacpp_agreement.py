@@ -36,11 +36,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from brecq import Method, get_recipe, quantize_pretrained
-    from brecq.calibration import CalibrationSpec
+    from brecq.quantization.calibration import CalibrationSpec
     from brecq.export import export_gguf
     from brecq.io import atomic_write_text
     from brecq.models import stories_model
-    from brecq.reconstruct import ReconstructionConfig
+    from brecq.quantization.reconstruct import ReconstructionConfig
 
     text_file = SHARED / "data" / "tinystories_val_head.txt"
     stories = [s.strip() for s in text_file.read_text(encoding="utf-8").split("\n\n") if s.strip()]

@@ -77,7 +77,7 @@ def brecq_model(path: Path):
 
 def measure(model, llm, prompt: int, tokens: int, repeats: int, seed: int = 0) -> dict:
     """Interleaved prefill and decode timings of brecq (``model``) and llama.cpp (``llm``)."""
-    from brecq.measure import _cache_keyword, _cache_of
+    from brecq.measurement.measure import _cache_keyword, _cache_of
 
     vocab = 1024
     ids = torch.randint(3, vocab, (1, prompt), generator=torch.Generator().manual_seed(seed))
@@ -135,7 +135,7 @@ def main() -> None:
     import llama_cpp
     from brecq.export.llamacpp import open_llama
     from brecq.io import atomic_write_text
-    from brecq.measure import environment
+    from brecq.measurement.measure import environment
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

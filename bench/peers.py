@@ -59,7 +59,7 @@ METHODS = ("brecq", "autoround", "llmcompressor", "llamacpp")
 
 def block_linears(model):
     """The decoder blocks' linear layers, dense or packed."""
-    from brecq.blocks import decoder_blocks
+    from brecq.quantization.blocks import decoder_blocks
 
     from brecq_ext import QuantLinear
 
@@ -85,12 +85,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from brecq.calibration import CalibrationSpec, build_calibration, load_documents
+    from brecq.quantization.calibration import CalibrationSpec, build_calibration, load_documents
     from brecq.evaluation.fidelity import fidelity
     from brecq.evaluation.perplexity import perplexity, token_stream
-    from brecq.quantize import quantize
-    from brecq.recipe import Method, get_recipe
-    from brecq.reconstruct import ReconstructionConfig
+    from brecq.quantization.quantize import quantize
+    from brecq.quantization.recipe import Method, get_recipe
+    from brecq.quantization.reconstruct import ReconstructionConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from brecq_ext import QuantLinear

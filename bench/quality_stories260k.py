@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from brecq.calibration import CalibrationSpec, build_calibration, load_documents
+from brecq.quantization.calibration import CalibrationSpec, build_calibration, load_documents
 from brecq.evaluation.perplexity import perplexity, token_stream
-from brecq.quantize import quantize
-from brecq.recipe import Method, get_recipe
-from brecq.reconstruct import LossKind, ReconstructionConfig
+from brecq.quantization.quantize import quantize
+from brecq.quantization.recipe import Method, get_recipe
+from brecq.quantization.reconstruct import LossKind, ReconstructionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "stories260k"

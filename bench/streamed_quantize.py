@@ -26,11 +26,11 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time
-from brecq.calibration import CalibrationSpec
-from brecq.measure import peak_rss_mib, rss_mib
-from brecq.quantize import quantize_pretrained
-from brecq.recipe import Method, get_recipe
-from brecq.reconstruct import ReconstructionConfig
+from brecq.quantization.calibration import CalibrationSpec
+from brecq.measurement.measure import peak_rss_mib, rss_mib
+from brecq.quantization.quantize import quantize_pretrained
+from brecq.quantization.recipe import Method, get_recipe
+from brecq.quantization.reconstruct import ReconstructionConfig
 from brecq.streaming.skeleton import skeleton_from_folder
 folder, parquet, out, method, streamed, iters = sys.argv[1:7]
 skeleton_from_folder(folder)  # the architecture's code, imported before the baseline

@@ -21,7 +21,7 @@ from brecq_ext.format import layer_storage
 from brecq_ext.layout import to_tile16
 
 from brecq.models import QWEN3_0_6B_LINEAR_SHAPES
-from brecq.speed import in_one_region, random_packed_weights
+from brecq.measurement.speed import in_one_region, random_packed_weights
 
 FOOTPRINT = int(os.environ.get("BRECQ_BENCH_FOOTPRINT_MB", "200")) << 20
 GROUP = 64

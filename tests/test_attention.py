@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from brecq.measure import _cache_keyword
+from brecq.measurement.measure import _cache_keyword
 from brecq.models import build_model, qwen3_config
 
 from brecq_ext import attention, reference

@@ -107,8 +107,8 @@ def test_interrupt_says_what_is_kept(monkeypatch, capsys):
 def test_help_imports_nothing_heavy_and_lists_the_presets(tmp_path):
     """What keeps --help fast (timed in bench/cli_startup.py): the parser imports neither torch nor
     transformers."""
-    from brecq.preset_names import PRESET_NAMES
-    from brecq.recipe import PRESETS
+    from brecq.quantization.preset_names import PRESET_NAMES
+    from brecq.quantization.recipe import PRESETS
 
     assert PRESET_NAMES == tuple(sorted(PRESETS))
     done = run_cli("--help", cwd=tmp_path)

@@ -162,17 +162,17 @@ QUANTIZE_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from brecq.distributed import init_from_environment
     from brecq.models import build_model, qwen3_config
-    from brecq.quantize import quantize
-    from brecq.recipe import Method, get_recipe
-    from brecq.reconstruct import InputSource, ReconstructionConfig
+    from brecq.quantization.quantize import quantize
+    from brecq.quantization.recipe import Method, get_recipe
+    from brecq.quantization.reconstruct import InputSource, ReconstructionConfig
     from brecq_ext import quant_linear_layers
     work, out, source, method = sys.argv[1:5]
     w = init_from_environment("cpu")
     if len(sys.argv) > 5 and w.rank == int(sys.argv[5]):  # this rank fails in its first block
-        import brecq.quantize
+        import brecq.quantization.quantize
         def failing(*args, **kwargs):
             raise RuntimeError("injected failure")
-        brecq.quantize._quantize_block = failing
+        brecq.quantization.quantize._quantize_block = failing
     model = build_model(qwen3_config("tiny", num_hidden_layers=4), seed=0)
     ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     config = ReconstructionConfig(iters=60, batch_size=4, input_source=InputSource(source))
@@ -250,11 +250,11 @@ def test_a_rank_that_fails_to_quantize_stops_every_rank(tmp_path, source):
 
 STREAMED_SCRIPT = textwrap.dedent("""
     import sys
-    from brecq.calibration import CalibrationSpec
+    from brecq.quantization.calibration import CalibrationSpec
     from brecq.distributed import init_from_environment
-    from brecq.quantize import quantize_pretrained
-    from brecq.recipe import Method, get_recipe
-    from brecq.reconstruct import InputSource, ReconstructionConfig
+    from brecq.quantization.quantize import quantize_pretrained
+    from brecq.quantization.recipe import Method, get_recipe
+    from brecq.quantization.reconstruct import InputSource, ReconstructionConfig
     folder, parquet, out, method = sys.argv[1:5]
     init_from_environment("cpu")
     method = Method(method)

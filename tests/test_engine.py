@@ -12,13 +12,13 @@ from torch import nn
 from brecq_ext import LayerRule, QuantLinear, quant_linear_layers
 from brecq_ext.layout import preferred_layout
 
-from brecq.baselines import GPTQConfig
-from brecq.blocks import UnsupportedArchitecture, decoder_blocks
+from brecq.quantization.baselines import GPTQConfig
+from brecq.quantization.blocks import UnsupportedArchitecture, decoder_blocks
 from brecq.io import CorruptCheckpoint, load_quantized, save_quantized
 from brecq.models import build_model, qwen3_config
-from brecq.quantize import quantize
-from brecq.recipe import Method, Recipe, get_recipe
-from brecq.reconstruct import InputSource, LossKind, ReconstructionConfig
+from brecq.quantization.quantize import quantize
+from brecq.quantization.recipe import Method, Recipe, get_recipe
+from brecq.quantization.reconstruct import InputSource, LossKind, ReconstructionConfig
 
 from conftest import STORIES260K, require_shared
 
@@ -130,9 +130,9 @@ def test_truncated_or_edited_weights_are_refused(tmp_path):
 RESUME_SCRIPT = textwrap.dedent("""
     import sys, torch
     from brecq.models import build_model, qwen3_config
-    from brecq.quantize import quantize
-    from brecq.recipe import get_recipe
-    from brecq.reconstruct import ReconstructionConfig
+    from brecq.quantization.quantize import quantize
+    from brecq.quantization.recipe import get_recipe
+    from brecq.quantization.reconstruct import ReconstructionConfig
     model = build_model(qwen3_config("tiny", num_hidden_layers=4), seed=0)
     ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     quantize(model, get_recipe("w4g64"), ids, reconstruction=ReconstructionConfig(iters=int(sys.argv[2]), batch_size=4),

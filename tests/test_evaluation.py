@@ -209,7 +209,7 @@ def _stories():
 
 def test_stories260k_perplexity_is_close_to_its_known_figure():
     model, tok = _stories()
-    from brecq.calibration import load_documents
+    from brecq.quantization.calibration import load_documents
 
     docs = load_documents(require_shared(DATA / "tinystories_val_head.txt"))
     result = perplexity(model, token_stream(tok, docs), window=256)
@@ -312,7 +312,7 @@ def test_interrupted_evaluation_resumes_from_its_journal(tmp_path):
 
 # --- calibration ---------------------------------------------------------------------------------
 def test_distinct_tokens_counts_the_union_of_windows():
-    from brecq.calibration import distinct_tokens
+    from brecq.quantization.calibration import distinct_tokens
 
     assert distinct_tokens([0, 10, 5], 10) == 20  # [0, 20)
     assert distinct_tokens([0, 100], 10) == 20
@@ -324,7 +324,7 @@ def test_calibration_warns_when_windows_overlap_heavily(caplog):
 
     from transformers import AutoTokenizer
 
-    from brecq.calibration import CalibrationSpec, build_calibration
+    from brecq.quantization.calibration import CalibrationSpec, build_calibration
 
     tokenizer = AutoTokenizer.from_pretrained(require_shared(STORIES260K))
     text = DATA / "tinystories_val_head.txt"

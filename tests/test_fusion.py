@@ -15,8 +15,8 @@ from conftest import DEVICES
 
 def _tiny_quantized_model(recipe: str = "w4g64_mix_attn6"):
     from brecq.models import build_model, qwen3_config
-    from brecq.quantize import quantize
-    from brecq.recipe import Method, get_recipe
+    from brecq.quantization.quantize import quantize
+    from brecq.quantization.recipe import Method, get_recipe
 
     model = build_model(qwen3_config("tiny"), seed=0)
     quantize(model, get_recipe(recipe, Method.RTN), show_progress=False)
@@ -145,7 +145,7 @@ def test_dense_members_stay_unfused_and_name_clashes_are_refused():
 
 
 def test_compiled_decode_step_runs_one_matmul_per_fused_group():
-    from brecq.measure import StaticDecoder
+    from brecq.measurement.measure import StaticDecoder
 
     model = _tiny_quantized_model()
     fuse_projections_(model)
@@ -181,7 +181,7 @@ def test_fused_cpu_layers_join_the_shared_region_of_the_others(regather):
 
 def test_a_loaded_model_fuses_and_a_fused_one_is_not_saved(tmp_path):
     from brecq.io import load_quantized, save_quantized
-    from brecq.recipe import get_recipe
+    from brecq.quantization.recipe import get_recipe
 
     model = _tiny_quantized_model()
     out = save_quantized(model, tmp_path / "saved", recipe=get_recipe("w4g64_mix_attn6").to_dict(), calibration=None)

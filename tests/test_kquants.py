@@ -122,7 +122,7 @@ def test_more_bits_layers_follow_llama_cpp_rule():
 
 def test_grid_adaround_layer_starts_at_the_weight_and_hardens_to_floor_or_ceil():
     from brecq.kquants.rounding import GridAdaRoundLinear
-    from brecq.reconstruct import Rounding
+    from brecq.quantization.reconstruct import Rounding
 
     w = torch.from_numpy(weights(5, 512))
     linear = torch.nn.Linear(512, 5, bias=False)
@@ -199,9 +199,9 @@ def test_searched_codes_are_llama_quantize_byte_for_byte(seeded_model, preset, m
 
 @pytest.mark.parametrize("search", SEARCHES, ids=lambda s: s.value)
 def test_brecq_on_the_grid_lowers_block_error_and_the_file_holds_it(seeded_model, search, tmp_path):
-    from brecq.calibration import CalibrationSpec
+    from brecq.quantization.calibration import CalibrationSpec
     from brecq.kquants import load_gguf_weights, quantize_gguf
-    from brecq.reconstruct import ReconstructionConfig
+    from brecq.quantization.reconstruct import ReconstructionConfig
     from transformers import AutoModelForCausalLM
 
     folders, calibration = seeded_model
@@ -226,10 +226,10 @@ def test_llama_cpp_runs_the_brecq_file_as_brecq_does(seeded_model, tmp_path):
     """llama.cpp's logits on the BRECQ file against brecq's model, as close as llama.cpp's logits
     on llama-quantize's own Q4_K_M file are to that file's weights in PyTorch: both differ only by
     llama.cpp quantizing activations to 8 bits for its K-quant dot products."""
-    from brecq.calibration import CalibrationSpec
+    from brecq.quantization.calibration import CalibrationSpec
     from brecq.export.llamacpp import open_llama
     from brecq.kquants import load_gguf_weights, quantize_gguf
-    from brecq.reconstruct import ReconstructionConfig
+    from brecq.quantization.reconstruct import ReconstructionConfig
     from transformers import AutoModelForCausalLM
 
     folders, calibration = seeded_model

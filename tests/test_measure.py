@@ -3,7 +3,7 @@ same tokens as plain greedy decoding with the model's dynamic cache, or its timi
 import pytest
 import torch
 
-from brecq.measure import StaticDecoder, _cache_keyword, _cache_of, static_decode_latency
+from brecq.measurement.measure import StaticDecoder, _cache_keyword, _cache_of, static_decode_latency
 from brecq.models import build_model, qwen3_config
 
 
@@ -43,8 +43,8 @@ def test_compiled_static_decoder_matches_too(quantized, attention):
     # layers too; the aot_eager backend traces the step as inductor would, without generating code.
     model = build_model(qwen3_config("tiny", initializer_range=0.1), seed=0).eval()
     if quantized:
-        from brecq.quantize import quantize
-        from brecq.recipe import Method, get_recipe
+        from brecq.quantization.quantize import quantize
+        from brecq.quantization.recipe import Method, get_recipe
 
         quantize(model, get_recipe("w4g64_mix_attn6", Method.RTN), show_progress=False)
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -75,7 +75,7 @@ def test_cuda_graph_needs_a_cuda_model():
 
 
 def test_paired_latency_times_every_model_on_the_same_steps():
-    from brecq.measure import paired_latency
+    from brecq.measurement.measure import paired_latency
 
     models = {"a": build_model(qwen3_config("tiny"), seed=0).eval(), "b": build_model(qwen3_config("tiny"), seed=1).eval()}
     reports = paired_latency(models, prompt_tokens=8, decode_tokens=3, repeats=2)
@@ -88,7 +88,7 @@ def test_paired_latency_times_every_model_on_the_same_steps():
 def test_speed_table_times_the_layout_quantlinear_uses():
     from brecq_ext.layout import preferred_layout
 
-    from brecq.speed import time_linear_shapes
+    from brecq.measurement.speed import time_linear_shapes
 
     timings = time_linear_shapes({"tiny": (128, 48)}, rows=1, footprint_bytes=1 << 16, repeats=3)
     (timing,) = timings
@@ -98,7 +98,7 @@ def test_speed_table_times_the_layout_quantlinear_uses():
 
 def test_prefill_computes_the_last_position_logits_only():
     """As generate() does: timing the lm_head over the whole prompt would inflate prefill."""
-    from brecq.measure import paired_latency
+    from brecq.measurement.measure import paired_latency
 
     model = build_model(qwen3_config("tiny"), seed=0).eval()
     positions = []
@@ -116,11 +116,11 @@ def test_peak_rss_of_a_child_is_its_own_not_its_parents(tmp_path):
     import subprocess
     import sys
 
-    from brecq.measure import peak_rss_mib
+    from brecq.measurement.measure import peak_rss_mib
 
     ballast = torch.ones(400 * 2**20 // 4)  # 400 MiB held by this process while the child runs
     assert peak_rss_mib() > 400
-    done = subprocess.run([sys.executable, "-c", "from brecq.measure import peak_rss_mib; print(peak_rss_mib())"],
+    done = subprocess.run([sys.executable, "-c", "from brecq.measurement.measure import peak_rss_mib; print(peak_rss_mib())"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, check=True)
     assert float(done.stdout.strip()) < 300, done.stdout
     del ballast

@@ -156,7 +156,7 @@ def test_float_bits_get_the_bits_message(make):
 
 
 def test_a_saved_recipe_with_fractional_bits_is_refused():
-    from brecq.recipe import Recipe
+    from brecq.quantization.recipe import Recipe
 
     with pytest.raises(ValueError, match=r"bits must be an integer in \[2, 8\], got 4.5"):
         Recipe.from_dict({"name": "x", "rules": [{"pattern": "proj", "bits": 4.5, "group_size": 64}]})

@@ -16,12 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from brecq.calibration import CalibrationSpec
+from brecq.quantization.calibration import CalibrationSpec
 from brecq.io import CorruptCheckpoint, load_quantized
 from brecq.models import build_model, small_config
-from brecq.quantize import quantize, quantize_pretrained
-from brecq.recipe import Method, get_recipe
-from brecq.reconstruct import LossKind, ReconstructionConfig
+from brecq.quantization.quantize import quantize, quantize_pretrained
+from brecq.quantization.recipe import Method, get_recipe
+from brecq.quantization.reconstruct import LossKind, ReconstructionConfig
 from brecq.streaming import (MalformedSafetensors, SafetensorsFile, ShardedCheckpoint, TensorEntry, tensor_entry,
                              write_safetensors)
 from brecq.streaming.skeleton import skeleton_from_folder
@@ -192,10 +192,10 @@ def test_a_streamed_skeleton_holds_no_weights_until_a_block_is_read(checkpoints)
 
 STREAMED_RUN = textwrap.dedent("""
     import sys, torch
-    from brecq.calibration import CalibrationSpec
-    from brecq.quantize import quantize_pretrained
-    from brecq.recipe import get_recipe
-    from brecq.reconstruct import ReconstructionConfig
+    from brecq.quantization.calibration import CalibrationSpec
+    from brecq.quantization.quantize import quantize_pretrained
+    from brecq.quantization.recipe import get_recipe
+    from brecq.quantization.reconstruct import ReconstructionConfig
     folder, parquet, out = sys.argv[1:4]
     quantize_pretrained(folder, out, get_recipe("w4g64"), CalibrationSpec(parquet, 6, 24, 0),
                         reconstruction=ReconstructionConfig(iters=int(sys.argv[4]), batch_size=4), streamed=True,
@@ -254,7 +254,7 @@ def test_a_checkpoint_missing_a_tensor_is_named(checkpoints):
 
 
 def test_large_calibration_sets_go_to_memory_mapped_files(checkpoints, tmp_path, monkeypatch, caplog):
-    import brecq.quantize as quantize_module
+    import brecq.quantization.quantize as quantize_module
 
     root, folders = checkpoints
     monkeypatch.setattr(quantize_module, "available_memory", lambda: 1 << 20)
@@ -287,12 +287,12 @@ def test_a_truncated_quantized_checkpoint_is_refused_on_load(checkpoints, tmp_pa
 PEAK_RUN = textwrap.dedent("""
     import json, sys
     import torch
-    from brecq.calibration import CalibrationSpec
+    from brecq.quantization.calibration import CalibrationSpec
     from brecq.io import load_quantized
-    from brecq.measure import peak_rss_mib, rss_mib
-    from brecq.quantize import quantize_pretrained
-    from brecq.recipe import Method, get_recipe
-    from brecq.reconstruct import ReconstructionConfig
+    from brecq.measurement.measure import peak_rss_mib, rss_mib
+    from brecq.quantization.quantize import quantize_pretrained
+    from brecq.quantization.recipe import Method, get_recipe
+    from brecq.quantization.reconstruct import ReconstructionConfig
     small, folder, parquet, out, step, method = sys.argv[1:7]
 
     def run(model, target):

@@ -182,7 +182,7 @@ def test_a_hub_id_is_a_model_path(tmp_path):
 
 
 def test_demo_reading_items_are_extractive_with_a_third_unanswerable():
-    from brecq.synthetic import squad_items
+    from brecq.demo.synthetic import squad_items
 
     items = squad_items(300, seed=4)
     assert items == squad_items(300, seed=4)  # seeded
@@ -198,7 +198,7 @@ def test_demo_reading_items_are_extractive_with_a_third_unanswerable():
 
 
 def test_offline_demo_runs_every_stage(tmp_path):
-    from brecq.demo_study import run_demo_study
+    from brecq.demo.study import run_demo_study
 
     results = run_demo_study(tmp_path / "demo", iters=5, base_steps=5, finetune_steps=5, show_progress=False)
     report = (tmp_path / "demo" / "report.md").read_text()

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from brecq.timing import Activity, disturbance, ratio_interval, speed_verdict
+from brecq.measurement.timing import Activity, disturbance, ratio_interval, speed_verdict
 
 
 def test_ratio_interval_brackets_a_known_ratio_and_cancels_drift():

@@ -18,8 +18,9 @@ from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
-_LAZY = {"load_quantized": ".io", "save_quantized": ".io", "quantize": ".quantize",
-         "quantize_pretrained": ".quantize", "Method": ".recipe", "Recipe": ".recipe", "get_recipe": ".recipe"}
+_LAZY = {"load_quantized": ".io", "save_quantized": ".io", "quantize": ".quantization.quantize",
+         "quantize_pretrained": ".quantization.quantize", "Method": ".quantization.recipe",
+         "Recipe": ".quantization.recipe", "get_recipe": ".quantization.recipe"}
 
 __all__ = ["quantize", "quantize_pretrained", "load_quantized", "save_quantized", "Recipe", "Method",
            "get_recipe", "__version__"]

@@ -9,7 +9,7 @@ import sys
 def _speed(args) -> int:
     from brecq_ext import Clipping
 
-    from .demo import format_demo, run_demo
+    from .demo.quickstart import format_demo, run_demo
 
     result = run_demo(layers=args.layers, seed=args.seed,
                       clipping=Clipping.MINMAX if args.minmax else Clipping.MSE,
@@ -19,7 +19,7 @@ def _speed(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo_study import run_demo_study
+    from .demo.study import run_demo_study
 
     results = run_demo_study(args.output, seed=args.seed, iters=args.iters, show_progress=not args.quiet)
     for label, analysis in results["analysis"]["models"].items():
@@ -31,11 +31,11 @@ def _demo(args) -> int:
 
 
 def _quantize(args) -> int:
-    from .baselines import GPTQConfig
-    from .calibration import CalibrationSpec
-    from .quantize import quantize_pretrained
-    from .recipe import Method, get_recipe
-    from .reconstruct import InputSource, LossKind, ReconstructionConfig
+    from .quantization.baselines import GPTQConfig
+    from .quantization.calibration import CalibrationSpec
+    from .quantization.quantize import quantize_pretrained
+    from .quantization.recipe import Method, get_recipe
+    from .quantization.reconstruct import InputSource, LossKind, ReconstructionConfig
 
     method = Method(args.method)
     if args.gguf:
@@ -67,10 +67,10 @@ def _quantize(args) -> int:
 def _quantize_gguf(args, method) -> int:
     import json
 
-    from .calibration import CalibrationSpec
+    from .quantization.calibration import CalibrationSpec
     from .kquants import quantize_gguf
-    from .recipe import Method
-    from .reconstruct import InputSource, LossKind, ReconstructionConfig
+    from .quantization.recipe import Method
+    from .quantization.reconstruct import InputSource, LossKind, ReconstructionConfig
 
     if method is Method.GPTQ:
         raise UserError("quantize --gguf: method must be brecq or rtn (llama.cpp's grids with learned or searched "
@@ -104,7 +104,7 @@ def _evaluate(args) -> int:
 
     import torch
 
-    from .calibration import load_documents
+    from .quantization.calibration import load_documents
     from .distributed import init_from_environment, rank_device
     from .evaluation.fidelity import fidelity
     from .evaluation.perplexity import perplexity, token_stream
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--minmax", action="store_true", help="min-max ranges instead of the MSE clipping search")
     speed.set_defaults(run=_speed)
 
-    from .preset_names import PRESET_NAMES
+    from .quantization.preset_names import PRESET_NAMES
     q = commands.add_parser("quantize", help="quantize a Hugging Face causal LM and save it packed",
                             formatter_class=_DefaultsFormatter)
     q.add_argument("model", help="path of a Hugging Face causal LM (Qwen3, Llama, Qwen2, Mistral)")

@@ -33,7 +33,7 @@ def register() -> bool:
     from brecq_ext import Layout, QuantLinear, quant_linear_layers
     from brecq_ext.arena import gather_quantized_weights
 
-    from .blocks import set_submodule
+    from .quantization.blocks import set_submodule
 
     @register_quantization_config("brecq")
     class BrecqConfig(QuantizationConfigMixin):

@@ -26,7 +26,7 @@ from brecq_ext import (
 from brecq_ext.arena import gather_quantized_weights
 
 from . import __version__
-from .blocks import set_submodule
+from .quantization.blocks import set_submodule
 from .streaming.safetensors_io import (
     MalformedSafetensors,
     SafetensorsFile,

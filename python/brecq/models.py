@@ -103,7 +103,7 @@ def stories_model(out_dir, texts, model_type: str = "qwen3", *, vocab_size: int 
     something."""
     from pathlib import Path
 
-    from .synthetic import _fit
+    from .demo.synthetic import _fit
 
     out = Path(out_dir)
     texts = list(texts)

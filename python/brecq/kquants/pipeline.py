@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..blocks import capture_block_inputs, decoder_blocks, linear_layers, run_block
-from ..recipe import Method
-from ..reconstruct import ReconstructionConfig, reconstruct_block
+from ..quantization.blocks import capture_block_inputs, decoder_blocks, linear_layers, run_block
+from ..quantization.recipe import Method
+from ..quantization.reconstruct import ReconstructionConfig, reconstruct_block
 from .layouts import BlockType, dequantize, read_grid, write_codes
 from .presets import BLOCK_ROLES, KQuantPreset, get_preset
 from .rounding import GridAdaRoundLinear
@@ -124,7 +124,7 @@ def quantize_gguf(model_dir, out_path, *, preset: str = "Q4_K_M", method: Method
     ``calibration`` (a ``CalibrationSpec``) is needed by BRECQ and by ``importance``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..calibration import CalibrationSpec, build_calibration
+    from ..quantization.calibration import CalibrationSpec, build_calibration
     from ..export.source import read_full_precision
     from ..export.to_gguf import write_gguf
     from ..io import check_model_path

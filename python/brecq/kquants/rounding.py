@@ -9,14 +9,14 @@ from torch import nn
 
 from brecq_ext import ops, reference
 
-from ..reconstruct import Rounding
+from ..quantization.reconstruct import Rounding
 from .layouts import Grid
 
 
 class GridAdaRoundLinear(nn.Module):
     """``value = scale * (clamp(floor(x) + h(V), 0, qmax) - zero) - offset``, with
     ``x = (w + offset) / scale + zero`` the weight's position on the grid. The interface of
-    ``brecq.reconstruct.AdaRoundLinear``: ``rounding``, ``v``, ``rounding_loss``, ``result``.
+    ``brecq.quantization.reconstruct.AdaRoundLinear``: ``rounding``, ``v``, ``rounding_loss``, ``result``.
 
     ``Rounding.NEAREST`` gives the codes the search chose (llama.cpp's own for its search), the
     baseline the learned rounding is measured against. Groups whose step is 0 hold ``-offset``

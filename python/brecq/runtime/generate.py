@@ -96,7 +96,7 @@ def prefill(decoder: CpuDecoder, prompt: Tensor) -> Tensor:
     prompts go through transformers' batched forward and its cache is handed over."""
     decoder.reset()
     if prompt.numel() >= HANDOVER_MIN_TOKENS:
-        from ..measure import _cache_of, _last_logits_only
+        from ..measurement.measure import _cache_of, _last_logits_only
 
         out = decoder.model(prompt[None], use_cache=True, **_last_logits_only(decoder.model))
         cache = _cache_of(out)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tomllib
 
-from ..recipe import PRESETS, Method
+from ..quantization.recipe import PRESETS, Method
 
 ROLES = ("base", "fine-tuned")
 TASKS = ("arc", "arc_loglik", "arc_gen", "squad")

@@ -122,7 +122,7 @@ def _resources(fp: dict, q: dict, latencies: tuple | None = None) -> dict:
 def _decode_paths(paired: dict) -> dict:
     """Each variant's default decode path (brecq's C++ runtime on the CPU) against the same model
     through transformers, timed in the same side-by-side run: medians and the ratio's interval."""
-    from ..timing import ratio_interval
+    from ..measurement.timing import ratio_interval
 
     out = {}
     for label, other in paired.items():
@@ -144,7 +144,7 @@ def _decode_paths(paired: dict) -> dict:
 def _decode_comparison(fp_latency: dict, q_latency: dict, side_by_side: bool) -> dict:
     """The decode-time ratio's 95 % interval from the paired step samples of a side-by-side run, the
     machine's load meanwhile, and the verdict (withheld when the machine was busy)."""
-    from ..timing import ratio_interval, speed_verdict
+    from ..measurement.timing import ratio_interval, speed_verdict
 
     a, b = fp_latency.get("decode_ms_samples") or [], q_latency.get("decode_ms_samples") or []
     if not side_by_side or len(a) != len(b) or len(a) < 2:

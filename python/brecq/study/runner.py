@@ -35,12 +35,12 @@ import torch
 from brecq_ext import FORMAT_VERSION
 
 from .. import __version__
-from ..baselines import GPTQConfig
-from ..calibration import CalibrationSpec
+from ..quantization.baselines import GPTQConfig
+from ..quantization.calibration import CalibrationSpec
 from ..distributed import agree, on_main, rank_device, world
 from ..evaluation.runner import Task, evaluate
 from ..io import atomic_write_text, load_model_any, sha256_file
-from ..measure import (
+from ..measurement.measure import (
     TransformersDecode,
     cpu_peak_rss,
     cuda_memory,
@@ -49,9 +49,9 @@ from ..measure import (
     paired_latency,
     storage,
 )
-from ..quantize import quantize_pretrained
-from ..recipe import Method, get_recipe
-from ..reconstruct import ReconstructionConfig
+from ..quantization.quantize import quantize_pretrained
+from ..quantization.recipe import Method, get_recipe
+from ..quantization.reconstruct import ReconstructionConfig
 from .config import ModelEntry, StudyConfig, VariantEntry, slug
 
 log = logging.getLogger("brecq")

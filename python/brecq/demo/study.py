@@ -8,8 +8,8 @@ import logging
 import time
 from pathlib import Path
 
-from .study import run_study
-from .study.config import parse_study_config
+from ..study import run_study
+from ..study.config import parse_study_config
 from .synthetic import build_demo_models
 
 log = logging.getLogger("brecq")

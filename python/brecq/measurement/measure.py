@@ -125,7 +125,7 @@ class LatencyReport:
     # Every decode step in ms, repeat by repeat: in a side-by-side run, step i of every model was
     # taken at the same point of the measurement, so ratios of them pair up (brecq.timing).
     decode_ms_samples: list = field(default_factory=list)
-    # How busy the machine was meanwhile (brecq.timing.Disturbance), for the whole side-by-side run.
+    # How busy the machine was meanwhile (brecq.measurement.timing.Disturbance), for the whole side-by-side run.
     load: dict = field(default_factory=dict)
 
 
@@ -187,13 +187,13 @@ class RuntimeDecode:
     path = "brecq C++ runtime"
 
     def __init__(self, model, decoder=None):
-        from .runtime import CpuDecoder
+        from ..runtime import CpuDecoder
 
         self.model = model
         self.decoder = decoder if decoder is not None else CpuDecoder(model)
 
     def prefill(self, ids: torch.Tensor) -> None:
-        from .runtime.generate import prefill
+        from ..runtime.generate import prefill
 
         self._token = int(prefill(self.decoder, ids[0].cpu()).argmax())
 
@@ -207,7 +207,7 @@ class RuntimeDecode:
 def default_decode(model):
     """How brecq decodes ``model`` by default: the C++ runtime on the CPU where it supports the
     model, else transformers (the reason logged)."""
-    from .runtime import cpu_decoder_or_none
+    from ..runtime import cpu_decoder_or_none
 
     decoder = cpu_decoder_or_none(model)
     return RuntimeDecode(model, decoder) if decoder is not None else TransformersDecode(model)
@@ -451,7 +451,7 @@ def cuda_memory(model, prompt_tokens: int = 128, decode_tokens: int = 32) -> dic
 _RSS_SCRIPT = """
 import json, sys, torch
 from brecq.io import load_model_any
-from brecq.measure import peak_rss_mib
+from brecq.measurement.measure import peak_rss_mib
 baseline = peak_rss_mib()
 model, _ = load_model_any(sys.argv[1])
 loaded = peak_rss_mib()

@@ -28,9 +28,9 @@ from .blocks import (
     run_block,
     set_submodule,
 )
-from .distributed import agree, world
-from .io import atomic_save_tensors, atomic_write_text
-from .measure import peak_rss_mib
+from ..distributed import agree, world
+from ..io import atomic_save_tensors, atomic_write_text
+from ..measurement.measure import peak_rss_mib
 from .recipe import Method, Recipe
 from .reconstruct import (
     InputSource,
@@ -40,8 +40,8 @@ from .reconstruct import (
     _reconstruction_loss,
     reconstruct_block,
 )
-from .streaming.safetensors_io import ShardedCheckpoint
-from .streaming.skeleton import StreamedWeights, bound_heap_retention, skeleton_from_folder, streamed_entries
+from ..streaming.safetensors_io import ShardedCheckpoint
+from ..streaming.skeleton import StreamedWeights, bound_heap_retention, skeleton_from_folder, streamed_entries
 
 log = logging.getLogger("brecq")
 
@@ -491,7 +491,7 @@ def quantize_pretrained(model_path: str, out_dir: str, recipe: Recipe, calibrati
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calibration import CalibrationSpec, build_calibration
-    from .io import check_model_path, save_quantized
+    from ..io import check_model_path, save_quantized
 
     check_model_path(model_path)
     fisher = recipe.method is Method.BRECQ and reconstruction.loss is LossKind.FISHER

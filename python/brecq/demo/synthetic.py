@@ -45,7 +45,7 @@ def make_tokenizer(path: Path, texts: list[str], vocab_size: int = 640):
     beginning-of-sequence token, as training does, so evaluation prompts start as training saw."""
     from tokenizers import processors
 
-    from .models import byte_level_bpe_tokenizer
+    from ..models import byte_level_bpe_tokenizer
 
     fast = byte_level_bpe_tokenizer(texts, vocab_size)
     fast.bos_token = "<|im_start|>"
@@ -119,8 +119,8 @@ def finetune_corpus(facts: dict, rng: random.Random, count: int, squad_share: fl
     """(prompt, answer) pairs (the 'fine-tuning'): SQuAD-style items in the evaluator's own prompt
     format, and, to keep the facts the base model learnt, fact questions in the base corpus's form
     (the demo scores ARC-style items by log-likelihood for both models)."""
-    from .evaluation.data import SquadItem
-    from .evaluation.tasks import NO_ANSWER, squad_prompt
+    from ..evaluation.data import SquadItem
+    from ..evaluation.tasks import NO_ANSWER, squad_prompt
 
     texts = []
     for _ in range(count):
@@ -205,9 +205,9 @@ def build_demo_models(out: Path, seed: int = 0, base_steps: int = 800, finetune_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from . import __version__
-    from .io import atomic_write_text
-    from .models import build_model, qwen3_config
+    from .. import __version__
+    from ..io import atomic_write_text
+    from ..models import build_model, qwen3_config
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

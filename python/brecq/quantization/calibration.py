@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluation.perplexity import document_ids
+from ..evaluation.perplexity import document_ids
 
 log = logging.getLogger("brecq")
 
@@ -44,7 +44,7 @@ def load_documents(path: str | Path, columns=()) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"calibration data not found: {path}")
     if path.suffix == ".parquet":
-        from .io import read_parquet
+        from ..io import read_parquet
 
         table = read_parquet(path)
         if not columns:

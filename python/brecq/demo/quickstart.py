@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from brecq_ext import Clipping, LayerRule, cpu_isa, quant_linear_layers, replace_linear_layers
 
-from .models import QWEN3_0_6B_LINEAR_SHAPES, build_model, qwen3_config
-from .speed import time_linear_shapes
+from ..models import QWEN3_0_6B_LINEAR_SHAPES, build_model, qwen3_config
+from ..measurement.speed import time_linear_shapes
 
 log = logging.getLogger("brecq")
 
