@@ -19,7 +19,7 @@ One module per family of ops, each op's schema, fake, CPU and CUDA implementatio
 """
 from __future__ import annotations
 
-from .._extension import cpu_kernels, cuda_kernels
+from .._extension import cpu_kernels, cuda_kernels  # noqa: F401  (ops.cuda_kernels: the bench scripts call it)
 from .matmul import GEMV_MAX_ROWS, linear, packed_matmul
 from .packing import dequantize_packed, pack, unpack
 from .quantizer import Clipping, dequantize, fake_quantize, quant_params, quantize
@@ -33,5 +33,4 @@ __all__ = [
     "Clipping", "quant_params", "quantize", "dequantize", "fake_quantize", "adaround_forward",
     "adaround_backward", "adaround_regularizer", "rounding_loss", "pack", "unpack",
     "dequantize_packed", "packed_matmul", "linear", "tile16_matmul", "tile16_linear", "GEMV_MAX_ROWS",
-    "cuda_kernels",
 ]
