@@ -30,15 +30,17 @@ SHAPES = {"q": QWEN3_0_6B_LINEAR_SHAPES["q_proj"], "kv": QWEN3_0_6B_LINEAR_SHAPE
           "down": QWEN3_0_6B_LINEAR_SHAPES["down_proj"]}
 ROWS = [1, 8, 512]
 # (name, activation dtype, bits or None for dense); "w4t"/"w6t" are in the TILE16 layout that
-# QuantLinear uses on AVX-512 CPUs, "w4"/"w6" in the row-major layout (docs/FORMAT.md).
+# QuantLinear uses on AVX-512 CPUs, "w3"/"w4"/"w6" in the row-major layout (docs/FORMAT.md).
 KINDS = [("dense_f32", torch.float32, None), ("dense_bf16", torch.bfloat16, None),
          ("w4t_bf16", torch.bfloat16, 4), ("w4_bf16", torch.bfloat16, 4),
          ("w6t_bf16", torch.bfloat16, 6), ("w6_bf16", torch.bfloat16, 6),
          ("w4t_f32", torch.float32, 4), ("w4_f32", torch.float32, 4),
-         ("w6t_f32", torch.float32, 6), ("w6_f32", torch.float32, 6)]
+         ("w6t_f32", torch.float32, 6), ("w6_f32", torch.float32, 6),
+         ("w3_bf16", torch.bfloat16, 3), ("w3_f32", torch.float32, 3)]  # the AVX-512 bit-stream decoder
 # The GEMV kernel alone (the compiled function on raw pointers, no op dispatch or checks).
 KERNEL_KINDS = [("w4t_bf16_kernel", torch.bfloat16, 4), ("w4_bf16_kernel", torch.bfloat16, 4),
-                ("w6t_bf16_kernel", torch.bfloat16, 6), ("w6_bf16_kernel", torch.bfloat16, 6)]
+                ("w6t_bf16_kernel", torch.bfloat16, 6), ("w6_bf16_kernel", torch.bfloat16, 6),
+                ("w3_bf16_kernel", torch.bfloat16, 3)]
 
 _pool: dict = {}
 

@@ -1,4 +1,5 @@
-// AVX-512 GEMV for 4-, 6- and 8-bit packed weights (needs AVX512F/BW/VL/VBMI/BF16; chosen at run time).
+// AVX-512 GEMV for packed weights of every width, 2 to 8 bits (needs AVX512F/BW/VL/VBMI/BF16; chosen at run
+// time). 4, 6 and 8 bits have decoders of their own; 2, 3, 5 and 7 bits share one (BitStream below).
 //
 // Activations are rearranged once per call so that the order in which codes come out of the
 // packed bytes needs no shuffling of the weights: the dot product does not care about order.
@@ -49,6 +50,26 @@ inline __m512i six_bit_shifts() {
 }
 inline __m512i six_bit_decode(__m512i raw, __m512i gather, __m512i shifts) {
   return _mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(gather, raw));
+}
+
+// Any width below 8 bits: eight consecutive codes are exactly Bits bytes of the row's bit stream
+// (format.h), so unit u of a run (codes 8u..8u+7) is bytes Bits*u .. Bits*u + Bits - 1. vpermb copies
+// unit u into the low bytes of 64-bit lane u and vpmultishiftqb pulls the byte starting at bit
+// Bits*j of that lane into byte j (the shifts stay below 64 - 8 for Bits <= 7): byte 8u + j is
+// then code 8u + j with junk above its low Bits bits, which the caller masks off. Natural order.
+template <int Bits>
+inline __m512i bit_stream_gather() {
+  alignas(64) uint8_t idx[64];
+  for (int u = 0; u < 8; ++u)
+    for (int j = 0; j < 8; ++j) idx[8 * u + j] = static_cast<uint8_t>(j < Bits ? Bits * u + j : 0);
+  return _mm512_load_si512(idx);
+}
+template <int Bits>
+inline __m512i bit_stream_shifts() {
+  alignas(64) uint8_t ctrl[64];
+  for (int u = 0; u < 8; ++u)
+    for (int j = 0; j < 8; ++j) ctrl[8 * u + j] = static_cast<uint8_t>(Bits * j);
+  return _mm512_load_si512(ctrl);
 }
 
 // ---- arrangement of activations per (bits, path) --------------------------------------------
@@ -136,6 +157,20 @@ struct SixBitF32 {
     second = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(codes, 1)));
   }
 };
+// 2, 3, 5 or 7 bits: a chunk of 32 codes is 4 * Bits bytes (4 units), decoded as bytes in natural order.
+template <int Bits>
+struct BitStreamF32 {
+  static_assert(Bits >= 2 && Bits <= 7, "BitStreamF32 decodes 2- to 7-bit codes");
+  __m512i gather, shifts, mask;
+  BitStreamF32()
+      : gather(bit_stream_gather<Bits>()), shifts(bit_stream_shifts<Bits>()), mask(_mm512_set1_epi8((1 << Bits) - 1)) {}
+  void operator()(const uint8_t* w, int64_t c, __m512& first, __m512& second) const {
+    const __m512i raw = _mm512_maskz_loadu_epi8((1ull << (4 * Bits)) - 1u, w + c / 8 * Bits);
+    const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(gather, raw)), mask);
+    first = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(codes)));
+    second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 1)));
+  }
+};
 // 8-bit: one code per byte, natural order. Float32 only: 128 + q is not exact in bfloat16 for q
 // above 127, so bfloat16 activations take this path too (the dispatcher converts x to float32).
 struct EightBitF32 {
@@ -145,8 +180,9 @@ struct EightBitF32 {
     second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 16))));
   }
 };
-// bfloat16 path: a chunk of 64 codes as two vectors of 32 bfloat16 values 128 + q.
+// bfloat16 path: a chunk of 64 codes as two vectors of 32 bfloat16 values offset + q (kOffset).
 struct FourBitBf16 {
+  static constexpr float kOffset = 128.0f;
   __m512i nibble, bias128;
   FourBitBf16() : nibble(_mm512_set1_epi16(0x0f)), bias128(_mm512_set1_epi16(0x4300)) {}
   void operator()(const uint8_t* w, int64_t c, __m512i& first, __m512i& second) const {
@@ -156,6 +192,7 @@ struct FourBitBf16 {
   }
 };
 struct SixBitBf16 {
+  static constexpr float kOffset = 128.0f;
   __m512i gather_a, gather_b, shifts, mask6, bias128;
   SixBitBf16()
       : gather_a(six_bit_gather(0)), gather_b(six_bit_gather(24)), shifts(six_bit_shifts()),
@@ -164,6 +201,35 @@ struct SixBitBf16 {
     const __m512i raw = _mm512_maskz_loadu_epi8(0xffffffffffffull, w + c / 4 * 3);
     first = _mm512_ternarylogic_epi32(six_bit_decode(raw, gather_a, shifts), mask6, bias128, 0xEA);
     second = _mm512_ternarylogic_epi32(six_bit_decode(raw, gather_b, shifts), mask6, bias128, 0xEA);
+  }
+};
+
+// 2, 3, 5 or 7 bits: a chunk of 64 codes is 8 * Bits bytes (8 units), decoded as the bfloat16 values
+// 2^Bits + q (exponent 127 + Bits, q in the top Bits bits of the 7-bit mantissa): the byte of each
+// code is pulled from 7 - Bits bits lower than for the float32 path (wrapping round the 64-bit lane
+// for the first code), which lands q at mantissa bit 7 - Bits. An offset of 2^Bits instead of the
+// 4- and 6-bit paths' 128 keeps sum(x * (offset + q)) - offset * sum(x) from cancelling away float32
+// precision when q spans a few values (a 2-bit layer lost 40x more of it with 128).
+template <int Bits>
+struct BitStreamBf16 {
+  static_assert(Bits >= 2 && Bits <= 7, "BitStreamBf16 decodes 2- to 7-bit codes");
+  static constexpr float kOffset = static_cast<float>(1 << Bits);
+  __m512i gather, shifts, mask, exponent;
+  static __m512i mantissa_shifts() {
+    alignas(64) uint8_t ctrl[64];
+    for (int u = 0; u < 8; ++u)
+      for (int j = 0; j < 8; ++j) ctrl[8 * u + j] = static_cast<uint8_t>((Bits * j - (7 - Bits) + 64) % 64);
+    return _mm512_load_si512(ctrl);
+  }
+  BitStreamBf16()
+      : gather(bit_stream_gather<Bits>()), shifts(mantissa_shifts()),
+        mask(_mm512_set1_epi8(static_cast<char>(((1 << Bits) - 1) << (7 - Bits)))),
+        exponent(_mm512_set1_epi16(static_cast<int16_t>((127 + Bits) << 7))) {}
+  void operator()(const uint8_t* w, int64_t c, __m512i& first, __m512i& second) const {
+    const __m512i raw = _mm512_maskz_loadu_epi8((1ull << (8 * Bits)) - 1u, w + c / 8 * Bits);
+    const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(gather, raw)), mask);
+    first = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes)), exponent);
+    second = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1)), exponent);
   }
 };
 
@@ -203,8 +269,8 @@ void row_bf16(const GemvProblem& p, const uint16_t* xa, int64_t r0, int64_t row,
   __m512 correction[MR];
   __m512 total[MR];
   for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
-  // The decoded values are 128 + q: the offset joins the zero point in the correction.
-  row_prologue<MR>(p, row, r0, 128.0f, scales, correction);
+  // The decoded values are offset + q: the offset joins the zero point in the correction.
+  row_prologue<MR>(p, row, r0, Decode::kOffset, scales, correction);
   for (int64_t grp = 0; grp < p.groups; ++grp) {
     __m512 acc_a[MR], acc_b[MR];
     for (int r = 0; r < MR; ++r) { acc_a[r] = _mm512_setzero_ps(); acc_b[r] = _mm512_setzero_ps(); }
@@ -296,6 +362,18 @@ template <int MR> void row_bf16_6bit(const GemvProblem& p, const uint16_t* x, in
   row_bf16<MR, SixBitBf16>(p, x, r0, row, out);
 }
 
+template <int Bits>
+struct BitStreamRows {
+  template <int MR>
+  static void f32(const GemvProblem& p, const float* x, int64_t r0, int64_t row, __m512* out) {
+    row_f32<MR, BitStreamF32<Bits>>(p, x, r0, row, out);
+  }
+  template <int MR>
+  static void bf16(const GemvProblem& p, const uint16_t* x, int64_t r0, int64_t row, __m512* out) {
+    row_bf16<MR, BitStreamBf16<Bits>>(p, x, r0, row, out);
+  }
+};
+
 // Each row function leaves, per activation row, an unreduced vector whose lanes sum to the
 // output; a tile of kTileRows weight rows is reduced together (reduce4), since a horizontal sum
 // per output was a visible share of a 1024-input row's time.
@@ -351,6 +429,20 @@ void run_rows(const GemvProblem& p, const X* xa) {
 
 #define BRECQ_RUN_ROWS(fn, X) run_rows<X, fn<1>, fn<2>, fn<3>, fn<4>>
 
+// 2, 3, 5 and 7 bits, bfloat16 activations as they are (whole 64-code chunks per group) or float32.
+template <int Bits>
+bool gemv_bit_stream(const GemvProblem& p) {
+  using R = BitStreamRows<Bits>;
+  if (p.x_bf16 && p.g % kChunkBf16 == 0) {
+    run_rows<uint16_t, R::template bf16<1>, R::template bf16<2>, R::template bf16<3>, R::template bf16<4>>(
+        p, p.x_bf16);
+    return true;
+  }
+  if (p.g % kChunkF32 != 0) return false;
+  run_rows<float, R::template f32<1>, R::template f32<2>, R::template f32<3>, R::template f32<4>>(p, p.x);
+  return true;
+}
+
 // ---- dequantization of packed rows (the GEMM path's workspace) ------------------------------
 // 32 codes at a time, as 32 float32 values in natural order (dequant_avx512.h).
 struct FourBitNatural {
@@ -384,7 +476,15 @@ void dequantize_rows(const uint8_t* packed, const uint16_t* scale, const uint8_t
 }  // namespace
 
 bool gemv_avx512(const GemvProblem& p) {
-  if ((p.bits != 4 && p.bits != 6 && p.bits != 8) || p.groups > kMaxGroups) return false;
+  if (p.groups > kMaxGroups) return false;
+  switch (p.bits) {
+    case 2: return gemv_bit_stream<2>(p);
+    case 3: return gemv_bit_stream<3>(p);
+    case 5: return gemv_bit_stream<5>(p);
+    case 7: return gemv_bit_stream<7>(p);
+    case 4: case 6: case 8: break;
+    default: return false;
+  }
   if (p.bits == 8) {
     if (p.g % kChunkF32 != 0) return false;
     BRECQ_RUN_ROWS(row_f32_8bit, float)(p, p.x);
@@ -422,13 +522,18 @@ bool gemv_avx512(const GemvProblem& p) {
 
 bool dequantize_packed_avx512(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n,
                               int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads) {
-  // A run of 32 codes must lie in one group (and start on a byte boundary at 6 bits: 24 bytes).
-  if ((bits != 4 && bits != 6) || g % 32 != 0) return false;
+  // A run of 32 codes must lie in one group (it then starts on a byte boundary at every width).
+  if (bits == 8 || g % 32 != 0) return false;
   const int64_t row_bytes = packed_row_bytes(k, g, bits), groups = num_groups(k, g);
-  if (bits == 4)
-    dequantize_rows<FourBitNatural>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads);
-  else
-    dequantize_rows<SixBitF32>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads);
+  switch (bits) {
+    case 2: dequantize_rows<BitStreamF32<2>>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
+    case 3: dequantize_rows<BitStreamF32<3>>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
+    case 4: dequantize_rows<FourBitNatural>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
+    case 5: dequantize_rows<BitStreamF32<5>>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
+    case 6: dequantize_rows<SixBitF32>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
+    case 7: dequantize_rows<BitStreamF32<7>>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
+    default: return false;
+  }
   return true;
 }
 

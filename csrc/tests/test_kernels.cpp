@@ -83,36 +83,45 @@ void test_gemv(Isa isa) {
   set_isa(isa);
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (int bits : {3, 4, 6}) {
-    for (int64_t g : {32, 64}) {
+  // Every width (2, 3, 5 and 7 bits share one AVX-512 decoder, 4, 6 and 8 have their own), group
+  // sizes below, at and above one decode chunk, float32 and bfloat16 activations.
+  for (int bits = kMinBits; bits <= kMaxBits; ++bits) {
+    for (int64_t g : {32, 64, 128}) {
       for (int64_t m : {1, 3, 5}) {
-        const int64_t n = 13, k = 200;
-        std::vector<float> w(n * k), x(m * k), y(m * n), bias(n);
-        for (auto& v : w) v = normal(rng);
-        for (auto& v : x) v = normal(rng);
-        for (auto& v : bias) v = normal(rng);
-        const int64_t groups = num_groups(k, g);
-        std::vector<uint16_t> scale(n * groups);
-        std::vector<uint8_t> zero(n * groups), codes(n * k);
-        std::vector<uint8_t> packed(n * packed_row_bytes(k, g, bits));
-        quant_params(w.data(), n, k, bits, g, 0, scale.data(), zero.data(), 1);
-        quantize(w.data(), scale.data(), zero.data(), n, k, bits, g, codes.data(), 1);
-        pack(codes.data(), n, k, bits, g, packed.data(), 1);
-        std::vector<float> deq(n * k);
-        dequantize(codes.data(), scale.data(), zero.data(), n, k, g, deq.data(), 1);
-        packed_gemv(x.data(), false, m, k, packed.data(), scale.data(), zero.data(), bias.data(), n, k,
-                    bits, g, y.data(), false, 2);
-        for (int64_t r = 0; r < m; ++r)
-          for (int64_t o = 0; o < n; ++o) {
-            double exact = bias[o], magnitude = std::fabs(bias[o]);
-            for (int64_t i = 0; i < k; ++i) {
-              exact += static_cast<double>(x[r * k + i]) * deq[o * k + i];
-              magnitude += std::fabs(static_cast<double>(x[r * k + i]) * deq[o * k + i]);
-            }
-            CHECK(std::fabs(y[r * n + o] - exact) <= 2e-6 * magnitude,
-                  "gemv %s bits=%d g=%lld m=%lld: %g vs %g", isa_name(isa), bits,
-                  static_cast<long long>(g), static_cast<long long>(m), y[r * n + o], exact);
+        for (bool bf16 : {false, true}) {
+          const int64_t n = 13, k = 200;
+          std::vector<float> w(n * k), x(m * k), y(m * n), bias(n);
+          std::vector<uint16_t> x_bf16(m * k);
+          for (auto& v : w) v = normal(rng);
+          for (int64_t i = 0; i < m * k; ++i) {
+            x_bf16[i] = numeric::f32_to_bf16(normal(rng));
+            x[i] = numeric::bf16_to_f32(x_bf16[i]);  // the exact inputs of both paths
           }
+          for (auto& v : bias) v = normal(rng);
+          const int64_t groups = num_groups(k, g);
+          std::vector<uint16_t> scale(n * groups);
+          std::vector<uint8_t> zero(n * groups), codes(n * k);
+          std::vector<uint8_t> packed(n * packed_row_bytes(k, g, bits));
+          quant_params(w.data(), n, k, bits, g, 0, scale.data(), zero.data(), 1);
+          quantize(w.data(), scale.data(), zero.data(), n, k, bits, g, codes.data(), 1);
+          pack(codes.data(), n, k, bits, g, packed.data(), 1);
+          std::vector<float> deq(n * k);
+          dequantize(codes.data(), scale.data(), zero.data(), n, k, g, deq.data(), 1);
+          const void* xp = bf16 ? static_cast<const void*>(x_bf16.data()) : x.data();
+          packed_gemv(xp, bf16, m, k, packed.data(), scale.data(), zero.data(), bias.data(), n, k, bits, g, y.data(),
+                      false, 2);
+          for (int64_t r = 0; r < m; ++r)
+            for (int64_t o = 0; o < n; ++o) {
+              double exact = bias[o], magnitude = std::fabs(bias[o]);
+              for (int64_t i = 0; i < k; ++i) {
+                exact += static_cast<double>(x[r * k + i]) * deq[o * k + i];
+                magnitude += std::fabs(static_cast<double>(x[r * k + i]) * deq[o * k + i]);
+              }
+              CHECK(std::fabs(y[r * n + o] - exact) <= 2e-6 * magnitude,
+                    "gemv %s bits=%d g=%lld m=%lld bf16=%d: %g vs %g", isa_name(isa), bits, static_cast<long long>(g),
+                    static_cast<long long>(m), bf16, y[r * n + o], exact);
+            }
+        }
       }
     }
   }
