@@ -16,7 +16,7 @@ void gemv_scalar(const GemvProblem& p) {
     static thread_local std::vector<uint8_t> codes;
     if (codes.size() < static_cast<size_t>(p.k_padded)) codes.resize(static_cast<size_t>(p.k_padded));
     {
-      unpack(p.packed + row * p.row_bytes, 1, p.k, p.bits, p.g, codes.data(), 1);
+      unpack_row(p.packed + row * p.row_bytes, p.k, p.bits, codes.data());
       for (int64_t r = 0; r < p.m; ++r) {
         const float* x = p.x + r * p.k_padded;
         float total = 0.0f, correction = 0.0f;
@@ -25,6 +25,7 @@ void gemv_scalar(const GemvProblem& p) {
           const float z = static_cast<float>(p.zero[row * p.groups + grp]);
           const int64_t end = std::min(p.k, grp * p.g + p.g);
           float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
           for (int64_t i = grp * p.g; i < end; ++i) acc += x[i] * static_cast<float>(codes[i]);
           total += s * acc;
           correction += s * z * p.xsum[r * p.groups + grp];
