@@ -1,7 +1,8 @@
-// AVX2/FMA GEMV for 4-, 6- and 8-bit packed weights, float32 activations (bfloat16 ones are widened
-// by the dispatcher). Same structure as gemv_avx512.cpp with 8-lane vectors; see that file for the
+// AVX2/FMA GEMV for packed weights of every width, 2 to 8 bits, float32 activations (bfloat16 ones
+// are widened by the dispatcher). Same structure as gemv_avx512.cpp with 8-lane vectors; see that file for the
 // arrangement of activations. No standard-library templates below the target pragma.
 #include <cstdint>
+#include <cstring>
 #include <immintrin.h>
 
 #include "gemv.h"
@@ -54,6 +55,46 @@ struct SixBit {  // natural order
     const __m256i raw = _mm256_broadcastsi128_si256(run);
     first = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, gather_a), shifts), mask6));
     second = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, gather_b), shifts), mask6));
+  }
+};
+// 2, 3, 5 or 7 bits, natural order: 16 codes are 2 * Bits bytes of the row's bit stream, loaded
+// exactly (whole dwords masked, then a last 16-bit word when 2 * Bits is not a multiple of 4), so
+// that no read passes the row's end. Code q starts at bit Bits * q, inside byte Bits * q / 8, and
+// shift + Bits <= 14: dword lane i takes the two bytes from there (VPSHUFB), VPSRLVD drops the
+// shift, a mask the bits above. The same steps as SixBit, whose shuffle is this one's at 6 bits.
+template <int Bits>
+struct BitStream {
+  static_assert(Bits >= 2 && Bits <= 7, "BitStream decodes 2- to 7-bit codes");
+  static constexpr int kBytes = 2 * Bits;  // one call's 16 codes
+  __m256i gather_a, gather_b, shifts, mask;
+  __m128i whole_dwords;
+  static __m256i gather(int first_code) {
+    alignas(32) int8_t idx[32];
+    for (int i = 0; i < 8; ++i) {
+      const int byte = Bits * (first_code + i) / 8;
+      idx[4 * i] = static_cast<int8_t>(byte);  // within the 128-bit half: both halves hold the run
+      idx[4 * i + 1] = static_cast<int8_t>(byte + 1 < 16 ? byte + 1 : -1);
+      idx[4 * i + 2] = idx[4 * i + 3] = -1;
+    }
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+  }
+  BitStream()
+      : gather_a(gather(0)), gather_b(gather(8)),
+        shifts(_mm256_setr_epi32(0, Bits % 8, 2 * Bits % 8, 3 * Bits % 8, 4 * Bits % 8, 5 * Bits % 8, 6 * Bits % 8,
+                                 7 * Bits % 8)),
+        mask(_mm256_set1_epi32((1 << Bits) - 1)),
+        whole_dwords(_mm_setr_epi32(kBytes >= 4 ? -1 : 0, kBytes >= 8 ? -1 : 0, kBytes >= 12 ? -1 : 0, 0)) {}
+  void operator()(const uint8_t* w, int64_t c, __m256& first, __m256& second) const {
+    const uint8_t* run_bytes = w + c / 8 * Bits;
+    __m128i run = _mm_maskload_epi32(reinterpret_cast<const int*>(run_bytes), whole_dwords);
+    if (kBytes % 4 != 0) {
+      uint16_t last;
+      std::memcpy(&last, run_bytes + kBytes - 2, 2);
+      run = _mm_insert_epi16(run, last, (kBytes - 2) / 2);
+    }
+    const __m256i raw = _mm256_broadcastsi128_si256(run);
+    first = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, gather_a), shifts), mask));
+    second = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, gather_b), shifts), mask));
   }
 };
 struct EightBit {  // one code per byte, natural order
@@ -117,9 +158,19 @@ void run_rows(const GemvProblem& p, const float* xa) {
 }  // namespace
 
 bool gemv_avx2(const GemvProblem& p) {
-  if ((p.bits != 4 && p.bits != 6 && p.bits != 8) || p.g % kChunk != 0) return false;
+  if (p.bits < kMinBits || p.bits > kMaxBits || p.g % kChunk != 0) return false;
   static_assert(kRowsPerPass == 4, "run_rows handles up to 4 rows per pass");
-  if (p.bits == 4) {
+#define BRECQ_BIT_STREAM(B) \
+  run_rows<row<1, BitStream<B>>, row<2, BitStream<B>>, row<3, BitStream<B>>, row<4, BitStream<B>>>(p, p.x)
+  if (p.bits == 2) {
+    BRECQ_BIT_STREAM(2);
+  } else if (p.bits == 3) {
+    BRECQ_BIT_STREAM(3);
+  } else if (p.bits == 5) {
+    BRECQ_BIT_STREAM(5);
+  } else if (p.bits == 7) {
+    BRECQ_BIT_STREAM(7);
+  } else if (p.bits == 4) {
     for (int64_t r = 0; r < p.m; ++r) {
       const float* x = p.x + r * p.k_padded;
       float* out = p.scratch + r * p.k_padded;
@@ -135,6 +186,7 @@ bool gemv_avx2(const GemvProblem& p) {
   } else {
     run_rows<row<1, EightBit>, row<2, EightBit>, row<3, EightBit>, row<4, EightBit>>(p, p.x);
   }
+#undef BRECQ_BIT_STREAM
   return true;
 }
 
