@@ -132,7 +132,7 @@ class CpuDecoder:
             layer_types = ["sliding_attention" if window else "full_attention"] * len(inner.layers)
         layers = []
         for layer, layer_type in zip(inner.layers, layer_types):
-            attention, _mlp = layer.self_attn, layer.mlp
+            attention = layer.self_attn
             q_norm = getattr(attention, "q_norm", None)
             k_norm = getattr(attention, "k_norm", None)
             linears = [self._linear(getattr(getattr(layer, parent), name)) for parent, name in _LINEARS]
