@@ -39,8 +39,10 @@ def test_another_process_burning_cpu_is_detected():
     busy = disturbance(before, after)
     if busy.other_cpu_share is None:
         pytest.skip("no /proc/stat here")
-    assert busy.other_cpu_share > quiet.other_cpu_share + 0.2
     assert busy.busy and "other processes used" in busy.reason
+    if quiet.other_cpu_share > 0.6:  # one more process cannot add 20 points to a saturated machine
+        pytest.skip(f"other processes already used {quiet.other_cpu_share:.0%} of the CPUs before the burner started")
+    assert busy.other_cpu_share > quiet.other_cpu_share + 0.2
 
 
 def test_repeats_that_spread_widely_mark_the_run_noisy():
