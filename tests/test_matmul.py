@@ -44,7 +44,7 @@ def test_shapes_w4_g64_float32(rows, in_features, out_features):
 
 @pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8], ids=lambda b: f"w{b}")
-@pytest.mark.parametrize("group_size", [32, 64, 128], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("group_size", [32, 48, 64, 128], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 33], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("in_features", [172, 1000], ids=lambda k: f"k{k}")
 def test_every_code_path_against_reference(isa, dtype, bits, group_size, rows, in_features):

@@ -83,10 +83,11 @@ void test_gemv(Isa isa) {
   set_isa(isa);
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  // Every width (2, 3, 5 and 7 bits share one AVX-512 decoder, 4, 6 and 8 have their own), group
-  // sizes below, at and above one decode chunk, float32 and bfloat16 activations.
+  // Every width (2, 3, 5 and 7 bits share one decoder per ISA, 4, 6 and 8 have their own), group
+  // sizes below, at and above one decode chunk (16 and 48: AVX2's kernels, the portable one on
+  // AVX-512), float32 and bfloat16 activations.
   for (int bits = kMinBits; bits <= kMaxBits; ++bits) {
-    for (int64_t g : {32, 64, 128}) {
+    for (int64_t g : {16, 32, 48, 64, 128}) {
       for (int64_t m : {1, 3, 5}) {
         for (bool bf16 : {false, true}) {
           const int64_t n = 13, k = 200;
