@@ -85,11 +85,28 @@ def main(path: str) -> str:
             f"{t('dense_bf16') / t('w6_bf16'):.2f} | "
             f"{t('dense_f32') / t('w4t_f32'):.2f} | {t('dense_f32') / t('w4_f32'):.2f} | "
             f"{t('dense_f32') / t('w6t_f32'):.2f} | {t('dense_f32') / t('w6_f32'):.2f} |")
-    kernel_kinds = [kind for kind in ("w4t_bf16_kernel", "w4_bf16_kernel", "w6t_bf16_kernel", "w6_bf16_kernel")
+    if any("w3_bf16" in kinds or "w3_f32" in kinds for kinds in cases.values()):
+        out += ["", "Row-major 3-bit weights (one bit-stream decoder for 2, 3, 5 and 7 bits, docs/CPU.md):", "",
+                "| shape (in->out) | rows | W3 bf16 | W3 GB/s | W3 x bf16 | W3 f32 | W3 x f32 | W6 bf16 |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for (shape, k, n, m), kinds in cases.items():
+            if "w3_bf16" not in kinds and "w3_f32" not in kinds:
+                continue
+
+            def t(kind):
+                return kinds[kind]["median_s"] if kind in kinds else float("nan")
+
+            gbs = kinds["w3_bf16"]["weight_bytes"] / t("w3_bf16") / 1e9 if "w3_bf16" in kinds else float("nan")
+            out.append(f"| {shape} ({k}->{n}) | {m} | {t('w3_bf16') * 1e6:.0f} | {gbs:.1f} | "
+                       f"{t('dense_bf16') / t('w3_bf16'):.2f} | {t('w3_f32') * 1e6:.0f} | "
+                       f"{t('dense_f32') / t('w3_f32'):.2f} | {t('w6_bf16') * 1e6:.0f} |")
+    kernel_kinds = [kind for kind in ("w4t_bf16_kernel", "w4_bf16_kernel", "w6t_bf16_kernel", "w6_bf16_kernel",
+                                      "w3_bf16_kernel")
                     if any(kind in kinds for kinds in cases.values())]
     kernel_rows = [(key, kinds) for key, kinds in cases.items() if any(kind in kinds for kind in kernel_kinds)]
     if kernel_rows:
-        label = {"w4t_bf16_kernel": "W4T", "w4_bf16_kernel": "W4", "w6t_bf16_kernel": "W6T", "w6_bf16_kernel": "W6"}
+        label = {"w4t_bf16_kernel": "W4T", "w4_bf16_kernel": "W4", "w6t_bf16_kernel": "W6T", "w6_bf16_kernel": "W6",
+                 "w3_bf16_kernel": "W3"}
         header = " | ".join(f"{label[kind]} {col}" for kind in kernel_kinds for col in ("us", "GB/s", "% bw", "x bf16"))
         out += ["", "GEMV kernel alone (compiled function called on raw pointers: no op dispatch, no argument "
                 "checks), 1 row, bfloat16 activations:", "",
