@@ -523,17 +523,20 @@ bool gemv_avx512(const GemvProblem& p) {
 bool dequantize_packed_avx512(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n,
                               int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads) {
   // A run of 32 codes must lie in one group (it then starts on a byte boundary at every width).
-  if (bits == 8 || g % 32 != 0) return false;
+  if (g % 32 != 0) return false;  // 8 bits: no decoder here (the switch below)
   const int64_t row_bytes = packed_row_bytes(k, g, bits), groups = num_groups(k, g);
+#define BRECQ_DEQUANTIZE(Decode) \
+  dequantize_rows<Decode>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads)
   switch (bits) {
-    case 2: dequantize_rows<BitStreamF32<2>>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
-    case 3: dequantize_rows<BitStreamF32<3>>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
-    case 4: dequantize_rows<FourBitNatural>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
-    case 5: dequantize_rows<BitStreamF32<5>>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
-    case 6: dequantize_rows<SixBitF32>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
-    case 7: dequantize_rows<BitStreamF32<7>>(packed, scale, zero, n, k, g, row_bytes, groups, out, out_bf16, threads); break;
+    case 2: BRECQ_DEQUANTIZE(BitStreamF32<2>); break;
+    case 3: BRECQ_DEQUANTIZE(BitStreamF32<3>); break;
+    case 4: BRECQ_DEQUANTIZE(FourBitNatural); break;
+    case 5: BRECQ_DEQUANTIZE(BitStreamF32<5>); break;
+    case 6: BRECQ_DEQUANTIZE(SixBitF32); break;
+    case 7: BRECQ_DEQUANTIZE(BitStreamF32<7>); break;
     default: return false;
   }
+#undef BRECQ_DEQUANTIZE
   return true;
 }
 
