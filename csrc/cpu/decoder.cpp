@@ -77,7 +77,8 @@ Decoder::Decoder(DecoderConfig config, const void* embedding, bool embedding_bf1
       final_norm_(final_norm),
       lm_head_(lm_head),
       layers_(std::move(layers)),
-      threads_(threads < 1 ? 1 : threads) {
+      threads_(threads < 1 ? 1 : threads),
+      shares_(std::make_shared<detail::TeamShares>(threads_)) {
   const DecoderConfig& c = config_;
   check(c.hidden > 0 && c.intermediate > 0 && c.q_heads > 0 && c.kv_heads > 0 && c.head_dim > 0 && c.vocab > 0,
         "every size in the config must be positive");
@@ -363,10 +364,17 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
   // One OpenMP region for the whole chunk: the linear layers, the attention and the short steps
   // between them share their work out among its threads (detail::for_each_index, finish_head) or
   // are computed by each thread for itself, instead of a fork and join per kernel (8 per layer).
+  // The kernels' items are shared out as team_shares.h describes (a thread out of work takes half
+  // of what another has left), so a thread that starts or reads late holds no one up at the barrier.
+  shares_->reset();
 #pragma omp parallel num_threads(threads_)
   {
     detail::in_split_team() = true;
+    detail::TeamMember& member = detail::team_member();
+    // A team smaller than asked for (OMP_THREAD_LIMIT, nesting) keeps the static split.
+    member = {omp_get_num_threads() == shares_->size() ? shares_.get() : nullptr, 0};
     run_layers(tokens, rows, logits, all_logits);
+    member = {};
     detail::in_split_team() = false;
   }
   length_ += rows;

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "brecq/format.h"
+#include "team_shares.h"
 
 namespace brecq {
 namespace detail {
@@ -116,11 +117,18 @@ constexpr int kRowsPerPass = 4;
 bool& in_split_team();
 
 // Runs body(i) for every i in [0, count), split across threads: among the calling team when
-// in_split_team() (every thread of the team must make the call; it ends with the team's barrier),
+// in_split_team() (every thread of the team must make the call; it ends with the team's barrier;
+// shares stolen as team_shares.h describes when the team set up its TeamShares),
 // else in a parallel region of its own with `threads` threads.
 template <class Body>
 inline void for_each_index(int64_t count, int threads, const Body& body) {
   if (in_split_team()) {
+    TeamShares* shares = team_member().shares;
+    if (shares && shares->size() == omp_get_num_threads() && shares->size() <= kMaxSharedTeam &&
+        count < kMaxSharedItems) {
+      for_each_index_shared(*shares, count, body);
+      return;
+    }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < count; ++i) body(i);
   } else {

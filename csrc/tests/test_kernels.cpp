@@ -1,14 +1,21 @@
 // Standalone checks of the CPU kernels against straightforward scalar formulas (no torch).
 // Exit status is the number of failed checks.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <random>
+#include <thread>
 #include <vector>
+
+#include <omp.h>
 
 #include "brecq/format.h"
 #include "brecq/kernels.h"
 #include "numeric.h"
+#include "team_shares.h"
 
 namespace {
 
@@ -391,6 +398,64 @@ void test_rms_norm() {
   }
 }
 
+
+// detail::for_each_index_shared (team_shares.h): every index of every call done exactly once, for
+// team sizes 1-4 and counts from 0 up, several calls per region and several regions per TeamShares;
+// and when one thread arrives late (it sleeps before its first item), others do part of its share,
+// which a static split would have left to it.
+void test_team_shares() {
+  using detail::TeamShares;
+  for (int team : {1, 2, 3, 4}) {
+    TeamShares shares(team);
+    for (int region = 0; region < 2; ++region) {
+      const std::vector<int64_t> counts = {0, 1, 2, 3, 5, 64, 1000};
+      std::vector<std::unique_ptr<std::atomic<int>[]>> done;
+      std::vector<std::unique_ptr<std::atomic<int>[]>> by;  // which thread did each item
+      for (int64_t c : counts) {
+        done.emplace_back(new std::atomic<int>[c + 1]);
+        by.emplace_back(new std::atomic<int>[c + 1]);
+        for (int64_t i = 0; i <= c; ++i) done.back()[i] = 0, by.back()[i] = -1;
+      }
+      int team_seen = 0;
+      shares.reset();
+#pragma omp parallel num_threads(team)
+      {
+#pragma omp single
+        team_seen = omp_get_num_threads();
+        detail::team_member() = {&shares, 0};
+        const int me = omp_get_thread_num();
+        for (size_t call = 0; call < counts.size(); ++call) {
+          const bool late = me == 0 && call + 1 == counts.size();  // thread 0 starts its last call late
+          bool slept = false;
+          detail::for_each_index_shared(shares, counts[call], [&](int64_t i) {
+            if (late && !slept) {
+              std::this_thread::sleep_for(std::chrono::milliseconds(20));
+              slept = true;
+            }
+            done[call][i].fetch_add(1);
+            by[call][i].store(me);
+          });
+        }
+        detail::team_member() = {};
+      }
+      if (team_seen != team) continue;  // the runtime gave fewer threads: the split is not what is tested
+      for (size_t call = 0; call < counts.size(); ++call) {
+        int64_t wrong = 0;
+        for (int64_t i = 0; i < counts[call]; ++i) wrong += done[call][i].load() != 1;
+        CHECK(wrong == 0, "team %d, %lld items: %lld not done exactly once", team, static_cast<long long>(counts[call]),
+              static_cast<long long>(wrong));
+      }
+      if (team > 1) {
+        // Thread 0's static share of the last call is [0, count / team): others took some of it.
+        const int64_t c = counts.back();
+        int64_t taken = 0;
+        for (int64_t i = 0; i < c / team; ++i) taken += by.back()[i].load() != 0;
+        CHECK(taken > 0, "team %d: a late thread's share was left to it alone", team);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -406,6 +471,7 @@ int main() {
   test_tiled_integer_activations();
   test_decode_attention();
   test_rms_norm();
+  test_team_shares();
   set_isa(best);
   std::printf("%s: %d failed checks (ISA %s)\n", failures ? "FAILED" : "OK", failures, isa_name(best));
   return failures;

@@ -10,9 +10,13 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace brecq {
+namespace detail {
+class TeamShares;  // csrc/cpu/team_shares.h
+}
 
 enum class WeightKind : int {
   kPackedRows = 0,  // docs/FORMAT.md row-major codes (packed_gemv)
@@ -107,6 +111,8 @@ class Decoder {
   LinearWeights lm_head_;
   std::vector<DecoderLayerWeights> layers_;
   int threads_;
+  // The step's work-sharing state, shared by its team's threads (team_shares.h).
+  std::shared_ptr<detail::TeamShares> shares_;
   bool profiling_ = false;
   double profile_[kSections] = {0.0, 0.0, 0.0, 0.0};
 
