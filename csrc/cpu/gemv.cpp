@@ -188,8 +188,16 @@ void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const
   detail::GemvProblem problems[kMaxTiledBatch];
   for (int i = 0; i < count; ++i) {
     const TiledGemvCall& c = calls[i];
-    problems[i] = prepare(x, x_is_bf16, m, k, c.codes, c.scale, c.zero, c.bias, c.n, k, c.bits, c.g, c.y, false,
-                          threads, i);
+    int same = 0;  // an earlier call of the same width and group size: its prepared input serves
+    while (same < i && (calls[same].bits != c.bits || calls[same].g != c.g)) ++same;
+    if (same < i) {
+      problems[i] = problems[same];
+      problems[i].packed = c.codes, problems[i].scale = c.scale, problems[i].zero = c.zero;
+      problems[i].bias = c.bias, problems[i].n = c.n, problems[i].y = c.y;
+    } else {
+      problems[i] = prepare(x, x_is_bf16, m, k, c.codes, c.scale, c.zero, c.bias, c.n, k, c.bits, c.g, c.y, false,
+                            threads, i);
+    }
   }
   const Isa isa = active_isa();
   if (isa == Isa::kAvx512 && detail::tiled_gemv_avx512_batch(problems, count)) return;

@@ -44,7 +44,14 @@ bool run_tile_plans(const GemvProblem* problems, int count) {
   TilePlan plans[kMaxTiledBatch];
   int64_t first_tile[kMaxTiledBatch + 1] = {0};
   for (int i = 0; i < count; ++i) {
-    if (!Plan(problems[i], &plans[i])) return false;
+    // Problems sharing their prepared input (tiled_gemv_batch gives calls of one width and group
+    // size the same one) share its plan: the activations are converted once.
+    int same = 0;
+    while (same < i && !(problems[same].scratch == problems[i].scratch && problems[same].bits == problems[i].bits &&
+                         problems[same].g == problems[i].g))
+      ++same;
+    if (same < i) plans[i] = plans[same];
+    else if (!Plan(problems[i], &plans[i])) return false;
     first_tile[i + 1] = first_tile[i] + tile_count(problems[i].n);
   }
   for_each_index(first_tile[count], problems[0].threads, [&](int64_t tile) {
