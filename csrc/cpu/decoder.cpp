@@ -172,9 +172,7 @@ void Decoder::round_activations(float* x, int64_t count) const {
 void Decoder::norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, float* out) const {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
-    float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t i = 0; i < n; ++i) squares += xr[i] * xr[i];
+    const float squares = numeric::sum_of_squares(xr, n);
     const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(n) + config_.rms_eps);
     float* o = out + r * n;
     if (config_.bf16) {

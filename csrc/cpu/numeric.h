@@ -84,5 +84,20 @@ static inline float exp_branchless(float x) {
   return bits_to_f32((result & ~(overflow | underflow)) | (0x7f800000u & overflow));
 }
 
+// The sum of x[i]^2 over n floats in eight running sums. One running sum is a chain of dependent
+// adds (3-4 cycles each), and gcc 12 left the decoder's `omp simd reduction` loop scalar (it does
+// vectorize the same loop in a function of its own): the decoder's whole RMSNorm of a 128-wide
+// head took 0.18 us and of the 1024-wide hidden state 1.26 us, against 0.09 and 0.57 with this
+// (a scratch copy of norm_rows, one thread, data in L1).
+static inline float sum_of_squares(const float* x, int64_t n) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lanes[j] += x[i + j] * x[i + j];
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += x[i] * x[i];
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
+}
+
 }  // namespace numeric
 }  // namespace brecq
