@@ -362,8 +362,9 @@ def test_non_finite_and_extreme_activations_keep_floats(isa, bits):
 # ---- several products of one input in one loop (the C++ decoder's q/k/v and gate/up) ----------
 
 @pytest.mark.parametrize("members", [((6, 64, 40), (6, 64, 17), (6, 64, 17)), ((4, 64, 48), (4, 64, 48)),
-                                     ((4, 32, 17), (6, 64, 33), (8, 64, 16), (4, 128, 1))],
-                         ids=["qkv-w6", "gate-up-w4", "mixed-w4-w6-w8"])
+                                     ((4, 32, 17), (6, 64, 33), (8, 64, 16), (4, 128, 1)),
+                                     ((6, 64, 40), (4, 64, 17), (6, 64, 23), (4, 32, 9))],
+                         ids=["qkv-w6", "gate-up-w4", "mixed-w4-w6-w8", "shared-input-not-adjacent"])
 @pytest.mark.parametrize("x_bf16", [True, False], ids=["bf16", "f32"])
 @pytest.mark.parametrize("rows", [1, 3, 8], ids=lambda m: f"m{m}")
 def test_batch_of_products_equals_each_product_alone(isa, members, x_bf16, rows):
