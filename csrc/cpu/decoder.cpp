@@ -369,8 +369,10 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
   {
     detail::in_split_team() = true;
     detail::TeamMember& member = detail::team_member();
-    // A team smaller than asked for (OMP_THREAD_LIMIT, nesting) keeps the static split.
-    member = {omp_get_num_threads() == shares_->size() ? shares_.get() : nullptr, 0};
+    // A team smaller than asked for (OMP_THREAD_LIMIT, nesting), or too large for the shares' words,
+    // keeps the static split.
+    const int team = omp_get_num_threads();
+    member = {team == shares_->size() && team <= detail::kMaxSharedTeam ? shares_.get() : nullptr, 0};
     run_layers(tokens, rows, logits, all_logits);
     member = {};
     detail::in_split_team() = false;

@@ -75,18 +75,6 @@ bool& in_split_team() {
 
 namespace {
 
-// Sum of count floats in eight interleaved partial sums. One running sum is a chain of dependent
-// adds, 3-4 cycles each: about 1 us per 1024 inputs, a tenth of a decode-sized W4 call.
-float sum_floats(const float* v, int64_t count) {
-  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= count; i += 8)
-    for (int j = 0; j < 8; ++j) lanes[j] += v[i + j];
-  float tail = 0.0f;
-  for (; i < count; ++i) tail += v[i];
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
-}
-
 struct PreparedInput {
   std::vector<float> x_f32, xsum, scratch;
   std::vector<uint16_t> x_bf16;
@@ -140,7 +128,7 @@ detail::GemvProblem prepare(const void* x, bool x_is_bf16, int64_t m, int64_t x_
       const float* src = static_cast<const float*>(x) + r * x_stride;
       std::copy(src, src + k, dst);
     }
-    for (int64_t grp = 0; grp < p.groups; ++grp) xsum[r * p.groups + grp] = sum_floats(dst + grp * g, g);
+    for (int64_t grp = 0; grp < p.groups; ++grp) xsum[r * p.groups + grp] = numeric::sum(dst + grp * g, g);
   }
   p.x = x_f32.data();
   p.x_bf16 = x_is_bf16 ? x_bf16.data() : nullptr;

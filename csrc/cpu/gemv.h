@@ -124,8 +124,7 @@ template <class Body>
 inline void for_each_index(int64_t count, int threads, const Body& body) {
   if (in_split_team()) {
     TeamShares* shares = team_member().shares;
-    if (shares && shares->size() == omp_get_num_threads() && shares->size() <= kMaxSharedTeam &&
-        count < kMaxSharedItems) {
+    if (shares && count < kMaxSharedItems) {
       for_each_index_shared(*shares, count, body);
       return;
     }

@@ -84,19 +84,32 @@ static inline float exp_branchless(float x) {
   return bits_to_f32((result & ~(overflow | underflow)) | (0x7f800000u & overflow));
 }
 
-// The sum of x[i]^2 over n floats in eight running sums. One running sum is a chain of dependent
-// adds (3-4 cycles each), and gcc 12 left the decoder's `omp simd reduction` loop scalar (it does
-// vectorize the same loop in a function of its own): the decoder's whole RMSNorm of a 128-wide
-// head took 0.18 us and of the 1024-wide hidden state 1.26 us, against 0.09 and 0.57 with this
-// (a scratch copy of norm_rows, one thread, data in L1).
-static inline float sum_of_squares(const float* x, int64_t n) {
+// f(x[i]) summed over n floats in eight interleaved running sums. One running sum is a chain of
+// dependent adds (3-4 cycles each): about 1 us per 1024 inputs, and gcc keeps it scalar without
+// -ffast-math (even under `omp simd reduction` in the decoder's RMSNorm, though it vectorizes the
+// same loop in a function of its own). The order of the adds is fixed, so results do not depend
+// on the ISA.
+template <class F>
+static inline float sum_in_eight_lanes(const float* x, int64_t n, F f) {
   float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) lanes[j] += x[i + j] * x[i + j];
+    for (int j = 0; j < 8; ++j) lanes[j] += f(x[i + j]);
   float tail = 0.0f;
-  for (; i < n; ++i) tail += x[i] * x[i];
+  for (; i < n; ++i) tail += f(x[i]);
   return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
+}
+
+// The zero-point correction's group sums (gemv.cpp).
+static inline float sum(const float* x, int64_t n) {
+  return sum_in_eight_lanes(x, n, [](float v) { return v; });
+}
+
+// RMSNorm's sum of squares (decoder.cpp). With the decoder's scalar loop its whole RMSNorm of a
+// 128-wide head took 0.18 us and of the 1024-wide hidden state 1.26 us, against 0.09 and 0.57
+// this way (a scratch copy of norm_rows, one thread, data in L1).
+static inline float sum_of_squares(const float* x, int64_t n) {
+  return sum_in_eight_lanes(x, n, [](float v) { return v * v; });
 }
 
 }  // namespace numeric

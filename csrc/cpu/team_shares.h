@@ -53,9 +53,10 @@ class TeamShares {
   std::unique_ptr<ShareSlot[]> slots_;
 };
 
-// The calling thread's team (null outside a region that set one) and its count of shared calls so
-// far in that region: every thread of the team makes the same calls in the same order, so the
-// count names the call.
+// The calling thread's team (null outside a region that set one; whoever sets it sees to it that
+// the team is the region's whole team, of at most kMaxSharedTeam threads) and its count of shared
+// calls so far in that region: every thread of the team makes the same calls in the same order, so
+// the count names the call.
 struct TeamMember {
   TeamShares* shares = nullptr;
   uint32_t calls = 0;
