@@ -170,6 +170,7 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
       for (int i = 0; i < kSums; ++i) int16_sums[r][h][i] = _mm256_setzero_si256();
     }
   for (int64_t grp = 0; grp < p.groups; ++grp) {
+    prefetch_group_params(p, tile * p.groups + grp + kParamsAheadGroups);
     __m256i sum[MR][Halves];
     for (int r = 0; r < MR; ++r)
       for (int h = 0; h < Halves; ++h) sum[r][h] = _mm256_setzero_si256();
@@ -221,6 +222,7 @@ void tile_words(const GemvProblem& p, const uint32_t* words, int64_t r0, int64_t
   for (int r = 0; r < MR; ++r)
     for (int h = 0; h < Halves; ++h) total[r][h] = correction[r][h] = _mm256_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
+    prefetch_group_params(p, tile * p.groups + grp + kParamsAheadGroups);
     __m256i sum[MR][Halves];
     for (int r = 0; r < MR; ++r)
       for (int h = 0; h < Halves; ++h) sum[r][h] = _mm256_setzero_si256();
@@ -304,6 +306,7 @@ void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, _
   for (int r = 0; r < MR; ++r)
     for (int h = 0; h < Halves; ++h) total[r][h] = correction[r][h] = _mm256_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
+    prefetch_group_params(p, tile * p.groups + grp + kParamsAheadGroups);
     __m256 acc[MR][Halves][2];
     for (int r = 0; r < MR; ++r)
       for (int h = 0; h < Halves; ++h) acc[r][h][0] = acc[r][h][1] = _mm256_setzero_ps();
@@ -360,7 +363,7 @@ BRECQ_ALWAYS_INLINE void run_pass(const GemvProblem& p, const uint32_t* activati
 // One tile's outputs for every activation row.
 template <template <int, int, int, int> class Kernel, int Bits>
 void run_tile(const GemvProblem& p, const uint32_t* activations, int64_t tile) {
-  prefetch_tile_params(p, tile + 1);
+  prefetch_first_group_params(p, tile);
   const int64_t rows_here = p.n - tile * kTileRows < kTileRows ? p.n - tile * kTileRows : kTileRows;
   for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
     const int64_t pass = p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0;

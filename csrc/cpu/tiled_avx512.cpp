@@ -107,6 +107,7 @@ void tile_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, _
   __m512 total[MR], correction[MR];
   for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
+    prefetch_group_params(p, tile * p.groups + grp + kParamsAheadGroups);
     __m512 acc[MR][2];
     for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t t = grp * per_group; t < grp * per_group + per_group; ++t) {
@@ -176,6 +177,7 @@ void tile_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t 
   __m512 total[MR], correction[MR];
   for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
+    prefetch_group_params(p, tile * p.groups + grp + kParamsAheadGroups);
     __m512 acc[MR][kAcc];
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm512_setzero_ps();
@@ -208,6 +210,7 @@ void tile6_bf16(const GemvProblem& p, const uint32_t* pairs, int64_t r0, int64_t
   __m512 total[MR], correction[MR];
   for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
+    prefetch_group_params(p, tile * p.groups + grp + kParamsAheadGroups);
     __m512 acc[MR][kAcc];
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm512_setzero_ps();
@@ -268,6 +271,7 @@ void tile6_f32(const GemvProblem& p, const uint32_t*, int64_t r0, int64_t tile, 
   __m512 total[MR], correction[MR];
   for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
+    prefetch_group_params(p, tile * p.groups + grp + kParamsAheadGroups);
     __m512 acc[MR][2];
     for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t t = grp * per_group; t < grp * per_group + per_group; t += 2) {
@@ -333,6 +337,7 @@ void tile_digits(const GemvProblem& p, const uint32_t* digits, int64_t r0, int64
   __m512 total[MR], correction[MR];
   for (int r = 0; r < MR; ++r) total[r] = correction[r] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < p.groups; ++grp) {
+    prefetch_group_params(p, tile * p.groups + grp + kParamsAheadGroups);
     __m512i acc[MR][4];
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_si512();
@@ -388,7 +393,7 @@ using TileFn = void (*)(const GemvProblem&, const uint32_t*, int64_t, int64_t, _
 // rows in a pass.
 template <TileFn Tile1, TileFn Tile2, TileFn Tile3, TileFn Tile4>
 void run_tile(const GemvProblem& p, const uint32_t* pairs, int64_t tile) {
-  prefetch_tile_params(p, tile + 1);
+  prefetch_first_group_params(p, tile);
   const int64_t rows_here = p.n - tile * kTileRows < kTileRows ? p.n - tile * kTileRows : kTileRows;
   const __mmask16 mask = static_cast<__mmask16>((1u << rows_here) - 1u);
   const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + tile * kTileRows) : _mm512_setzero_ps();
