@@ -23,7 +23,8 @@ separately, interleaved, 3 times. The floor of a runtime step is the time a plai
 it reads takes, timed right after that step: its weights where they are (the model's arena on 2 MiB
 pages) and a buffer as large as the KV cache at its position (2 MiB pages too); the host's read rate
 drifts (35-64 GB/s within one run here, within seconds), so each step is compared with a read of the
-same seconds, and the table gives the median of those ratios. The runtime's own profile splits its
+same seconds, and the table gives the median of those ratios (and, where the reads fell into two rates,
+the ratios of the steps beside slower and beside faster reads apart). The runtime's own profile splits its
 step into weight streaming (linear layers and lm_head) and the rest. A table of ratios gives how many times faster each runtime variant decodes than each
 llama.cpp row, depth by depth.
 
@@ -203,6 +204,26 @@ def summarise_values(values: list[float]) -> dict:
             "p90": ordered[(9 * len(ordered)) // 10], "n": len(ordered)}
 
 
+def by_read_rate(steps: list[tuple[float, float]]) -> dict:
+    """x floor of the steps paired with slow and with fast reads, apart.
+
+    Some hosts read at two rates (this VM: about 35 and 60 GB/s, switching within seconds), and a
+    step's ratio to its floor differs between them, so one median mixes them in whatever proportion
+    the run met. Split at the geometric mean of the reads' p10 and p90 when those differ by 30 % or
+    more; otherwise there is one regime and nothing to split.
+    """
+    if not steps:
+        return {}
+    reads = summarise_values([read for read, _ in steps])
+    if reads["p90"] < 1.3 * reads["p10"]:
+        return {}
+    split = (reads["p10"] * reads["p90"]) ** 0.5
+    slow = [ratio for read, ratio in steps if read < split]
+    fast = [ratio for read, ratio in steps if read >= split]
+    return {"split_gbs": split, "slow": summarise_values(slow) if slow else {},
+            "fast": summarise_values(fast) if fast else {}}
+
+
 def summarise(samples: list[float], failure: str | None = None) -> dict:
     """Step times in ms: median_ms, p10_ms, p90_ms and n, or the failure."""
     if not samples:
@@ -345,6 +366,7 @@ def main() -> None:
             # rate read once a round can belong to another regime than the steps it is compared with.
             paired = {label: [] for label in labels if label.endswith("runtime")}
             paired_reads = []
+            paired_steps = {label: [] for label in paired}  # (read GB/s, x floor) of each step
             for _ in range(args.repeats):
                 bandwidths.append(reader.gbs())
                 for unit in order.sample(units, len(units)):
@@ -370,8 +392,10 @@ def main() -> None:
                                 variant = label.split()[0]
                                 kv = kv_bytes(config, depth + len(samples[label]))
                                 read_s = reader.region_seconds(weights[variant]) + (reader.seconds(kv) if kv else 0.0)
+                                read_gbs = (weights[variant].numel() + kv) / read_s / 1e9
                                 paired[label].append(step_ms / (1e3 * read_s))
-                                paired_reads.append((weights[variant].numel() + kv) / read_s / 1e9)
+                                paired_reads.append(read_gbs)
+                                paired_steps[label].append((read_gbs, step_ms / (1e3 * read_s)))
             for label in labels:
                 if label.endswith("runtime"):
                     runtime = engines[label].decoder._runtime
@@ -385,7 +409,10 @@ def main() -> None:
                                             "runtime_profile": profiles, "kv_bytes": kv_bytes(config, depth),
                                             "bandwidth_gbs": bandwidths,
                                             "paired_read_gbs": summarise_values(paired_reads),
-                                            "x_floor": {label: summarise_values(r) for label, r in paired.items()}}
+                                            "x_floor": {label: summarise_values(r) for label, r in paired.items()},
+                                            "x_floor_by_read": {label: by_read_rate(steps)
+                                                                for label, steps in paired_steps.items()},
+                                            "x_floor_steps": paired_steps}
             log.info("depth %d done", depth)
     result["loadavg_after"] = loadavg()
     report(result, args)
@@ -444,6 +471,16 @@ def report(result: dict, args) -> None:
             print(f"| {variant} | {d} | {nbytes / 1e6:.0f} | {read_gbs:.1f} | {nbytes / (read_gbs * 1e9) * 1e3:.1f} | "
                   f"{at['decode'][label]['median_ms']:.1f} | {ratio['median']:.2f} ({ratio['p10']:.2f}-{ratio['p90']:.2f}) | "
                   f"{100 * rest:.0f} % |")
+    split_rows = [(label, d, result["depths"][d]["x_floor_by_read"][label]) for label in labels
+                  if label.endswith("runtime") for d in depths if result["depths"][d]["x_floor_by_read"].get(label)]
+    if split_rows:
+        print("\nThe same ratios apart by the rate of the read paired with each step (the host read at two rates):\n")
+        print("| variant | depth | split at GB/s | x floor, slower reads (n) | x floor, faster reads (n) |")
+        print("|---|---:|---:|---:|---:|")
+        for label, d, split in split_rows:
+            cells = [f"{split[side]['median']:.2f} ({split[side]['p10']:.2f}-{split[side]['p90']:.2f}, {split[side]['n']})"
+                     if split[side].get("n") else "-" for side in ("slow", "fast")]
+            print(f"| {label.split()[0]} | {d} | {split['split_gbs']:.0f} | " + " | ".join(cells) + " |")
     print("\nPrefill tokens/s (range of 3 in ms):\n")
     print("| engine | " + " | ".join(f"{p} tokens" for p in result["prefill"]) + " |")
     print("|---|" + "---:|" * len(result["prefill"]))

@@ -16,10 +16,10 @@ namespace detail {
 // run_tile requests a tile's own first groups, in case the thread has just jumped to it. The burst
 // this replaces, the whole next tile's at the start of each tile (24-36 lines at 2048-3072 inputs,
 // which then sat in L1 behind a tile's 24 KB of codes), held the wide calls back. One thread from
-// memory, `brecq_gemv_bench B N K 1 1 1 200 512 1 1`, 4 alternating processes: W6 1152x2048 went
-// from 79-80 % to 92-93 % of the plain read, W8 1024x3072 from 81-85 % to 84-91 %, W4 1024x3072
-// from 77-79 % to 75-94 %; W4 3072x1024 and W6 2304x1024 stayed at 89-97 %. 8 KiB of codes ahead
-// instead of 4 groups (8-16 groups) measured worse in the decode step.
+// memory, `brecq_gemv_bench B N K 1 1 1 200 512 1 1`, 4 alternating processes, medians of the
+// plain read beside each: W6 1152x2048 went from 79 % to 93 %, W4 1024x3072 from 77 % to 88 %, W8
+// 1024x3072 from 84 % to 88 %; W4 3072x1024 and W6 2304x1024 stayed at 90-96 %. 8 KiB of codes
+// ahead instead of 4 groups (8-16 groups) measured worse in the decode step (docs/CPU.md).
 constexpr int64_t kParamsAheadGroups = 4;
 
 // `group` counts groups across tiles (tile * groups + group in tile), the params' own order.
