@@ -107,6 +107,22 @@ def test_bfloat16_prompt_chunks_equal_single_steps(model_type):
     assert torch.equal(whole, stepwise)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_team_size_changes_between_calls(dtype):
+    """set_threads between steps: every item is computed whole by one thread, so the split (and the
+    work sharing, rebuilt for the new team) does not change a bit of the logits."""
+    model = _model("qwen3", dtype=dtype)
+    ids = _ids(12)
+    decoder = CpuDecoder(model)
+    expected = torch.stack([decoder.forward(ids[0, i:i + 1]).clone() for i in range(ids.shape[1])])
+    for threads in (1, 3, 2):
+        decoder.reset()
+        decoder._runtime.set_threads(threads)
+        assert decoder._runtime.threads == threads
+        got = torch.stack([decoder.forward(ids[0, i:i + 1]).clone() for i in range(ids.shape[1])])
+        assert torch.equal(got, expected), f"{threads} threads"
+
+
 @pytest.mark.parametrize("kv_heads", [8, 4, 2, 1], ids=lambda h: f"gqa{8 // h}")
 @pytest.mark.parametrize("head_dim", [24, 40, 72])
 def test_gqa_ratios_and_head_sizes(kv_heads, head_dim):

@@ -78,7 +78,7 @@ Decoder::Decoder(DecoderConfig config, const void* embedding, bool embedding_bf1
       lm_head_(lm_head),
       layers_(std::move(layers)),
       threads_(threads < 1 ? 1 : threads),
-      shares_(std::make_shared<detail::TeamShares>(threads_)) {
+      shares_(std::make_unique<detail::TeamShares>(threads_)) {
   const DecoderConfig& c = config_;
   check(c.hidden > 0 && c.intermediate > 0 && c.q_heads > 0 && c.kv_heads > 0 && c.head_dim > 0 && c.vocab > 0,
         "every size in the config must be positive");
@@ -161,6 +161,15 @@ void Decoder::set_cache(int64_t layer, const void* keys, const void* values, int
       for (int64_t p = 0; p < count; ++p)
         std::memcpy(dst + ((h * capacity_ + p) * d) * elem, src + (h * stride_h + p * stride_l) * elem, d * elem);
   }
+}
+
+Decoder::~Decoder() = default;
+
+// A team of the new size gets work-sharing slots of its size (run_chunk keeps the static split for
+// a team whose size differs from the slots').
+void Decoder::set_threads(int threads) {
+  threads_ = threads < 1 ? 1 : threads;
+  if (shares_->size() != threads_) shares_ = std::make_unique<detail::TeamShares>(threads_);
 }
 
 void Decoder::round_activations(float* x, int64_t count) const {

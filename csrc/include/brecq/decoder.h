@@ -60,6 +60,7 @@ class Decoder {
   // embedding: [vocab, hidden], float32, or bfloat16 bits when embedding_bf16. final_norm: [hidden].
   Decoder(DecoderConfig config, const void* embedding, bool embedding_bf16, const float* final_norm,
           LinearWeights lm_head, std::vector<DecoderLayerWeights> layers, int threads);
+  ~Decoder();  // where TeamShares is complete
 
   // Runs `count` tokens at positions length() .. length() + count - 1 and appends them to the cache.
   // logits: [vocab] float32 for the last token, or [count, vocab] when all_logits.
@@ -77,7 +78,7 @@ class Decoder {
   void set_cache(int64_t layer, const void* keys, const void* values, int64_t count, int64_t stride_h,
                  int64_t stride_l);
   void set_length(int64_t length);
-  void set_threads(int threads) { threads_ = threads < 1 ? 1 : threads; }
+  void set_threads(int threads);  // the work-sharing state follows the team size
   int threads() const { return threads_; }
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
@@ -111,8 +112,9 @@ class Decoder {
   LinearWeights lm_head_;
   std::vector<DecoderLayerWeights> layers_;
   int threads_;
-  // The step's work-sharing state, shared by its team's threads (team_shares.h).
-  std::shared_ptr<detail::TeamShares> shares_;
+  // The step's work-sharing state, shared by its team's threads (team_shares.h). Owned: a copy of
+  // the decoder would share it, and two steps at once would mix their requests.
+  std::unique_ptr<detail::TeamShares> shares_;
   bool profiling_ = false;
   double profile_[kSections] = {0.0, 0.0, 0.0, 0.0};
 
