@@ -355,3 +355,57 @@ def test_cli_generate_streams_the_greedy_continuation(tmp_path, capsys):
     expected = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert captured.out.strip() == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
     assert "brecq C++ runtime" in captured.err
+
+
+def _first_argmax(values: torch.Tensor) -> int:
+    values = values.float().contiguous()
+    return cpu_kernels().first_argmax(values.data_ptr(), values.numel())
+
+
+@pytest.mark.parametrize("case", [
+    [1.0, 3.0, 2.0, 3.0],                                          # the first of equal maxima
+    [-0.0, 0.0, -1.0],                                             # -0 equals +0
+    [0.0, -0.0],
+    [1.0, float("nan"), 5.0, float("nan")],                        # NaN above every number
+    [1.0, -float("nan"), 5.0],                                     # a NaN with its sign bit set too
+    [-float("inf"), -float("inf")],
+    [float("inf"), 1e38, float("inf")],
+    [-3.0],
+    [-1e-45, -2e-45, 0.0, 1e-45],                                  # subnormals keep their order
+], ids=["tie", "zeros", "zeros-rev", "nan", "neg-nan", "neg-inf", "inf", "one", "subnormal"])
+def test_first_argmax_picks_as_torch_argmax(case):
+    values = torch.tensor(case, dtype=torch.float32)
+    assert _first_argmax(values) == int(values.argmax())
+
+
+def test_first_argmax_of_nothing_and_of_random_rows():
+    assert cpu_kernels().first_argmax(0, 0) == -1
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8192, 8193, 151936):
+        values = torch.randn(n, generator=generator).to(torch.bfloat16).float()  # ties are likely
+        assert _first_argmax(values) == int(values.argmax()), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_forward_greedy_picks_the_argmax_of_its_logits(dtype, threads):
+    """forward_greedy's token is the argmax of the logits it leaves, which equal forward's. The
+    vocabulary spans several of the shares the threads take, and its second half repeats the
+    first (the lm_head's rows twice), so every largest logit has an equal twin in another share:
+    the first must win whichever thread saw it."""
+    vocab = 20000
+    model = build_model(small_config("qwen3", vocab, initializer_range=0.2), seed=4, dtype=dtype).eval()
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[vocab // 2:] = head[:vocab // 2]
+    replace_linear_layers(model, STUDY_RULES)
+    ids = torch.randint(0, vocab, (12,), generator=torch.Generator().manual_seed(5))
+    plain, greedy = CpuDecoder(model, threads), CpuDecoder(model, threads)
+    for i in range(ids.numel()):
+        expected = plain.forward(ids[i:i + 1])
+        token = greedy.forward_greedy(ids[i:i + 1])
+        assert torch.equal(greedy.last_logits, expected)
+        assert token == int(expected.argmax()) < vocab // 2
+    # a prompt in several chunks: the token comes from the last one
+    plain.reset(), greedy.reset()
+    assert greedy.forward_greedy(ids) == int(plain.forward(ids).argmax())

@@ -35,6 +35,53 @@ double now_seconds() {
 
 inline float round_bf16(float x) { return numeric::bf16_to_f32(numeric::f32_to_bf16(x)); }
 
+// An unsigned integer in torch.argmax's order of floats: a NaN above every number, -0 as +0, the
+// rest as their values order (a negative float's bits inverted, a positive one's top bit set).
+// Every number's key is above 0 (-inf's is 0x007fffff), so 0 stands for "none yet". Written with
+// masks, not branches, so that the loops over it vectorize.
+inline uint32_t argmax_key(uint32_t bits) {
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  const uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
+  const uint32_t key = bits ^ (negative | 0x80000000u);
+  const uint32_t zero = 0u - static_cast<uint32_t>(magnitude == 0u);
+  const uint32_t nan = 0u - static_cast<uint32_t>(magnitude > 0x7f800000u);
+  return (key & ~zero) | (0x80000000u & zero) | nan;
+}
+
+struct Largest {
+  uint32_t key = 0;
+  int64_t index = -1;
+  bool beaten_by(uint32_t k, int64_t i) const { return i >= 0 && (index < 0 || k > key || (k == key && i < index)); }
+  void take(uint32_t k, int64_t i) {
+    if (beaten_by(k, i)) key = k, index = i;
+  }
+};
+
+// Whether any of the kRunKeys values at `bits` has key `top`: no early exit, so that it vectorizes.
+constexpr int64_t kRunKeys = 64;
+inline bool run_has_key(const uint32_t* bits, uint32_t top) {
+  uint32_t hit = 0;
+  for (int64_t j = 0; j < kRunKeys; ++j) hit |= static_cast<uint32_t>(argmax_key(bits[j]) == top);
+  return hit != 0;
+}
+
+// Folds x[0, n) (indices from `offset`) into `best`: a max over the keys, and only when that could
+// beat `best`, a search for the first index that has it, a run of 64 at a time. Both vectorize
+// (about 30 us for 151936 values on one thread, against 150 us with a scalar search).
+void fold_largest(const float* x, int64_t n, int64_t offset, Largest& best) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
+  uint32_t top = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t k = argmax_key(bits[i]);
+    top = top > k ? top : k;
+  }
+  if (n == 0 || !best.beaten_by(top, offset)) return;  // not even the run's first index could win
+  int64_t i = 0;
+  while (i + kRunKeys <= n && !run_has_key(bits + i, top)) i += kRunKeys;
+  while (argmax_key(bits[i]) != top) ++i;  // top is there: it is the max of these keys
+  best.take(top, offset + i);
+}
+
 void check(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument("brecq decoder: " + message);
 }
@@ -68,6 +115,12 @@ void dense_gemv(const LinearWeights& w, const float* x, int64_t rows, float* y, 
 }
 
 }  // namespace
+
+int64_t first_argmax(const float* x, int64_t n) {
+  Largest best;
+  fold_largest(x, n, 0, best);
+  return best.index;
+}
 
 Decoder::Decoder(DecoderConfig config, const void* embedding, bool embedding_bf16, const float* final_norm,
                  LinearWeights lm_head, std::vector<DecoderLayerWeights> layers, int threads)
@@ -351,6 +404,16 @@ void Decoder::linear_batch(const LinearWeights* const* weights, float* const* ou
 }
 
 void Decoder::forward(const int64_t* tokens, int64_t count, float* logits, bool all_logits) {
+  run_tokens(tokens, count, logits, all_logits, nullptr);
+}
+
+int64_t Decoder::forward_greedy(const int64_t* tokens, int64_t count, float* logits) {
+  int64_t index = -1;
+  run_tokens(tokens, count, logits, false, &index);
+  return index;
+}
+
+void Decoder::run_tokens(const int64_t* tokens, int64_t count, float* logits, bool all_logits, int64_t* argmax) {
   check(count > 0, "forward needs at least one token");
   for (int64_t i = 0; i < count; ++i)
     check(tokens[i] >= 0 && tokens[i] < config_.vocab,
@@ -359,12 +422,12 @@ void Decoder::forward(const int64_t* tokens, int64_t count, float* logits, bool 
   for (int64_t at = 0; at < count; at += kChunk) {
     const int64_t rows = std::min(kChunk, count - at);
     const bool last = at + rows == count;
-    if (all_logits) run_chunk(tokens + at, rows, logits + at * config_.vocab, true);
-    else run_chunk(tokens + at, rows, last ? logits : nullptr, false);
+    if (all_logits) run_chunk(tokens + at, rows, logits + at * config_.vocab, true, nullptr);
+    else run_chunk(tokens + at, rows, last ? logits : nullptr, false, last ? argmax : nullptr);
   }
 }
 
-void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool all_logits) {
+void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool all_logits, int64_t* argmax) {
   const double started = profiling_ ? now_seconds() : 0.0;
   double timed_before = 0.0;
   for (double t : profile_) timed_before += t;
@@ -374,6 +437,7 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
   // The kernels' items are shared out as team_shares.h describes (a thread out of work takes half
   // of what another has left), so a thread that starts or reads late holds no one up at the barrier.
   shares_->reset();
+  if (argmax && argmax_slots_.size() < static_cast<size_t>(threads_)) argmax_slots_.resize(threads_);
 #pragma omp parallel num_threads(threads_)
   {
     detail::in_split_team() = true;
@@ -382,7 +446,7 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
     // keeps the static split.
     const int team = omp_get_num_threads();
     member = {team == shares_->size() && team <= detail::kMaxSharedTeam ? shares_.get() : nullptr, 0};
-    run_layers(tokens, rows, logits, all_logits);
+    run_layers(tokens, rows, logits, all_logits, argmax);
     member = {};
     detail::in_split_team() = false;
   }
@@ -398,7 +462,7 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
 // attention, o, gate/up, SiLU x up and down. The norms and residual adds are computed by every
 // thread for itself (residual_sum, thread_floats), and each kernel's output is rounded by whichever
 // step reads it next, so none of them needs a barrier or a single thread of its own.
-void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, bool all_logits) {
+void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, bool all_logits, int64_t* argmax) {
   const DecoderConfig& c = config_;
   const int64_t hid = c.hidden, d = c.head_dim, qd = c.q_heads * d, inter = c.intermediate;
   const int64_t start = length_;
@@ -497,12 +561,34 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
     const int64_t out_rows = rows - first_row;
     const float* normed = settle_and_norm(final_norm_, first_row);
     linear(lm_head_, normed, nullptr, out_rows, logits);
-    if (c.bf16) {
-      const int64_t total = out_rows * c.vocab;
-      detail::for_each_index((total + kRoundBlock - 1) / kRoundBlock, threads_, [&](int64_t b) {
-        round_activations(logits + b * kRoundBlock, std::min(kRoundBlock, total - b * kRoundBlock));
-      });
+    finish_logits(logits, out_rows, argmax);
+  }
+}
+
+// The logits rounded to bfloat16 for a bfloat16 model, and, when `argmax` is given, the last row's
+// first_argmax: each thread takes the largest of each share it rounds, while the share is in its
+// cache, and thread 0 picks among the threads' after a barrier (the region's closing barrier then
+// publishes it).
+void Decoder::finish_logits(float* logits, int64_t rows, int64_t* argmax) {
+  const int64_t vocab = config_.vocab, total = rows * vocab, last_row = total - vocab;
+  if (!config_.bf16 && !argmax) return;
+  Largest mine;
+  detail::for_each_index((total + kRoundBlock - 1) / kRoundBlock, threads_, [&](int64_t b) {
+    const int64_t begin = b * kRoundBlock, end = std::min(total, begin + kRoundBlock);
+    if (config_.bf16) round_activations(logits + begin, end - begin);
+    if (argmax && end > last_row) {
+      const int64_t from = std::max(begin, last_row);
+      fold_largest(logits + from, end - from, from - last_row, mine);
     }
+  });
+  if (!argmax) return;
+  argmax_slots_[omp_get_thread_num()] = {mine.key, mine.index};
+#pragma omp barrier
+#pragma omp master
+  {
+    Largest all;
+    for (int t = 0; t < omp_get_num_threads(); ++t) all.take(argmax_slots_[t].key, argmax_slots_[t].index);
+    *argmax = all.index;
   }
 }
 

@@ -62,6 +62,8 @@ PYBIND11_MODULE(_C, m) {
     brecq::fake_quantize(ptr<const float>(w), ptr<const uint16_t>(scale), ptr<const uint8_t>(zero),
                          n, k, bits, g, ptr<float>(out), threads);
   }, nogil);
+  m.def("first_argmax", [](std::uintptr_t x, int64_t n) { return brecq::first_argmax(ptr<const float>(x), n); },
+        "Index of the largest of n float32 values as torch.argmax picks it (NaN largest, first of ties)");
   m.def("adaround_forward", [](std::uintptr_t w, std::uintptr_t v, std::uintptr_t scale,
                                std::uintptr_t zero, int64_t n, int64_t k, int bits, int64_t g,
                                std::uintptr_t out, int threads) {
@@ -194,6 +196,9 @@ PYBIND11_MODULE(_C, m) {
       .def("forward", [](brecq::Decoder& d, std::uintptr_t tokens, int64_t count, std::uintptr_t logits,
                          bool all_logits) {
         d.forward(ptr<const int64_t>(tokens), count, ptr<float>(logits), all_logits);
+      }, nogil)
+      .def("forward_greedy", [](brecq::Decoder& d, std::uintptr_t tokens, int64_t count, std::uintptr_t logits) {
+        return d.forward_greedy(ptr<const int64_t>(tokens), count, ptr<float>(logits));
       }, nogil)
       .def("set_cache", [](brecq::Decoder& d, int64_t layer, std::uintptr_t keys, std::uintptr_t values, int64_t count,
                            int64_t stride_h, int64_t stride_l) {

@@ -18,6 +18,10 @@ namespace detail {
 class TeamShares;  // csrc/cpu/team_shares.h
 }
 
+// The index of the largest of x[0, n) as torch.argmax picks it: a NaN counts as larger than any
+// number, -0 equals +0, and of equal values the first wins. -1 when n is 0.
+int64_t first_argmax(const float* x, int64_t n);
+
 enum class WeightKind : int {
   kPackedRows = 0,  // docs/FORMAT.md row-major codes (packed_gemv)
   kTile16 = 1,      // the AVX-512 TILE16 layout (tiled_gemv)
@@ -65,6 +69,9 @@ class Decoder {
   // Runs `count` tokens at positions length() .. length() + count - 1 and appends them to the cache.
   // logits: [vocab] float32 for the last token, or [count, vocab] when all_logits.
   void forward(const int64_t* tokens, int64_t count, float* logits, bool all_logits);
+  // forward() with last-token logits, returning first_argmax of them: greedy decoding's next
+  // token, found by the step's threads as they finish the logits instead of in a pass of its own.
+  int64_t forward_greedy(const int64_t* tokens, int64_t count, float* logits);
 
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
@@ -90,8 +97,10 @@ class Decoder {
   void reset_profile() { for (double& t : profile_) t = 0.0; }
 
  private:
-  void run_chunk(const int64_t* tokens, int64_t count, float* logits, bool all_logits);
-  void run_layers(const int64_t* tokens, int64_t count, float* logits, bool all_logits);
+  void run_tokens(const int64_t* tokens, int64_t count, float* logits, bool all_logits, int64_t* argmax);
+  void run_chunk(const int64_t* tokens, int64_t count, float* logits, bool all_logits, int64_t* argmax);
+  void run_layers(const int64_t* tokens, int64_t count, float* logits, bool all_logits, int64_t* argmax);
+  void finish_logits(float* logits, int64_t rows, int64_t* argmax);
   void linear(const LinearWeights& w, const float* x, const uint16_t* x_bits, int64_t rows, float* y);
   void linear_batch(const LinearWeights* const* weights, float* const* outputs, int count, const float* x,
                     int64_t rows);
@@ -115,6 +124,12 @@ class Decoder {
   // The step's work-sharing state, shared by its team's threads (team_shares.h). Owned: a copy of
   // the decoder would share it, and two steps at once would mix their requests.
   std::unique_ptr<detail::TeamShares> shares_;
+  // Each thread's largest logit so far in forward_greedy (key, index), a cache line each.
+  struct alignas(64) ArgmaxSlot {
+    uint32_t key;
+    int64_t index;
+  };
+  std::vector<ArgmaxSlot> argmax_slots_;
   bool profiling_ = false;
   double profile_[kSections] = {0.0, 0.0, 0.0, 0.0};
 

@@ -198,7 +198,7 @@ class RuntimeDecode:
         self._token = int(prefill(self.decoder, ids[0].cpu()).argmax())
 
     def step(self) -> None:
-        self._token = int(self.decoder.forward([self._token]).argmax())
+        self._token = self.decoder.forward_greedy([self._token])
 
     def release(self) -> None:
         self.decoder.reset()

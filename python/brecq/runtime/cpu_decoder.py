@@ -191,19 +191,38 @@ class CpuDecoder:
     def truncate(self, length: int) -> None:
         self._runtime.truncate(int(length))
 
+    @staticmethod
+    def _tokens(token_ids) -> Tensor:
+        tokens = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1).contiguous()
+        if tokens.numel() == 0:
+            raise ValueError("CpuDecoder.forward: token_ids is empty")
+        return tokens
+
     def forward(self, token_ids, all_logits: bool = False) -> Tensor:
         """Runs ``token_ids`` (ints, 1-D, or a ``[1, n]`` tensor) after the cached ones; returns
         float32 logits ``[vocab]`` of the last token, or ``[n, vocab]`` with ``all_logits``. The
         returned tensor of the last-token form is reused by the next call: clone it to keep it."""
-        tokens = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1).contiguous()
-        if tokens.numel() == 0:
-            raise ValueError("CpuDecoder.forward: token_ids is empty")
+        tokens = self._tokens(token_ids)
         if all_logits:
             out = torch.empty(tokens.numel(), self.vocab, dtype=torch.float32)
         else:
             out = self._logits
         self._runtime.forward(tokens.data_ptr(), tokens.numel(), out.data_ptr(), all_logits)
         return out
+
+    def forward_greedy(self, token_ids) -> int:
+        """Runs ``token_ids`` like :meth:`forward` and returns the index of the largest of the last
+        token's logits, as ``int(forward(token_ids).argmax())`` would (NaN counts as the largest,
+        the first of equal values wins), found by the step's threads as they finish the logits.
+        The logits themselves are then in :attr:`last_logits`."""
+        tokens = self._tokens(token_ids)
+        return int(self._runtime.forward_greedy(tokens.data_ptr(), tokens.numel(), self._logits.data_ptr()))
+
+    @property
+    def last_logits(self) -> Tensor:
+        """The last-token logits of the latest :meth:`forward` or :meth:`forward_greedy` call that
+        returned no others (the same buffer: clone it to keep it)."""
+        return self._logits
 
     def prefill_from(self, past_key_values) -> None:
         """Replaces the runtime's cache with a transformers cache (``DynamicCache`` of one

@@ -135,15 +135,16 @@ def generate(model: nn.Module, input_ids, max_new_tokens: int = 32, *, do_sample
     tokens = prompt.tolist()
     if max_new_tokens == 0:
         return torch.tensor([tokens])
-    logits = prefill(decoder, prompt)
+    token = sampling.choose(prefill(decoder, prompt), generator)
     for step in range(max_new_tokens):
-        token = sampling.choose(logits, generator)
         tokens.append(token)
         if on_token is not None:
             on_token(token)
         if token in stop or step == max_new_tokens - 1:
             break
-        logits = decoder.forward([token])
+        # Greedy: the runtime picks the token as it finishes the logits (no pass over them here).
+        token = (sampling.choose(decoder.forward([token]), generator) if sampling.do_sample
+                 else decoder.forward_greedy([token]))
     return torch.tensor([tokens])
 
 
