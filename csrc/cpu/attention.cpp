@@ -80,8 +80,9 @@ void decode_attention(const void* q, const void* k, const void* v, const uint8_t
   const int64_t items = batch * kv_heads;
   const int64_t d = head_dim;
   // Inside the decoder's step-long region (detail::in_split_team) the calling team shares out the
-  // items (the omp for below binds to it); anywhere else the call forks a region of its own.
-  auto attend = [&] {
+  // items (the omp for below binds to it); one thread asked for runs them itself; anywhere else the
+  // call forks a region of its own.
+  auto attend_one = [&](int64_t item) {
     static thread_local Scratch scratch;
     scratch.query.resize(group * d);
     scratch.rows.resize(kKeysPerStep * d);
@@ -92,8 +93,7 @@ void decode_attention(const void* q, const void* k, const void* v, const uint8_t
     float* rows = scratch.rows.data();
     float* acc = scratch.acc.data();
     int64_t* keys = scratch.keys.data();
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
+    {
       const int64_t b = item / kv_heads, h = item % kv_heads;
       // The visible keys, in order; a static cache hides its unused tail, which is then never read.
       int64_t count = 0;
@@ -169,8 +169,14 @@ void decode_attention(const void* q, const void* k, const void* v, const uint8_t
       }
     }
   };
+  auto attend = [&] {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) attend_one(item);
+  };
   if (detail::in_split_team()) {
     attend();
+  } else if (threads <= 1 || items <= 1) {  // on the calling thread, with no region of its own
+    for (int64_t item = 0; item < items; ++item) attend_one(item);
   } else {
 #pragma omp parallel num_threads(threads > items ? static_cast<int>(items) : threads)
     attend();

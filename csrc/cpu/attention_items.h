@@ -25,19 +25,22 @@ void attend_bf16_items(AttendItem attend_item, const void* q, const void* k, con
   const uint16_t* kb = static_cast<const uint16_t*>(k);
   const uint16_t* vb = static_cast<const uint16_t*>(v);
   uint16_t* ob = static_cast<uint16_t*>(out);
-  auto attend = [&] {
+  auto attend_one = [&](int64_t item) {
     static thread_local Scratch scratch;
+    const int64_t b = item / kv_heads, h = item % kv_heads;
+    const int64_t first_head = b * q_heads + h * group;  // repeat_kv's order
+    attend_item(qb + first_head * head_dim, kb + b * k_stride_b + h * k_stride_h,
+                vb + b * v_stride_b + h * v_stride_h, group, kv_len, head_dim, k_stride_l, v_stride_l, scale,
+                ob + first_head * head_dim, scratch);
+  };
+  auto attend = [&] {
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / kv_heads, h = item % kv_heads;
-      const int64_t first_head = b * q_heads + h * group;  // repeat_kv's order
-      attend_item(qb + first_head * head_dim, kb + b * k_stride_b + h * k_stride_h,
-                  vb + b * v_stride_b + h * v_stride_h, group, kv_len, head_dim, k_stride_l, v_stride_l, scale,
-                  ob + first_head * head_dim, scratch);
-    }
+    for (int64_t item = 0; item < items; ++item) attend_one(item);
   };
   if (in_split_team()) {
     attend();
+  } else if (threads <= 1 || items <= 1) {  // on the calling thread, with no region of its own
+    for (int64_t item = 0; item < items; ++item) attend_one(item);
   } else {
 #pragma omp parallel num_threads(threads > items ? static_cast<int>(items) : threads)
     attend();

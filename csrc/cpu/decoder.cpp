@@ -458,13 +458,14 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
   }
 }
 
-// Seven barriers a layer (17 before): after the q/k/v kernels, the per-head step (finish_head), the
+// Six barriers a layer (17 before): after the q/k/v kernels, the per-head step (finish_head) with the
 // attention, o, gate/up, SiLU x up and down. The norms and residual adds are computed by every
 // thread for itself (residual_sum, thread_floats), and each kernel's output is rounded by whichever
 // step reads it next, so none of them needs a barrier or a single thread of its own.
 void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, bool all_logits, int64_t* argmax) {
   const DecoderConfig& c = config_;
   const int64_t hid = c.hidden, d = c.head_dim, qd = c.q_heads * d, inter = c.intermediate;
+  const int64_t group = c.q_heads / c.kv_heads;
   const int64_t start = length_;
   const int64_t elem = c.bf16 ? 2 : 4;
   const bool timing = profiling_ && omp_get_thread_num() == 0;
@@ -503,27 +504,46 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
       float* outputs[] = {q_.data(), k_.data(), v_.data()};
       linear_batch(weights, outputs, 3, normed, rows);
     }
-    {
-      // Every thread takes every team-size-th head: q's heads (normed, rotated) and k's and v's
-      // come out evenly shared, where a block of them each would leave one thread all of q.
-      const int64_t heads = c.q_heads + 2 * c.kv_heads;
-      const int team = omp_get_num_threads(), me = omp_get_thread_num();
-      for (int64_t item = me; item < rows * heads; item += team) finish_head(layer, li, item / heads, item % heads);
-#pragma omp barrier
-    }
-    // Attention of each token over the cache up to and including itself; a bfloat16 model's
-    // output stays as bits, which o's kernel takes as they are.
+    // The per-head step (finish_head) and the attention of each token over the cache up to and
+    // including itself; a bfloat16 model's output stays as bits, which o's kernel takes as they are.
     const double attention_started = timing ? now_seconds() : 0.0;
-    for (int64_t r = 0; r < rows; ++r) {
+    const int team = omp_get_num_threads(), me = omp_get_thread_num();
+    auto attend = [&](int64_t r, int64_t first_kv, int64_t kv_count, int threads) {
       const int64_t visible_end = start + r + 1;
       const int64_t first = layer.sliding_window > 0 ? std::max<int64_t>(0, visible_end - layer.sliding_window) : 0;
-      const uint8_t* kbase = keys_[li].data() + first * d * elem;
-      const uint8_t* vbase = values_[li].data() + first * d * elem;
-      const void* query = c.bf16 ? static_cast<const void*>(q_bits_.data() + r * qd)
-                                 : static_cast<const void*>(q_.data() + r * qd);
-      void* out = c.bf16 ? static_cast<void*>(attn_bits_.data() + r * qd) : static_cast<void*>(attn_.data() + r * qd);
-      decode_attention(query, kbase, vbase, nullptr, c.bf16, 1, c.q_heads, c.kv_heads, visible_end - first, d, 0,
-                       capacity_ * d, d, 0, capacity_ * d, d, 0, c.attention_scale, out, threads_);
+      const int64_t head_bytes = capacity_ * d * elem, q_at = r * qd + first_kv * group * d;
+      const uint8_t* kbase = keys_[li].data() + first_kv * head_bytes + first * d * elem;
+      const uint8_t* vbase = values_[li].data() + first_kv * head_bytes + first * d * elem;
+      const void* query = c.bf16 ? static_cast<const void*>(q_bits_.data() + q_at) : static_cast<const void*>(q_.data() + q_at);
+      void* out = c.bf16 ? static_cast<void*>(attn_bits_.data() + q_at) : static_cast<void*>(attn_.data() + q_at);
+      decode_attention(query, kbase, vbase, nullptr, c.bf16, 1, kv_count * group, kv_count, visible_end - first, d, 0,
+                       capacity_ * d, d, 0, capacity_ * d, d, 0, c.attention_scale, out, threads);
+    };
+    if (c.kv_heads >= team) {
+      // Each thread takes whole key/value heads (a contiguous share): the per-head step of k's and
+      // v's head and of the query heads that read it, then their attention. The attention then reads
+      // only what its own thread has just written, and needs no barrier before it (one fewer a
+      // layer, and no query or cache line fetched from the other core).
+      const int64_t first_kv = me * c.kv_heads / team, end_kv = (me + 1) * c.kv_heads / team;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t h = first_kv; h < end_kv; ++h) {
+          for (int64_t j = 0; j < group; ++j) finish_head(layer, li, r, h * group + j);
+          finish_head(layer, li, r, c.q_heads + h);
+          finish_head(layer, li, r, c.q_heads + c.kv_heads + h);
+        }
+        if (end_kv > first_kv) {
+          const detail::AloneInTeam alone;
+          attend(r, first_kv, end_kv - first_kv, 1);
+        }
+      }
+#pragma omp barrier
+    } else {
+      // Fewer key/value heads than threads: every thread takes every team-size-th head of the
+      // per-head step, then the team shares the attention out.
+      const int64_t heads = c.q_heads + 2 * c.kv_heads;
+      for (int64_t item = me; item < rows * heads; item += team) finish_head(layer, li, item / heads, item % heads);
+#pragma omp barrier
+      for (int64_t r = 0; r < rows; ++r) attend(r, 0, c.kv_heads, threads_);
     }
     if (timing) profile_[kAttention] += now_seconds() - attention_started;
     linear(layer.o, attn_.data(), c.bf16 ? attn_bits_.data() : nullptr, rows, proj_.data());

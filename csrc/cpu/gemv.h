@@ -116,6 +116,19 @@ constexpr int kRowsPerPass = 4;
 // anywhere else see false.
 bool& in_split_team();
 
+// For its scope, kernels called by this thread run on it alone (threads = 1: no region of their
+// own) although it belongs to a split team: for work the caller has already divided among the team.
+class AloneInTeam {
+ public:
+  AloneInTeam() : saved_(in_split_team()) { in_split_team() = false; }
+  ~AloneInTeam() { in_split_team() = saved_; }
+  AloneInTeam(const AloneInTeam&) = delete;
+  AloneInTeam& operator=(const AloneInTeam&) = delete;
+
+ private:
+  bool saved_;
+};
+
 // Runs body(i) for every i in [0, count), split across threads: among the calling team when
 // in_split_team() (every thread of the team must make the call; it ends with the team's barrier;
 // shares stolen as team_shares.h describes when the team set up its TeamShares),
