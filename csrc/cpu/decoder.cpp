@@ -159,7 +159,6 @@ Decoder::Decoder(DecoderConfig config, const void* embedding, bool embedding_bf1
   check_linear(lm_head_, c.vocab, c.hidden, "lm_head");
   keys_.resize(layers_.size());
   values_.resize(layers_.size());
-  hidden_.resize(2 * kChunk * c.hidden);
   q_.resize(kChunk * qd);
   k_.resize(kChunk * kvd);
   v_.resize(kChunk * kvd);
@@ -352,7 +351,7 @@ const uint16_t* Decoder::bf16_copy(const float* x, int64_t count) {
 }
 
 // A buffer of the calling thread's own (slot 0: a norm's output, slot 1: a widened input, slot 2:
-// a residual sum). Every thread of the team computes such short steps (a norm of one token's
+// the residual stream). Every thread of the team computes such short steps (a norm of one token's
 // hidden state) for itself, reading shared inputs and writing only here: the same values in each
 // thread, and no barrier between the step and the kernel that reads it.
 float* Decoder::thread_floats(int slot, int64_t count) {
@@ -362,19 +361,16 @@ float* Decoder::thread_floats(int slot, int64_t count) {
   return buffer.data();
 }
 
-// The residual stream after a projection: hidden + proj (each rounded as transformers rounds
-// them), or hidden itself when proj is null, in the calling thread's own buffer. Thread 0 also
-// stores it in `store`, the other copy of the stream, which nobody reads before the next barrier.
-const float* Decoder::residual_sum(const float* hidden, const float* proj, int64_t count, float* store) const {
-  if (!proj) return hidden;
-  float* sum = thread_floats(2, count);
+// stream += proj, each rounded as transformers rounds them, in the calling thread's own copy of the
+// residual stream: every thread adds the same values in the same order, so the copies stay equal
+// and no thread reads another's (in the host's fast periods each line read from the other core
+// costs a round trip of about 340 ns).
+void Decoder::add_residual(float* stream, const float* proj, int64_t count) const {
   if (config_.bf16) {
-    for (int64_t i = 0; i < count; ++i) sum[i] = round_bf16(hidden[i] + round_bf16(proj[i]));
+    for (int64_t i = 0; i < count; ++i) stream[i] = round_bf16(stream[i] + round_bf16(proj[i]));
   } else {
-    for (int64_t i = 0; i < count; ++i) sum[i] = hidden[i] + proj[i];
+    for (int64_t i = 0; i < count; ++i) stream[i] += proj[i];
   }
-  if (omp_get_thread_num() == 0) std::memcpy(store, sum, count * sizeof(float));
-  return sum;
 }
 
 // Projections of one input (q/k/v, gate/up): when all are TILE16, one loop over all their tiles
@@ -460,7 +456,7 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
 
 // Six barriers a layer (17 before): after the q/k/v kernels, the per-head step (finish_head) with the
 // attention, o, gate/up, SiLU x up and down. The norms and residual adds are computed by every
-// thread for itself (residual_sum, thread_floats), and each kernel's output is rounded by whichever
+// thread for itself (add_residual, thread_floats), and each kernel's output is rounded by whichever
 // step reads it next, so none of them needs a barrier or a single thread of its own.
 void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, bool all_logits, int64_t* argmax) {
   const DecoderConfig& c = config_;
@@ -469,15 +465,11 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
   const int64_t start = length_;
   const int64_t elem = c.bf16 ? 2 : 4;
   const bool timing = profiling_ && omp_get_thread_num() == 0;
-  // The residual stream's two copies: `hidden` is read, `other` written (by thread 0), then swapped.
-  float* hidden = hidden_.data();
-  float* other = hidden_.data() + kChunk * hid;
-  const float* pending = nullptr;  // a projection not yet added to `hidden`
-
-#pragma omp single
+  // The residual stream: a copy per thread (add_residual), starting from the tokens' embeddings.
+  float* stream = thread_floats(2, rows * hid);
+  const float* pending = nullptr;  // a projection not yet added to the stream
   for (int64_t r = 0; r < rows; ++r) {
-    rotary_tables(start + r, rotary_.data() + r * d, rotary_.data() + r * d + d / 2);
-    float* h = hidden + r * hid;
+    float* h = stream + r * hid;
     if (embedding_bf16_) {
       const uint16_t* e = static_cast<const uint16_t*>(embedding_) + tokens[r] * hid;
       for (int64_t i = 0; i < hid; ++i) h[i] = numeric::bf16_to_f32(e[i]);
@@ -485,14 +477,16 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
       std::memcpy(h, static_cast<const float*>(embedding_) + tokens[r] * hid, hid * sizeof(float));
     }
   }
+  // The rotary tables are first read after q/k/v's kernels, past their barrier.
+#pragma omp single nowait
+  for (int64_t r = 0; r < rows; ++r) rotary_tables(start + r, rotary_.data() + r * d, rotary_.data() + r * d + d / 2);
 
   // Adds the pending projection to the stream and returns its norm, in this thread's own buffer.
   auto settle_and_norm = [&](const float* weight, int64_t first_row) {
-    const float* sum = residual_sum(hidden, pending, rows * hid, other);
-    if (pending) std::swap(hidden, other);
+    if (pending) add_residual(stream, pending, rows * hid);
     pending = nullptr;
     float* normed = thread_floats(0, rows * hid);
-    norm_rows(sum + first_row * hid, rows - first_row, hid, weight, normed);
+    norm_rows(stream + first_row * hid, rows - first_row, hid, weight, normed);
     return normed;
   };
 

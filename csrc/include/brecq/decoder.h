@@ -106,7 +106,7 @@ class Decoder {
                     int64_t rows);
   static const uint16_t* bf16_copy(const float* x, int64_t count);
   static float* thread_floats(int slot, int64_t count);
-  const float* residual_sum(const float* hidden, const float* proj, int64_t count, float* store) const;
+  void add_residual(float* stream, const float* proj, int64_t count) const;
   void round_activations(float* x, int64_t count) const;
   void norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, float* out) const;
   void rotary_tables(int64_t position, float* cos_v, float* sin_v) const;
@@ -136,9 +136,9 @@ class Decoder {
   int64_t length_ = 0, capacity_ = 0;
   // Per layer [kv_heads, capacity, head_dim]: float32, or bfloat16 bits for a bfloat16 model.
   std::vector<std::vector<uint8_t>> keys_, values_;
-  // Activations of one chunk. hidden_ holds two copies of the residual stream, read and written in
-  // turn, so that one thread can store the new stream while the others still read the old one.
-  std::vector<float> hidden_, q_, k_, v_, attn_, proj_, gate_, up_, rotary_;
+  // Activations of one chunk shared by the team (the residual stream is each thread's own:
+  // add_residual).
+  std::vector<float> q_, k_, v_, attn_, proj_, gate_, up_, rotary_;
   std::vector<uint16_t> q_bits_, attn_bits_;
 };
 
