@@ -406,6 +406,8 @@ def test_forward_greedy_picks_the_argmax_of_its_logits(dtype, threads):
         token = greedy.forward_greedy(ids[i:i + 1])
         assert torch.equal(greedy.last_logits, expected)
         assert token == int(expected.argmax()) < vocab // 2
+    with pytest.raises(ValueError, match=r"CpuDecoder\.forward_greedy: token_ids is empty"):
+        greedy.forward_greedy([])
     # a prompt in several chunks: the token comes from the last one
     plain.reset(), greedy.reset()
     assert greedy.forward_greedy(ids) == int(plain.forward(ids).argmax())

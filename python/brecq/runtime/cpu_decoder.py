@@ -192,17 +192,17 @@ class CpuDecoder:
         self._runtime.truncate(int(length))
 
     @staticmethod
-    def _tokens(token_ids) -> Tensor:
+    def _tokens(token_ids, method: str) -> Tensor:
         tokens = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1).contiguous()
         if tokens.numel() == 0:
-            raise ValueError("CpuDecoder.forward: token_ids is empty")
+            raise ValueError(f"CpuDecoder.{method}: token_ids is empty (expected at least one token id)")
         return tokens
 
     def forward(self, token_ids, all_logits: bool = False) -> Tensor:
         """Runs ``token_ids`` (ints, 1-D, or a ``[1, n]`` tensor) after the cached ones; returns
         float32 logits ``[vocab]`` of the last token, or ``[n, vocab]`` with ``all_logits``. The
         returned tensor of the last-token form is reused by the next call: clone it to keep it."""
-        tokens = self._tokens(token_ids)
+        tokens = self._tokens(token_ids, "forward")
         if all_logits:
             out = torch.empty(tokens.numel(), self.vocab, dtype=torch.float32)
         else:
@@ -215,7 +215,7 @@ class CpuDecoder:
         token's logits, as ``int(forward(token_ids).argmax())`` would (NaN counts as the largest,
         the first of equal values wins), found by the step's threads as they finish the logits.
         The logits themselves are then in :attr:`last_logits`."""
-        tokens = self._tokens(token_ids)
+        tokens = self._tokens(token_ids, "forward_greedy")
         return int(self._runtime.forward_greedy(tokens.data_ptr(), tokens.numel(), self._logits.data_ptr()))
 
     @property
