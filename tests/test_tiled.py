@@ -392,6 +392,53 @@ def test_batch_of_products_equals_each_product_alone(isa, members, x_bf16, rows)
         assert torch.equal(y, expected)
 
 
+@pytest.mark.parametrize("members", [((4, 64, 48), (4, 64, 48)), ((4, 64, 40), (6, 64, 40)),
+                                     ((6, 64, 17), (4, 32, 17), (8, 64, 17))],
+                         ids=["gate-up-w4", "w4-w6-tail-8", "three-one-partial-tile"])
+@pytest.mark.parametrize("x_bf16", [True, False], ids=["bf16", "f32"])
+@pytest.mark.parametrize("rows", [1, 3, 8], ids=lambda m: f"m{m}")
+def test_batch_tile_epilogue_sees_each_tile_final_and_once(isa, members, x_bf16, rows):
+    """With a tile epilogue (the decoder's SiLU x up), the batch takes tile t of every call, then the
+    epilogue on its columns: each column range comes once, ranges tile [0, n) in 16-row tiles, every
+    output the epilogue copies is already final, and the outputs are those of each call alone."""
+    in_features = 1000
+    n = members[0][2]
+    layers = [_tiled_layer(n, in_features, bits, group, seed=3 * i + rows) for i, (bits, group, _) in enumerate(members)]
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    x = x.to(torch.bfloat16) if x_bf16 else x
+    calls, outputs, alone = [], [], []
+    for (bits, group, _), (packed, scale, zero, bias, _) in zip(members, layers):
+        bias = bias.float() if bias is not None else None
+        y = torch.full((rows, n), float("nan"))
+        calls.append((packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                      n, bits, group, y.data_ptr()))
+        outputs.append(y)
+        expected = torch.empty(rows, n)
+        cpu_kernels().tiled_gemv(x.data_ptr(), x_bf16, rows, in_features, packed.data_ptr(), scale.data_ptr(),
+                                 zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n, in_features, bits,
+                                 group, expected.data_ptr(), False, torch.get_num_threads())
+        alone.append(expected)
+    snapshot = torch.full((len(members), rows, n), float("nan"))
+    ranges = cpu_kernels().tiled_gemv_batch(x.data_ptr(), x_bf16, rows, in_features, calls, torch.get_num_threads(),
+                                            snapshot=snapshot.data_ptr())
+    assert sorted(ranges) == [(t * 16, min(n, t * 16 + 16)) for t in range((n + 15) // 16)]
+    for i, (y, expected) in enumerate(zip(outputs, alone)):
+        assert torch.isfinite(expected).all()
+        assert torch.equal(y, expected)
+        assert torch.equal(snapshot[i], expected)
+
+
+def test_batch_tile_epilogue_needs_calls_of_one_width():
+    x = torch.zeros(1, 64)
+    layers = [_tiled_layer(n, 64, 4, 64, seed=n) for n in (32, 48)]
+    ys = [torch.empty(1, n) for n in (32, 48)]
+    calls = [(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), 0, y.shape[1], 4, 64, y.data_ptr())
+             for (packed, scale, zero, _, _), y in zip(layers, ys)]
+    snapshot = torch.empty(2, 1, 48)
+    with pytest.raises(ValueError, match="every call needs the same n; call 0 has 32, call 1 has 48"):
+        cpu_kernels().tiled_gemv_batch(x.data_ptr(), False, 1, 64, calls, 1, snapshot=snapshot.data_ptr())
+
+
 def test_batch_of_products_refuses_a_count_it_cannot_hold():
     x = torch.zeros(1, 64)
     with pytest.raises(ValueError, match="count must be 1-4, got 0"):

@@ -35,6 +35,31 @@ double now_seconds() {
 
 inline float round_bf16(float x) { return numeric::bf16_to_f32(numeric::f32_to_bf16(x)); }
 
+// gate[i] = SiLU(gate[i]) x up[i] for i in [begin, end), rounded as transformers rounds a bfloat16
+// model's act_fn(gate_proj(x)) * up_proj(x).
+void silu_mul(float* gate, const float* up, int64_t begin, int64_t end, bool bf16) {
+  if (bf16) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float gi = round_bf16(gate[i]);
+      gate[i] = round_bf16(round_bf16(gi / (1.0f + numeric::exp_branchless(-gi))) * round_bf16(up[i]));
+    }
+  } else {
+    for (int64_t i = begin; i < end; ++i) gate[i] = gate[i] / (1.0f + numeric::exp_branchless(-gate[i])) * up[i];
+  }
+}
+
+// SiLU x up as gate/up's tile epilogue: columns [begin, end) of every row.
+struct SiluMulColumns {
+  float* gate;
+  const float* up;
+  int64_t rows, width;
+  bool bf16;
+  static void run(void* context, int64_t begin, int64_t end) {
+    const SiluMulColumns& c = *static_cast<const SiluMulColumns*>(context);
+    for (int64_t r = 0; r < c.rows; ++r) silu_mul(c.gate + r * c.width, c.up + r * c.width, begin, end, c.bf16);
+  }
+};
+
 // An unsigned integer in torch.argmax's order of floats: a NaN above every number, -0 as +0, the
 // rest as their values order (a negative float's bits inverted, a positive one's top bit set).
 // Every number's key is above 0 (-inf's is 0x007fffff), so 0 stands for "none yet". Written with
@@ -374,16 +399,18 @@ void Decoder::add_residual(float* stream, const float* proj, int64_t count) cons
 }
 
 // Projections of one input (q/k/v, gate/up): when all are TILE16, one loop over all their tiles
-// (tiled_gemv_batch), so the team meets at one barrier instead of one per projection; otherwise
-// one linear() each.
-void Decoder::linear_batch(const LinearWeights* const* weights, float* const* outputs, int count, const float* x,
-                           int64_t rows) {
+// (tiled_gemv_batch), so the team meets at one barrier instead of one per projection, and true;
+// otherwise one linear() each, and false. `after_tile` (for projections of one width) is then left
+// to the caller.
+bool Decoder::linear_batch(const LinearWeights* const* weights, float* const* outputs, int count, const float* x,
+                           int64_t rows, const TileEpilogue* after_tile) {
   bool together = count > 1 && count <= kMaxTiledBatch;
   for (int i = 0; i < count && together; ++i)
-    together = weights[i]->kind == WeightKind::kTile16 && weights[i]->k == weights[0]->k;
+    together = weights[i]->kind == WeightKind::kTile16 && weights[i]->k == weights[0]->k &&
+               (!after_tile || weights[i]->n == weights[0]->n);
   if (!together) {
     for (int i = 0; i < count; ++i) linear(*weights[i], x, nullptr, rows, outputs[i]);
-    return;
+    return false;
   }
   const bool timing = profiling_ && omp_get_thread_num() == 0;
   const double started = timing ? now_seconds() : 0.0;
@@ -395,8 +422,9 @@ void Decoder::linear_batch(const LinearWeights* const* weights, float* const* ou
     calls[i].codes = w.codes, calls[i].scale = w.scale, calls[i].zero = w.zero, calls[i].bias = w.bias;
     calls[i].n = w.n, calls[i].bits = w.bits, calls[i].g = w.group_size, calls[i].y = outputs[i];
   }
-  tiled_gemv_batch(input, config_.bf16, rows, k, calls, count, threads_);
+  tiled_gemv_batch(input, config_.bf16, rows, k, calls, count, threads_, after_tile);
   if (timing) profile_[kLinear] += now_seconds() - started;
+  return true;
 }
 
 void Decoder::forward(const int64_t* tokens, int64_t count, float* logits, bool all_logits) {
@@ -454,8 +482,9 @@ void Decoder::run_chunk(const int64_t* tokens, int64_t rows, float* logits, bool
   }
 }
 
-// Six barriers a layer (17 before): after the q/k/v kernels, the per-head step (finish_head) with the
-// attention, o, gate/up, SiLU x up and down. The norms and residual adds are computed by every
+// Five barriers a layer (17 before): after the q/k/v kernels, the per-head step (finish_head) with the
+// attention, o, gate/up with SiLU x up (a sixth for SiLU x up where gate and up are not TILE16) and
+// down. The norms and residual adds are computed by every
 // thread for itself (add_residual, thread_floats), and each kernel's output is rounded by whichever
 // step reads it next, so none of them needs a barrier or a single thread of its own.
 void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, bool all_logits, int64_t* argmax) {
@@ -543,28 +572,20 @@ void Decoder::run_layers(const int64_t* tokens, int64_t rows, float* logits, boo
     linear(layer.o, attn_.data(), c.bf16 ? attn_bits_.data() : nullptr, rows, proj_.data());
     pending = proj_.data();
     {
+      // SiLU(gate) x up: when gate and up are TILE16, computed tile by tile by the thread that has just
+      // computed that tile of both (one barrier a layer fewer, and no gate or up value read from the
+      // other core); otherwise shared among the team after them.
       const float* normed = settle_and_norm(layer.post_attention_norm, 0);
       const LinearWeights* weights[] = {&layer.gate, &layer.up};
       float* outputs[] = {gate_.data(), up_.data()};
-      linear_batch(weights, outputs, 2, normed, rows);
-    }
-    {
-      // SiLU(gate) x up, shared among the team: its exponentials are the longest of the short
-      // steps between kernels (intermediate_size of them per layer and token).
-      float* g = gate_.data();
-      const float* u = up_.data();
-      const int64_t total = rows * inter;
-      detail::for_each_index((total + kEltwiseBlock - 1) / kEltwiseBlock, threads_, [&](int64_t b) {
-        const int64_t end = std::min(total, (b + 1) * kEltwiseBlock);
-        if (c.bf16) {
-          for (int64_t i = b * kEltwiseBlock; i < end; ++i) {
-            const float gi = round_bf16(g[i]);
-            g[i] = round_bf16(round_bf16(gi / (1.0f + numeric::exp_branchless(-gi))) * round_bf16(u[i]));
-          }
-        } else {
-          for (int64_t i = b * kEltwiseBlock; i < end; ++i) g[i] = g[i] / (1.0f + numeric::exp_branchless(-g[i])) * u[i];
-        }
-      });
+      SiluMulColumns silu{gate_.data(), up_.data(), rows, inter, c.bf16};
+      const TileEpilogue after_tile{&SiluMulColumns::run, &silu};
+      if (!linear_batch(weights, outputs, 2, normed, rows, &after_tile)) {
+        const int64_t total = rows * inter;
+        detail::for_each_index((total + kEltwiseBlock - 1) / kEltwiseBlock, threads_, [&](int64_t b) {
+          silu_mul(gate_.data(), up_.data(), b * kEltwiseBlock, std::min(total, (b + 1) * kEltwiseBlock), c.bf16);
+        });
+      }
     }
     linear(layer.down, gate_.data(), nullptr, rows, proj_.data());
     pending = proj_.data();

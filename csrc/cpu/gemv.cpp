@@ -169,10 +169,18 @@ void tiled_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, cons
 }
 
 void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const TiledGemvCall* calls, int count,
-                      int threads) {
+                      int threads, const TileEpilogue* after_tile) {
   if (count < 1 || count > kMaxTiledBatch)
     throw std::invalid_argument("tiled_gemv_batch: count must be 1-" + std::to_string(kMaxTiledBatch) + ", got " +
                                 std::to_string(count));
+  if (after_tile) {
+    if (!after_tile->run) throw std::invalid_argument("tiled_gemv_batch: after_tile.run must not be null");
+    for (int i = 1; i < count; ++i)
+      if (calls[i].n != calls[0].n)
+        throw std::invalid_argument("tiled_gemv_batch: with after_tile every call needs the same n; call 0 has " +
+                                    std::to_string(calls[0].n) + ", call " + std::to_string(i) + " has " +
+                                    std::to_string(calls[i].n));
+  }
   detail::GemvProblem problems[kMaxTiledBatch];
   for (int i = 0; i < count; ++i) {
     const TiledGemvCall& c = calls[i];
@@ -188,11 +196,18 @@ void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const
     }
   }
   const Isa isa = active_isa();
-  if (isa == Isa::kAvx512 && detail::tiled_gemv_avx512_batch(problems, count)) return;
-  if (isa >= Isa::kAvx2 && detail::tiled_gemv_avx2_batch(problems, count)) return;
+  if (isa == Isa::kAvx512 && detail::tiled_gemv_avx512_batch(problems, count, after_tile)) return;
+  if (isa >= Isa::kAvx2 && detail::tiled_gemv_avx2_batch(problems, count, after_tile)) return;
   // No vector batch kernel (the portable path): each call through the kernel it gets alone, so that
-  // results never depend on the company a call keeps.
+  // results never depend on the company a call keeps, then the epilogue tile by tile.
   for (int i = 0; i < count; ++i) run_tiled(problems[i]);
+  if (after_tile) {
+    const int64_t n = calls[0].n;
+    detail::for_each_index(tile_count(n), threads, [&](int64_t tile) {
+      const int64_t begin = tile * kTileRows;
+      after_tile->run(after_tile->context, begin, std::min(n, begin + kTileRows));
+    });
+  }
 }
 
 }  // namespace brecq

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "brecq/format.h"
+#include "brecq/kernels.h"
 #include "team_shares.h"
 
 namespace brecq {
@@ -81,8 +82,8 @@ bool tiled_gemv_avx2(const GemvProblem& p);
 void tiled_gemv_scalar(const GemvProblem& p);
 // count problems (each prepared into its own buffers) as one loop over all their tiles; false,
 // writing nothing, when the AVX-512 kernels do not hold one of them.
-bool tiled_gemv_avx512_batch(const GemvProblem* problems, int count);
-bool tiled_gemv_avx2_batch(const GemvProblem* problems, int count);
+bool tiled_gemv_avx512_batch(const GemvProblem* problems, int count, const TileEpilogue* after_tile);
+bool tiled_gemv_avx2_batch(const GemvProblem* problems, int count, const TileEpilogue* after_tile);
 bool dequantize_tiled_avx2(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                            int bits, int64_t g, void* out, bool out_bf16, int threads);
 bool dequantize_tiled_avx512(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n,

@@ -56,9 +56,10 @@ bool run_tile_plan(const GemvProblem& p) {
   return true;
 }
 
-// false, writing nothing, when one of the problems is not held.
+// false, writing nothing, when one of the problems is not held. With `after_tile` (problems of one
+// n), each item is one tile index: that tile of every problem, then the epilogue on its columns.
 template <PlanFn Plan>
-bool run_tile_plans(const GemvProblem* problems, int count) {
+bool run_tile_plans(const GemvProblem* problems, int count, const TileEpilogue* after_tile) {
   TilePlan plans[kMaxTiledBatch];
   int64_t first_tile[kMaxTiledBatch + 1] = {0};
   for (int i = 0; i < count; ++i) {
@@ -71,6 +72,15 @@ bool run_tile_plans(const GemvProblem* problems, int count) {
     if (same < i) plans[i] = plans[same];
     else if (!Plan(problems[i], &plans[i])) return false;
     first_tile[i + 1] = first_tile[i] + tile_count(problems[i].n);
+  }
+  if (after_tile) {
+    const int64_t n = problems[0].n;
+    for_each_index(tile_count(n), problems[0].threads, [&](int64_t tile) {
+      for (int i = 0; i < count; ++i) plans[i].run(problems[i], plans[i].activations, tile);
+      const int64_t begin = tile * kTileRows;
+      after_tile->run(after_tile->context, begin, begin + kTileRows < n ? begin + kTileRows : n);
+    });
+    return true;
   }
   for_each_index(first_tile[count], problems[0].threads, [&](int64_t tile) {
     int i = 0;

@@ -512,8 +512,8 @@ bool dequantize_tiled_avx2(const uint8_t* codes, const uint16_t* scale, const ui
 
 bool tiled_gemv_avx2(const GemvProblem& p) { return run_tile_plan<plan_tiles>(p); }
 
-bool tiled_gemv_avx2_batch(const GemvProblem* problems, int count) {
-  return run_tile_plans<plan_tiles>(problems, count);
+bool tiled_gemv_avx2_batch(const GemvProblem* problems, int count, const TileEpilogue* after_tile) {
+  return run_tile_plans<plan_tiles>(problems, count, after_tile);
 }
 
 }  // namespace detail
@@ -524,7 +524,7 @@ bool tiled_gemv_avx2_batch(const GemvProblem* problems, int count) {
 namespace brecq {
 namespace detail {
 bool tiled_gemv_avx2(const GemvProblem&) { return false; }
-bool tiled_gemv_avx2_batch(const GemvProblem*, int) { return false; }
+bool tiled_gemv_avx2_batch(const GemvProblem*, int, const TileEpilogue*) { return false; }
 bool dequantize_tiled_avx2(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int, int64_t, void*, bool,
                            int) {
   return false;

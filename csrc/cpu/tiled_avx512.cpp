@@ -612,8 +612,8 @@ bool plan_tiles(const GemvProblem& p, TilePlan* plan) {
 
 bool tiled_gemv_avx512(const GemvProblem& p) { return run_tile_plan<plan_tiles>(p); }
 
-bool tiled_gemv_avx512_batch(const GemvProblem* problems, int count) {
-  return run_tile_plans<plan_tiles>(problems, count);
+bool tiled_gemv_avx512_batch(const GemvProblem* problems, int count, const TileEpilogue* after_tile) {
+  return run_tile_plans<plan_tiles>(problems, count, after_tile);
 }
 
 }  // namespace detail
@@ -624,7 +624,7 @@ bool tiled_gemv_avx512_batch(const GemvProblem* problems, int count) {
 namespace brecq {
 namespace detail {
 bool tiled_gemv_avx512(const GemvProblem&) { return false; }
-bool tiled_gemv_avx512_batch(const GemvProblem*, int) { return false; }
+bool tiled_gemv_avx512_batch(const GemvProblem*, int, const TileEpilogue*) { return false; }
 bool dequantize_tiled_avx512(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int, int64_t, void*,
                              bool, int) {
   return false;

@@ -3,10 +3,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "brecq/decoder.h"
@@ -118,11 +121,14 @@ PYBIND11_MODULE(_C, m) {
                       ptr<const uint16_t>(scale), ptr<const uint8_t>(zero), bias ? ptr<const float>(bias) : nullptr,
                       n, k, bits, g, ptr<void>(y), y_is_bf16, threads);
   }, nogil);
-  // calls: (codes, scale, zero, bias, n, bits, g, y) per product, y float32 [m, n].
+  // calls: (codes, scale, zero, bias, n, bits, g, y) per product, y float32 [m, n]. With `snapshot`
+  // (float32 [count, m, n]), the batch runs with a tile epilogue that copies every call's outputs of
+  // the tile's columns there as it sees them, and the column ranges it was given come back in the
+  // order it was given them (for tests: the epilogue must see final outputs, each column once).
   m.def("tiled_gemv_batch", [](std::uintptr_t x, bool x_is_bf16, int64_t m_rows, int64_t k,
                                const std::vector<std::tuple<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
                                                             int64_t, int, int64_t, std::uintptr_t>>& calls,
-                               int threads) {
+                               int threads, std::uintptr_t snapshot) {
     std::vector<brecq::TiledGemvCall> list(calls.size());
     for (size_t i = 0; i < calls.size(); ++i) {
       const auto& [codes, scale, zero, bias, n, bits, g, y] = calls[i];
@@ -130,9 +136,29 @@ PYBIND11_MODULE(_C, m) {
       list[i].zero = ptr<const uint8_t>(zero), list[i].bias = bias ? ptr<const float>(bias) : nullptr;
       list[i].n = n, list[i].bits = bits, list[i].g = g, list[i].y = ptr<float>(y);
     }
+    struct Recorder {
+      const std::vector<brecq::TiledGemvCall>* calls;
+      int64_t rows;
+      float* snapshot;
+      std::mutex lock;
+      std::vector<std::pair<int64_t, int64_t>> ranges;
+      static void run(void* context, int64_t begin, int64_t end) {
+        Recorder& r = *static_cast<Recorder*>(context);
+        const int64_t n = (*r.calls)[0].n;
+        for (size_t i = 0; i < r.calls->size(); ++i)
+          for (int64_t row = 0; row < r.rows; ++row)
+            std::copy((*r.calls)[i].y + row * n + begin, (*r.calls)[i].y + row * n + end,
+                      r.snapshot + (static_cast<int64_t>(i) * r.rows + row) * n + begin);
+        std::lock_guard<std::mutex> hold(r.lock);
+        r.ranges.emplace_back(begin, end);
+      }
+    } recorder{&list, m_rows, snapshot ? ptr<float>(snapshot) : nullptr, {}, {}};
+    const brecq::TileEpilogue epilogue{&Recorder::run, &recorder};
     brecq::tiled_gemv_batch(ptr<const void>(x), x_is_bf16, m_rows, k, list.data(), static_cast<int>(list.size()),
-                            threads);
-  }, nogil);
+                            threads, snapshot ? &epilogue : nullptr);
+    return recorder.ranges;
+  }, nogil, py::arg("x"), py::arg("x_is_bf16"), py::arg("m"), py::arg("k"), py::arg("calls"), py::arg("threads"),
+     py::arg("snapshot") = 0);
   m.def("decode_attention", [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t key_mask,
                                bool bf16, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t kv_len,
                                int64_t head_dim, int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_l,

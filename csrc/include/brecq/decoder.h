@@ -14,6 +14,7 @@
 #include <vector>
 
 namespace brecq {
+struct TileEpilogue;  // brecq/kernels.h
 namespace detail {
 class TeamShares;  // csrc/cpu/team_shares.h
 }
@@ -102,8 +103,8 @@ class Decoder {
   void run_layers(const int64_t* tokens, int64_t count, float* logits, bool all_logits, int64_t* argmax);
   void finish_logits(float* logits, int64_t rows, int64_t* argmax);
   void linear(const LinearWeights& w, const float* x, const uint16_t* x_bits, int64_t rows, float* y);
-  void linear_batch(const LinearWeights* const* weights, float* const* outputs, int count, const float* x,
-                    int64_t rows);
+  bool linear_batch(const LinearWeights* const* weights, float* const* outputs, int count, const float* x,
+                    int64_t rows, const TileEpilogue* after_tile = nullptr);
   static const uint16_t* bf16_copy(const float* x, int64_t count);
   static float* thread_floats(int slot, int64_t count);
   void add_residual(float* stream, const float* proj, int64_t count) const;

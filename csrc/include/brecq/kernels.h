@@ -89,12 +89,22 @@ struct TiledGemvCall {
 };
 constexpr int kMaxTiledBatch = 4;
 
+// Work done on a tile's outputs as soon as every call of a tiled_gemv_batch has computed them, by the
+// thread that computed them: run(context, begin, end) with output columns [begin, end) of every
+// call's y final for all m rows. A decoder's SiLU(gate) x up this way needs no pass (and no barrier)
+// of its own, and reads no output the other core wrote.
+struct TileEpilogue {
+  void (*run)(void* context, int64_t begin, int64_t end) = nullptr;
+  void* context = nullptr;
+};
+
 // Up to kMaxTiledBatch TILE16 products of the same x [m, k] (row stride k) in one pass over all
 // their tiles, shared among the threads as one loop: a decoder's q/k/v or gate/up projections
 // with one work-sharing loop (and one barrier) instead of one per projection. Results equal
-// tiled_gemv's for each call.
+// tiled_gemv's for each call. With `after_tile`, every call must have the same n: the loop then
+// takes tile t of every call in turn, then after_tile's run over that tile's columns.
 void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const TiledGemvCall* calls, int count,
-                      int threads);
+                      int threads, const TileEpilogue* after_tile = nullptr);
 
 // Dense rows [0, n) of TILE16 weights whose first tile starts at codes / scale / zero (pass the
 // tile holding a range's first row to dequantize a range whose start is a multiple of 16): out
