@@ -59,8 +59,9 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=["w4g64", "w4g64_mix_attn6_head8"])
     parser.add_argument("--tokens", type=int, default=200)
     args = parser.parse_args()
-    if brecq_ext.cpu_isa() != "avx512":
-        raise SystemExit(f"needs the AVX-512 kernels; this machine runs {brecq_ext.cpu_isa()}")
+    isa = brecq_ext.cpu_isa()
+    if not isa.startswith("avx512"):
+        raise SystemExit(f"needs the AVX-512 kernels; this machine runs {isa}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(MODEL))
     ids = tokenizer(TEXT.read_text()[: 5 * args.tokens], return_tensors="pt").input_ids[:, : args.tokens]
 
@@ -69,14 +70,14 @@ def main() -> None:
     for recipe in args.recipes:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
         quantize(model, get_recipe(recipe, Method.RTN), show_progress=False)
-        fp32 = decode_logits(model, ids, "avx512")
+        fp32 = decode_logits(model, ids, isa)
         model = model.to(torch.bfloat16)
-        integer = decode_logits(model, ids, "avx512")
+        integer = decode_logits(model, ids, isa)
         scalar = decode_logits(model, ids, "scalar")
         for layer in model.modules():
             if isinstance(layer, brecq_ext.QuantLinear):
                 layer.use_layout(brecq_ext.Layout.ROWS)
-        rows = decode_logits(model, ids, "avx512")
+        rows = decode_logits(model, ids, isa)
         for pair, (a, b) in {"integer vs scalar": (scalar, integer), "rows vs scalar": (scalar, rows),
                              "fp32 vs scalar": (fp32, scalar)}.items():
             c = compare(a, b)

@@ -66,7 +66,7 @@ def preferred_layout(device, bits: int, group_size: int) -> Layout:
     from ._extension import cpu_isa  # late: the compiled module is probed on first use
 
     on_cpu = torch.device(device if device is not None else "cpu").type == "cpu"
-    return (Layout.TILE16 if on_cpu and tile16_supports(bits, group_size) and cpu_isa() in ("avx512", "avx2")
+    return (Layout.TILE16 if on_cpu and tile16_supports(bits, group_size) and cpu_isa() in ("avx512", "avx512vnni", "avx2")
             else Layout.ROWS)
 
 

@@ -13,7 +13,7 @@ SHARED = REPO.parent / "shared"
 STORIES260K = SHARED / "models" / "stories260k"
 DATA = SHARED / "data"
 
-_ISA_ORDER = ["avx512", "avx2", "scalar"]
+_ISA_ORDER = ["avx512", "avx512vnni", "avx2", "scalar"]
 
 
 def pytest_configure(config):

@@ -11,6 +11,7 @@ from brecq_ext import Layout, QuantLinear, ops, reference as ref
 from brecq_ext._extension import cpu_kernels
 from brecq_ext.layout import from_tile16, preferred_layout, tile16_shapes, tile16_supports, to_tile16
 
+from conftest import available_isas
 from test_matmul import DTYPE_IDS, _layer, assert_matmul_close
 
 
@@ -135,7 +136,7 @@ def _pair(out_features=37, in_features=1000, bias=True, bits=4):
 
 
 def test_default_layout_follows_the_cpu_kernels(isa):
-    expected = Layout.TILE16 if isa in ("avx512", "avx2") else Layout.ROWS
+    expected = Layout.TILE16 if isa in ("avx512", "avx512vnni", "avx2") else Layout.ROWS
     for bits in (4, 6, 8):
         assert QuantLinear(172, 17, bits, 64).layout is expected, bits
     assert QuantLinear(172, 17, 6, 8).layout is Layout.ROWS  # 6-bit TILE16 needs groups of whole step pairs
@@ -260,7 +261,7 @@ def test_integer_kernels_round_bfloat16_activations_as_documented(isa, bits, gro
     """The integer-activation kernels (AVX-512 and AVX2, 4, 6 and 8 bits) multiply bfloat16
     activations rounded as reference.digit_rounded_activations says, groups too large for int32
     sums excepted (those keep floats, and the model says so)."""
-    if isa not in ("avx512", "avx2"):
+    if isa not in ("avx512", "avx512vnni", "avx2"):
         pytest.skip(f"no integer-activation kernels on {isa}")
     in_features, out_features = 1000, 40
     packed, scale, zero, _, w_deq = _layer(out_features, in_features, bits, group_size, seed=rows)
@@ -314,9 +315,11 @@ def test_integer_sums_at_the_largest_codes_and_digits(isa, bits, group_size, sig
                                               (8, 256)], ids=lambda v: str(v))
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9], ids=lambda m: f"m{m}")
 def test_avx2_and_avx512_integer_kernels_agree_exactly(bits, group_size, rows):
-    """Both ISAs' integer kernels read the same digits and add them exactly, then do the same float32
-    arithmetic per output: their results are equal bit for bit (where this CPU runs both)."""
-    if brecq_ext.detected_cpu_isa() != "avx512":
+    """The ISAs' integer kernels read the same digits and add them exactly, then do the same float32
+    arithmetic per output: their results are equal bit for bit (where this CPU runs AVX-512; with and
+    without its BF16 instructions, which the integer kernels do not use)."""
+    tiers = [isa for isa in available_isas() if isa.startswith("avx512")]
+    if not tiers:
         pytest.skip("needs a CPU that runs the AVX-512 kernels")
     in_features, out_features = 1000, 40  # a part-filled last tile, and groups cut by the padding
     packed, scale, zero, _, _ = _layer(out_features, in_features, bits, group_size, seed=rows)
@@ -324,13 +327,14 @@ def test_avx2_and_avx512_integer_kernels_agree_exactly(bits, group_size, rows):
     x = _wide_range_rows(rows, in_features, group_size, seed=rows)
     previous, results = brecq_ext.cpu_isa(), {}
     try:
-        for isa in ("avx512", "avx2"):
+        for isa in (*tiers, "avx2"):
             brecq_ext.set_cpu_isa(isa)
             results[isa] = _tiled_gemv_float32_out(x, *tiled, bits, group_size, in_features, out_features)
     finally:
         brecq_ext.set_cpu_isa(previous)
     assert torch.isfinite(results["avx2"]).all()
-    assert torch.equal(results["avx2"], results["avx512"])
+    for tier in tiers:
+        assert torch.equal(results["avx2"], results[tier]), tier
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8], ids=lambda b: f"w{b}")

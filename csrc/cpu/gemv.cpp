@@ -20,9 +20,8 @@ Isa detect_uncached() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16") &&
-      __builtin_cpu_supports("avx512vnni"))
-    return Isa::kAvx512;
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni"))
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512 : Isa::kAvx512Vnni;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kScalar;
@@ -34,6 +33,7 @@ Isa isa_from_env(Isa detected) {
   Isa wanted = detected;
   if (std::strcmp(requested, "scalar") == 0) wanted = Isa::kScalar;
   else if (std::strcmp(requested, "avx2") == 0) wanted = Isa::kAvx2;
+  else if (std::strcmp(requested, "avx512vnni") == 0) wanted = Isa::kAvx512Vnni;
   else if (std::strcmp(requested, "avx512") == 0) wanted = Isa::kAvx512;
   return static_cast<Isa>(std::min(static_cast<int>(wanted), static_cast<int>(detected)));
 }
@@ -61,6 +61,7 @@ Isa set_isa(Isa isa) {
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Vnni: return "avx512vnni";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }
@@ -145,7 +146,7 @@ void packed_gemv(const void* x, bool x_is_bf16, int64_t m, int64_t x_stride, con
   const detail::GemvProblem p =
       prepare(x, x_is_bf16, m, x_stride, packed, scale, zero, bias, n, k, bits, g, y, y_is_bf16, threads);
   const Isa isa = active_isa();
-  if (isa == Isa::kAvx512 && detail::gemv_avx512(p)) return;
+  if (isa >= Isa::kAvx512Vnni && detail::gemv_avx512(p)) return;
   if (isa >= Isa::kAvx2 && detail::gemv_avx2(p)) return;
   detail::gemv_scalar(p);
 }
@@ -155,7 +156,7 @@ namespace {
 // The fastest TILE16 kernel that holds p.
 void run_tiled(const detail::GemvProblem& p) {
   const Isa isa = active_isa();
-  if (isa == Isa::kAvx512 && detail::tiled_gemv_avx512(p)) return;
+  if (isa >= Isa::kAvx512Vnni && detail::tiled_gemv_avx512(p)) return;
   if (isa >= Isa::kAvx2 && detail::tiled_gemv_avx2(p)) return;
   detail::tiled_gemv_scalar(p);
 }
@@ -196,7 +197,7 @@ void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const
     }
   }
   const Isa isa = active_isa();
-  if (isa == Isa::kAvx512 && detail::tiled_gemv_avx512_batch(problems, count, after_tile)) return;
+  if (isa >= Isa::kAvx512Vnni && detail::tiled_gemv_avx512_batch(problems, count, after_tile)) return;
   if (isa >= Isa::kAvx2 && detail::tiled_gemv_avx2_batch(problems, count, after_tile)) return;
   // No vector batch kernel (the portable path): each call through the kernel it gets alone, so that
   // results never depend on the company a call keeps, then the epilogue tile by tile.

@@ -433,7 +433,7 @@ void run_rows(const GemvProblem& p, const X* xa) {
 template <int Bits>
 bool gemv_bit_stream(const GemvProblem& p) {
   using R = BitStreamRows<Bits>;
-  if (p.x_bf16 && p.g % kChunkBf16 == 0) {
+  if (p.x_bf16 && active_isa() == Isa::kAvx512 && p.g % kChunkBf16 == 0) {  // VDPBF16PS: see gemv_avx512
     run_rows<uint16_t, R::template bf16<1>, R::template bf16<2>, R::template bf16<3>, R::template bf16<4>>(
         p, p.x_bf16);
     return true;
@@ -456,6 +456,7 @@ template <class Decode>
 void dequantize_rows(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                      int64_t g, int64_t row_bytes, int64_t groups, void* out, bool out_bf16, int threads) {
   const int64_t out_bytes = out_bf16 ? 2 : 4;
+  const bool native_bf16 = active_isa() == Isa::kAvx512;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < n; ++row) {
     const Decode decode;
@@ -467,7 +468,8 @@ void dequantize_rows(const uint8_t* packed, const uint16_t* scale, const uint8_t
         __m512 first, second;
         decode(w, c, first, second);
         // the row holds k values; codes past k are padding
-        store_dequantized(first, second, s, z, k - c, static_cast<char*>(out) + (row * k + c) * out_bytes, out_bf16);
+        store_dequantized(first, second, s, z, k - c, static_cast<char*>(out) + (row * k + c) * out_bytes, out_bf16,
+                          native_bf16);
       }
     }
   }
@@ -491,14 +493,17 @@ bool gemv_avx512(const GemvProblem& p) {
     return true;
   }
   static_assert(kRowsPerPass == 4, "row dispatch below handles up to 4 rows per pass");
-  if (p.x_bf16 && p.bits == 4 && p.k_padded % kBlock4 == 0 && (kBlock4 % p.g == 0 || p.g % kBlock4 == 0)) {
+  // The bfloat16 kernels' dot product is VDPBF16PS; without it (Isa::kAvx512Vnni) the float32 kernels
+  // take x's float32 copy.
+  const bool bf16_dot = p.x_bf16 && active_isa() == Isa::kAvx512;
+  if (bf16_dot && p.bits == 4 && p.k_padded % kBlock4 == 0 && (kBlock4 % p.g == 0 || p.g % kBlock4 == 0)) {
     uint16_t* xa = reinterpret_cast<uint16_t*>(p.scratch);
     for (int64_t r = 0; r < p.m; ++r)
       arrange_by_nibble_bf16(p.x_bf16 + r * p.k_padded, p.k_padded, xa + r * p.k_padded);
     BRECQ_RUN_ROWS(row_bf16_4bit_block, uint16_t)(p, xa);
     return true;
   }
-  if (p.x_bf16 && p.g % kChunkBf16 == 0) {
+  if (bf16_dot && p.g % kChunkBf16 == 0) {
     uint16_t* xa = reinterpret_cast<uint16_t*>(p.scratch);
     if (p.bits == 4) {
       for (int64_t r = 0; r < p.m; ++r)

@@ -116,7 +116,7 @@ void unpack(const uint8_t* packed, int64_t n, int64_t k, int bits, int64_t g, ui
 
 void dequantize_packed(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n,
                        int64_t k, int bits, int64_t g, void* out, bool out_bf16, int threads) {
-  if (active_isa() == Isa::kAvx512 &&
+  if (active_isa() >= Isa::kAvx512Vnni &&
       detail::dequantize_packed_avx512(packed, scale, zero, n, k, bits, g, out, out_bf16, threads))
     return;
   const int64_t row_bytes = packed_row_bytes(k, g, bits);
@@ -148,7 +148,7 @@ void dequantize_packed(const uint8_t* packed, const uint16_t* scale, const uint8
 void dequantize_tiled(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                       int bits, int64_t g, void* out, bool out_bf16, int threads) {
   const Isa isa = active_isa();
-  if (isa == Isa::kAvx512 && detail::dequantize_tiled_avx512(codes, scale, zero, n, k, bits, g, out, out_bf16, threads))
+  if (isa >= Isa::kAvx512Vnni && detail::dequantize_tiled_avx512(codes, scale, zero, n, k, bits, g, out, out_bf16, threads))
     return;
   if (isa >= Isa::kAvx2 && detail::dequantize_tiled_avx2(codes, scale, zero, n, k, bits, g, out, out_bf16, threads))
     return;

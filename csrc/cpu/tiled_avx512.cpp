@@ -397,6 +397,7 @@ void run_tile(const GemvProblem& p, const uint32_t* pairs, int64_t tile) {
   const int64_t rows_here = p.n - tile * kTileRows < kTileRows ? p.n - tile * kTileRows : kTileRows;
   const __mmask16 mask = static_cast<__mmask16>((1u << rows_here) - 1u);
   const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + tile * kTileRows) : _mm512_setzero_ps();
+  const bool native_bf16 = p.y_bf16 && active_isa() == Isa::kAvx512;
   for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
     const int64_t pass = p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0;
     __m512 out[kRowsPerPass];
@@ -410,7 +411,7 @@ void run_tile(const GemvProblem& p, const uint32_t* pairs, int64_t tile) {
       const __m512 y = _mm512_add_ps(out[r], bias);
       const int64_t at = (r0 + r) * p.n + tile * kTileRows;
       if (p.y_bf16)  // round to nearest even, as GemvProblem::store
-        _mm256_mask_storeu_epi16(p.y_bf16 + at, mask, (__m256i)_mm512_cvtneps_pbh(y));
+        _mm256_mask_storeu_epi16(p.y_bf16 + at, mask, bf16_bits(y, native_bf16));
       else
         _mm512_mask_storeu_ps(p.y + at, mask, y);
     }
@@ -433,7 +434,7 @@ TilePlan plan_of(const uint32_t* activations) {
 template <int Lane, int Bits>
 BRECQ_ALWAYS_INLINE void dequantize_lane_rows(const __m512i (&by_row)[4], const uint16_t* scale, const uint8_t* zero,
                                               int64_t rows_here, int64_t left, char* out, int64_t row_stride,
-                                              bool out_bf16) {
+                                              bool out_bf16, bool native_bf16) {
   for (int j = 0; j < 4; ++j) {
     const int64_t r = 4 * Lane + j;  // lane Lane of by_row[j] holds row 4 * Lane + j
     if (r >= rows_here) return;
@@ -446,7 +447,7 @@ BRECQ_ALWAYS_INLINE void dequantize_lane_rows(const __m512i (&by_row)[4], const 
       left = left < 16 ? left : 16;  // 16 codes: second is never stored
     }
     store_dequantized(first, second, _mm512_set1_ps(_cvtsh_ss(scale[r])),
-                      _mm512_set1_ps(static_cast<float>(zero[r])), left, out + r * row_stride, out_bf16);
+                      _mm512_set1_ps(static_cast<float>(zero[r])), left, out + r * row_stride, out_bf16, native_bf16);
   }
 }
 
@@ -455,6 +456,7 @@ void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t
                       int64_t g, void* out, bool out_bf16, int threads) {
   constexpr int64_t kCodes = Bits == 4 ? kTileStepCodes : 4;  // codes of a row per 64-byte step
   const int64_t groups = num_groups(k, g), out_bytes = out_bf16 ? 2 : 4, tile_bytes = tile_code_bytes(k, g, Bits);
+  const bool native_bf16 = active_isa() == Isa::kAvx512;
   const int64_t row_stride = k * out_bytes;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t tile = 0; tile < tile_count(n); ++tile) {
@@ -470,10 +472,10 @@ void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t
       const __m512i by_row[4] = {_mm512_unpacklo_epi64(a, d), _mm512_unpackhi_epi64(a, d),
                                  _mm512_unpacklo_epi64(b, e), _mm512_unpackhi_epi64(b, e)};
       char* at_c = tile_out + c * out_bytes;
-      dequantize_lane_rows<0, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
-      dequantize_lane_rows<1, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
-      dequantize_lane_rows<2, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
-      dequantize_lane_rows<3, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16);
+      dequantize_lane_rows<0, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16, native_bf16);
+      dequantize_lane_rows<1, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16, native_bf16);
+      dequantize_lane_rows<2, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16, native_bf16);
+      dequantize_lane_rows<3, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16, native_bf16);
     }
   }
 }
@@ -514,6 +516,7 @@ BRECQ_ALWAYS_INLINE void six_bit_columns(__m512 (&v)[16], __m512i first, __m512i
 void dequantize_tiles6(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                        int64_t g, void* out, bool out_bf16, int threads) {
   const int64_t tile_bytes = tile_code_bytes(k, g, 6), groups = num_groups(k, g);
+  const bool native_bf16 = active_isa() == Isa::kAvx512;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t tile = 0; tile < tile_count(n); ++tile) {
     const uint8_t* w = codes + tile * tile_bytes;
@@ -532,7 +535,7 @@ void dequantize_tiles6(const uint8_t* codes, const uint16_t* scale, const uint8_
       for (int64_t r = 0; r < rows_here; ++r) {
         const int64_t at_out = (tile * kTileRows + r) * k + c0;
         if (out_bf16)
-          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at_out, mask, (__m256i)_mm512_cvtneps_pbh(v[r]));
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at_out, mask, bf16_bits(v[r], native_bf16));
         else
           _mm512_mask_storeu_ps(static_cast<float*>(out) + at_out, mask, v[r]);
       }
@@ -586,19 +589,25 @@ bool plan_tiles(const GemvProblem& p, TilePlan* plan) {
         return true;
       }
     }
-    if (p.bits == 8) {
-      for (int64_t r = 0; r < p.m; ++r) pair_activations8(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded);
-      *plan = plan_of<tile_bf16<1, 8, NibbleStep>, tile_bf16<2, 8, NibbleStep>, tile_bf16<3, 8, NibbleStep>,
-                      tile_bf16<4, 8, NibbleStep>>(pairs);
+    // The bfloat16 pair kernels' dot product is VDPBF16PS; without it (Isa::kAvx512Vnni) the float32
+    // kernels below take x's float32 copy.
+    if (active_isa() == Isa::kAvx512) {
+      if (p.bits == 8) {
+        for (int64_t r = 0; r < p.m; ++r) pair_activations8(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded);
+        *plan = plan_of<tile_bf16<1, 8, NibbleStep>, tile_bf16<2, 8, NibbleStep>, tile_bf16<3, 8, NibbleStep>,
+                        tile_bf16<4, 8, NibbleStep>>(pairs);
+        return true;
+      }
+      for (int64_t r = 0; r < p.m; ++r) pair_activations(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded / 2);
+      if (p.bits == 4)
+        *plan = plan_of<tile_bf16<1, 4, NibbleStep>, tile_bf16<2, 4, NibbleStep>, tile_bf16<3, 4, NibbleStep>,
+                        tile_bf16<4, 4, NibbleStep>>(pairs);
+      else
+        *plan = plan_of<tile6_bf16<1>, tile6_bf16<2>, tile6_bf16<3>, tile6_bf16<4>>(pairs);
       return true;
     }
-    for (int64_t r = 0; r < p.m; ++r) pair_activations(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded / 2);
-    if (p.bits == 4)
-      *plan = plan_of<tile_bf16<1, 4, NibbleStep>, tile_bf16<2, 4, NibbleStep>, tile_bf16<3, 4, NibbleStep>,
-                      tile_bf16<4, 4, NibbleStep>>(pairs);
-    else
-      *plan = plan_of<tile6_bf16<1>, tile6_bf16<2>, tile6_bf16<3>, tile6_bf16<4>>(pairs);
-  } else if (p.bits == 4) {
+  }
+  if (p.bits == 4) {
     *plan = plan_of<tile_f32<1, 4>, tile_f32<2, 4>, tile_f32<3, 4>, tile_f32<4, 4>>(nullptr);
   } else if (p.bits == 8) {
     *plan = plan_of<tile_f32<1, 8>, tile_f32<2, 8>, tile_f32<3, 8>, tile_f32<4, 8>>(nullptr);

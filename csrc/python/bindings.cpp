@@ -26,9 +26,10 @@ T* ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 Isa isa_from_name(const std::string& name) {
   if (name == "avx512") return Isa::kAvx512;
+  if (name == "avx512vnni") return Isa::kAvx512Vnni;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "scalar") return Isa::kScalar;
-  throw std::invalid_argument("isa must be one of 'avx512', 'avx2', 'scalar', got '" + name + "'");
+  throw std::invalid_argument("isa must be one of 'avx512', 'avx512vnni', 'avx2', 'scalar', got '" + name + "'");
 }
 
 }  // namespace

@@ -261,9 +261,8 @@ void test_dequantize_tiled(Isa isa) {
 // on groups spanning 2^13 the result must be the float64 product with the inputs so rounded (to
 // float32 rounding), which differs visibly from the exact one; an Inf input gives a NaN row and
 // leaves the other rows exact (the float kernels run the call).
-void test_tiled_integer_activations() {
-  if (detect_isa() != Isa::kAvx512) return;
-  set_isa(Isa::kAvx512);
+void test_tiled_integer_activations(Isa isa) {
+  set_isa(isa);
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f / 64);
   for (int bits : {4, 8}) {
@@ -297,7 +296,8 @@ void test_tiled_integer_activations() {
         worst = std::max(worst, std::fabs(y[r * n + o] - modelled) / (std::ldexp(4.0, -24) * magnitude));
         rounding = std::max(rounding, std::fabs(modelled - exact) / (std::ldexp(4.0, -24) * magnitude));
       }
-    CHECK(worst <= 1.0, "integer activations W%d: off the rounded product by %.2f of the float32 bound", bits, worst);
+    CHECK(worst <= 1.0, "%s integer activations W%d: off the rounded product by %.2f of the float32 bound", isa_name(isa),
+          bits, worst);
     CHECK(rounding > 10.0, "integer activations W%d: the case must round visibly (%.2f)", bits, rounding);
 
     std::vector<float> y_exact(m * n);
@@ -315,7 +315,7 @@ void test_tiled_integer_activations() {
         magnitude += std::fabs(x[i]) * s * (q + z + 2 * offset);
       }
       CHECK(std::fabs(y_exact[o] - exact) <= std::ldexp(16.0, -24) * magnitude,
-            "W%d: row 0 beside an Inf row runs the float kernel: %g vs %g", bits, y_exact[o], exact);
+            "%s W%d: row 0 beside an Inf row runs the float kernel: %g vs %g", isa_name(isa), bits, y_exact[o], exact);
     }
   }
 }
@@ -468,7 +468,8 @@ int main() {
     test_tiled_gemv(static_cast<Isa>(isa));
     test_dequantize_tiled(static_cast<Isa>(isa));
   }
-  test_tiled_integer_activations();
+  for (Isa tier : {Isa::kAvx512, Isa::kAvx512Vnni})
+    if (best >= tier) test_tiled_integer_activations(tier);
   test_decode_attention();
   test_rms_norm();
   test_team_shares();

@@ -8,7 +8,11 @@
 
 namespace brecq {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Vnni: AVX-512 (F, BW, VL, DQ) with VBMI and VNNI but not AVX512_BF16 (Ice Lake, and
+// virtual machines that hide BF16): the AVX-512 kernels run, except those built on BF16 instructions
+// (bfloat16 dot products, bfloat16 attention), which take their AVX2 or float32 versions.
+// kAvx512: the same with AVX512_BF16 (Zen 4, Sapphire Rapids and later).
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAvx512 = 3 };
 
 // Highest instruction set this CPU supports among those compiled in.
 Isa detect_isa();
