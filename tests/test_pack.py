@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from brecq_ext import ops, reference as ref
+from brecq_ext._extension import cpu_kernels
+from brecq_ext.layout import tile16_supports, to_tile16
 from brecq_ext.format import packed_row_bytes, padded_in_features
 
 BITS = [2, 3, 4, 5, 6, 7, 8]
@@ -81,3 +83,29 @@ def test_dequantize_packed_equals_reference_bit_for_bit(isa, dtype, bits, group_
     got = ops.dequantize_packed(packed, scale, zero, bits, group_size, in_features, dtype)
     expected = ref.dequantize_packed(packed, scale, zero, bits, group_size, in_features, dtype)
     assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8], ids=lambda b: f"w{b}")
+def test_dequantize_to_bfloat16_rounds_ties_to_even_and_keeps_nan_and_inf(isa, bits):
+    # Every code path's bfloat16 store (VCVTNEPS2BF16 on AVX-512 with BF16, integer steps on
+    # avx512vnni, the portable loop) against torch's rounding, on values that sit exactly between two
+    # bfloat16 numbers (one rounds down to even, one up), and on Inf and NaN scales.
+    scales = [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), float("inf"), float("nan"), 2 ** -14, 65504.0]
+    in_features, group_size = 64 * len(scales), 64
+    codes = torch.ones(3, in_features, dtype=torch.uint8)
+    scale = torch.tensor([scales] * 3, dtype=torch.float16)
+    zero = torch.zeros(3, len(scales), dtype=torch.uint8)
+    packed = ops.pack(codes, bits, group_size)
+    expected = ref.dequantize_packed(packed, scale, zero, bits, group_size, in_features, torch.bfloat16)
+    assert expected[0, 0].item() == 1.0 and expected[0, 64].item() == 1 + 2 ** -6  # the ties went both ways
+    results = {"rows": ops.dequantize_packed(packed, scale, zero, bits, group_size, in_features, torch.bfloat16)}
+    if tile16_supports(bits, group_size):  # the TILE16 layout's dequantization (the GEMM path of TILE16 layers)
+        tiled = to_tile16(packed, scale, zero, bits, group_size, in_features)
+        out = torch.empty(3, in_features, dtype=torch.bfloat16)
+        cpu_kernels().dequantize_tiled(*(t.data_ptr() for t in tiled), 3, in_features, bits, group_size,
+                                       out.data_ptr(), True, 1)
+        results["tile16"] = out
+    nan = torch.isnan(expected)
+    for layout, got in results.items():
+        assert torch.equal(torch.isnan(got), nan), layout
+        assert torch.equal(got[~nan], expected[~nan]), layout
