@@ -132,12 +132,13 @@ def test_gemm_workspace_is_reused_per_thread_and_never_leaks_into_results(dtype)
     first = [run(0), run(1)]
     for i, (layer, x) in enumerate(zip(layers, inputs)):
         assert_matmul_close(first[i], x.float() if dtype == torch.float32 else x, layer[4], layer[3])
-    workspace = ops.matmul._thread_workspaces.by_dtype[dtype]
+    compute = ops.matmul._gemm_dtype(inputs[0])  # bfloat16 multiplies in float32 without AVX512_BF16
+    workspace = ops.matmul._thread_workspaces.by_dtype[compute]
     for round_ in range(3):
         with torch.inference_mode(round_ % 2 == 0):
             for i in (1, 0):
                 assert torch.equal(run(i), first[i])
-    assert ops.matmul._thread_workspaces.by_dtype[dtype] is workspace  # grown once, then reused
+    assert ops.matmul._thread_workspaces.by_dtype[compute] is workspace  # grown once, then reused
     assert not any(y.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr() for y in first)
 
     results, errors = {}, []
@@ -156,3 +157,18 @@ def test_gemm_workspace_is_reused_per_thread_and_never_leaks_into_results(dtype)
     assert not errors
     for j in range(4):
         assert all(torch.equal(y, first[j % 2]) for y in results[f"t{j}"])
+
+
+@pytest.mark.parametrize("hardware_bf16", [True, False], ids=["bf16-products", "no-bf16-products"])
+def test_bfloat16_gemm_multiplies_in_float32_where_the_cpu_has_no_bf16_products(monkeypatch, hardware_bf16):
+    # Without AVX512_BF16 torch's bfloat16 matmul is several times slower than float32, so the GEMM
+    # path (more rows than the GEMV kernels take) multiplies in float32 there; both forms must give
+    # the product, in bfloat16.
+    monkeypatch.setattr(ops.matmul, "_cpu_has_bf16_products", lambda: hardware_bf16)
+    packed, scale, zero, bias, w_deq = _layer(300, 1000, 4, 64, seed=3)
+    x = torch.randn(40, 1000, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    assert ops.matmul._gemm_dtype(x) == (torch.bfloat16 if hardware_bf16 else torch.float32)
+    y = ops.packed_matmul(x, packed, scale, zero, bias, 4, 64, 1000)
+    assert y.dtype == torch.bfloat16
+    assert_matmul_close(y, x.float(), w_deq, bias)
+    assert ops.matmul._thread_workspaces.by_dtype[ops.matmul._gemm_dtype(x)].numel() >= 300 * 1000

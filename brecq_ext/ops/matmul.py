@@ -4,6 +4,7 @@ module forwards."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Optional
 
@@ -68,14 +69,33 @@ def _cpu_workspace(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     return buffer[:need].view(rows, cols)
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_products() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16, which brecq's "avx512" level
+    requires). Without it torch's bfloat16 matmul is several times slower than its float32 one (an
+    Emerald Rapids VM that hides BF16: 59 against 291 GFLOPS at 512x1024x3072, 2 threads), so the
+    GEMM path multiplies in float32 there: float32 weights, unrounded, as the reference and the
+    GEMV kernels use them."""
+    from .._extension import detected_cpu_isa
+
+    return detected_cpu_isa() == "avx512"
+
+
+def _gemm_dtype(x2: Tensor) -> torch.dtype:
+    """The dtype the GEMM path multiplies x2 in (and its workspace holds the weights in)."""
+    if x2.dtype == torch.bfloat16:
+        return torch.bfloat16 if x2.device.type != "cpu" or _cpu_has_bf16_products() else torch.float32
+    if x2.device.type == "cuda" and x2.dtype == torch.float16:
+        return torch.float16
+    return torch.float32
+
+
 def _gemm_tiled(x2, n, bias, in_features, dequantize_rows, row_align=1):
     """y [M, N] = x2 [M, K] . dequant(W)^T + bias, one workspace tile of W rows at a time;
     ``dequantize_rows(start, stop, out)`` writes the dense rows [start, stop) of W into ``out``
     (start is a multiple of ``row_align``)."""
     m = x2.shape[0]
-    compute = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
-    if x2.device.type == "cuda" and x2.dtype == torch.float16:
-        compute = torch.float16
+    compute = _gemm_dtype(x2)
     xc = x2.to(compute)
     b = bias.to(compute) if bias is not None else None
     tile_elements = GEMM_TILE_ELEMENTS if x2.device.type == "cpu" else CUDA_GEMM_TILE_ELEMENTS
