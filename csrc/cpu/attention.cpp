@@ -68,9 +68,8 @@ void decode_attention(const void* q, const void* k, const void* v, const uint8_t
                       int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_l, int64_t v_stride_b,
                       int64_t v_stride_h, int64_t v_stride_l, int64_t mask_stride_b, float scale, void* out,
                       int threads) {
-  // bfloat16 attention on AVX-512 takes the BF16 dot product (Isa::kAvx512 only).
   const Isa isa = active_isa();
-  if ((isa == Isa::kAvx512 || (isa == Isa::kAvx512Vnni && !bf16)) &&
+  if (isa >= Isa::kAvx512Vnni &&
       detail::decode_attention_avx512(q, k, v, key_mask, bf16, batch, q_heads, kv_heads, kv_len, head_dim, k_stride_b,
                                       k_stride_h, k_stride_l, v_stride_b, v_stride_h, v_stride_l, scale, out, threads))
     return;

@@ -8,7 +8,10 @@
 // an instruction, four rows side by side, and the scale is applied to the finished score. The value
 // pass widens each row once into registers and adds it to every query head's accumulator. Same contract as
 // decode_attention (brecq/kernels.h); taken for bfloat16 without a key mask and head_dim a multiple
-// of 32 up to 256, else the portable kernel runs.
+// of 32 up to 256, else the portable kernel runs. On CPUs with AVX-512 but not its BF16 instructions
+// (Isa::kAvx512Vnni) the same loops run with each VDPBF16PS done as two FMAs on the pairs' odd and
+// even halves widened to float32 (in the instruction's order: odd products first), and the output
+// rounded to bfloat16 in integer steps.
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -23,12 +26,29 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #include <immintrin.h>
 
+#include "dequant_avx512.h"  // bf16_bits
+
 namespace brecq {
 namespace detail {
 namespace {
 
 constexpr int64_t kMaxDim = 256;    // head_dim in 32-element chunks: up to 8 of them
 constexpr int64_t kMaxGroup = 16;   // query heads per key/value head held here
+
+// sum + the pairwise products of 32 bfloat16 values: VDPBF16PS, or (Native false) the same products
+// as two FMAs, odd elements first as the instruction adds them.
+template <bool Native>
+BRECQ_ALWAYS_INLINE __m512 dot_pairs(__m512 sum, __m512i a, __m512i b) {
+  if constexpr (Native) {
+    return _mm512_dpbf16_ps(sum, (__m512bh)a, (__m512bh)b);
+  } else {
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    sum = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, high)), _mm512_castsi512_ps(_mm512_and_si512(b, high)),
+                          sum);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)),
+                           sum);
+  }
+}
 
 // e^x for x <= 0, sixteen at a time: the AVX2 kernel's exp_nonpositive (attention_avx2.cpp) on
 // 512-bit registers.
@@ -111,7 +131,7 @@ void weighted_values(const uint16_t* v, int64_t kv_len, int64_t v_stride_l, cons
 // chains of VDPBF16PS run side by side instead of one (a chain is C dependent instructions; alone,
 // its latency, not the loads, set the pace). Each chain adds its chunks in order, as the generic
 // loop does, so the scores are the same bit for bit.
-template <int G, int C>
+template <int G, int C, bool Native>
 void scores16(const uint16_t* k, int64_t at, int64_t kv_len, int64_t k_stride_l, const __m512i (*query)[kMaxDim / 32],
               __m512 (*sums)[16]) {
   for (int64_t r = 0; r < 16; r += 4) {
@@ -127,7 +147,7 @@ void scores16(const uint16_t* k, int64_t at, int64_t kv_len, int64_t k_stride_l,
       __m512i key[4];
       for (int i = 0; i < 4; ++i) key[i] = _mm512_loadu_si512(row[i] + 32 * c);
       for (int j = 0; j < G; ++j)
-        for (int i = 0; i < 4; ++i) sum[j][i] = _mm512_dpbf16_ps(sum[j][i], (__m512bh)key[i], (__m512bh)query[j][c]);
+        for (int i = 0; i < 4; ++i) sum[j][i] = dot_pairs<Native>(sum[j][i], key[i], query[j][c]);
     }
     for (int j = 0; j < G; ++j)
       for (int i = 0; i < 4; ++i) sums[j][r + i] = sum[j][i];
@@ -139,6 +159,7 @@ struct Scratch {
   std::vector<float> acc;     // [group][head_dim]
 };
 
+template <bool Native>
 void attend_item(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t group, int64_t kv_len, int64_t d,
                  int64_t k_stride_l, int64_t v_stride_l, float scale, uint16_t* out, Scratch& scratch) {
   const int64_t chunks = d / 32;  // 32 bfloat16 per 512-bit vector
@@ -155,15 +176,15 @@ void attend_item(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_
   for (int64_t at = 0; at < padded; at += 16) {
     __m512 sums[kMaxGroup][16];
     if (group == 2 && chunks == 4) {
-      scores16<2, 4>(k, at, kv_len, k_stride_l, query, sums);
+      scores16<2, 4, Native>(k, at, kv_len, k_stride_l, query, sums);
     } else if (group == 1 && chunks == 4) {
-      scores16<1, 4>(k, at, kv_len, k_stride_l, query, sums);
+      scores16<1, 4, Native>(k, at, kv_len, k_stride_l, query, sums);
     } else if (group == 2 && chunks == 2) {
-      scores16<2, 2>(k, at, kv_len, k_stride_l, query, sums);
+      scores16<2, 2, Native>(k, at, kv_len, k_stride_l, query, sums);
     } else if (group == 4 && chunks == 2) {
-      scores16<4, 2>(k, at, kv_len, k_stride_l, query, sums);
+      scores16<4, 2, Native>(k, at, kv_len, k_stride_l, query, sums);
     } else if (group == 4 && chunks == 4) {
-      scores16<4, 4>(k, at, kv_len, k_stride_l, query, sums);
+      scores16<4, 4, Native>(k, at, kv_len, k_stride_l, query, sums);
     } else {
     for (int64_t r = 0; r < 16; ++r) {
       const int64_t l = at + r < kv_len ? at + r : kv_len - 1;  // past the end: a real row, masked below
@@ -173,7 +194,7 @@ void attend_item(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_
       for (int64_t j = 0; j < group; ++j) {
         __m512 sum = _mm512_setzero_ps();
         for (int64_t c = 0; c < chunks; ++c)
-          sum = _mm512_dpbf16_ps(sum, (__m512bh)key[c], (__m512bh)query[j][c]);
+          sum = dot_pairs<Native>(sum, key[c], query[j][c]);
         sums[j][r] = sum;
       }
     }
@@ -231,7 +252,7 @@ void attend_item(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_
     const __m512 inverse = _mm512_set1_ps(inverse_sum[j]);
     for (int64_t c = 0; c < 2 * chunks; ++c) {
       const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + j * d + 16 * c), inverse);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * d + 16 * c), (__m256i)_mm512_cvtneps_pbh(o));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * d + 16 * c), bf16_bits(o, Native));
     }
   }
 }
@@ -244,7 +265,7 @@ bool decode_attention_avx512(const void* q, const void* k, const void* v, const 
                              int64_t v_stride_h, int64_t v_stride_l, float scale, void* out, int threads) {
   const int64_t group = q_heads / kv_heads;
   if (!bf16 || key_mask || kv_len < 1 || head_dim % 32 || head_dim > kMaxDim || group > kMaxGroup) return false;
-  attend_bf16_items<Scratch>(attend_item, q, k, v, batch, q_heads, kv_heads, kv_len, head_dim, k_stride_b, k_stride_h,
+  attend_bf16_items<Scratch>(active_isa() == Isa::kAvx512 ? attend_item<true> : attend_item<false>, q, k, v, batch, q_heads, kv_heads, kv_len, head_dim, k_stride_b, k_stride_h,
                              k_stride_l, v_stride_b, v_stride_h, v_stride_l, scale, out, threads);
   return true;
 }
