@@ -365,6 +365,25 @@ def test_non_finite_and_extreme_activations_keep_floats(isa, bits):
 
 # ---- several products of one input in one loop (the C++ decoder's q/k/v and gate/up) ----------
 
+def _batch_calls(members, layers, x, x_bf16, rows, in_features, widths, keep_bias):
+    """tiled_gemv_batch's calls for ``members`` ((bits, group, _) each) on ``layers``, with outputs
+    [rows, widths[i]] filled with NaN, and what tiled_gemv gives for each call alone. ``keep_bias(bits)``:
+    whether that call passes its bias."""
+    calls, outputs, alone = [], [], []
+    for (bits, group, _), n, (packed, scale, zero, bias, _) in zip(members, widths, layers):
+        bias = bias.float() if bias is not None and keep_bias(bits) else None
+        y = torch.full((rows, n), float("nan"))
+        calls.append((packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                      n, bits, group, y.data_ptr()))
+        outputs.append(y)
+        expected = torch.empty(rows, n)
+        cpu_kernels().tiled_gemv(x.data_ptr(), x_bf16, rows, in_features, packed.data_ptr(), scale.data_ptr(),
+                                 zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n, in_features, bits,
+                                 group, expected.data_ptr(), False, torch.get_num_threads())
+        alone.append(expected)
+    return calls, outputs, alone
+
+
 @pytest.mark.parametrize("members", [((6, 64, 40), (6, 64, 17), (6, 64, 17)), ((4, 64, 48), (4, 64, 48)),
                                      ((4, 32, 17), (6, 64, 33), (8, 64, 16), (4, 128, 1)),
                                      ((6, 64, 40), (4, 64, 17), (6, 64, 23), (4, 32, 9))],
@@ -378,18 +397,8 @@ def test_batch_of_products_equals_each_product_alone(isa, members, x_bf16, rows)
     layers = [_tiled_layer(n, in_features, bits, group, seed=i + rows) for i, (bits, group, n) in enumerate(members)]
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     x = x.to(torch.bfloat16) if x_bf16 else x
-    calls, outputs, alone = [], [], []
-    for (bits, group, n), (packed, scale, zero, bias, _) in zip(members, layers):
-        bias = bias.float() if bias is not None and bits != 8 else None  # one call without bias
-        y = torch.full((rows, n), float("nan"))
-        calls.append((packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                      n, bits, group, y.data_ptr()))
-        outputs.append(y)
-        expected = torch.empty(rows, n)
-        cpu_kernels().tiled_gemv(x.data_ptr(), x_bf16, rows, in_features, packed.data_ptr(), scale.data_ptr(),
-                                 zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n, in_features, bits,
-                                 group, expected.data_ptr(), False, torch.get_num_threads())
-        alone.append(expected)
+    calls, outputs, alone = _batch_calls(members, layers, x, x_bf16, rows, in_features, [n for *_, n in members],
+                                         keep_bias=lambda bits: bits != 8)  # one call without bias
     cpu_kernels().tiled_gemv_batch(x.data_ptr(), x_bf16, rows, in_features, calls, torch.get_num_threads())
     for y, expected in zip(outputs, alone):
         assert torch.isfinite(expected).all()
@@ -410,18 +419,8 @@ def test_batch_tile_epilogue_sees_each_tile_final_and_once(isa, members, x_bf16,
     layers = [_tiled_layer(n, in_features, bits, group, seed=3 * i + rows) for i, (bits, group, _) in enumerate(members)]
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     x = x.to(torch.bfloat16) if x_bf16 else x
-    calls, outputs, alone = [], [], []
-    for (bits, group, _), (packed, scale, zero, bias, _) in zip(members, layers):
-        bias = bias.float() if bias is not None else None
-        y = torch.full((rows, n), float("nan"))
-        calls.append((packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                      n, bits, group, y.data_ptr()))
-        outputs.append(y)
-        expected = torch.empty(rows, n)
-        cpu_kernels().tiled_gemv(x.data_ptr(), x_bf16, rows, in_features, packed.data_ptr(), scale.data_ptr(),
-                                 zero.data_ptr(), bias.data_ptr() if bias is not None else 0, n, in_features, bits,
-                                 group, expected.data_ptr(), False, torch.get_num_threads())
-        alone.append(expected)
+    calls, outputs, alone = _batch_calls(members, layers, x, x_bf16, rows, in_features, [n] * len(members),
+                                         keep_bias=lambda bits: True)
     snapshot = torch.full((len(members), rows, n), float("nan"))
     ranges = cpu_kernels().tiled_gemv_batch(x.data_ptr(), x_bf16, rows, in_features, calls, torch.get_num_threads(),
                                             snapshot=snapshot.data_ptr())
