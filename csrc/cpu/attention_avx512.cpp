@@ -280,8 +280,9 @@ bool decode_attention_avx512(const void* q, const void* k, const void* v, const 
                              int64_t v_stride_h, int64_t v_stride_l, float scale, void* out, int threads) {
   const int64_t group = q_heads / kv_heads;
   if (!bf16 || key_mask || kv_len < 1 || head_dim % 32 || head_dim > kMaxDim || group > kMaxGroup) return false;
-  attend_bf16_items<Scratch>(active_isa() == Isa::kAvx512 ? attend_item<true> : attend_item<false>, q, k, v, batch, q_heads, kv_heads, kv_len, head_dim, k_stride_b, k_stride_h,
-                             k_stride_l, v_stride_b, v_stride_h, v_stride_l, scale, out, threads);
+  attend_bf16_items<Scratch>(bf16_instructions() ? attend_item<true> : attend_item<false>, q, k, v, batch, q_heads,
+                             kv_heads, kv_len, head_dim, k_stride_b, k_stride_h, k_stride_l, v_stride_b, v_stride_h,
+                             v_stride_l, scale, out, threads);
   return true;
 }
 

@@ -204,10 +204,8 @@ void tiled_gemv_batch(const void* x, bool x_is_bf16, int64_t m, int64_t k, const
   for (int i = 0; i < count; ++i) run_tiled(problems[i]);
   if (after_tile) {
     const int64_t n = calls[0].n;
-    detail::for_each_index(tile_count(n), threads, [&](int64_t tile) {
-      const int64_t begin = tile * kTileRows;
-      after_tile->run(after_tile->context, begin, std::min(n, begin + kTileRows));
-    });
+    detail::for_each_index(tile_count(n), threads,
+                           [&](int64_t tile) { detail::run_tile_epilogue(*after_tile, tile, n); });
   }
 }
 

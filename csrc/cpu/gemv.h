@@ -9,6 +9,17 @@
 namespace brecq {
 namespace detail {
 
+// Whether the active level has the AVX512_BF16 instructions (VDPBF16PS, VCVTNEPS2BF16): Isa::kAvx512,
+// not Isa::kAvx512Vnni. The AVX-512 kernels that use them take another form of the same arithmetic
+// where this is false.
+inline bool bf16_instructions() { return active_isa() == Isa::kAvx512; }
+
+// The epilogue of tiled_gemv_batch on tile `tile` of calls n outputs wide.
+inline void run_tile_epilogue(const TileEpilogue& after_tile, int64_t tile, int64_t n) {
+  const int64_t begin = tile * kTileRows;
+  after_tile.run(after_tile.context, begin, begin + kTileRows < n ? begin + kTileRows : n);
+}
+
 struct GemvProblem {
   const float* x;          // [m, k_padded] float32, natural order, zero beyond k
   const uint16_t* x_bf16;  // [m, k_padded] bfloat16 bits, natural order, or null if x was float32

@@ -433,7 +433,7 @@ void run_rows(const GemvProblem& p, const X* xa) {
 template <int Bits>
 bool gemv_bit_stream(const GemvProblem& p) {
   using R = BitStreamRows<Bits>;
-  if (p.x_bf16 && active_isa() == Isa::kAvx512 && p.g % kChunkBf16 == 0) {  // VDPBF16PS: see gemv_avx512
+  if (p.x_bf16 && bf16_instructions() && p.g % kChunkBf16 == 0) {  // VDPBF16PS: see gemv_avx512
     run_rows<uint16_t, R::template bf16<1>, R::template bf16<2>, R::template bf16<3>, R::template bf16<4>>(
         p, p.x_bf16);
     return true;
@@ -456,7 +456,7 @@ template <class Decode>
 void dequantize_rows(const uint8_t* packed, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                      int64_t g, int64_t row_bytes, int64_t groups, void* out, bool out_bf16, int threads) {
   const int64_t out_bytes = out_bf16 ? 2 : 4;
-  const bool native_bf16 = active_isa() == Isa::kAvx512;
+  const bool native_bf16 = bf16_instructions();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < n; ++row) {
     const Decode decode;
@@ -495,7 +495,7 @@ bool gemv_avx512(const GemvProblem& p) {
   static_assert(kRowsPerPass == 4, "row dispatch below handles up to 4 rows per pass");
   // The bfloat16 kernels' dot product is VDPBF16PS; without it (Isa::kAvx512Vnni) the float32 kernels
   // take x's float32 copy.
-  const bool bf16_dot = p.x_bf16 && active_isa() == Isa::kAvx512;
+  const bool bf16_dot = p.x_bf16 && bf16_instructions();
   if (bf16_dot && p.bits == 4 && p.k_padded % kBlock4 == 0 && (kBlock4 % p.g == 0 || p.g % kBlock4 == 0)) {
     uint16_t* xa = reinterpret_cast<uint16_t*>(p.scratch);
     for (int64_t r = 0; r < p.m; ++r)

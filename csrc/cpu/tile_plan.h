@@ -77,8 +77,7 @@ bool run_tile_plans(const GemvProblem* problems, int count, const TileEpilogue* 
     const int64_t n = problems[0].n;
     for_each_index(tile_count(n), problems[0].threads, [&](int64_t tile) {
       for (int i = 0; i < count; ++i) plans[i].run(problems[i], plans[i].activations, tile);
-      const int64_t begin = tile * kTileRows;
-      after_tile->run(after_tile->context, begin, begin + kTileRows < n ? begin + kTileRows : n);
+      run_tile_epilogue(*after_tile, tile, n);
     });
     return true;
   }

@@ -397,7 +397,7 @@ void run_tile(const GemvProblem& p, const uint32_t* pairs, int64_t tile) {
   const int64_t rows_here = p.n - tile * kTileRows < kTileRows ? p.n - tile * kTileRows : kTileRows;
   const __mmask16 mask = static_cast<__mmask16>((1u << rows_here) - 1u);
   const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + tile * kTileRows) : _mm512_setzero_ps();
-  const bool native_bf16 = p.y_bf16 && active_isa() == Isa::kAvx512;
+  const bool native_bf16 = p.y_bf16 && bf16_instructions();
   for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
     const int64_t pass = p.m - r0 >= kRowsPerPass ? kRowsPerPass : p.m - r0;
     __m512 out[kRowsPerPass];
@@ -456,7 +456,7 @@ void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t
                       int64_t g, void* out, bool out_bf16, int threads) {
   constexpr int64_t kCodes = Bits == 4 ? kTileStepCodes : 4;  // codes of a row per 64-byte step
   const int64_t groups = num_groups(k, g), out_bytes = out_bf16 ? 2 : 4, tile_bytes = tile_code_bytes(k, g, Bits);
-  const bool native_bf16 = active_isa() == Isa::kAvx512;
+  const bool native_bf16 = bf16_instructions();
   const int64_t row_stride = k * out_bytes;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t tile = 0; tile < tile_count(n); ++tile) {
@@ -472,10 +472,14 @@ void dequantize_tiles(const uint8_t* codes, const uint16_t* scale, const uint8_t
       const __m512i by_row[4] = {_mm512_unpacklo_epi64(a, d), _mm512_unpackhi_epi64(a, d),
                                  _mm512_unpacklo_epi64(b, e), _mm512_unpackhi_epi64(b, e)};
       char* at_c = tile_out + c * out_bytes;
-      dequantize_lane_rows<0, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16, native_bf16);
-      dequantize_lane_rows<1, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16, native_bf16);
-      dequantize_lane_rows<2, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16, native_bf16);
-      dequantize_lane_rows<3, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16, native_bf16);
+      dequantize_lane_rows<0, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16,
+                                    native_bf16);
+      dequantize_lane_rows<1, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16,
+                                    native_bf16);
+      dequantize_lane_rows<2, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16,
+                                    native_bf16);
+      dequantize_lane_rows<3, Bits>(by_row, scale + at, zero + at, rows_here, k - c, at_c, row_stride, out_bf16,
+                                    native_bf16);
     }
   }
 }
@@ -516,7 +520,7 @@ BRECQ_ALWAYS_INLINE void six_bit_columns(__m512 (&v)[16], __m512i first, __m512i
 void dequantize_tiles6(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t n, int64_t k,
                        int64_t g, void* out, bool out_bf16, int threads) {
   const int64_t tile_bytes = tile_code_bytes(k, g, 6), groups = num_groups(k, g);
-  const bool native_bf16 = active_isa() == Isa::kAvx512;
+  const bool native_bf16 = bf16_instructions();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t tile = 0; tile < tile_count(n); ++tile) {
     const uint8_t* w = codes + tile * tile_bytes;
@@ -591,7 +595,7 @@ bool plan_tiles(const GemvProblem& p, TilePlan* plan) {
     }
     // The bfloat16 pair kernels' dot product is VDPBF16PS; without it (Isa::kAvx512Vnni) the float32
     // kernels below take x's float32 copy.
-    if (active_isa() == Isa::kAvx512) {
+    if (bf16_instructions()) {
       if (p.bits == 8) {
         for (int64_t r = 0; r < p.m; ++r) pair_activations8(p.x_bf16 + r * p.k_padded, p.k_padded, pairs + r * p.k_padded);
         *plan = plan_of<tile_bf16<1, 8, NibbleStep>, tile_bf16<2, 8, NibbleStep>, tile_bf16<3, 8, NibbleStep>,
